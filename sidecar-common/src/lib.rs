@@ -1,0 +1,161 @@
+//! Types shared by the kernel programs (sidecar-ebpf) and the userspace loader and proxy.
+//!
+//! Everything here is `#[repr(C)]` and plain data: the same bytes are written by one side and
+//! read by the other through BPF maps.
+#![no_std]
+
+/// Istio's outbound capture port, the default redirect target.
+pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
+/// Istio's proxy UID and GID, exempt from capture by default.
+pub const DEFAULT_PROXY_ID: u32 = 1337;
+/// "No UID/GID exemption configured": no real process runs with id `(uid_t)-1`.
+pub const NO_ID: u32 = u32::MAX;
+
+/// `SO_ORIGINAL_DST` (and `IP6T_SO_ORIGINAL_DST`): the option the proxy asks for.
+pub const SO_ORIGINAL_DST: i32 = 80;
+pub const SOL_IP: i32 = 0;
+pub const SOL_IPV6: i32 = 41;
+
+/// The excluded-port set is a bitmap of 65536 bits held in this many u64 words.
+pub const PORT_BITMAP_WORDS: u32 = 1024;
+/// Capacity of each excluded-CIDR trie (memory is allocated per entry, not up front).
+pub const MAX_EXCLUDED_CIDRS: u32 = 65536;
+/// Capacity of the peer-address -> original-destination index (live redirected connections).
+pub const MAX_TRACKED_CONNECTIONS: u32 = 65536;
+
+/// Names of the maps, as the loader finds them in the object and pins them.
+pub mod map_names {
+    pub const CONFIG: &str = "CAPTURE_CONFIG";
+    pub const COUNTERS: &str = "COUNTERS";
+    pub const EXCLUDED_PORTS: &str = "EXCLUDED_PORTS";
+    pub const EXCLUDED_CIDR4: &str = "EXCLUDED_CIDR4";
+    pub const EXCLUDED_CIDR6: &str = "EXCLUDED_CIDR6";
+    pub const ORIG_DST: &str = "ORIG_DST";
+    pub const ORIG_DST_BY_PEER: &str = "ORIG_DST_BY_PEER";
+}
+
+/// Capture settings written by `sidecar init` into a one-entry array map.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CaptureConfig {
+    /// Port the proxy listens on for outbound traffic, host byte order.
+    pub outbound_port: u32,
+    /// Sockets created by this UID are never captured ([`NO_ID`] for none).
+    pub proxy_uid: u32,
+    /// Sockets created by this GID are never captured ([`NO_ID`] for none).
+    pub proxy_gid: u32,
+    /// Reserved; keeps the struct 8-byte sized.
+    pub reserved: u32,
+}
+
+/// An IPv4 or IPv6 endpoint as the kernel sees it.
+///
+/// `addr` holds the 16 address bytes in network order, grouped in u32 words exactly as in
+/// `bpf_sock_addr.user_ip6`. IPv4 addresses are stored IPv4-mapped (`::ffff:a.b.c.d`), so
+/// one type serves both families and an app's dual-stack socket needs no special case.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Endpoint {
+    pub addr: [u32; 4],
+    /// Port in host byte order.
+    pub port: u32,
+}
+
+impl Endpoint {
+    /// Word 2 of an IPv4-mapped address (`0000:ffff` in network order) read as a native u32.
+    pub const V4_MAPPED_WORD: u32 = u32::from_ne_bytes([0, 0, 0xff, 0xff]);
+
+    /// An endpoint for an IPv4 address given as a network-order u32 (as the kernel stores it).
+    pub const fn v4(ip_be: u32, port: u32) -> Self {
+        Endpoint {
+            addr: [0, 0, Self::V4_MAPPED_WORD, ip_be],
+            port,
+        }
+    }
+
+    pub const fn is_v4(&self) -> bool {
+        self.addr[0] == 0 && self.addr[1] == 0 && self.addr[2] == Self::V4_MAPPED_WORD
+    }
+
+    /// The 16 address bytes in network order.
+    pub fn octets(&self) -> [u8; 16] {
+        let mut out = [0u8; 16];
+        let mut i = 0;
+        while i < 4 {
+            let word = self.addr[i].to_ne_bytes();
+            out[i * 4] = word[0];
+            out[i * 4 + 1] = word[1];
+            out[i * 4 + 2] = word[2];
+            out[i * 4 + 3] = word[3];
+            i += 1;
+        }
+        out
+    }
+
+    pub fn from_octets(octets: [u8; 16], port: u16) -> Self {
+        let word = |i: usize| {
+            u32::from_ne_bytes([octets[i], octets[i + 1], octets[i + 2], octets[i + 3]])
+        };
+        Endpoint {
+            addr: [word(0), word(4), word(8), word(12)],
+            port: port as u32,
+        }
+    }
+}
+
+/// Why a connect was (or was not) redirected; each reason has a per-CPU counter.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// A TCP connect was sent to the proxy.
+    Redirected = 0,
+    /// The socket belongs to the proxy's UID or GID.
+    BypassedUidGid = 1,
+    /// The destination port is excluded.
+    ExcludedPort = 2,
+    /// The destination address is in an excluded CIDR.
+    ExcludedCidr = 3,
+    /// The destination is a loopback address.
+    Loopback = 4,
+    /// A kernel-side failure (storage or map full); the connect went direct (fail open).
+    Errors = 5,
+    /// `SO_ORIGINAL_DST` was answered for a redirected connection.
+    OrigDstServed = 6,
+    /// `SO_ORIGINAL_DST` was asked for a connection we did not redirect.
+    OrigDstMissing = 7,
+}
+
+impl Counter {
+    pub const COUNT: usize = 8;
+    pub const ALL: [Counter; Self::COUNT] = [
+        Counter::Redirected,
+        Counter::BypassedUidGid,
+        Counter::ExcludedPort,
+        Counter::ExcludedCidr,
+        Counter::Loopback,
+        Counter::Errors,
+        Counter::OrigDstServed,
+        Counter::OrigDstMissing,
+    ];
+
+    /// Stable snake_case name, used by `sidecar status` and metrics.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::Redirected => "redirected",
+            Counter::BypassedUidGid => "bypassed_uid_gid",
+            Counter::ExcludedPort => "excluded_port",
+            Counter::ExcludedCidr => "excluded_cidr",
+            Counter::Loopback => "loopback",
+            Counter::Errors => "errors",
+            Counter::OrigDstServed => "orig_dst_served",
+            Counter::OrigDstMissing => "orig_dst_missing",
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: both are repr(C) plain integers with no padding and no invalid bit patterns.
+    unsafe impl aya::Pod for super::CaptureConfig {}
+    unsafe impl aya::Pod for super::Endpoint {}
+}

@@ -1,0 +1,62 @@
+//! Kernel side of the sidecar: programs attached to a pod's cgroup that send the app's TCP
+//! connects to the local proxy and tell the proxy where each connection was going.
+//!
+//! Every program returns "allow" (1): a failure inside a program is counted and the connect
+//! goes direct (fail open) rather than failing the app's syscall with EPERM.
+#![no_std]
+#![no_main]
+
+mod counters;
+mod maps;
+mod orig_dst;
+mod outbound;
+
+use aya_ebpf::{
+    macros::{cgroup_sock_addr, cgroup_sockopt, sock_ops},
+    programs::{SockAddrContext, SockOpsContext, SockoptContext},
+};
+
+const ALLOW: i32 = 1;
+
+#[cgroup_sock_addr(connect4)]
+pub fn connect4(ctx: SockAddrContext) -> i32 {
+    outbound::on_connect4(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn connect6(ctx: SockAddrContext) -> i32 {
+    outbound::on_connect6(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn getpeername4(ctx: SockAddrContext) -> i32 {
+    orig_dst::on_getpeername4(&ctx);
+    ALLOW
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn getpeername6(ctx: SockAddrContext) -> i32 {
+    orig_dst::on_getpeername6(&ctx);
+    ALLOW
+}
+
+/// Named `track_sockets`, not `sockops`: a fn called `sockops` clashes with the section symbol.
+#[sock_ops]
+pub fn track_sockets(ctx: SockOpsContext) -> u32 {
+    orig_dst::on_sock_ops(&ctx);
+    ALLOW as u32
+}
+
+#[cgroup_sockopt(getsockopt)]
+pub fn getsockopt_orig_dst(ctx: SockoptContext) -> i32 {
+    orig_dst::on_getsockopt(&ctx);
+    ALLOW
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}

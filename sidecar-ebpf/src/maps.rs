@@ -1,0 +1,37 @@
+//! Every map the programs use. The loader writes the configuration maps and pins them all.
+use aya_ebpf::{
+    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray, SkStorage},
+    macros::btf_map,
+};
+use sidecar_common::{
+    CaptureConfig, Counter, Endpoint, MAX_EXCLUDED_CIDRS, MAX_TRACKED_CONNECTIONS,
+    PORT_BITMAP_WORDS,
+};
+
+#[btf_map]
+pub static CAPTURE_CONFIG: Array<CaptureConfig, 1> = Array::new();
+
+#[btf_map]
+pub static COUNTERS: PerCpuArray<u64, { Counter::COUNT }> = PerCpuArray::new();
+
+/// One bit per destination port; a set bit means "never redirect".
+#[btf_map]
+pub static EXCLUDED_PORTS: Array<u64, { PORT_BITMAP_WORDS as usize }> = Array::new();
+
+#[btf_map]
+pub static EXCLUDED_CIDR4: LpmTrie<[u8; 4], u8, { MAX_EXCLUDED_CIDRS as usize }> = LpmTrie::new();
+
+#[btf_map]
+pub static EXCLUDED_CIDR6: LpmTrie<[u8; 16], u8, { MAX_EXCLUDED_CIDRS as usize }> =
+    LpmTrie::new();
+
+/// The original destination of each redirected socket, freed by the kernel with the socket.
+#[btf_map]
+pub static ORIG_DST: SkStorage<Endpoint> = SkStorage::new();
+
+/// App socket's local endpoint -> original destination, so the proxy can look a connection up
+/// from the peer address of the socket it accepted. Entries are removed when the app's socket
+/// reaches TCP_CLOSE.
+#[btf_map]
+pub static ORIG_DST_BY_PEER: HashMap<Endpoint, Endpoint, { MAX_TRACKED_CONNECTIONS as usize }> =
+    HashMap::new();

@@ -1,0 +1,214 @@
+//! What `sidecar init` is asked to capture, parsed and validated before anything is touched.
+use std::{fmt, ops::RangeInclusive, str::FromStr};
+
+use ipnet::IpNet;
+use serde::Serialize;
+use sidecar_common::PORT_BITMAP_WORDS;
+
+/// Settings shared by both capture modes, so eBPF and iptables capture exactly the same.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct CaptureSettings {
+    pub outbound_port: u16,
+    pub proxy_uid: Option<u32>,
+    pub proxy_gid: Option<u32>,
+    pub excluded_ports: PortRanges,
+    pub excluded_cidrs: Vec<IpNet>,
+}
+
+/// A list of ports and inclusive port ranges, e.g. `22,8000-8100`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct PortRanges(pub Vec<RangeInclusive<u16>>);
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct ParseError(String);
+
+impl fmt::Display for ParseError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ParseError {}
+
+impl FromStr for PortRanges {
+    type Err = ParseError;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let mut ranges = Vec::new();
+        for item in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            let (start, end) = match item.split_once('-') {
+                Some((start, end)) => (parse_port(start, item)?, parse_port(end, item)?),
+                None => {
+                    let port = parse_port(item, item)?;
+                    (port, port)
+                }
+            };
+            if start > end {
+                return Err(ParseError(format!(
+                    "invalid port range '{item}': {start} is greater than {end}"
+                )));
+            }
+            ranges.push(start..=end);
+        }
+        Ok(PortRanges(ranges))
+    }
+}
+
+fn parse_port(text: &str, item: &str) -> Result<u16, ParseError> {
+    match text.trim().parse::<u16>() {
+        Ok(0) => Err(ParseError(format!("invalid port '{item}': port 0 cannot be dialled"))),
+        Ok(port) => Ok(port),
+        Err(_) => Err(ParseError(format!(
+            "invalid port '{item}': expected a number from 1 to 65535 or a range like 8000-8100"
+        ))),
+    }
+}
+
+/// Parses one CIDR (`10.0.0.0/8`, `fd00::/8`) or a bare address (a /32 or /128).
+pub fn parse_cidr(text: &str) -> Result<IpNet, ParseError> {
+    let text = text.trim();
+    if let Ok(net) = text.parse::<IpNet>() {
+        if net != net.trunc() {
+            return Err(ParseError(format!(
+                "invalid CIDR '{text}': host bits are set (did you mean {}?)",
+                net.trunc()
+            )));
+        }
+        return Ok(net);
+    }
+    text.parse::<std::net::IpAddr>()
+        .map(IpNet::from)
+        .map_err(|_| ParseError(format!("invalid CIDR '{text}': expected e.g. 10.0.0.0/8 or fd00::/8")))
+}
+
+impl PortRanges {
+    /// The kernel-side representation: bit `p` set means port `p` is excluded.
+    pub fn to_bitmap(&self) -> Vec<u64> {
+        let mut words = vec![0u64; PORT_BITMAP_WORDS as usize];
+        for range in &self.0 {
+            for port in range.clone() {
+                words[(port >> 6) as usize] |= 1 << (port & 63);
+            }
+        }
+        words
+    }
+
+    /// The ranges a kernel-side bitmap holds (the inverse of `to_bitmap`).
+    pub fn from_bitmap(words: &[u64]) -> PortRanges {
+        let is_set = |port: u32| {
+            words.get((port >> 6) as usize).is_some_and(|w| w & (1 << (port & 63)) != 0)
+        };
+        let mut ranges = Vec::new();
+        let mut start: Option<u32> = None;
+        for port in 0..=65536u32 {
+            match (start, port < 65536 && is_set(port)) {
+                (None, true) => start = Some(port),
+                (Some(first), false) => {
+                    ranges.push(first as u16..=(port - 1) as u16);
+                    start = None;
+                }
+                _ => {}
+            }
+        }
+        PortRanges(ranges)
+    }
+
+    /// `22,8000:8100` as iptables' multiport match wants it (ranges with a colon).
+    pub fn multiport_lists(&self) -> Vec<String> {
+        // multiport takes at most 15 ports per rule, a range counting as two.
+        let mut lists = Vec::new();
+        let mut current: Vec<String> = Vec::new();
+        let mut slots = 0;
+        for range in &self.0 {
+            let (item, cost) = if range.start() == range.end() {
+                (range.start().to_string(), 1)
+            } else {
+                (format!("{}:{}", range.start(), range.end()), 2)
+            };
+            if slots + cost > 15 {
+                lists.push(current.join(","));
+                current.clear();
+                slots = 0;
+            }
+            current.push(item);
+            slots += cost;
+        }
+        if !current.is_empty() {
+            lists.push(current.join(","));
+        }
+        lists
+    }
+}
+
+impl fmt::Display for PortRanges {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let items: Vec<String> = self
+            .0
+            .iter()
+            .map(|r| {
+                if r.start() == r.end() {
+                    r.start().to_string()
+                } else {
+                    format!("{}-{}", r.start(), r.end())
+                }
+            })
+            .collect();
+        f.write_str(&items.join(","))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_ports_and_ranges() {
+        let ranges: PortRanges = "22, 8000-8100,9090".parse().unwrap();
+        assert_eq!(ranges.0, vec![22..=22, 8000..=8100, 9090..=9090]);
+        assert_eq!(ranges.to_string(), "22,8000-8100,9090");
+        assert!("".parse::<PortRanges>().unwrap().0.is_empty());
+    }
+
+    #[test]
+    fn rejects_bad_ports_with_the_reason() {
+        let err = |s: &str| s.parse::<PortRanges>().unwrap_err().to_string();
+        assert!(err("70000").contains("'70000'"), "{}", err("70000"));
+        assert!(err("0").contains("port 0"));
+        assert!(err("9000-8000").contains("9000 is greater than 8000"));
+        assert!(err("http").contains("expected a number"));
+        assert!(err("1-").contains("'1-'"));
+    }
+
+    #[test]
+    fn bitmap_sets_exactly_the_excluded_ports() {
+        let bitmap = "1,63-65,65535".parse::<PortRanges>().unwrap().to_bitmap();
+        let is_set = |p: u16| bitmap[(p >> 6) as usize] & (1 << (p & 63)) != 0;
+        for p in [1, 63, 64, 65, 65535] {
+            assert!(is_set(p), "port {p}");
+        }
+        for p in [0, 2, 62, 66, 65534] {
+            assert!(!is_set(p), "port {p}");
+        }
+        assert_eq!(PortRanges::from_bitmap(&bitmap).to_string(), "1,63-65,65535");
+    }
+
+    #[test]
+    fn multiport_lists_respect_the_fifteen_slot_limit() {
+        let many: PortRanges = (1..=20).map(|p| p.to_string()).collect::<Vec<_>>().join(",").parse().unwrap();
+        let lists = many.multiport_lists();
+        assert_eq!(lists.len(), 2);
+        assert_eq!(lists[0].split(',').count(), 15);
+        let ranges: PortRanges = "1-2,3-4,5-6,7-8,9-10,11-12,13-14,15".parse().unwrap();
+        assert_eq!(ranges.multiport_lists().len(), 2);
+    }
+
+    #[test]
+    fn parses_cidrs_and_bare_addresses() {
+        assert_eq!(parse_cidr("10.0.0.0/8").unwrap().to_string(), "10.0.0.0/8");
+        assert_eq!(parse_cidr("fd00::/8").unwrap().to_string(), "fd00::/8");
+        assert_eq!(parse_cidr("198.18.0.3").unwrap().to_string(), "198.18.0.3/32");
+        assert!(parse_cidr("10.0.0.1/8").unwrap_err().to_string().contains("host bits"));
+        assert!(parse_cidr("10.0.0.0/33").unwrap_err().to_string().contains("invalid CIDR"));
+        assert!(parse_cidr("nonsense").is_err());
+    }
+}

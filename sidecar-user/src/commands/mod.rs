@@ -1,0 +1,17 @@
+//! One module per CLI subcommand; each is a thin layer over the capture modules.
+pub mod cleanup;
+pub mod init;
+pub mod status;
+
+use anyhow::{Result, bail};
+
+/// Loading BPF programs, mounting bpffs and writing netfilter rules all need root.
+pub fn require_root(what: &str) -> Result<()> {
+    if !rustix::process::geteuid().is_root() {
+        bail!(
+            "{what} must run as root: it loads BPF programs, mounts bpffs and changes \
+             network rules (CAP_BPF, CAP_NET_ADMIN and CAP_SYS_ADMIN)"
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,160 @@
+//! `sidecar status`: what is attached where, with the counters, read back from the kernel.
+use std::{os::fd::AsFd, path::{Path, PathBuf}};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use serde::Serialize;
+
+use crate::{
+    bpffs,
+    cgroup::Cgroup,
+    ebpf_capture::{self, Hook, POD_HOOKS, PROXY_HOOK},
+    iptables_capture, sys,
+};
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long, default_value = bpffs::DEFAULT_BPFFS)]
+    pub bpffs: PathBuf,
+}
+
+#[derive(Serialize)]
+pub struct Status {
+    pub ebpf: Vec<CgroupCapture>,
+    /// iptables-mode rules in this network namespace, with packet counters.
+    pub iptables: Vec<String>,
+}
+
+#[derive(Serialize)]
+pub struct CgroupCapture {
+    pub cgroup_id: u64,
+    /// None when the cgroup no longer exists (stale pins: run `sidecar cleanup --all`).
+    pub cgroup: Option<PathBuf>,
+    pub pin_dir: PathBuf,
+    pub outbound_port: u32,
+    pub proxy_uid: Option<u32>,
+    pub proxy_gid: Option<u32>,
+    pub excluded_ports: String,
+    pub excluded_cidrs: Vec<String>,
+    /// Pinned link name -> attached program IDs the kernel reports for that hook.
+    pub links: Vec<LinkStatus>,
+    pub counters: std::collections::BTreeMap<String, u64>,
+}
+
+#[derive(Serialize)]
+pub struct LinkStatus {
+    pub pin: String,
+    pub program: String,
+    /// Program IDs the kernel has attached to the cgroup for this hook (ours and others').
+    pub attached_program_ids: Vec<u32>,
+}
+
+pub fn run(args: StatusArgs) -> Result<()> {
+    super::require_root("sidecar status")?;
+    let status = collect(&args.bpffs)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        print_text(&status);
+    }
+    Ok(())
+}
+
+fn collect(bpffs_root: &Path) -> Result<Status> {
+    let mut ebpf = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(bpffs::sidecar_dir(bpffs_root)) {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(id) = name.strip_prefix("cgroup-").and_then(|id| id.parse().ok()) else {
+                continue;
+            };
+            ebpf.push(describe_cgroup(id, &entry.path())?);
+        }
+    }
+    let iptables = iptables_capture::describe()
+        .into_iter()
+        .map(|(family, rules)| format!("{family:?}:\n{rules}"))
+        .collect();
+    Ok(Status { ebpf, iptables })
+}
+
+fn describe_cgroup(cgroup_id: u64, pin_dir: &Path) -> Result<CgroupCapture> {
+    let config = ebpf_capture::read_config(pin_dir)
+        .with_context(|| format!("cannot read the configuration pinned in {}", pin_dir.display()))?;
+    let cgroup = Cgroup::find_by_id(cgroup_id);
+    let cgroup_file = cgroup.as_ref().and_then(|p| std::fs::File::open(p).ok());
+    let mut links = Vec::new();
+    for entry in std::fs::read_dir(pin_dir)?.flatten() {
+        let pin = entry.file_name().to_string_lossy().into_owned();
+        let Some(hook) = hook_of_pin(&pin) else { continue };
+        // Only the pod-cgroup hooks can be queried on the pod's cgroup.
+        let attached_program_ids = match (&cgroup_file, pin.ends_with("_proxy_cgroup")) {
+            (Some(file), false) => sys::prog_query(file.as_fd(), hook.attach_type as u32).unwrap_or_default(),
+            _ => Vec::new(),
+        };
+        links.push(LinkStatus { pin, program: hook.program.to_string(), attached_program_ids });
+    }
+    links.sort_by(|a, b| a.pin.cmp(&b.pin));
+    let counters = ebpf_capture::read_counters(pin_dir)?
+        .into_iter()
+        .map(|(counter, value)| (counter.name().to_string(), value))
+        .collect();
+    let excluded_ports = crate::capture_settings::PortRanges::from_bitmap(&ebpf_capture::read_excluded_ports(pin_dir)?);
+    Ok(CgroupCapture {
+        cgroup_id,
+        cgroup,
+        pin_dir: pin_dir.to_path_buf(),
+        outbound_port: config.outbound_port,
+        proxy_uid: (config.proxy_uid != sidecar_common::NO_ID).then_some(config.proxy_uid),
+        proxy_gid: (config.proxy_gid != sidecar_common::NO_ID).then_some(config.proxy_gid),
+        excluded_ports: excluded_ports.to_string(),
+        excluded_cidrs: ebpf_capture::read_excluded_cidrs(pin_dir)?.iter().map(|n| n.to_string()).collect(),
+        links,
+        counters,
+    })
+}
+
+fn hook_of_pin(pin: &str) -> Option<&'static Hook> {
+    if pin == ebpf_capture::link_pin_name(PROXY_HOOK.program, true) {
+        return Some(PROXY_HOOK);
+    }
+    POD_HOOKS.iter().find(|hook| pin == ebpf_capture::link_pin_name(hook.program, false))
+}
+
+fn print_text(status: &Status) {
+    if status.ebpf.is_empty() {
+        println!("eBPF capture: none installed");
+    }
+    for capture in &status.ebpf {
+        let cgroup = capture
+            .cgroup
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "<cgroup gone: stale pins, run `sidecar cleanup --all`>".into());
+        println!("eBPF capture on {cgroup} (cgroup id {})", capture.cgroup_id);
+        println!("  pins:           {}", capture.pin_dir.display());
+        println!("  outbound port:  {}", capture.outbound_port);
+        let id = |v: Option<u32>| v.map(|v| v.to_string()).unwrap_or_else(|| "none".into());
+        println!("  proxy uid/gid:  {}/{}", id(capture.proxy_uid), id(capture.proxy_gid));
+        println!("  excluded ports: {}", or_none(&capture.excluded_ports));
+        println!("  excluded cidrs: {}", or_none(&capture.excluded_cidrs.join(",")));
+        for link in &capture.links {
+            println!("  link {:<40} program {:<20} kernel reports attached: {:?}", link.pin, link.program, link.attached_program_ids);
+        }
+        let counters: Vec<String> = capture.counters.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        println!("  counters:       {}", counters.join(" "));
+    }
+    if status.iptables.is_empty() {
+        println!("iptables capture (this netns): none installed");
+    }
+    for rules in &status.iptables {
+        println!("iptables capture (this netns): {rules}");
+    }
+}
+
+fn or_none(text: &str) -> &str {
+    if text.is_empty() { "none" } else { text }
+}

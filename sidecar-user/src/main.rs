@@ -1,0 +1,49 @@
+//! `sidecar`: eBPF-based transparent traffic interception for Kubernetes pods.
+//!
+//! - `sidecar init` (privileged, runs once): loads, configures, attaches and pins the capture.
+//! - `sidecar cleanup`: removes everything `init` created.
+//! - `sidecar status`: what is attached where, with the kernel-side counters.
+//! - `sidecar proxy`: the userspace proxy the captured connections are sent to.
+mod bpffs;
+mod capture_settings;
+mod cgroup;
+mod commands;
+mod ebpf_capture;
+mod iptables_capture;
+mod probe;
+mod proxy;
+mod sys;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "sidecar", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Install capture for a pod (privileged; exits once capture is in place).
+    Init(commands::init::InitArgs),
+    /// Remove everything `init` installed.
+    Cleanup(commands::cleanup::CleanupArgs),
+    /// Show what is attached where, with the counters.
+    Status(commands::status::StatusArgs),
+    /// Run the proxy.
+    Proxy(proxy::ProxyArgs),
+}
+
+fn main() {
+    let result = match Cli::parse().command {
+        Command::Init(args) => commands::init::run(args),
+        Command::Cleanup(args) => commands::cleanup::run(args),
+        Command::Status(args) => commands::status::run(args),
+        Command::Proxy(args) => proxy::run(args),
+    };
+    if let Err(error) = result {
+        eprintln!("sidecar: error: {error:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,51 @@
+//! Building the BPF object and the binaries.
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{Result, bail};
+use clap::Args;
+
+use crate::util::{run, workspace_root};
+
+#[derive(Args, Clone, Default)]
+pub struct BuildOptions {
+    /// Build the userspace binaries in release mode (the BPF object is always optimised).
+    #[arg(long)]
+    pub release: bool,
+}
+
+/// Where `build-ebpf` leaves the object; sidecar-user's build script embeds it from here.
+pub fn ebpf_object() -> PathBuf {
+    workspace_root().join("target/bpfel-unknown-none/release/sidecar-ebpf")
+}
+
+/// Compiles sidecar-ebpf for the BPF target on stable Rust: `RUSTC_BOOTSTRAP=1` is set for
+/// this one invocation only, so that `-Z build-std=core` is accepted; everything else in the
+/// workspace stays a plain stable build.
+pub fn build_ebpf(_opts: &BuildOptions) -> Result<()> {
+    if crate::util::which("bpf-linker").is_none() {
+        bail!("bpf-linker is not installed: run `cargo xtask setup`");
+    }
+    let rustflags = ["--cfg=bpf_target_arch=\"x86_64\"", "-Cdebuginfo=2", "-Clink-arg=--btf"];
+    run(Command::new("cargo")
+        .current_dir(workspace_root())
+        .env("RUSTC_BOOTSTRAP", "1")
+        .env("CARGO_ENCODED_RUSTFLAGS", rustflags.join("\x1f"))
+        .env_remove("RUSTFLAGS")
+        .args(["build", "--package", "sidecar-ebpf", "--release"])
+        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"]))?;
+    println!("build-ebpf: {}", ebpf_object().display());
+    Ok(())
+}
+
+/// Builds the BPF object, then every userspace binary; returns the target profile directory.
+pub fn build_all(opts: &BuildOptions) -> Result<PathBuf> {
+    build_ebpf(opts)?;
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(workspace_root()).args(["build", "--workspace", "--bins"]);
+    if opts.release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)?;
+    let profile = if opts.release { "release" } else { "debug" };
+    Ok(workspace_root().join("target").join(profile))
+}
