@@ -34,7 +34,7 @@ fn main() -> Result<()> {
         Task::Setup => setup::run(),
         Task::BuildEbpf(opts) => build::build_ebpf(&opts),
         Task::Build(opts) => build::build_all(&opts).map(|_| ()),
-        Task::Test(opts) => test::run(&opts),
+        Task::Test(opts) => test::run_tests(&opts),
         Task::Lab(opts) => lab::run(&opts),
     }
 }

@@ -41,6 +41,8 @@ pub fn run(args: CleanupArgs) -> Result<()> {
             removed.push(format!("{}/{pin}", dir.display()));
         }
     }
+    // The parent directory goes too once no capture is left in it.
+    let _ = std::fs::remove_dir(bpffs::sidecar_dir(&args.bpffs));
     if args.iptables {
         removed.extend(iptables_capture::remove()?);
     }

@@ -71,7 +71,11 @@ fn collect(bpffs_root: &Path) -> Result<Status> {
             let Some(id) = name.strip_prefix("cgroup-").and_then(|id| id.parse().ok()) else {
                 continue;
             };
-            ebpf.push(describe_cgroup(id, &entry.path())?);
+            // A capture being installed or removed right now may be half there: say so and go on.
+            match describe_cgroup(id, &entry.path()) {
+                Ok(capture) => ebpf.push(capture),
+                Err(e) => eprintln!("sidecar status: skipping {}: {e:#}", entry.path().display()),
+            }
         }
     }
     let iptables = iptables_capture::describe()

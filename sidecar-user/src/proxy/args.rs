@@ -1,0 +1,231 @@
+//! Command-line options of `sidecar proxy`, parsed once into a validated [`ProxyConfig`].
+use std::{
+    net::{IpAddr, SocketAddr, ToSocketAddrs},
+    num::NonZeroUsize,
+    path::PathBuf,
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+use clap::Args;
+use sidecar_common::DEFAULT_OUTBOUND_PORT;
+
+use super::{logging::LogFormat, orig_dst::OrigDstMode};
+
+#[derive(Args, Debug, Clone)]
+pub struct ProxyArgs {
+    /// Port the captured outbound connections are redirected to.
+    #[arg(long, default_value_t = DEFAULT_OUTBOUND_PORT)]
+    pub outbound_port: u16,
+
+    /// Addresses the outbound listener binds, comma separated. An IPv6 address that cannot be
+    /// bound because IPv6 is disabled is skipped with a warning.
+    #[arg(long, value_delimiter = ',', default_value = "127.0.0.1,::1")]
+    pub outbound_bind: Vec<IpAddr>,
+
+    /// How the original destination of an accepted connection is learned.
+    #[arg(long, value_enum, default_value_t = OrigDstMode::Sockopt)]
+    pub orig_dst: OrigDstMode,
+
+    /// Upstream for every connection (with `--orig-dst explicit` only).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub target: Option<String>,
+
+    /// Pinned BPF map indexing original destinations by peer (with `--orig-dst bpf-map` only).
+    #[arg(long, value_name = "PATH")]
+    pub bpf_map: Option<PathBuf>,
+
+    /// Give up on an upstream connect after this long (e.g. `10s`, `500ms`).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// Where `/stats/prometheus` is served.
+    #[arg(long, default_value = "127.0.0.1:15020")]
+    pub metrics_addr: SocketAddr,
+
+    /// Where `/healthz/ready` is served.
+    #[arg(long, default_value = "0.0.0.0:15021")]
+    pub ready_addr: SocketAddr,
+
+    /// This workload's name, for metric labels.
+    #[arg(long, env = "POD_NAME", default_value = "unknown")]
+    pub workload_name: String,
+
+    /// This workload's namespace, for metric labels.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "unknown")]
+    pub workload_namespace: String,
+
+    /// Log line format; the level comes from `RUST_LOG` (default `info`).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Data-path worker threads (default: one per core).
+    #[arg(long)]
+    pub worker_threads: Option<NonZeroUsize>,
+}
+
+/// Where the original destination comes from, with the argument each source needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OrigDstSource {
+    Sockopt,
+    BpfMap(PathBuf),
+    Explicit(SocketAddr),
+}
+
+/// Everything the proxy needs, checked for consistency.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    pub outbound_port: u16,
+    pub outbound_bind: Vec<IpAddr>,
+    pub orig_dst: OrigDstSource,
+    pub connect_timeout: Duration,
+    pub metrics_addr: SocketAddr,
+    pub ready_addr: SocketAddr,
+    pub workload_name: String,
+    pub workload_namespace: String,
+}
+
+impl TryFrom<&ProxyArgs> for ProxyConfig {
+    type Error = anyhow::Error;
+
+    fn try_from(args: &ProxyArgs) -> anyhow::Result<Self> {
+        if args.outbound_bind.is_empty() {
+            bail!("--outbound-bind needs at least one address");
+        }
+        // An option that would be silently ignored is almost always a mistake in a manifest.
+        if args.target.is_some() && args.orig_dst != OrigDstMode::Explicit {
+            bail!("--target is only valid with --orig-dst explicit");
+        }
+        if args.bpf_map.is_some() && args.orig_dst != OrigDstMode::BpfMap {
+            bail!("--bpf-map is only valid with --orig-dst bpf-map");
+        }
+        let orig_dst = match args.orig_dst {
+            OrigDstMode::Sockopt => OrigDstSource::Sockopt,
+            OrigDstMode::BpfMap => match &args.bpf_map {
+                Some(path) => OrigDstSource::BpfMap(path.clone()),
+                None => bail!("--orig-dst bpf-map requires --bpf-map PATH"),
+            },
+            OrigDstMode::Explicit => match &args.target {
+                Some(target) => OrigDstSource::Explicit(resolve_target(target)?),
+                None => bail!("--orig-dst explicit requires --target HOST:PORT"),
+            },
+        };
+        Ok(ProxyConfig {
+            outbound_port: args.outbound_port,
+            outbound_bind: args.outbound_bind.clone(),
+            orig_dst,
+            connect_timeout: args.connect_timeout,
+            metrics_addr: args.metrics_addr,
+            ready_addr: args.ready_addr,
+            workload_name: args.workload_name.clone(),
+            workload_namespace: args.workload_namespace.clone(),
+        })
+    }
+}
+
+/// Resolves `HOST:PORT` once at startup; the first address wins.
+fn resolve_target(target: &str) -> anyhow::Result<SocketAddr> {
+    target
+        .to_socket_addrs()
+        .with_context(|| format!("--target {target}: expected HOST:PORT"))?
+        .next()
+        .with_context(|| format!("--target {target}: the host has no address"))
+}
+
+/// Parses durations such as `500ms`, `10s`, `2m`, `1h` (a whole number and a unit).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let unit_start = text
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("`{text}` has no unit (use ms, s, m or h)"))?;
+    let (number, unit) = text.split_at(unit_start);
+    let value: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` does not start with a whole number"))?;
+    let seconds_per_unit = match unit {
+        "ms" => return Ok(Duration::from_millis(value)),
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        _ => {
+            return Err(format!(
+                "`{text}` has an unknown unit `{unit}` (use ms, s, m or h)"
+            ));
+        }
+    };
+    value
+        .checked_mul(seconds_per_unit)
+        .map(Duration::from_secs)
+        .ok_or_else(|| format!("`{text}` is too long"))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        proxy: ProxyArgs,
+    }
+
+    fn config(args: &[&str]) -> anyhow::Result<ProxyConfig> {
+        let cli = Cli::try_parse_from(std::iter::once("proxy").chain(args.iter().copied()))?;
+        ProxyConfig::try_from(&cli.proxy)
+    }
+
+    #[test]
+    fn durations_parse_with_units() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration(" 0s "), Ok(Duration::ZERO));
+    }
+
+    #[test]
+    fn durations_without_number_or_unit_are_rejected() {
+        for bad in ["", "10", "s", "1.5s", "-1s", "10 s", "10sec", "5d"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} should be rejected");
+        }
+        assert!(parse_duration(&format!("{}h", u64::MAX)).is_err());
+    }
+
+    #[test]
+    fn defaults_follow_istio_ports() -> anyhow::Result<()> {
+        let config = config(&[])?;
+        assert_eq!(config.outbound_port, 15001);
+        assert_eq!(
+            config.outbound_bind,
+            vec![
+                IpAddr::from([127, 0, 0, 1]),
+                IpAddr::from(std::net::Ipv6Addr::LOCALHOST)
+            ]
+        );
+        assert_eq!(config.orig_dst, OrigDstSource::Sockopt);
+        assert_eq!(config.connect_timeout, Duration::from_secs(10));
+        assert_eq!(config.metrics_addr, "127.0.0.1:15020".parse()?);
+        assert_eq!(config.ready_addr, "0.0.0.0:15021".parse()?);
+        Ok(())
+    }
+
+    #[test]
+    fn each_source_requires_its_argument_and_only_it() -> anyhow::Result<()> {
+        assert!(config(&["--orig-dst", "explicit"]).is_err());
+        assert!(config(&["--orig-dst", "bpf-map"]).is_err());
+        assert!(config(&["--target", "127.0.0.1:80"]).is_err());
+        assert!(config(&["--bpf-map", "/sys/fs/bpf/x"]).is_err());
+        assert!(config(&["--orig-dst", "explicit", "--target", "no-port"]).is_err());
+
+        let explicit = config(&["--orig-dst", "explicit", "--target", "127.0.0.1:8080"])?;
+        assert_eq!(
+            explicit.orig_dst,
+            OrigDstSource::Explicit("127.0.0.1:8080".parse()?)
+        );
+        let map = config(&["--orig-dst", "bpf-map", "--bpf-map", "/sys/fs/bpf/m"])?;
+        assert_eq!(map.orig_dst, OrigDstSource::BpfMap("/sys/fs/bpf/m".into()));
+        Ok(())
+    }
+}

@@ -1,0 +1,35 @@
+//! Test rig for the sidecar, in the spirit of ztunnel's: "pods" made of a network namespace,
+//! a veth on a shared bridge and a cgroup v2 directory, processes run inside them, and a
+//! teardown that removes everything even when a test panics.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use sidecar_tests::{ConnectReport, Lab, require_root};
+//!
+//! require_root();
+//! let lab = Lab::new("example").unwrap();
+//! let (client, server) = (lab.add_pod("client").unwrap(), lab.add_pod("server").unwrap());
+//! let labtool = "target/debug/labtool"; // integration tests: env!("CARGO_BIN_EXE_labtool")
+//! let echo = server.command(labtool).args(["echo-server", "--listen", "[::]:8080"]).spawn().unwrap();
+//! echo.wait_for_stdout("listening", Duration::from_secs(5)).unwrap();
+//! let target = format!("{}:8080", server.ipv4());
+//! let output = client.command(labtool).args(["connect", &target]).run().unwrap();
+//! let report = ConnectReport::from_output(&output).unwrap();
+//! assert_eq!(report.server.peer.ip().to_canonical(), client.ipv4());
+//! ```
+
+mod cgroup;
+mod lab;
+mod netns;
+mod preconditions;
+mod process;
+pub mod tools;
+mod wait;
+
+pub use cgroup::{cgroup2_mount_point, cgroup2_root};
+pub use lab::{Lab, Pod};
+pub use preconditions::require_root;
+pub use process::{DEFAULT_RUN_TIMEOUT, LabProcess, PodCommand};
+pub use tools::echo::{ConnectReport, EchoServerReport};
+pub use tools::http::HttpResponse;
+pub use wait::{wait_for_http_ok, wait_for_tcp};

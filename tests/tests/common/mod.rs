@@ -1,0 +1,251 @@
+//! A pod with the sidecar, for the integration tests: capture installed by the real `sidecar
+//! init`, the real proxy running inside the pod, an echo server in a second pod.
+#![allow(dead_code)] // each test binary uses a different part of this harness
+
+use std::{
+    collections::BTreeMap,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    time::Duration,
+};
+
+use sidecar_tests::{
+    ConnectReport, Lab, LabProcess, Pod, require_root, wait_for_http_ok, wait_for_tcp,
+};
+
+pub const ECHO_PORT: u16 = 8080;
+pub const OTHER_PORT: u16 = 9090;
+pub const PROXY_ID: u32 = 1337;
+const READY: Duration = Duration::from_secs(10);
+
+/// The `sidecar` binary under test: `$SIDECAR_BIN` (set by `cargo xtask test`) or the debug build.
+pub fn sidecar_bin() -> PathBuf {
+    let path = std::env::var_os("SIDECAR_BIN").map(PathBuf::from).unwrap_or_else(|| {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/sidecar")
+    });
+    assert!(
+        path.is_file(),
+        "the sidecar binary {} is missing: run the tests with `cargo xtask test` (or `cargo xtask build` first)",
+        path.display()
+    );
+    path
+}
+
+pub fn labtool() -> &'static str {
+    env!("CARGO_BIN_EXE_labtool")
+}
+
+/// Runs `sidecar ARGS` on the host (outside any pod: init needs the host's bpffs and cgroup tree).
+pub fn sidecar(args: &[&str]) -> Output {
+    Command::new(sidecar_bin())
+        .args(args)
+        .output()
+        .expect("cannot run the sidecar binary")
+}
+
+pub fn text(out: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout:\n{}\nstderr:\n{}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// How the capture is installed and where the proxy lives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Layout {
+    /// eBPF on the pod cgroup; the proxy inside it under UID/GID 1337 (the Kubernetes layout).
+    EbpfProxyInPod,
+    /// eBPF on the pod cgroup; the proxy, as root, in a sibling cgroup that is never hooked.
+    EbpfProxyInSibling,
+    /// istio-init style iptables rules in the pod netns; the proxy runs as UID/GID 1337.
+    Iptables,
+}
+
+pub struct MeshLab {
+    pub lab: Lab,
+    pub client: Pod,
+    pub server: Pod,
+    pub layout: Layout,
+    pub app_cgroup: PathBuf,
+    pub proxy: Option<LabProcess>,
+    pub echo: LabProcess,
+}
+
+impl MeshLab {
+    /// Two pods; an echo server in `server` on ports 8080 and 9090 (dual-stack).
+    pub fn new(test: &str, layout: Layout) -> MeshLab {
+        require_root();
+        sidecar_bin();
+        let lab = Lab::new(test).expect("lab");
+        let client = lab.add_pod("client").expect("client pod");
+        let server = lab.add_pod("server").expect("server pod");
+        let app_cgroup = client.cgroup_child("app").expect("app cgroup");
+        let echo = server
+            .command(labtool())
+            .args(["echo-server", "--listen", "[::]:8080", "--listen", "[::]:9090"])
+            .spawn()
+            .expect("echo server");
+        for port in [ECHO_PORT, OTHER_PORT] {
+            wait_for_tcp(&server, SocketAddr::new(server.ipv4().into(), port), READY)
+                .expect("echo server listening");
+        }
+        MeshLab { lab, client, server, layout, app_cgroup, proxy: None, echo }
+    }
+
+    /// Installs capture with `extra` init options and registers its removal at teardown.
+    pub fn init(&self, extra: &[&str]) -> Output {
+        let out = self.run_init(extra);
+        assert!(out.status.success(), "sidecar init failed:\n{}", text(&out));
+        let cgroup = self.client.cgroup().to_path_buf();
+        match self.layout {
+            Layout::Iptables => {} // the rules go with the netns
+            _ => self.lab.on_teardown(move || {
+                let _ = sidecar(&["cleanup", "--cgroup", &cgroup.to_string_lossy()]);
+            }),
+        }
+        out
+    }
+
+    pub fn run_init(&self, extra: &[&str]) -> Output {
+        match self.layout {
+            Layout::Iptables => self
+                .client
+                .command(sidecar_bin())
+                .args(["init", "--mode", "iptables"])
+                .args(extra)
+                .run()
+                .expect("run sidecar init in the pod netns"),
+            Layout::EbpfProxyInPod => {
+                let mut args = vec!["init", "--cgroup"];
+                let cgroup = self.client.cgroup().to_string_lossy().into_owned();
+                args.push(&cgroup);
+                args.extend_from_slice(extra);
+                sidecar(&args)
+            }
+            Layout::EbpfProxyInSibling => {
+                let cgroup = self.client.cgroup().to_string_lossy().into_owned();
+                let proxy_cgroup = self.proxy_cgroup().to_string_lossy().into_owned();
+                let mut args = vec!["init", "--cgroup", &cgroup, "--proxy-cgroup", &proxy_cgroup];
+                args.extend_from_slice(extra);
+                sidecar(&args)
+            }
+        }
+    }
+
+    pub fn proxy_cgroup(&self) -> PathBuf {
+        match self.layout {
+            Layout::EbpfProxyInSibling => self.lab.sibling_cgroup("client-proxy").expect("sibling cgroup"),
+            _ => self.client.cgroup_child("proxy").expect("proxy cgroup"),
+        }
+    }
+
+    /// Starts the proxy in the client pod and waits for its readiness endpoint.
+    pub fn start_proxy(&mut self) {
+        let mut cmd = self
+            .client
+            .command(sidecar_bin())
+            .in_cgroup(self.proxy_cgroup())
+            .args(["proxy", "--log-format", "json", "--workload-name", "client"]);
+        if self.layout != Layout::EbpfProxyInSibling {
+            cmd = cmd.as_user(PROXY_ID, PROXY_ID);
+        }
+        let proxy = cmd.spawn().expect("proxy");
+        let ready = wait_for_http_ok(&self.client, "http://127.0.0.1:15021/healthz/ready", READY);
+        assert!(ready.is_ok(), "proxy not ready: {ready:?}\n{}", proxy.stdout_text());
+        self.proxy = Some(proxy);
+    }
+
+    /// `labtool connect` from the client app (in the pod's app cgroup, optionally as a user).
+    pub fn connect_as(&self, target: SocketAddr, user: Option<u32>) -> Result<ConnectReport, String> {
+        let mut cmd = self
+            .client
+            .command(labtool())
+            .in_cgroup(&self.app_cgroup)
+            .args(["connect", &target.to_string()]);
+        if let Some(id) = user {
+            cmd = cmd.as_user(id, id);
+        }
+        let out = cmd.run().map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(text(&out));
+        }
+        ConnectReport::from_output(&out).map_err(|e| format!("{e:#}\n{}", text(&out)))
+    }
+
+    pub fn connect(&self, target: SocketAddr) -> ConnectReport {
+        self.connect_as(target, None).unwrap_or_else(|e| panic!("connect to {target} failed: {e}"))
+    }
+
+    pub fn server_v4(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(self.server.ipv4().into(), port)
+    }
+
+    pub fn server_v6(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(self.server.ipv6().into(), port)
+    }
+
+    pub fn server_mapped(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(self.server.ipv4().to_ipv6_mapped().into(), port)
+    }
+
+    /// Sum of a proxy metric over all its label sets.
+    pub fn proxy_metric(&self, name: &str) -> u64 {
+        let body = wait_for_http_ok(&self.client, "http://127.0.0.1:15020/stats/prometheus", READY)
+            .expect("scrape proxy metrics")
+            .body;
+        metric_sum(&body, name)
+    }
+
+    pub fn proxy_log(&self) -> String {
+        let proxy = self.proxy.as_ref().expect("proxy started");
+        format!("{}{}", proxy.stdout_text(), proxy.stderr_text())
+    }
+
+    /// The kernel-side counters of the client pod's capture, from `sidecar status --json`.
+    pub fn bpf_counters(&self) -> BTreeMap<String, u64> {
+        let capture = self.ebpf_status().expect("capture installed for the client pod");
+        serde_json::from_value(capture["counters"].clone()).expect("counters")
+    }
+
+    /// The client pod's entry in `sidecar status --json`, if any.
+    pub fn ebpf_status(&self) -> Option<serde_json::Value> {
+        let out = sidecar(&["status", "--json"]);
+        assert!(out.status.success(), "status failed:\n{}", text(&out));
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+        let cgroup = self.client.cgroup().to_string_lossy().into_owned();
+        status["ebpf"]
+            .as_array()
+            .expect("ebpf list")
+            .iter()
+            .find(|c| c["cgroup"].as_str() == Some(cgroup.as_str()))
+            .cloned()
+    }
+
+    /// `iptables`/`ip6tables -t nat -S` inside the client pod.
+    pub fn nat_rules(&self, cmd: &str) -> String {
+        let out = self.client.command(cmd).args(["-w", "-t", "nat", "-S"]).run_success().expect("list rules");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+/// Sum of every sample of `name` in a Prometheus text exposition.
+pub fn metric_sum(body: &str, name: &str) -> u64 {
+    body.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter(|line| line.strip_prefix(name).is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' ')))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .map(|v| v as u64)
+        .sum()
+}
+
+/// IPv4-mapped addresses as plain IPv4, so dual-stack servers' reports compare equal.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
+pub fn is_loopback(ip: IpAddr) -> bool {
+    ip.to_canonical().is_loopback()
+}

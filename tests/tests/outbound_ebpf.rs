@@ -1,0 +1,208 @@
+//! Outbound capture by the eBPF programs, on the real kernel (run as root).
+mod common;
+
+use std::{net::SocketAddr, process::Command};
+
+use common::*;
+
+/// The app's connects to IPv4, IPv6 and IPv4-mapped IPv6 destinations reach the proxy, which
+/// dials the original destination; the app's getpeername shows the real peer.
+fn assert_intercepted(mesh: &MeshLab, targets: &[SocketAddr]) {
+    let opened_before = mesh.proxy_metric("istio_tcp_connections_opened_total");
+    for &target in targets {
+        let report = mesh.connect(target);
+        assert!(report.echo_ok, "echo through the proxy to {target}");
+        assert_eq!(report.peer, target, "getpeername must show the real peer");
+        assert!(is_loopback(report.local.ip()), "app socket was not redirected to the proxy: {report:?}");
+        assert_eq!(canonical(report.server.local), canonical(target), "proxy dialled the wrong destination");
+        let client_ip = if target.is_ipv6() && target.ip().to_canonical().is_ipv6() {
+            mesh.client.ipv6().into()
+        } else {
+            std::net::IpAddr::from(mesh.client.ipv4())
+        };
+        assert_eq!(canonical(report.server.peer).ip(), client_ip, "server sees the client pod");
+    }
+    let log = mesh.proxy_log();
+    for target in targets {
+        let orig = canonical(*target).to_string();
+        assert!(
+            log.lines().any(|l| l.contains("orig_dst") && l.contains(&orig)),
+            "no proxy log line with orig_dst {orig}:\n{log}"
+        );
+    }
+    let opened = mesh.proxy_metric("istio_tcp_connections_opened_total") - opened_before;
+    assert_eq!(opened, targets.len() as u64, "proxy connections opened");
+}
+
+#[test]
+fn intercepts_ipv4_ipv6_and_mapped_with_the_proxy_in_the_pod() {
+    let mut mesh = MeshLab::new("ebpf-pod", Layout::EbpfProxyInPod);
+    mesh.init(&[]);
+    mesh.start_proxy();
+    let targets = [mesh.server_v4(ECHO_PORT), mesh.server_v6(ECHO_PORT), mesh.server_mapped(ECHO_PORT)];
+    assert_intercepted(&mesh, &targets);
+    let counters = mesh.bpf_counters();
+    assert_eq!(counters["redirected"], 3, "{counters:?}");
+    assert_eq!(counters["orig_dst_served"], 3, "{counters:?}");
+    // The proxy's own three upstream connects, exempt by UID 1337, are not captured again.
+    assert_eq!(counters["bypassed_uid_gid"], 3, "{counters:?}");
+    assert_eq!(counters["errors"], 0, "{counters:?}");
+    assert_eq!(mesh.proxy_metric("sidecar_outbound_failures_total"), 0);
+}
+
+#[test]
+fn proxy_in_a_sibling_cgroup_is_never_captured() {
+    let mut mesh = MeshLab::new("ebpf-sibling", Layout::EbpfProxyInSibling);
+    // No UID/GID exemption at all: only the cgroup keeps the proxy's upstream direct.
+    mesh.init(&["--proxy-uid", "none", "--proxy-gid", "none"]);
+    mesh.start_proxy();
+    assert_intercepted(&mesh, &[mesh.server_v4(ECHO_PORT), mesh.server_v6(ECHO_PORT)]);
+    let counters = mesh.bpf_counters();
+    assert_eq!(counters["redirected"], 2, "{counters:?}");
+    assert_eq!(counters["bypassed_uid_gid"], 0, "{counters:?}");
+    assert_eq!(counters["loopback"], 0, "the proxy's upstream must not reach the hooks: {counters:?}");
+}
+
+#[test]
+fn excluded_port_cidr_and_proxy_uid_go_direct() {
+    let mut mesh = MeshLab::new("ebpf-excl", Layout::EbpfProxyInSibling);
+    let excluded_cidr = format!("{}/128", mesh.server.ipv6());
+    mesh.init(&["--exclude-ports", "9000-9100", "--exclude-cidrs", &excluded_cidr]);
+    mesh.start_proxy();
+
+    let direct = |report: &sidecar_tests::ConnectReport, target: SocketAddr| {
+        assert!(report.echo_ok);
+        assert!(!is_loopback(report.local.ip()), "{target} should have gone direct: {report:?}");
+        assert_eq!(canonical(report.server.local), canonical(target));
+    };
+    let by_port = mesh.server_v4(OTHER_PORT);
+    direct(&mesh.connect(by_port), by_port);
+    let by_cidr = mesh.server_v6(ECHO_PORT);
+    direct(&mesh.connect(by_cidr), by_cidr);
+    let by_uid = mesh.server_v4(ECHO_PORT);
+    direct(&mesh.connect_as(by_uid, Some(PROXY_ID)).expect("connect as UID 1337"), by_uid);
+
+    let counters = mesh.bpf_counters();
+    assert_eq!(counters["excluded_port"], 1, "{counters:?}");
+    assert_eq!(counters["excluded_cidr"], 1, "{counters:?}");
+    assert_eq!(counters["bypassed_uid_gid"], 1, "{counters:?}");
+    assert_eq!(counters["redirected"], 0, "{counters:?}");
+    assert_eq!(mesh.proxy_metric("istio_tcp_connections_opened_total"), 0);
+
+    // The same app, on a port that is not excluded, is captured.
+    assert_intercepted(&mesh, &[by_uid]);
+    let status = mesh.ebpf_status().expect("status");
+    assert_eq!(status["excluded_ports"], "9000-9100");
+    assert_eq!(status["excluded_cidrs"][0], excluded_cidr.as_str());
+}
+
+fn attached_ids(mesh: &MeshLab) -> Vec<(String, Vec<u64>)> {
+    let status = mesh.ebpf_status().expect("status");
+    status["links"]
+        .as_array()
+        .expect("links")
+        .iter()
+        .map(|l| {
+            let ids = l["attached_program_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+            (l["pin"].as_str().unwrap().to_string(), ids)
+        })
+        .collect()
+}
+
+fn bpftool(args: &[&str]) -> String {
+    let out = Command::new("bpftool").args(args).output().expect("bpftool (installed by cargo xtask setup)");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn init_twice_replaces_and_cleanup_leaves_nothing() {
+    let mut mesh = MeshLab::new("ebpf-idem", Layout::EbpfProxyInPod);
+    mesh.init(&[]);
+    mesh.start_proxy();
+    assert_intercepted(&mesh, &[mesh.server_v4(ECHO_PORT)]);
+    let first = attached_ids(&mesh);
+    mesh.init(&["--exclude-ports", "22"]);
+    let second = attached_ids(&mesh);
+    assert_eq!(second.len(), 6, "{second:?}");
+    for (pin, ids) in &second {
+        assert_eq!(ids.len(), 1, "{pin}: exactly one program attached after init twice: {second:?}");
+    }
+    assert_ne!(first, second, "the second init must attach new programs");
+    let cgroup = mesh.client.cgroup().to_string_lossy().into_owned();
+    let listed = bpftool(&["cgroup", "show", &cgroup]);
+    assert_eq!(listed.lines().filter(|l| l.trim_start().starts_with(char::is_numeric)).count(), 6, "{listed}");
+    // Counters and live state survive the replacement; capture still works.
+    assert_intercepted(&mesh, &[mesh.server_v4(ECHO_PORT)]);
+    assert_eq!(mesh.bpf_counters()["redirected"], 2);
+
+    let pin_dir = mesh.ebpf_status().unwrap()["pin_dir"].as_str().unwrap().to_string();
+    let out = sidecar(&["cleanup", "--cgroup", &cgroup]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(!std::path::Path::new(&pin_dir).exists(), "pins left in {pin_dir}");
+    assert!(mesh.ebpf_status().is_none(), "status still lists the pod");
+    let listed = bpftool(&["cgroup", "show", &cgroup]);
+    assert!(!listed.lines().any(|l| l.trim_start().starts_with(char::is_numeric)), "still attached:\n{listed}");
+    let programs = bpftool(&["prog", "show"]);
+    for (_, ids) in &second {
+        assert!(!programs.lines().any(|l| l.starts_with(&format!("{}:", ids[0]))), "program {} still loaded", ids[0]);
+    }
+    // Cleanup is idempotent, and the app now connects directly.
+    let again = sidecar(&["cleanup", "--cgroup", &cgroup]);
+    assert!(again.status.success() && String::from_utf8_lossy(&again.stdout).contains("nothing to remove"));
+    let report = mesh.connect(mesh.server_v4(ECHO_PORT));
+    assert!(!is_loopback(report.local.ip()), "still captured after cleanup: {report:?}");
+}
+
+#[test]
+fn getsockopt_passes_other_options_through_untouched() {
+    let mut mesh = MeshLab::new("ebpf-sockopt", Layout::EbpfProxyInPod);
+    mesh.init(&["--exclude-ports", "9090"]);
+    mesh.start_proxy();
+    // Runs inside the hooked cgroup, on a socket that went direct (port 9090 is excluded):
+    // ordinary options, oversized buffers, option 80 at a level that is not SOL_IP, the
+    // kernel's own SO_ORIGINAL_DST error, and a value larger than a page (SO_PEERGROUPS of a
+    // peer in 1500 groups: 6000 bytes) that must come back whole.
+    let script = format!(
+        r#"
+import ctypes, errno, os, socket, struct
+libc = ctypes.CDLL(None, use_errno=True)
+def getsockopt(sock, level, name, size):
+    # Python caps buffers at 1024 bytes: call libc directly to pass a large one.
+    buf = ctypes.create_string_buffer(size)
+    length = ctypes.c_uint32(size)
+    if libc.getsockopt(sock.fileno(), level, name, buf, ctypes.byref(length)) != 0:
+        raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+    return buf.raw[:length.value]
+s = socket.create_connection(("{server}", 9090))
+assert s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) > 0
+assert len(getsockopt(s, socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)) == 4
+assert len(getsockopt(s, socket.IPPROTO_TCP, socket.TCP_INFO, 8192)) >= 104
+for level, expected in ((socket.IPPROTO_TCP, {{errno.ENOPROTOOPT}}), (socket.SOL_IP, {{errno.ENOENT, errno.ENOPROTOOPT}})):
+    try:
+        getsockopt(s, level, 80, 16)
+        raise SystemExit("option 80 at level %d was answered for a direct socket" % level)
+    except OSError as e:
+        assert e.errno in expected, "level %d: %s" % (level, e)
+groups = list(range(100000, 101500))
+os.setgroups(groups)
+a, b = socket.socketpair()
+raw = getsockopt(a, socket.SOL_SOCKET, 59, 8192)  # SO_PEERGROUPS
+got = sorted(struct.unpack("%dI" % (len(raw) // 4), raw))
+assert set(groups) <= set(got), "SO_PEERGROUPS truncated: %d bytes" % len(raw)
+print("ok")
+"#,
+        server = mesh.server.ipv4(),
+    );
+    let out = mesh
+        .client
+        .command("python3")
+        .in_cgroup(&mesh.app_cgroup)
+        .args(["-c", &script])
+        .run()
+        .expect("python3");
+    assert!(out.status.success(), "{}", text(&out));
+    let counters = mesh.bpf_counters();
+    assert_eq!(counters["excluded_port"], 1, "{counters:?}");
+    assert_eq!(counters["orig_dst_missing"], 1, "{counters:?}");
+    assert_eq!(counters["orig_dst_served"], 0, "{counters:?}");
+}
