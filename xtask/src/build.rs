@@ -41,7 +41,8 @@ pub fn build_ebpf(_opts: &BuildOptions) -> Result<()> {
 pub fn build_all(opts: &BuildOptions) -> Result<PathBuf> {
     build_ebpf(opts)?;
     let mut cmd = Command::new("cargo");
-    cmd.current_dir(workspace_root()).args(["build", "--workspace", "--bins"]);
+    // The default members: everything but the BPF crate, which only builds for the BPF target.
+    cmd.current_dir(workspace_root()).args(["build", "--bins"]);
     if opts.release {
         cmd.arg("--release");
     }

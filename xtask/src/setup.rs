@@ -3,7 +3,7 @@ use std::{path::PathBuf, process::Command};
 
 use anyhow::{Context, Result, bail};
 
-use crate::util::{run as run_cmd, succeeds, which};
+use crate::util::{run as run_cmd, which};
 
 /// Debian packages the build, the capture modes, the tests and the lab need.
 const APT_PACKAGES: &[&str] = &[
@@ -93,9 +93,4 @@ fn install_bpf_linker() -> Result<()> {
         .env("LLVM_PREFIX", &prefix)
         .args(["install", "bpf-linker", "--locked", "--no-default-features"])
         .args(["--features", "llvm-22"]))
-}
-
-/// True when `cmd` can be run (used by other tasks to check their prerequisites).
-pub fn have(cmd: &str) -> bool {
-    which(cmd).is_some() || succeeds(Command::new(cmd).arg("--version"))
 }

@@ -30,12 +30,12 @@ pub fn run_tests(opts: &TestOptions) -> Result<()> {
         println!("test: cargo clippy");
         run(Command::new("cargo")
             .current_dir(&root)
-            .args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]))?;
+            .args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
     }
     println!("test: cargo test (integration tests run as root on the real kernel)");
     run(Command::new("cargo")
         .current_dir(&root)
         .env("SIDECAR_BIN", profile_dir.join("sidecar"))
-        .args(["test", "--workspace"])
+        .args(["test"])
         .args(&opts.cargo_test_args))
 }

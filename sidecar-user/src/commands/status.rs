@@ -2,6 +2,7 @@
 use std::{os::fd::AsFd, path::{Path, PathBuf}};
 
 use anyhow::{Context, Result};
+use aya::programs::links::{FdLink, PinnedLink};
 use clap::Args;
 use serde::Serialize;
 
@@ -48,6 +49,9 @@ pub struct CgroupCapture {
 pub struct LinkStatus {
     pub pin: String,
     pub program: String,
+    /// The kernel's ids for the pinned link and the program it attaches.
+    pub link_id: u32,
+    pub program_id: u32,
     /// Program IDs the kernel has attached to the cgroup for this hook (ours and others').
     pub attached_program_ids: Vec<u32>,
 }
@@ -99,7 +103,17 @@ fn describe_cgroup(cgroup_id: u64, pin_dir: &Path) -> Result<CgroupCapture> {
             (Some(file), false) => sys::prog_query(file.as_fd(), hook.attach_type as u32).unwrap_or_default(),
             _ => Vec::new(),
         };
-        links.push(LinkStatus { pin, program: hook.program.to_string(), attached_program_ids });
+        let info = PinnedLink::from_pin(entry.path())
+            .map_err(anyhow::Error::from)
+            .and_then(|link| Ok(FdLink::from(link).info()?))
+            .with_context(|| format!("cannot read pinned link {pin}"))?;
+        links.push(LinkStatus {
+            pin,
+            program: hook.program.to_string(),
+            link_id: info.id(),
+            program_id: info.program_id(),
+            attached_program_ids,
+        });
     }
     links.sort_by(|a, b| a.pin.cmp(&b.pin));
     let counters = ebpf_capture::read_counters(pin_dir)?
@@ -146,7 +160,13 @@ fn print_text(status: &Status) {
         println!("  excluded ports: {}", or_none(&capture.excluded_ports));
         println!("  excluded cidrs: {}", or_none(&capture.excluded_cidrs.join(",")));
         for link in &capture.links {
-            println!("  link {:<40} program {:<20} kernel reports attached: {:?}", link.pin, link.program, link.attached_program_ids);
+            println!(
+                "  {:<20} link {:<4} program {:<4} {}",
+                link.program,
+                link.link_id,
+                link.program_id,
+                if link.pin.ends_with("_proxy_cgroup") { "(on the proxy's cgroup)" } else { "" }
+            );
         }
         let counters: Vec<String> = capture.counters.iter().map(|(k, v)| format!("{k}={v}")).collect();
         println!("  counters:       {}", counters.join(" "));
