@@ -2,10 +2,12 @@
 use std::path::PathBuf;
 
 fn main() {
-    let object = std::env::var_os("SIDECAR_BPF_OBJECT").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("../target/bpfel-unknown-none/release/sidecar-ebpf")
-    });
+    let object = std::env::var_os("SIDECAR_BPF_OBJECT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+                .join("../target/bpfel-unknown-none/release/sidecar-ebpf")
+        });
     println!("cargo:rerun-if-env-changed=SIDECAR_BPF_OBJECT");
     println!("cargo:rerun-if-changed={}", object.display());
     if !object.is_file() {

@@ -93,9 +93,8 @@ impl Endpoint {
     }
 
     pub fn from_octets(octets: [u8; 16], port: u16) -> Self {
-        let word = |i: usize| {
-            u32::from_ne_bytes([octets[i], octets[i + 1], octets[i + 2], octets[i + 3]])
-        };
+        let word =
+            |i: usize| u32::from_ne_bytes([octets[i], octets[i + 1], octets[i + 2], octets[i + 3]]);
         Endpoint {
             addr: [word(0), word(4), word(8), word(12)],
             port: port as u32,

@@ -22,8 +22,7 @@ pub static EXCLUDED_PORTS: Array<u64, { PORT_BITMAP_WORDS as usize }> = Array::n
 pub static EXCLUDED_CIDR4: LpmTrie<[u8; 4], u8, { MAX_EXCLUDED_CIDRS as usize }> = LpmTrie::new();
 
 #[btf_map]
-pub static EXCLUDED_CIDR6: LpmTrie<[u8; 16], u8, { MAX_EXCLUDED_CIDRS as usize }> =
-    LpmTrie::new();
+pub static EXCLUDED_CIDR6: LpmTrie<[u8; 16], u8, { MAX_EXCLUDED_CIDRS as usize }> = LpmTrie::new();
 
 /// The original destination of each redirected socket, freed by the kernel with the socket.
 #[btf_map]

@@ -6,14 +6,14 @@ use core::ptr::{self, read_volatile, write_volatile};
 
 use aya_ebpf::{
     bindings::{
-        bpf_sock, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
-        BPF_SOCK_OPS_STATE_CB_FLAG,
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+        bpf_sock,
     },
     helpers::generated::bpf_sk_storage_get,
     programs::{SockAddrContext, SockOpsContext, SockoptContext},
 };
 use aya_log_ebpf::warn;
-use sidecar_common::{Counter, Endpoint, SOL_IP, SOL_IPV6, SO_ORIGINAL_DST};
+use sidecar_common::{Counter, Endpoint, SO_ORIGINAL_DST, SOL_IP, SOL_IPV6};
 
 use crate::{
     counters::bump,
@@ -55,7 +55,10 @@ pub fn on_getpeername4(ctx: &SockAddrContext) {
             return;
         }
         write_volatile(&mut (*ctx.sock_addr).user_ip4, orig.addr[3]);
-        write_volatile(&mut (*ctx.sock_addr).user_port, (orig.port as u16).to_be() as u32);
+        write_volatile(
+            &mut (*ctx.sock_addr).user_port,
+            (orig.port as u16).to_be() as u32,
+        );
     }
 }
 
@@ -83,7 +86,7 @@ pub fn on_sock_ops(ctx: &SockOpsContext) {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => index_established(ctx),
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => {
             if let Some(local) = local_endpoint(ctx) {
-                let _ = ORIG_DST_BY_PEER.remove(&local);
+                let _ = ORIG_DST_BY_PEER.remove(local);
             }
         }
         _ => {}
@@ -106,9 +109,12 @@ fn index_established(ctx: &SockOpsContext) {
     };
     // SAFETY: slot points at this socket's storage.
     let orig = unsafe { *slot };
-    if ORIG_DST_BY_PEER.insert(&local, &orig, 0).is_err() {
+    if ORIG_DST_BY_PEER.insert(local, orig, 0).is_err() {
         bump(Counter::Errors);
-        warn!(ctx, "original-destination index full; the proxy cannot route this connection");
+        warn!(
+            ctx,
+            "original-destination index full; the proxy cannot route this connection"
+        );
         return;
     }
     let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG;
@@ -164,7 +170,7 @@ pub fn on_getsockopt(ctx: &SockoptContext) {
         return;
     };
     // SAFETY: lookup result is only read, and copied before any map update.
-    let Some(orig) = (unsafe { ORIG_DST_BY_PEER.get(&peer) }).copied() else {
+    let Some(orig) = (unsafe { ORIG_DST_BY_PEER.get(peer) }).copied() else {
         bump(Counter::OrigDstMissing);
         return;
     };

@@ -3,7 +3,7 @@
 use core::ptr::write_volatile;
 
 use aya_ebpf::{
-    bindings::{bpf_sock_addr, BPF_SK_STORAGE_GET_F_CREATE},
+    bindings::{BPF_SK_STORAGE_GET_F_CREATE, bpf_sock_addr},
     btf_maps::lpm_trie::Key,
     helpers::bpf_get_current_uid_gid,
     programs::SockAddrContext,
@@ -109,7 +109,10 @@ fn remember(ctx: &SockAddrContext, dst: Endpoint) -> bool {
     let slot = storage_ptr(ctx, BPF_SK_STORAGE_GET_F_CREATE as u64);
     if slot.is_null() {
         bump(Counter::Errors);
-        warn!(ctx, "no socket storage for the original destination; connect goes direct");
+        warn!(
+            ctx,
+            "no socket storage for the original destination; connect goes direct"
+        );
         return false;
     }
     // SAFETY: the kernel returned a valid pointer to this socket's storage.
@@ -122,7 +125,10 @@ fn is_loopback(dst: &Endpoint) -> bool {
     if dst.is_v4() {
         dst.addr[3].to_ne_bytes()[0] == 127
     } else {
-        dst.addr[0] == 0 && dst.addr[1] == 0 && dst.addr[2] == 0 && dst.addr[3] == LOOPBACK_V6_LAST_WORD
+        dst.addr[0] == 0
+            && dst.addr[1] == 0
+            && dst.addr[2] == 0
+            && dst.addr[3] == LOOPBACK_V6_LAST_WORD
     }
 }
 

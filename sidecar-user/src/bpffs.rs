@@ -3,7 +3,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 
-const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+// FsWord: statfs.f_type has a different integer type on each architecture.
+const BPF_FS_MAGIC: rustix::fs::FsWord = 0xcafe_4a11;
 pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
 
 /// Mounts bpffs at `root` unless one is already there.
@@ -18,7 +19,7 @@ pub fn ensure_mounted(root: &Path) -> Result<()> {
 
 pub fn is_bpffs(path: &Path) -> bool {
     rustix::fs::statfs(path)
-        .map(|fs| fs.f_type as i64 == BPF_FS_MAGIC)
+        .map(|fs| fs.f_type == BPF_FS_MAGIC)
         .unwrap_or(false)
 }
 

@@ -56,7 +56,9 @@ impl FromStr for PortRanges {
 
 fn parse_port(text: &str, item: &str) -> Result<u16, ParseError> {
     match text.trim().parse::<u16>() {
-        Ok(0) => Err(ParseError(format!("invalid port '{item}': port 0 cannot be dialled"))),
+        Ok(0) => Err(ParseError(format!(
+            "invalid port '{item}': port 0 cannot be dialled"
+        ))),
         Ok(port) => Ok(port),
         Err(_) => Err(ParseError(format!(
             "invalid port '{item}': expected a number from 1 to 65535 or a range like 8000-8100"
@@ -78,7 +80,11 @@ pub fn parse_cidr(text: &str) -> Result<IpNet, ParseError> {
     }
     text.parse::<std::net::IpAddr>()
         .map(IpNet::from)
-        .map_err(|_| ParseError(format!("invalid CIDR '{text}': expected e.g. 10.0.0.0/8 or fd00::/8")))
+        .map_err(|_| {
+            ParseError(format!(
+                "invalid CIDR '{text}': expected e.g. 10.0.0.0/8 or fd00::/8"
+            ))
+        })
 }
 
 impl PortRanges {
@@ -96,7 +102,9 @@ impl PortRanges {
     /// The ranges a kernel-side bitmap holds (the inverse of `to_bitmap`).
     pub fn from_bitmap(words: &[u64]) -> PortRanges {
         let is_set = |port: u32| {
-            words.get((port >> 6) as usize).is_some_and(|w| w & (1 << (port & 63)) != 0)
+            words
+                .get((port >> 6) as usize)
+                .is_some_and(|w| w & (1 << (port & 63)) != 0)
         };
         let mut ranges = Vec::new();
         let mut start: Option<u32> = None;
@@ -189,16 +197,26 @@ mod tests {
         for p in [0, 2, 62, 66, 65534] {
             assert!(!is_set(p), "port {p}");
         }
-        assert_eq!(PortRanges::from_bitmap(&bitmap).to_string(), "1,63-65,65535");
+        assert_eq!(
+            PortRanges::from_bitmap(&bitmap).to_string(),
+            "1,63-65,65535"
+        );
     }
 
     #[test]
     fn multiport_lists_respect_the_fifteen_slot_limit() {
-        let many: PortRanges = (1..=20).map(|p| p.to_string()).collect::<Vec<_>>().join(",").parse().unwrap();
+        let many: PortRanges = (1..=20)
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+            .parse()
+            .unwrap();
         let lists = many.multiport_lists();
         assert_eq!(lists.len(), 2);
         assert_eq!(lists[0].split(',').count(), 15);
         let ranges: PortRanges = "1-2,3-4,5-6,7-8,9-10,11-12,13-14,15".parse().unwrap();
+        assert_eq!(ranges.multiport_lists().len(), 1, "seven ranges and a port fill 15 slots");
+        let ranges: PortRanges = "1-2,3-4,5-6,7-8,9-10,11-12,13-14,15,16".parse().unwrap();
         assert_eq!(ranges.multiport_lists().len(), 2);
     }
 
@@ -206,9 +224,22 @@ mod tests {
     fn parses_cidrs_and_bare_addresses() {
         assert_eq!(parse_cidr("10.0.0.0/8").unwrap().to_string(), "10.0.0.0/8");
         assert_eq!(parse_cidr("fd00::/8").unwrap().to_string(), "fd00::/8");
-        assert_eq!(parse_cidr("198.18.0.3").unwrap().to_string(), "198.18.0.3/32");
-        assert!(parse_cidr("10.0.0.1/8").unwrap_err().to_string().contains("host bits"));
-        assert!(parse_cidr("10.0.0.0/33").unwrap_err().to_string().contains("invalid CIDR"));
+        assert_eq!(
+            parse_cidr("198.18.0.3").unwrap().to_string(),
+            "198.18.0.3/32"
+        );
+        assert!(
+            parse_cidr("10.0.0.1/8")
+                .unwrap_err()
+                .to_string()
+                .contains("host bits")
+        );
+        assert!(
+            parse_cidr("10.0.0.0/33")
+                .unwrap_err()
+                .to_string()
+                .contains("invalid CIDR")
+        );
         assert!(parse_cidr("nonsense").is_err());
     }
 }

@@ -9,7 +9,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+const CGROUP2_SUPER_MAGIC: rustix::fs::FsWord = 0x6367_7270;
 
 /// A cgroup v2 directory, identified by its inode number (the kernel's cgroup id).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -20,8 +20,8 @@ pub struct Cgroup {
 
 /// The cgroup v2 mount point of this mount namespace.
 pub fn cgroup2_root() -> Result<PathBuf> {
-    let mountinfo =
-        std::fs::read_to_string("/proc/self/mountinfo").context("cannot read /proc/self/mountinfo")?;
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
+        .context("cannot read /proc/self/mountinfo")?;
     match find_cgroup2_mount(&mountinfo) {
         Some(root) => Ok(root),
         None => bail!(
@@ -82,7 +82,7 @@ impl Cgroup {
         }
         let fs = rustix::fs::statfs(&candidate)
             .with_context(|| format!("cannot statfs {}", candidate.display()))?;
-        if fs.f_type as i64 != CGROUP2_SUPER_MAGIC {
+        if fs.f_type != CGROUP2_SUPER_MAGIC {
             bail!(
                 "{} is not on a cgroup v2 filesystem (cgroup v2 is mounted at {})",
                 candidate.display(),
@@ -137,9 +137,18 @@ mod tests {
 
     #[test]
     fn finds_cgroup2_in_hybrid_and_pure_layouts() {
-        assert_eq!(find_cgroup2_mount(HYBRID), Some(PathBuf::from("/sys/fs/cgroup/unified")));
-        assert_eq!(find_cgroup2_mount(PURE_V2), Some(PathBuf::from("/sys/fs/cgroup")));
-        assert_eq!(find_cgroup2_mount("1 2 0:1 / / rw - ext4 /dev/vda rw"), None);
+        assert_eq!(
+            find_cgroup2_mount(HYBRID),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(
+            find_cgroup2_mount(PURE_V2),
+            Some(PathBuf::from("/sys/fs/cgroup"))
+        );
+        assert_eq!(
+            find_cgroup2_mount("1 2 0:1 / / rw - ext4 /dev/vda rw"),
+            None
+        );
     }
 
     #[test]

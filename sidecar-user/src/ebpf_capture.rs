@@ -15,7 +15,10 @@ use std::{
 use anyhow::{Context, Result, anyhow};
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, MapData, PerCpuArray, lpm_trie::{Key, LpmTrie}},
+    maps::{
+        Array, MapData, PerCpuArray,
+        lpm_trie::{Key, LpmTrie},
+    },
     programs::{CgroupSockAddr, CgroupSockopt, SockOps},
 };
 use aya_obj::generated::bpf_attach_type::{
@@ -39,12 +42,36 @@ pub struct Hook {
 
 /// Every hook attached to the pod's cgroup.
 pub const POD_HOOKS: &[Hook] = &[
-    Hook { program: "connect4", attach_type: BPF_CGROUP_INET4_CONNECT, feature: "cgroup/connect4 (Linux 4.17+)" },
-    Hook { program: "connect6", attach_type: BPF_CGROUP_INET6_CONNECT, feature: "cgroup/connect6 (Linux 4.17+)" },
-    Hook { program: "getpeername4", attach_type: BPF_CGROUP_INET4_GETPEERNAME, feature: "cgroup/getpeername4 (Linux 5.8+)" },
-    Hook { program: "getpeername6", attach_type: BPF_CGROUP_INET6_GETPEERNAME, feature: "cgroup/getpeername6 (Linux 5.8+)" },
-    Hook { program: "track_sockets", attach_type: BPF_CGROUP_SOCK_OPS, feature: "sock_ops (Linux 4.13+)" },
-    Hook { program: "getsockopt_orig_dst", attach_type: BPF_CGROUP_GETSOCKOPT, feature: "cgroup/getsockopt (Linux 5.3+)" },
+    Hook {
+        program: "connect4",
+        attach_type: BPF_CGROUP_INET4_CONNECT,
+        feature: "cgroup/connect4 (Linux 4.17+)",
+    },
+    Hook {
+        program: "connect6",
+        attach_type: BPF_CGROUP_INET6_CONNECT,
+        feature: "cgroup/connect6 (Linux 4.17+)",
+    },
+    Hook {
+        program: "getpeername4",
+        attach_type: BPF_CGROUP_INET4_GETPEERNAME,
+        feature: "cgroup/getpeername4 (Linux 5.8+)",
+    },
+    Hook {
+        program: "getpeername6",
+        attach_type: BPF_CGROUP_INET6_GETPEERNAME,
+        feature: "cgroup/getpeername6 (Linux 5.8+)",
+    },
+    Hook {
+        program: "track_sockets",
+        attach_type: BPF_CGROUP_SOCK_OPS,
+        feature: "sock_ops (Linux 4.13+)",
+    },
+    Hook {
+        program: "getsockopt_orig_dst",
+        attach_type: BPF_CGROUP_GETSOCKOPT,
+        feature: "cgroup/getsockopt (Linux 5.3+)",
+    },
 ];
 
 /// The hook also attached to a proxy living in a sibling cgroup, so that its
@@ -105,18 +132,26 @@ fn install_inner(
     let mut links: Vec<(String, OwnedFd)> = Vec::new();
     let cgroup_fd = cgroup.open()?;
     for hook in POD_HOOKS {
-        links.push((link_pin_name(hook.program, false), attach(&mut ebpf, hook, cgroup_fd.as_fd(), &cgroup.path)?));
+        links.push((
+            link_pin_name(hook.program, false),
+            attach(&mut ebpf, hook, cgroup_fd.as_fd(), &cgroup.path)?,
+        ));
     }
     if let Some(proxy) = proxy_cgroup {
         let proxy_fd = proxy.open()?;
-        links.push((link_pin_name(PROXY_HOOK.program, true), attach(&mut ebpf, PROXY_HOOK, proxy_fd.as_fd(), &proxy.path)?));
+        links.push((
+            link_pin_name(PROXY_HOOK.program, true),
+            attach(&mut ebpf, PROXY_HOOK, proxy_fd.as_fd(), &proxy.path)?,
+        ));
     }
     swap_in_links(pin_dir, links)
 }
 
 fn load(pin_dir: &Path) -> Result<Ebpf> {
-    let paths: Vec<(&str, PathBuf)> =
-        PINNED_MAPS.iter().map(|name| (*name, map_pin_path(pin_dir, name))).collect();
+    let paths: Vec<(&str, PathBuf)> = PINNED_MAPS
+        .iter()
+        .map(|name| (*name, map_pin_path(pin_dir, name)))
+        .collect();
     let mut loader = EbpfLoader::new();
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
@@ -148,7 +183,12 @@ fn load_program(ebpf: &mut Ebpf, hook: &Hook) -> Result<()> {
     })
 }
 
-fn attach(ebpf: &mut Ebpf, hook: &Hook, cgroup: std::os::fd::BorrowedFd<'_>, cgroup_path: &Path) -> Result<OwnedFd> {
+fn attach(
+    ebpf: &mut Ebpf,
+    hook: &Hook,
+    cgroup: std::os::fd::BorrowedFd<'_>,
+    cgroup_path: &Path,
+) -> Result<OwnedFd> {
     let program = ebpf
         .program(hook.program)
         .ok_or_else(|| anyhow!("program {} missing from the BPF object", hook.program))?;
@@ -202,10 +242,12 @@ fn configure(ebpf: &mut Ebpf, settings: &CaptureSettings) -> Result<()> {
         proxy_gid: settings.proxy_gid.unwrap_or(NO_ID),
         reserved: 0,
     };
-    let mut config_map: Array<&mut MapData, CaptureConfig> = Array::try_from(map(ebpf, map_names::CONFIG)?)?;
+    let mut config_map: Array<&mut MapData, CaptureConfig> =
+        Array::try_from(map(ebpf, map_names::CONFIG)?)?;
     config_map.set(0, config, 0)?;
 
-    let mut ports: Array<&mut MapData, u64> = Array::try_from(map(ebpf, map_names::EXCLUDED_PORTS)?)?;
+    let mut ports: Array<&mut MapData, u64> =
+        Array::try_from(map(ebpf, map_names::EXCLUDED_PORTS)?)?;
     for (index, word) in settings.excluded_ports.to_bitmap().into_iter().enumerate() {
         ports.set(index as u32, word, 0)?;
     }
@@ -236,9 +278,11 @@ fn configure(ebpf: &mut Ebpf, settings: &CaptureSettings) -> Result<()> {
 fn replace_trie<const N: usize>(ebpf: &mut Ebpf, name: &str, keys: &[Key<[u8; N]>]) -> Result<()> {
     let mut trie: LpmTrie<&mut MapData, [u8; N], u8> = LpmTrie::try_from(map(ebpf, name)?)?;
     for key in keys {
-        trie.insert(key, 1, 0).with_context(|| format!("cannot write {name}"))?;
+        trie.insert(key, 1, 0)
+            .with_context(|| format!("cannot write {name}"))?;
     }
-    let wanted: BTreeSet<(u32, [u8; N])> = keys.iter().map(|k| (k.prefix_len(), k.data())).collect();
+    let wanted: BTreeSet<(u32, [u8; N])> =
+        keys.iter().map(|k| (k.prefix_len(), k.data())).collect();
     let stale: Vec<Key<[u8; N]>> = trie
         .keys()
         .filter_map(|k| k.ok())
@@ -251,7 +295,8 @@ fn replace_trie<const N: usize>(ebpf: &mut Ebpf, name: &str, keys: &[Key<[u8; N]
 }
 
 fn map<'a>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut aya::maps::Map> {
-    ebpf.map_mut(name).ok_or_else(|| anyhow!("map {name} missing from the BPF object"))
+    ebpf.map_mut(name)
+        .ok_or_else(|| anyhow!("map {name} missing from the BPF object"))
 }
 
 /// Removes every pin in `pin_dir` (detaching the links) and the directory. Returns the
@@ -265,10 +310,18 @@ pub fn remove_pins(pin_dir: &Path) -> Result<Vec<String>> {
     };
     // Links first, so nothing runs against half-removed maps.
     let mut paths: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
-    paths.sort_by_key(|p| !p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("link_")));
+    paths.sort_by_key(|p| {
+        !p.file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("link_"))
+    });
     for path in paths {
-        std::fs::remove_file(&path).with_context(|| format!("cannot remove pin {}", path.display()))?;
-        removed.push(path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+        std::fs::remove_file(&path)
+            .with_context(|| format!("cannot remove pin {}", path.display()))?;
+        removed.push(
+            path.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+        );
     }
     std::fs::remove_dir(pin_dir).with_context(|| format!("cannot remove {}", pin_dir.display()))?;
     Ok(removed)
@@ -277,7 +330,8 @@ pub fn remove_pins(pin_dir: &Path) -> Result<Vec<String>> {
 /// Sums the per-CPU counters pinned in `pin_dir`.
 pub fn read_counters(pin_dir: &Path) -> Result<Vec<(Counter, u64)>> {
     let data = MapData::from_pin(map_pin_path(pin_dir, map_names::COUNTERS))?;
-    let counters: PerCpuArray<MapData, u64> = PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))?;
+    let counters: PerCpuArray<MapData, u64> =
+        PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))?;
     Counter::ALL
         .iter()
         .map(|&counter| {
@@ -307,12 +361,18 @@ pub fn read_excluded_cidrs(pin_dir: &Path) -> Result<Vec<IpNet>> {
     let data = MapData::from_pin(map_pin_path(pin_dir, map_names::EXCLUDED_CIDR4))?;
     let v4: LpmTrie<MapData, [u8; 4], u8> = LpmTrie::try_from(aya::maps::Map::LpmTrie(data))?;
     for key in v4.keys().flatten() {
-        out.push(IpNet::new(IpAddr::from(key.data()), key.prefix_len() as u8)?);
+        out.push(IpNet::new(
+            IpAddr::from(key.data()),
+            key.prefix_len() as u8,
+        )?);
     }
     let data = MapData::from_pin(map_pin_path(pin_dir, map_names::EXCLUDED_CIDR6))?;
     let v6: LpmTrie<MapData, [u8; 16], u8> = LpmTrie::try_from(aya::maps::Map::LpmTrie(data))?;
     for key in v6.keys().flatten() {
-        out.push(IpNet::new(IpAddr::from(key.data()), key.prefix_len() as u8)?);
+        out.push(IpNet::new(
+            IpAddr::from(key.data()),
+            key.prefix_len() as u8,
+        )?);
     }
     Ok(out)
 }

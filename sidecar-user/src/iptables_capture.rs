@@ -41,20 +41,35 @@ pub fn restore_script(settings: &CaptureSettings, family: Family) -> String {
         "*nat".to_string(),
         format!(":{OUTPUT_CHAIN} - [0:0]"),
         format!(":{REDIRECT_CHAIN} - [0:0]"),
-        format!("-A {REDIRECT_CHAIN} -p tcp -j REDIRECT --to-ports {}", settings.outbound_port),
+        format!(
+            "-A {REDIRECT_CHAIN} -p tcp -j REDIRECT --to-ports {}",
+            settings.outbound_port
+        ),
     ];
     if let Some(uid) = settings.proxy_uid {
-        lines.push(format!("-A {OUTPUT_CHAIN} -m owner --uid-owner {uid} -j RETURN"));
+        lines.push(format!(
+            "-A {OUTPUT_CHAIN} -m owner --uid-owner {uid} -j RETURN"
+        ));
     }
     if let Some(gid) = settings.proxy_gid {
-        lines.push(format!("-A {OUTPUT_CHAIN} -m owner --gid-owner {gid} -j RETURN"));
+        lines.push(format!(
+            "-A {OUTPUT_CHAIN} -m owner --gid-owner {gid} -j RETURN"
+        ));
     }
-    lines.push(format!("-A {OUTPUT_CHAIN} -d {} -j RETURN", family.loopback()));
+    lines.push(format!(
+        "-A {OUTPUT_CHAIN} -d {} -j RETURN",
+        family.loopback()
+    ));
     for ports in settings.excluded_ports.multiport_lists() {
-        lines.push(format!("-A {OUTPUT_CHAIN} -p tcp -m multiport --dports {ports} -j RETURN"));
+        lines.push(format!(
+            "-A {OUTPUT_CHAIN} -p tcp -m multiport --dports {ports} -j RETURN"
+        ));
     }
     for cidr in &settings.excluded_cidrs {
-        let matches = matches!((cidr, family), (IpNet::V4(_), Family::V4) | (IpNet::V6(_), Family::V6));
+        let matches = matches!(
+            (cidr, family),
+            (IpNet::V4(_), Family::V4) | (IpNet::V6(_), Family::V6)
+        );
         if matches {
             lines.push(format!("-A {OUTPUT_CHAIN} -d {cidr} -j RETURN"));
         }
@@ -83,7 +98,11 @@ pub fn install(settings: &CaptureSettings) -> Result<()> {
     }
     for family in Family::BOTH {
         let restore = format!("{}-restore", family.iptables());
-        run_with_input(&restore, &["-w", "--noflush"], &restore_script(settings, family))?;
+        run_with_input(
+            &restore,
+            &["-w", "--noflush"],
+            &restore_script(settings, family),
+        )?;
         if !succeeds(family.iptables(), &jump_args("-C")) {
             run(family.iptables(), &jump_args("-A"))?;
         }
@@ -142,7 +161,11 @@ fn run(cmd: &str, args: &[&str]) -> Result<()> {
         .output()
         .with_context(|| format!("cannot run {cmd} (is the iptables package installed?)"))?;
     if !output.status.success() {
-        bail!("{cmd} {} failed: {}", args.join(" "), String::from_utf8_lossy(&output.stderr).trim());
+        bail!(
+            "{cmd} {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
     }
     Ok(())
 }

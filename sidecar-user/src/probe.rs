@@ -16,13 +16,34 @@ pub enum Feature {
 
 /// Everything checked before loading, with the name an error message uses.
 pub const REQUIRED: &[(Feature, &str)] = &[
-    (Feature::Program(ProgramType::CgroupSockAddr), "cgroup sock_addr programs (connect4/6, Linux 4.17+)"),
-    (Feature::Program(ProgramType::CgroupSockopt), "cgroup sockopt programs (getsockopt, Linux 5.3+)"),
-    (Feature::Program(ProgramType::SockOps), "sock_ops programs (Linux 4.13+)"),
-    (Feature::Map(MapType::SkStorage), "socket storage maps (BPF_MAP_TYPE_SK_STORAGE, Linux 5.2+)"),
-    (Feature::Map(MapType::LpmTrie), "LPM trie maps (Linux 4.11+)"),
-    (Feature::Map(MapType::PerCpuArray), "per-CPU array maps (Linux 4.6+)"),
-    (Feature::KernelBtf, "kernel BTF (/sys/kernel/btf/vmlinux, CONFIG_DEBUG_INFO_BTF)"),
+    (
+        Feature::Program(ProgramType::CgroupSockAddr),
+        "cgroup sock_addr programs (connect4/6, Linux 4.17+)",
+    ),
+    (
+        Feature::Program(ProgramType::CgroupSockopt),
+        "cgroup sockopt programs (getsockopt, Linux 5.3+)",
+    ),
+    (
+        Feature::Program(ProgramType::SockOps),
+        "sock_ops programs (Linux 4.13+)",
+    ),
+    (
+        Feature::Map(MapType::SkStorage),
+        "socket storage maps (BPF_MAP_TYPE_SK_STORAGE, Linux 5.2+)",
+    ),
+    (
+        Feature::Map(MapType::LpmTrie),
+        "LPM trie maps (Linux 4.11+)",
+    ),
+    (
+        Feature::Map(MapType::PerCpuArray),
+        "per-CPU array maps (Linux 4.6+)",
+    ),
+    (
+        Feature::KernelBtf,
+        "kernel BTF (/sys/kernel/btf/vmlinux, CONFIG_DEBUG_INFO_BTF)",
+    ),
 ];
 
 /// Asks the running kernel whether it has `feature`.
@@ -59,7 +80,10 @@ mod tests {
     #[test]
     fn names_each_missing_feature() {
         let err = check_features(|f| {
-            !matches!(f, Feature::Map(MapType::SkStorage) | Feature::Program(ProgramType::CgroupSockopt))
+            !matches!(
+                f,
+                Feature::Map(MapType::SkStorage) | Feature::Program(ProgramType::CgroupSockopt)
+            )
         })
         .unwrap_err()
         .to_string();

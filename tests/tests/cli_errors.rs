@@ -8,8 +8,14 @@ use sidecar_tests::{Lab, cgroup2_root, require_root};
 
 fn assert_fails_with(out: &std::process::Output, needle: &str) {
     let all = text(out);
-    assert!(!out.status.success(), "expected a failure mentioning {needle:?}:\n{all}");
-    assert!(String::from_utf8_lossy(&out.stderr).contains(needle), "expected {needle:?} in stderr:\n{all}");
+    assert!(
+        !out.status.success(),
+        "expected a failure mentioning {needle:?}:\n{all}"
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(needle),
+        "expected {needle:?} in stderr:\n{all}"
+    );
 }
 
 fn no_pins_left() {
@@ -20,9 +26,17 @@ fn no_pins_left() {
     for dir in leftover {
         let listed = sidecar(&["status", "--json"]);
         let status: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
-        let entry = status["ebpf"].as_array().unwrap().iter().find(|c| c["pin_dir"] == dir.to_string_lossy().as_ref()).cloned();
+        let entry = status["ebpf"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["pin_dir"] == dir.to_string_lossy().as_ref())
+            .cloned();
         if let Some(entry) = entry {
-            assert!(!entry["cgroup"].is_null(), "stale pins left behind: {dir:?}");
+            assert!(
+                !entry["cgroup"].is_null(),
+                "stale pins left behind: {dir:?}"
+            );
         }
     }
 }
@@ -34,17 +48,43 @@ fn bad_input_is_rejected_with_a_clear_error() {
     let pod = lab.add_pod("p").expect("pod");
     let cgroup = pod.cgroup().to_string_lossy().into_owned();
 
-    assert_fails_with(&sidecar(&["init", "--cgroup", "/no/such/cgroup-xyz"]), "does not exist");
-    assert_fails_with(&sidecar(&["init", "--cgroup", &cgroup, "--exclude-cidrs", "10.1.2.3/8"]), "host bits are set");
-    assert_fails_with(&sidecar(&["init", "--cgroup", &cgroup, "--exclude-cidrs", "not-a-cidr"]), "invalid CIDR 'not-a-cidr'");
-    assert_fails_with(&sidecar(&["init", "--cgroup", &cgroup, "--exclude-ports", "70000"]), "invalid port '70000'");
-    assert_fails_with(&sidecar(&["init", "--cgroup", &cgroup, "--exclude-ports", "90-80"]), "90 is greater than 80");
-    assert_fails_with(&sidecar(&["init", "--cgroup", &cgroup, "--outbound-port", "0"]), "invalid --outbound-port 0");
+    assert_fails_with(
+        &sidecar(&["init", "--cgroup", "/no/such/cgroup-xyz"]),
+        "does not exist",
+    );
+    assert_fails_with(
+        &sidecar(&["init", "--cgroup", &cgroup, "--exclude-cidrs", "10.1.2.3/8"]),
+        "host bits are set",
+    );
+    assert_fails_with(
+        &sidecar(&["init", "--cgroup", &cgroup, "--exclude-cidrs", "not-a-cidr"]),
+        "invalid CIDR 'not-a-cidr'",
+    );
+    assert_fails_with(
+        &sidecar(&["init", "--cgroup", &cgroup, "--exclude-ports", "70000"]),
+        "invalid port '70000'",
+    );
+    assert_fails_with(
+        &sidecar(&["init", "--cgroup", &cgroup, "--exclude-ports", "90-80"]),
+        "90 is greater than 80",
+    );
+    assert_fails_with(
+        &sidecar(&["init", "--cgroup", &cgroup, "--outbound-port", "0"]),
+        "invalid --outbound-port 0",
+    );
     assert_fails_with(&sidecar(&["init"]), "--cgroup is required in ebpf mode");
     assert_fails_with(&sidecar(&["cleanup"]), "say what to clean up");
     let no_owner = pod
         .command(sidecar_bin())
-        .args(["init", "--mode", "iptables", "--proxy-uid", "none", "--proxy-gid", "none"])
+        .args([
+            "init",
+            "--mode",
+            "iptables",
+            "--proxy-uid",
+            "none",
+            "--proxy-gid",
+            "none",
+        ])
         .run()
         .expect("run");
     assert_fails_with(&no_owner, "iptables mode needs --proxy-uid or --proxy-gid");
@@ -60,8 +100,15 @@ fn bad_input_is_rejected_with_a_clear_error() {
 
     // No cgroup v2: in a private mount namespace without the cgroup2 mount.
     let root = cgroup2_root().unwrap();
-    let script = format!("umount -l '{}' && exec '{}' init --cgroup /anything", root.display(), sidecar_bin().display());
-    let no_v2 = Command::new("unshare").args(["--mount", "--propagation", "private", "sh", "-c", &script]).output().expect("unshare");
+    let script = format!(
+        "umount -l '{}' && exec '{}' init --cgroup /anything",
+        root.display(),
+        sidecar_bin().display()
+    );
+    let no_v2 = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .expect("unshare");
     assert_fails_with(&no_v2, "cgroup v2 is not mounted");
 
     // A path that exists but is not a cgroup v2 directory.

@@ -13,20 +13,32 @@ fn assert_intercepted(mesh: &MeshLab, targets: &[SocketAddr]) {
         let report = mesh.connect(target);
         assert!(report.echo_ok, "echo through the proxy to {target}");
         assert_eq!(report.peer, target, "getpeername must show the real peer");
-        assert!(is_loopback(report.local.ip()), "app socket was not redirected to the proxy: {report:?}");
-        assert_eq!(canonical(report.server.local), canonical(target), "proxy dialled the wrong destination");
+        assert!(
+            is_loopback(report.local.ip()),
+            "app socket was not redirected to the proxy: {report:?}"
+        );
+        assert_eq!(
+            canonical(report.server.local),
+            canonical(target),
+            "proxy dialled the wrong destination"
+        );
         let client_ip = if target.is_ipv6() && target.ip().to_canonical().is_ipv6() {
             mesh.client.ipv6().into()
         } else {
             std::net::IpAddr::from(mesh.client.ipv4())
         };
-        assert_eq!(canonical(report.server.peer).ip(), client_ip, "server sees the client pod");
+        assert_eq!(
+            canonical(report.server.peer).ip(),
+            client_ip,
+            "server sees the client pod"
+        );
     }
     let log = mesh.proxy_log();
     for target in targets {
         let orig = canonical(*target).to_string();
         assert!(
-            log.lines().any(|l| l.contains("orig_dst") && l.contains(&orig)),
+            log.lines()
+                .any(|l| l.contains("orig_dst") && l.contains(&orig)),
             "no proxy log line with orig_dst {orig}:\n{log}"
         );
     }
@@ -39,7 +51,11 @@ fn intercepts_ipv4_ipv6_and_mapped_with_the_proxy_in_the_pod() {
     let mut mesh = MeshLab::new("ebpf-pod", Layout::EbpfProxyInPod);
     mesh.init(&[]);
     mesh.start_proxy();
-    let targets = [mesh.server_v4(ECHO_PORT), mesh.server_v6(ECHO_PORT), mesh.server_mapped(ECHO_PORT)];
+    let targets = [
+        mesh.server_v4(ECHO_PORT),
+        mesh.server_v6(ECHO_PORT),
+        mesh.server_mapped(ECHO_PORT),
+    ];
     assert_intercepted(&mesh, &targets);
     let counters = mesh.bpf_counters();
     assert_eq!(counters["redirected"], 3, "{counters:?}");
@@ -56,23 +72,37 @@ fn proxy_in_a_sibling_cgroup_is_never_captured() {
     // No UID/GID exemption at all: only the cgroup keeps the proxy's upstream direct.
     mesh.init(&["--proxy-uid", "none", "--proxy-gid", "none"]);
     mesh.start_proxy();
-    assert_intercepted(&mesh, &[mesh.server_v4(ECHO_PORT), mesh.server_v6(ECHO_PORT)]);
+    assert_intercepted(
+        &mesh,
+        &[mesh.server_v4(ECHO_PORT), mesh.server_v6(ECHO_PORT)],
+    );
     let counters = mesh.bpf_counters();
     assert_eq!(counters["redirected"], 2, "{counters:?}");
     assert_eq!(counters["bypassed_uid_gid"], 0, "{counters:?}");
-    assert_eq!(counters["loopback"], 0, "the proxy's upstream must not reach the hooks: {counters:?}");
+    assert_eq!(
+        counters["loopback"], 0,
+        "the proxy's upstream must not reach the hooks: {counters:?}"
+    );
 }
 
 #[test]
 fn excluded_port_cidr_and_proxy_uid_go_direct() {
     let mut mesh = MeshLab::new("ebpf-excl", Layout::EbpfProxyInSibling);
     let excluded_cidr = format!("{}/128", mesh.server.ipv6());
-    mesh.init(&["--exclude-ports", "9000-9100", "--exclude-cidrs", &excluded_cidr]);
+    mesh.init(&[
+        "--exclude-ports",
+        "9000-9100",
+        "--exclude-cidrs",
+        &excluded_cidr,
+    ]);
     mesh.start_proxy();
 
     let direct = |report: &sidecar_tests::ConnectReport, target: SocketAddr| {
         assert!(report.echo_ok);
-        assert!(!is_loopback(report.local.ip()), "{target} should have gone direct: {report:?}");
+        assert!(
+            !is_loopback(report.local.ip()),
+            "{target} should have gone direct: {report:?}"
+        );
         assert_eq!(canonical(report.server.local), canonical(target));
     };
     let by_port = mesh.server_v4(OTHER_PORT);
@@ -80,7 +110,12 @@ fn excluded_port_cidr_and_proxy_uid_go_direct() {
     let by_cidr = mesh.server_v6(ECHO_PORT);
     direct(&mesh.connect(by_cidr), by_cidr);
     let by_uid = mesh.server_v4(ECHO_PORT);
-    direct(&mesh.connect_as(by_uid, Some(PROXY_ID)).expect("connect as UID 1337"), by_uid);
+    direct(
+        &mesh
+            .connect_as(by_uid, Some(PROXY_ID))
+            .expect("connect as UID 1337"),
+        by_uid,
+    );
 
     let counters = mesh.bpf_counters();
     assert_eq!(counters["excluded_port"], 1, "{counters:?}");
@@ -103,14 +138,22 @@ fn attached_ids(mesh: &MeshLab) -> Vec<(String, Vec<u64>)> {
         .expect("links")
         .iter()
         .map(|l| {
-            let ids = l["attached_program_ids"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+            let ids = l["attached_program_ids"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap())
+                .collect();
             (l["pin"].as_str().unwrap().to_string(), ids)
         })
         .collect()
 }
 
 fn bpftool(args: &[&str]) -> String {
-    let out = Command::new("bpftool").args(args).output().expect("bpftool (installed by cargo xtask setup)");
+    let out = Command::new("bpftool")
+        .args(args)
+        .output()
+        .expect("bpftool (installed by cargo xtask setup)");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -125,32 +168,66 @@ fn init_twice_replaces_and_cleanup_leaves_nothing() {
     let second = attached_ids(&mesh);
     assert_eq!(second.len(), 6, "{second:?}");
     for (pin, ids) in &second {
-        assert_eq!(ids.len(), 1, "{pin}: exactly one program attached after init twice: {second:?}");
+        assert_eq!(
+            ids.len(),
+            1,
+            "{pin}: exactly one program attached after init twice: {second:?}"
+        );
     }
     assert_ne!(first, second, "the second init must attach new programs");
     let cgroup = mesh.client.cgroup().to_string_lossy().into_owned();
     let listed = bpftool(&["cgroup", "show", &cgroup]);
-    assert_eq!(listed.lines().filter(|l| l.trim_start().starts_with(char::is_numeric)).count(), 6, "{listed}");
+    assert_eq!(
+        listed
+            .lines()
+            .filter(|l| l.trim_start().starts_with(char::is_numeric))
+            .count(),
+        6,
+        "{listed}"
+    );
     // Counters and live state survive the replacement; capture still works.
     assert_intercepted(&mesh, &[mesh.server_v4(ECHO_PORT)]);
     assert_eq!(mesh.bpf_counters()["redirected"], 2);
 
-    let pin_dir = mesh.ebpf_status().unwrap()["pin_dir"].as_str().unwrap().to_string();
+    let pin_dir = mesh.ebpf_status().unwrap()["pin_dir"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let out = sidecar(&["cleanup", "--cgroup", &cgroup]);
     assert!(out.status.success(), "{}", text(&out));
-    assert!(!std::path::Path::new(&pin_dir).exists(), "pins left in {pin_dir}");
+    assert!(
+        !std::path::Path::new(&pin_dir).exists(),
+        "pins left in {pin_dir}"
+    );
     assert!(mesh.ebpf_status().is_none(), "status still lists the pod");
     let listed = bpftool(&["cgroup", "show", &cgroup]);
-    assert!(!listed.lines().any(|l| l.trim_start().starts_with(char::is_numeric)), "still attached:\n{listed}");
+    assert!(
+        !listed
+            .lines()
+            .any(|l| l.trim_start().starts_with(char::is_numeric)),
+        "still attached:\n{listed}"
+    );
     let programs = bpftool(&["prog", "show"]);
     for (_, ids) in &second {
-        assert!(!programs.lines().any(|l| l.starts_with(&format!("{}:", ids[0]))), "program {} still loaded", ids[0]);
+        assert!(
+            !programs
+                .lines()
+                .any(|l| l.starts_with(&format!("{}:", ids[0]))),
+            "program {} still loaded",
+            ids[0]
+        );
     }
     // Cleanup is idempotent, and the app now connects directly.
     let again = sidecar(&["cleanup", "--cgroup", &cgroup]);
-    assert!(again.status.success() && String::from_utf8_lossy(&again.stdout).contains("nothing to remove"));
+    assert!(
+        again.status.success()
+            && String::from_utf8_lossy(&again.stdout).contains("nothing to remove")
+    );
     let report = mesh.connect(mesh.server_v4(ECHO_PORT));
-    assert!(!is_loopback(report.local.ip()), "still captured after cleanup: {report:?}");
+    assert!(
+        !is_loopback(report.local.ip()),
+        "still captured after cleanup: {report:?}"
+    );
 }
 
 #[test]

@@ -18,23 +18,33 @@ pub fn ebpf_object() -> PathBuf {
     workspace_root().join("target/bpfel-unknown-none/release/sidecar-ebpf")
 }
 
-/// Compiles sidecar-ebpf for the BPF target on stable Rust: `RUSTC_BOOTSTRAP=1` is set for
-/// this one invocation only, so that `-Z build-std=core` is accepted; everything else in the
-/// workspace stays a plain stable build.
+/// Compiles sidecar-ebpf for the BPF target.
 pub fn build_ebpf(_opts: &BuildOptions) -> Result<()> {
     if crate::util::which("bpf-linker").is_none() {
         bail!("bpf-linker is not installed: run `cargo xtask setup`");
     }
-    let rustflags = ["--cfg=bpf_target_arch=\"x86_64\"", "-Cdebuginfo=2", "-Clink-arg=--btf"];
-    run(Command::new("cargo")
-        .current_dir(workspace_root())
+    run(&mut bpf_cargo("build"))?;
+    println!("build-ebpf: {}", ebpf_object().display());
+    Ok(())
+}
+
+/// `cargo <subcommand>` for sidecar-ebpf on the BPF target, on stable Rust: `RUSTC_BOOTSTRAP=1`
+/// is set for this one invocation only, so that `-Z build-std=core` is accepted; everything
+/// else in the workspace stays a plain stable build.
+pub fn bpf_cargo(subcommand: &str) -> Command {
+    let rustflags = [
+        "--cfg=bpf_target_arch=\"x86_64\"",
+        "-Cdebuginfo=2",
+        "-Clink-arg=--btf",
+    ];
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(workspace_root())
         .env("RUSTC_BOOTSTRAP", "1")
         .env("CARGO_ENCODED_RUSTFLAGS", rustflags.join("\x1f"))
         .env_remove("RUSTFLAGS")
-        .args(["build", "--package", "sidecar-ebpf", "--release"])
-        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"]))?;
-    println!("build-ebpf: {}", ebpf_object().display());
-    Ok(())
+        .args([subcommand, "--package", "sidecar-ebpf", "--release"])
+        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"]);
+    cmd
 }
 
 /// Builds the BPF object, then every userspace binary; returns the target profile directory.

@@ -38,7 +38,9 @@ const WAIT: Duration = Duration::from_secs(10);
 
 pub fn run(opts: &LabOptions) -> Result<()> {
     setup::run()?;
-    let bin = build::build_all(&BuildOptions { release: opts.release })?;
+    let bin = build::build_all(&BuildOptions {
+        release: opts.release,
+    })?;
     if !rustix::process::geteuid().is_root() {
         bail!("the lab creates network namespaces and loads BPF programs: run it as root");
     }
@@ -57,7 +59,14 @@ fn demo(lab: &Lab, bin: &Path, mode: Mode) -> Result<()> {
     let server = lab.add_pod("server")?;
     println!("== pods");
     for pod in [&client, &server] {
-        println!("  {:<7} netns {:<22} {} / {}  cgroup {}", pod.name(), pod.netns(), pod.ipv4(), pod.ipv6(), pod.cgroup().display());
+        println!(
+            "  {:<7} netns {:<22} {} / {}  cgroup {}",
+            pod.name(),
+            pod.netns(),
+            pod.ipv4(),
+            pod.ipv6(),
+            pod.cgroup().display()
+        );
     }
 
     let _http = server
@@ -73,11 +82,20 @@ fn demo(lab: &Lab, bin: &Path, mode: Mode) -> Result<()> {
         .command(&sidecar)
         .in_cgroup(client.cgroup_child("proxy")?)
         .as_user(PROXY_ID, PROXY_ID)
-        .args(["proxy", "--workload-name", "client", "--workload-namespace", "lab"])
+        .args([
+            "proxy",
+            "--workload-name",
+            "client",
+            "--workload-namespace",
+            "lab",
+        ])
         .spawn()?;
     wait_for_http_ok(&client, "http://127.0.0.1:15021/healthz/ready", WAIT)
         .context("the proxy did not become ready")?;
-    println!("proxy ready (UID {PROXY_ID}, cgroup {})", client.cgroup_child("proxy")?.display());
+    println!(
+        "proxy ready (UID {PROXY_ID}, cgroup {})",
+        client.cgroup_child("proxy")?.display()
+    );
 
     let url = format!("http://{}:8080/hello", server.ipv4());
     println!("\n== the app in the client pod runs: curl {url}");
@@ -90,7 +108,11 @@ fn demo(lab: &Lab, bin: &Path, mode: Mode) -> Result<()> {
 
     std::thread::sleep(Duration::from_millis(200));
     println!("\n== the proxy's log");
-    for line in proxy.stdout_text().lines().chain(proxy.stderr_text().lines()) {
+    for line in proxy
+        .stdout_text()
+        .lines()
+        .chain(proxy.stderr_text().lines())
+    {
         println!("  {line}");
     }
     println!("\n== the proxy's metrics (127.0.0.1:15020/stats/prometheus)");
@@ -123,18 +145,32 @@ fn install_capture(lab: &Lab, client: &Pod, sidecar: &Path, mode: Mode) -> Resul
     let output = match mode {
         Mode::Ebpf => {
             let cgroup: PathBuf = client.cgroup().to_path_buf();
-            let out = Command::new(sidecar).arg("init").arg("--cgroup").arg(&cgroup).output()?;
+            let out = Command::new(sidecar)
+                .arg("init")
+                .arg("--cgroup")
+                .arg(&cgroup)
+                .output()?;
             let cleanup_bin = sidecar.to_path_buf();
             lab.on_teardown(move || {
-                let _ = Command::new(cleanup_bin).arg("cleanup").arg("--cgroup").arg(cgroup).output();
+                let _ = Command::new(cleanup_bin)
+                    .arg("cleanup")
+                    .arg("--cgroup")
+                    .arg(cgroup)
+                    .output();
             });
             out
         }
-        Mode::Iptables => client.command(sidecar).args(["init", "--mode", "iptables"]).run()?,
+        Mode::Iptables => client
+            .command(sidecar)
+            .args(["init", "--mode", "iptables"])
+            .run()?,
     };
     print!("{}", String::from_utf8_lossy(&output.stdout));
     if !output.status.success() {
-        bail!("sidecar init failed: {}", String::from_utf8_lossy(&output.stderr));
+        bail!(
+            "sidecar init failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
     }
     Ok(())
 }

@@ -10,10 +10,10 @@ const APT_PACKAGES: &[&str] = &[
     "libllvm22", // bpf-linker links against LLVM 22, the version rustc 1.95 emits
     "iptables",  // the iptables capture mode (comparison baseline)
     "nftables",
-    "iproute2", // netns, veth, addresses for the lab
-    "bpftool",  // debugging the loaded programs
-    "tcpdump",  // captures in the tests
-    "curl",     // the lab demo's HTTP client
+    "iproute2",   // netns, veth, addresses for the lab
+    "bpftool",    // debugging the loaded programs
+    "tcpdump",    // captures in the tests
+    "curl",       // the lab demo's HTTP client
     "util-linux", // setpriv, to run lab processes under the proxy UID
 ];
 const LLVM_SONAME: &str = "/usr/lib/x86_64-linux-gnu/libLLVM.so.22.1";
@@ -22,8 +22,16 @@ pub fn run() -> Result<()> {
     step("rust-src component", has_rust_src, || {
         run_cmd(Command::new("rustup").args(["component", "add", "rust-src"]))
     })?;
-    step("Debian packages", missing_packages_is_empty, install_packages)?;
-    step("bpf-linker (LLVM 22)", || which("bpf-linker").is_some(), install_bpf_linker)?;
+    step(
+        "Debian packages",
+        missing_packages_is_empty,
+        install_packages,
+    )?;
+    step(
+        "bpf-linker (LLVM 22)",
+        || which("bpf-linker").is_some(),
+        install_bpf_linker,
+    )?;
     println!("setup: done");
     Ok(())
 }
@@ -46,7 +54,11 @@ fn has_rust_src() -> bool {
     Command::new("rustup")
         .args(["component", "list", "--installed"])
         .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).lines().any(|l| l.starts_with("rust-src")))
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .any(|l| l.starts_with("rust-src"))
+        })
         .unwrap_or(false)
 }
 
@@ -72,10 +84,12 @@ fn install_packages() -> Result<()> {
     let missing = missing_packages();
     println!("setup:   apt-get install {}", missing.join(" "));
     run_cmd(Command::new("apt-get").args(["update", "-qq"]))?;
-    run_cmd(Command::new("apt-get")
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .args(["install", "-y", "-qq", "--no-install-recommends"])
-        .args(&missing))
+    run_cmd(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing),
+    )
 }
 
 /// `cargo install bpf-linker` with default features wants LLVM 23; build it against Debian's
@@ -89,8 +103,10 @@ fn install_bpf_linker() -> Result<()> {
         std::os::unix::fs::symlink(LLVM_SONAME, &link)
             .with_context(|| format!("cannot link {} to {LLVM_SONAME}", link.display()))?;
     }
-    run_cmd(Command::new("cargo")
-        .env("LLVM_PREFIX", &prefix)
-        .args(["install", "bpf-linker", "--locked", "--no-default-features"])
-        .args(["--features", "llvm-22"]))
+    run_cmd(
+        Command::new("cargo")
+            .env("LLVM_PREFIX", &prefix)
+            .args(["install", "bpf-linker", "--locked", "--no-default-features"])
+            .args(["--features", "llvm-22"]),
+    )
 }

@@ -26,11 +26,17 @@ pub fn run_tests(opts: &TestOptions) -> Result<()> {
     let root = workspace_root();
     if !opts.no_lint {
         println!("test: cargo fmt --check");
-        run(Command::new("cargo").current_dir(&root).args(["fmt", "--all", "--check"]))?;
-        println!("test: cargo clippy");
         run(Command::new("cargo")
             .current_dir(&root)
-            .args(["clippy", "--all-targets", "--", "-D", "warnings"]))?;
+            .args(["fmt", "--all", "--check"]))?;
+        println!("test: cargo clippy");
+        run(Command::new("cargo").current_dir(&root).args([
+            "clippy",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
     }
     println!("test: cargo test (integration tests run as root on the real kernel)");
     run(Command::new("cargo")

@@ -102,7 +102,11 @@ fn init_ebpf(args: &InitArgs, settings: &CaptureSettings) -> Result<()> {
         bail!("--cgroup is required in ebpf mode: the pod's cgroup v2 directory to attach to");
     };
     let cgroup = Cgroup::resolve(path)?;
-    let proxy_cgroup = args.proxy_cgroup.as_deref().map(Cgroup::resolve).transpose()?;
+    let proxy_cgroup = args
+        .proxy_cgroup
+        .as_deref()
+        .map(Cgroup::resolve)
+        .transpose()?;
     probe::require_ebpf_capture_support()?;
     bpffs::ensure_mounted(&args.bpffs)?;
     let pin_dir = bpffs::pin_dir(&args.bpffs, cgroup.id);
@@ -143,8 +147,17 @@ mod tests {
     #[test]
     fn parses_exclusions_and_none_ids() {
         let cli = Cli::try_parse_from([
-            "init", "--exclude-ports", "22,9000-9100", "--exclude-cidrs", "10.0.0.0/8,fd00::/8",
-            "--exclude-cidrs", "192.0.2.1", "--proxy-uid", "none", "--mode", "iptables",
+            "init",
+            "--exclude-ports",
+            "22,9000-9100",
+            "--exclude-cidrs",
+            "10.0.0.0/8,fd00::/8",
+            "--exclude-cidrs",
+            "192.0.2.1",
+            "--proxy-uid",
+            "none",
+            "--mode",
+            "iptables",
         ])
         .unwrap();
         let settings = cli.init.settings();
@@ -158,12 +171,15 @@ mod tests {
         let err = |args: &[&str]| {
             let mut argv = vec!["init"];
             argv.extend_from_slice(args);
-            Cli::try_parse_from(argv).err().map(|e| e.to_string()).unwrap_or_default()
+            Cli::try_parse_from(argv)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default()
         };
         assert!(err(&["--exclude-ports", "99999"]).contains("invalid port '99999'"));
         assert!(err(&["--exclude-cidrs", "10.1.2.3/8"]).contains("host bits"));
         assert!(err(&["--exclude-cidrs", "banana"]).contains("invalid CIDR"));
-        assert!(err(&["--proxy-uid", "-5"]).contains("invalid id"));
+        assert!(err(&["--proxy-uid", "root"]).contains("invalid id"));
         assert!(err(&["--mode", "nft"]).contains("invalid value 'nft'"));
     }
 }

@@ -1,5 +1,8 @@
 //! `sidecar status`: what is attached where, with the counters, read back from the kernel.
-use std::{os::fd::AsFd, path::{Path, PathBuf}};
+use std::{
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context, Result};
 use aya::programs::links::{FdLink, PinnedLink};
@@ -90,17 +93,25 @@ fn collect(bpffs_root: &Path) -> Result<Status> {
 }
 
 fn describe_cgroup(cgroup_id: u64, pin_dir: &Path) -> Result<CgroupCapture> {
-    let config = ebpf_capture::read_config(pin_dir)
-        .with_context(|| format!("cannot read the configuration pinned in {}", pin_dir.display()))?;
+    let config = ebpf_capture::read_config(pin_dir).with_context(|| {
+        format!(
+            "cannot read the configuration pinned in {}",
+            pin_dir.display()
+        )
+    })?;
     let cgroup = Cgroup::find_by_id(cgroup_id);
     let cgroup_file = cgroup.as_ref().and_then(|p| std::fs::File::open(p).ok());
     let mut links = Vec::new();
     for entry in std::fs::read_dir(pin_dir)?.flatten() {
         let pin = entry.file_name().to_string_lossy().into_owned();
-        let Some(hook) = hook_of_pin(&pin) else { continue };
+        let Some(hook) = hook_of_pin(&pin) else {
+            continue;
+        };
         // Only the pod-cgroup hooks can be queried on the pod's cgroup.
         let attached_program_ids = match (&cgroup_file, pin.ends_with("_proxy_cgroup")) {
-            (Some(file), false) => sys::prog_query(file.as_fd(), hook.attach_type as u32).unwrap_or_default(),
+            (Some(file), false) => {
+                sys::prog_query(file.as_fd(), hook.attach_type as u32).unwrap_or_default()
+            }
             _ => Vec::new(),
         };
         let info = PinnedLink::from_pin(entry.path())
@@ -120,7 +131,9 @@ fn describe_cgroup(cgroup_id: u64, pin_dir: &Path) -> Result<CgroupCapture> {
         .into_iter()
         .map(|(counter, value)| (counter.name().to_string(), value))
         .collect();
-    let excluded_ports = crate::capture_settings::PortRanges::from_bitmap(&ebpf_capture::read_excluded_ports(pin_dir)?);
+    let excluded_ports = crate::capture_settings::PortRanges::from_bitmap(
+        &ebpf_capture::read_excluded_ports(pin_dir)?,
+    );
     Ok(CgroupCapture {
         cgroup_id,
         cgroup,
@@ -129,7 +142,10 @@ fn describe_cgroup(cgroup_id: u64, pin_dir: &Path) -> Result<CgroupCapture> {
         proxy_uid: (config.proxy_uid != sidecar_common::NO_ID).then_some(config.proxy_uid),
         proxy_gid: (config.proxy_gid != sidecar_common::NO_ID).then_some(config.proxy_gid),
         excluded_ports: excluded_ports.to_string(),
-        excluded_cidrs: ebpf_capture::read_excluded_cidrs(pin_dir)?.iter().map(|n| n.to_string()).collect(),
+        excluded_cidrs: ebpf_capture::read_excluded_cidrs(pin_dir)?
+            .iter()
+            .map(|n| n.to_string())
+            .collect(),
         links,
         counters,
     })
@@ -139,7 +155,9 @@ fn hook_of_pin(pin: &str) -> Option<&'static Hook> {
     if pin == ebpf_capture::link_pin_name(PROXY_HOOK.program, true) {
         return Some(PROXY_HOOK);
     }
-    POD_HOOKS.iter().find(|hook| pin == ebpf_capture::link_pin_name(hook.program, false))
+    POD_HOOKS
+        .iter()
+        .find(|hook| pin == ebpf_capture::link_pin_name(hook.program, false))
 }
 
 fn print_text(status: &Status) {
@@ -156,19 +174,34 @@ fn print_text(status: &Status) {
         println!("  pins:           {}", capture.pin_dir.display());
         println!("  outbound port:  {}", capture.outbound_port);
         let id = |v: Option<u32>| v.map(|v| v.to_string()).unwrap_or_else(|| "none".into());
-        println!("  proxy uid/gid:  {}/{}", id(capture.proxy_uid), id(capture.proxy_gid));
+        println!(
+            "  proxy uid/gid:  {}/{}",
+            id(capture.proxy_uid),
+            id(capture.proxy_gid)
+        );
         println!("  excluded ports: {}", or_none(&capture.excluded_ports));
-        println!("  excluded cidrs: {}", or_none(&capture.excluded_cidrs.join(",")));
+        println!(
+            "  excluded cidrs: {}",
+            or_none(&capture.excluded_cidrs.join(","))
+        );
         for link in &capture.links {
             println!(
                 "  {:<20} link {:<4} program {:<4} {}",
                 link.program,
                 link.link_id,
                 link.program_id,
-                if link.pin.ends_with("_proxy_cgroup") { "(on the proxy's cgroup)" } else { "" }
+                if link.pin.ends_with("_proxy_cgroup") {
+                    "(on the proxy's cgroup)"
+                } else {
+                    ""
+                }
             );
         }
-        let counters: Vec<String> = capture.counters.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let counters: Vec<String> = capture
+            .counters
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
         println!("  counters:       {}", counters.join(" "));
     }
     if status.iptables.is_empty() {

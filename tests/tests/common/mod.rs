@@ -21,9 +21,9 @@ const READY: Duration = Duration::from_secs(10);
 
 /// The `sidecar` binary under test: `$SIDECAR_BIN` (set by `cargo xtask test`) or the debug build.
 pub fn sidecar_bin() -> PathBuf {
-    let path = std::env::var_os("SIDECAR_BIN").map(PathBuf::from).unwrap_or_else(|| {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/sidecar")
-    });
+    let path = std::env::var_os("SIDECAR_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug/sidecar"));
     assert!(
         path.is_file(),
         "the sidecar binary {} is missing: run the tests with `cargo xtask test` (or `cargo xtask build` first)",
@@ -85,14 +85,28 @@ impl MeshLab {
         let app_cgroup = client.cgroup_child("app").expect("app cgroup");
         let echo = server
             .command(labtool())
-            .args(["echo-server", "--listen", "[::]:8080", "--listen", "[::]:9090"])
+            .args([
+                "echo-server",
+                "--listen",
+                "[::]:8080",
+                "--listen",
+                "[::]:9090",
+            ])
             .spawn()
             .expect("echo server");
         for port in [ECHO_PORT, OTHER_PORT] {
             wait_for_tcp(&server, SocketAddr::new(server.ipv4().into(), port), READY)
                 .expect("echo server listening");
         }
-        MeshLab { lab, client, server, layout, app_cgroup, proxy: None, echo }
+        MeshLab {
+            lab,
+            client,
+            server,
+            layout,
+            app_cgroup,
+            proxy: None,
+            echo,
+        }
     }
 
     /// Installs capture with `extra` init options and registers its removal at teardown.
@@ -137,7 +151,10 @@ impl MeshLab {
 
     pub fn proxy_cgroup(&self) -> PathBuf {
         match self.layout {
-            Layout::EbpfProxyInSibling => self.lab.sibling_cgroup("client-proxy").expect("sibling cgroup"),
+            Layout::EbpfProxyInSibling => self
+                .lab
+                .sibling_cgroup("client-proxy")
+                .expect("sibling cgroup"),
             _ => self.client.cgroup_child("proxy").expect("proxy cgroup"),
         }
     }
@@ -154,12 +171,20 @@ impl MeshLab {
         }
         let proxy = cmd.spawn().expect("proxy");
         let ready = wait_for_http_ok(&self.client, "http://127.0.0.1:15021/healthz/ready", READY);
-        assert!(ready.is_ok(), "proxy not ready: {ready:?}\n{}", proxy.stdout_text());
+        assert!(
+            ready.is_ok(),
+            "proxy not ready: {ready:?}\n{}",
+            proxy.stdout_text()
+        );
         self.proxy = Some(proxy);
     }
 
     /// `labtool connect` from the client app (in the pod's app cgroup, optionally as a user).
-    pub fn connect_as(&self, target: SocketAddr, user: Option<u32>) -> Result<ConnectReport, String> {
+    pub fn connect_as(
+        &self,
+        target: SocketAddr,
+        user: Option<u32>,
+    ) -> Result<ConnectReport, String> {
         let mut cmd = self
             .client
             .command(labtool())
@@ -176,7 +201,8 @@ impl MeshLab {
     }
 
     pub fn connect(&self, target: SocketAddr) -> ConnectReport {
-        self.connect_as(target, None).unwrap_or_else(|e| panic!("connect to {target} failed: {e}"))
+        self.connect_as(target, None)
+            .unwrap_or_else(|e| panic!("connect to {target} failed: {e}"))
     }
 
     pub fn server_v4(&self, port: u16) -> SocketAddr {
@@ -193,9 +219,13 @@ impl MeshLab {
 
     /// Sum of a proxy metric over all its label sets.
     pub fn proxy_metric(&self, name: &str) -> u64 {
-        let body = wait_for_http_ok(&self.client, "http://127.0.0.1:15020/stats/prometheus", READY)
-            .expect("scrape proxy metrics")
-            .body;
+        let body = wait_for_http_ok(
+            &self.client,
+            "http://127.0.0.1:15020/stats/prometheus",
+            READY,
+        )
+        .expect("scrape proxy metrics")
+        .body;
         metric_sum(&body, name)
     }
 
@@ -206,7 +236,9 @@ impl MeshLab {
 
     /// The kernel-side counters of the client pod's capture, from `sidecar status --json`.
     pub fn bpf_counters(&self) -> BTreeMap<String, u64> {
-        let capture = self.ebpf_status().expect("capture installed for the client pod");
+        let capture = self
+            .ebpf_status()
+            .expect("capture installed for the client pod");
         serde_json::from_value(capture["counters"].clone()).expect("counters")
     }
 
@@ -226,7 +258,12 @@ impl MeshLab {
 
     /// `iptables`/`ip6tables -t nat -S` inside the client pod.
     pub fn nat_rules(&self, cmd: &str) -> String {
-        let out = self.client.command(cmd).args(["-w", "-t", "nat", "-S"]).run_success().expect("list rules");
+        let out = self
+            .client
+            .command(cmd)
+            .args(["-w", "-t", "nat", "-S"])
+            .run_success()
+            .expect("list rules");
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 }
@@ -235,7 +272,10 @@ impl MeshLab {
 pub fn metric_sum(body: &str, name: &str) -> u64 {
     body.lines()
         .filter(|line| !line.starts_with('#'))
-        .filter(|line| line.strip_prefix(name).is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' ')))
+        .filter(|line| {
+            line.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
         .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
         .map(|v| v as u64)
         .sum()
