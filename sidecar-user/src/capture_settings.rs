@@ -215,7 +215,11 @@ mod tests {
         assert_eq!(lists.len(), 2);
         assert_eq!(lists[0].split(',').count(), 15);
         let ranges: PortRanges = "1-2,3-4,5-6,7-8,9-10,11-12,13-14,15".parse().unwrap();
-        assert_eq!(ranges.multiport_lists().len(), 1, "seven ranges and a port fill 15 slots");
+        assert_eq!(
+            ranges.multiport_lists().len(),
+            1,
+            "seven ranges and a port fill 15 slots"
+        );
         let ranges: PortRanges = "1-2,3-4,5-6,7-8,9-10,11-12,13-14,15,16".parse().unwrap();
         assert_eq!(ranges.multiport_lists().len(), 2);
     }

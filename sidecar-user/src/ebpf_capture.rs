@@ -101,16 +101,22 @@ pub fn map_pin_path(pin_dir: &Path, map: &str) -> PathBuf {
     pin_dir.join(format!("map_{map}"))
 }
 
+/// Where and how the eBPF capture attaches.
+#[derive(Clone, Copy)]
+pub struct EbpfTarget<'a> {
+    /// The pod's cgroup: every hook attaches here.
+    pub cgroup: &'a Cgroup,
+    /// A proxy in a sibling cgroup gets the SO_ORIGINAL_DST answer there too.
+    pub proxy_cgroup: Option<&'a Cgroup>,
+    /// Capacity of the original-destination index (concurrent redirected connections).
+    pub max_tracked_connections: u32,
+}
+
 /// Installs (or replaces) the capture for `cgroup`. On failure nothing new stays attached
 /// and a previous installation is left as it was.
-pub fn install(
-    cgroup: &Cgroup,
-    proxy_cgroup: Option<&Cgroup>,
-    settings: &CaptureSettings,
-    pin_dir: &Path,
-) -> Result<()> {
+pub fn install(target: &EbpfTarget<'_>, settings: &CaptureSettings, pin_dir: &Path) -> Result<()> {
     let fresh = !pin_dir.exists();
-    let result = install_inner(cgroup, proxy_cgroup, settings, pin_dir);
+    let result = install_inner(target, settings, pin_dir);
     if result.is_err() && fresh {
         // Maps were created and pinned by the loader: a failed first install leaves nothing.
         let _ = remove_pins(pin_dir);
@@ -119,14 +125,18 @@ pub fn install(
 }
 
 fn install_inner(
-    cgroup: &Cgroup,
-    proxy_cgroup: Option<&Cgroup>,
+    target: &EbpfTarget<'_>,
     settings: &CaptureSettings,
     pin_dir: &Path,
 ) -> Result<()> {
+    let EbpfTarget {
+        cgroup,
+        proxy_cgroup,
+        max_tracked_connections,
+    } = *target;
     std::fs::create_dir_all(pin_dir)
         .with_context(|| format!("cannot create pin directory {}", pin_dir.display()))?;
-    let mut ebpf = load(pin_dir)?;
+    let mut ebpf = load(pin_dir, max_tracked_connections)?;
     configure(&mut ebpf, settings)?;
 
     let mut links: Vec<(String, OwnedFd)> = Vec::new();
@@ -147,12 +157,14 @@ fn install_inner(
     swap_in_links(pin_dir, links)
 }
 
-fn load(pin_dir: &Path) -> Result<Ebpf> {
+fn load(pin_dir: &Path, max_tracked_connections: u32) -> Result<Ebpf> {
     let paths: Vec<(&str, PathBuf)> = PINNED_MAPS
         .iter()
         .map(|name| (*name, map_pin_path(pin_dir, name)))
         .collect();
     let mut loader = EbpfLoader::new();
+    // Applies when the index is created; a reused pinned index keeps its capacity.
+    loader.map_max_entries(map_names::ORIG_DST_BY_PEER, max_tracked_connections);
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }

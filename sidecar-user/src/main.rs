@@ -31,6 +31,8 @@ enum Command {
     Cleanup(commands::cleanup::CleanupArgs),
     /// Show what is attached where, with the counters.
     Status(commands::status::StatusArgs),
+    /// Follow what the pod's BPF programs log (aya-log).
+    KernelLogs(commands::kernel_logs::KernelLogsArgs),
     /// Run the proxy.
     Proxy(proxy::ProxyArgs),
 }
@@ -40,6 +42,7 @@ fn main() {
         Command::Init(args) => commands::init::run(args),
         Command::Cleanup(args) => commands::cleanup::run(args),
         Command::Status(args) => commands::status::run(args),
+        Command::KernelLogs(args) => commands::kernel_logs::run(args),
         Command::Proxy(args) => proxy::run(args),
     };
     if let Err(error) = result {

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use clap::{Args, ValueEnum};
 use ipnet::IpNet;
-use sidecar_common::DEFAULT_OUTBOUND_PORT;
+use sidecar_common::{DEFAULT_OUTBOUND_PORT, MAX_TRACKED_CONNECTIONS};
 
 use crate::{
     bpffs,
@@ -46,6 +46,10 @@ pub struct InitArgs {
     /// eBPF mode, when the proxy runs in a sibling cgroup: answer its SO_ORIGINAL_DST there.
     #[arg(long)]
     pub proxy_cgroup: Option<PathBuf>,
+    /// eBPF mode: how many redirected connections can be open at once (the original-destination
+    /// index; a connection beyond it is reset and counted as an error). Set on first install.
+    #[arg(long, default_value_t = MAX_TRACKED_CONNECTIONS)]
+    pub max_tracked_connections: u32,
     /// Where bpffs is (mounted there if it is not).
     #[arg(long, default_value = bpffs::DEFAULT_BPFFS)]
     pub bpffs: PathBuf,
@@ -110,7 +114,15 @@ fn init_ebpf(args: &InitArgs, settings: &CaptureSettings) -> Result<()> {
     probe::require_ebpf_capture_support()?;
     bpffs::ensure_mounted(&args.bpffs)?;
     let pin_dir = bpffs::pin_dir(&args.bpffs, cgroup.id);
-    ebpf_capture::install(&cgroup, proxy_cgroup.as_ref(), settings, &pin_dir)?;
+    if args.max_tracked_connections == 0 {
+        bail!("invalid --max-tracked-connections 0");
+    }
+    let target = ebpf_capture::EbpfTarget {
+        cgroup: &cgroup,
+        proxy_cgroup: proxy_cgroup.as_ref(),
+        max_tracked_connections: args.max_tracked_connections,
+    };
+    ebpf_capture::install(&target, settings, &pin_dir)?;
     println!(
         "sidecar init: eBPF capture attached to {} (outbound -> loopback:{}), pinned in {}",
         cgroup.path.display(),

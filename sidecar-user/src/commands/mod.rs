@@ -1,6 +1,7 @@
 //! One module per CLI subcommand; each is a thin layer over the capture modules.
 pub mod cleanup;
 pub mod init;
+pub mod kernel_logs;
 pub mod status;
 
 use anyhow::{Result, bail};
