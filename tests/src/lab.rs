@@ -282,8 +282,15 @@ impl Lab {
         if let Err(error) = cgroup::remove_subtree(&self.cgroup, TEARDOWN_TIMEOUT) {
             problems.push(format!("{error:#}"));
         }
+        // The shared parents go too once the last lab is gone (they stay while another runs).
+        if let Some(labs_cgroup) = self.cgroup.parent() {
+            let _ = fs::remove_dir(labs_cgroup);
+        }
         if let Err(error) = remove_dir_if_present(&self.dir) {
             problems.push(format!("{error:#}"));
+        }
+        if let Some(labs_dir) = self.dir.parent() {
+            let _ = fs::remove_dir(labs_dir);
         }
         problems
     }
