@@ -6,6 +6,10 @@
 
 /// Istio's outbound capture port, the default redirect target.
 pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
+/// Istio's inbound capture port: the proxy's inbound listener.
+pub const DEFAULT_INBOUND_PORT: u16 = 15006;
+/// Ports of the proxy itself (Istio's numbering), never captured inbound.
+pub const PROXY_PORTS: [u16; 9] = [15000, 15001, 15004, 15006, 15008, 15020, 15021, 15053, 15090];
 /// Istio's proxy UID and GID, exempt from capture by default.
 pub const DEFAULT_PROXY_ID: u32 = 1337;
 /// "No UID/GID exemption configured": no real process runs with id `(uid_t)-1`.
@@ -28,6 +32,8 @@ pub mod map_names {
     pub const CONFIG: &str = "CAPTURE_CONFIG";
     pub const COUNTERS: &str = "COUNTERS";
     pub const EXCLUDED_PORTS: &str = "EXCLUDED_PORTS";
+    pub const EXCLUDED_INBOUND_PORTS: &str = "EXCLUDED_INBOUND_PORTS";
+    pub const INBOUND_LISTENERS: &str = "INBOUND_LISTENERS";
     pub const EXCLUDED_CIDR4: &str = "EXCLUDED_CIDR4";
     pub const EXCLUDED_CIDR6: &str = "EXCLUDED_CIDR6";
     pub const ORIG_DST: &str = "ORIG_DST";
@@ -44,8 +50,9 @@ pub struct CaptureConfig {
     pub proxy_uid: u32,
     /// Sockets created by this GID are never captured ([`NO_ID`] for none).
     pub proxy_gid: u32,
-    /// Reserved; keeps the struct 8-byte sized.
-    pub reserved: u32,
+    /// Port of the proxy's inbound listener, host byte order: a socket that starts listening
+    /// on it in the pod is registered as the target of inbound capture.
+    pub inbound_port: u32,
 }
 
 /// An IPv4 or IPv6 endpoint as the kernel sees it.
@@ -102,7 +109,7 @@ impl Endpoint {
     }
 }
 
-/// Why a connect was (or was not) redirected; each reason has a per-CPU counter.
+/// Why a connection was (or was not) redirected; each reason has a per-CPU counter.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {
@@ -122,10 +129,18 @@ pub enum Counter {
     OrigDstServed = 6,
     /// `SO_ORIGINAL_DST` was asked for a connection we did not redirect.
     OrigDstMissing = 7,
+    /// An inbound connection was steered to the proxy's inbound listener.
+    InboundRedirected = 8,
+    /// An inbound connection to an excluded port (or a proxy port) went to the app directly.
+    InboundExcludedPort = 9,
+    /// An inbound connection from a loopback source (the proxy's own passthrough) went direct.
+    InboundFromLoopback = 10,
+    /// An inbound connection was dropped: no proxy inbound listener (fail closed).
+    InboundNoProxy = 11,
 }
 
 impl Counter {
-    pub const COUNT: usize = 8;
+    pub const COUNT: usize = 12;
     pub const ALL: [Counter; Self::COUNT] = [
         Counter::Redirected,
         Counter::BypassedUidGid,
@@ -135,6 +150,10 @@ impl Counter {
         Counter::Errors,
         Counter::OrigDstServed,
         Counter::OrigDstMissing,
+        Counter::InboundRedirected,
+        Counter::InboundExcludedPort,
+        Counter::InboundFromLoopback,
+        Counter::InboundNoProxy,
     ];
 
     /// Stable snake_case name, used by `sidecar status` and metrics.
@@ -148,6 +167,10 @@ impl Counter {
             Counter::Errors => "errors",
             Counter::OrigDstServed => "orig_dst_served",
             Counter::OrigDstMissing => "orig_dst_missing",
+            Counter::InboundRedirected => "inbound_redirected",
+            Counter::InboundExcludedPort => "inbound_excluded_port",
+            Counter::InboundFromLoopback => "inbound_from_loopback",
+            Counter::InboundNoProxy => "inbound_no_proxy",
         }
     }
 }

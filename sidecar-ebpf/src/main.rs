@@ -1,5 +1,6 @@
 //! Kernel side of the sidecar: programs attached to a pod's cgroup that send the app's TCP
-//! connects to the local proxy and tell the proxy where each connection was going.
+//! connects to the local proxy and tell the proxy where each connection was going, and one
+//! attached to the pod's network namespace that hands inbound connections to the proxy.
 //!
 //! Every program returns "allow" (1): a failure inside a program is counted and the connect
 //! goes direct (fail open) rather than failing the app's syscall with EPERM.
@@ -7,13 +8,14 @@
 #![no_main]
 
 mod counters;
+mod inbound;
 mod maps;
 mod orig_dst;
 mod outbound;
 
 use aya_ebpf::{
-    macros::{cgroup_sock_addr, cgroup_sockopt, sock_ops},
-    programs::{SockAddrContext, SockOpsContext, SockoptContext},
+    macros::{cgroup_sock_addr, cgroup_sockopt, sk_lookup, sock_ops},
+    programs::{SkLookupContext, SockAddrContext, SockOpsContext, SockoptContext},
 };
 
 const ALLOW: i32 = 1;
@@ -53,6 +55,12 @@ pub fn track_sockets(ctx: SockOpsContext) -> u32 {
 pub fn getsockopt_orig_dst(ctx: SockoptContext) -> i32 {
     orig_dst::on_getsockopt(&ctx);
     ALLOW
+}
+
+/// Attached to the pod's network namespace, not its cgroup.
+#[sk_lookup]
+pub fn steer_inbound(ctx: SkLookupContext) -> u32 {
+    inbound::on_sk_lookup(&ctx)
 }
 
 #[cfg(not(test))]

@@ -1,6 +1,6 @@
 //! Every map the programs use. The loader writes the configuration maps and pins them all.
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray, SkStorage},
+    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray, SkStorage, SockMap},
     macros::btf_map,
 };
 use sidecar_common::{
@@ -34,3 +34,12 @@ pub static ORIG_DST: SkStorage<Endpoint> = SkStorage::new();
 #[btf_map]
 pub static ORIG_DST_BY_PEER: HashMap<Endpoint, Endpoint, { MAX_TRACKED_CONNECTIONS as usize }> =
     HashMap::new();
+
+/// One bit per local port; a set bit means inbound connections to it go straight to the app.
+#[btf_map]
+pub static EXCLUDED_INBOUND_PORTS: Array<u64, { PORT_BITMAP_WORDS as usize }> = Array::new();
+
+/// The proxy's inbound listeners: index 0 for IPv4, 1 for IPv6 (or dual-stack). Filled by
+/// sock_ops when the proxy calls listen(), so the proxy needs no BPF privilege.
+#[btf_map]
+pub static INBOUND_LISTENERS: SockMap<2> = SockMap::new();

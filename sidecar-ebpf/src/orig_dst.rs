@@ -81,9 +81,11 @@ pub fn on_getpeername6(ctx: &SockAddrContext) {
 
 /// Indexes a redirected socket by its local address once established, and drops the entry
 /// when the socket closes (the STATE_CB callback is enabled only on redirected sockets).
+/// Also registers the proxy's inbound listener when it starts listening.
 pub fn on_sock_ops(ctx: &SockOpsContext) {
     match ctx.op() {
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => index_established(ctx),
+        BPF_SOCK_OPS_TCP_LISTEN_CB => crate::inbound::register_listener(ctx),
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => {
             if let Some(local) = local_endpoint(ctx) {
                 let _ = ORIG_DST_BY_PEER.remove(local);

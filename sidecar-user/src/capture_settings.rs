@@ -3,7 +3,7 @@ use std::{fmt, ops::RangeInclusive, str::FromStr};
 
 use ipnet::IpNet;
 use serde::Serialize;
-use sidecar_common::PORT_BITMAP_WORDS;
+use sidecar_common::{PORT_BITMAP_WORDS, PROXY_PORTS};
 
 /// Settings shared by both capture modes, so eBPF and iptables capture exactly the same.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -13,6 +13,22 @@ pub struct CaptureSettings {
     pub proxy_gid: Option<u32>,
     pub excluded_ports: PortRanges,
     pub excluded_cidrs: Vec<IpNet>,
+    /// None: inbound capture off.
+    pub inbound_port: Option<u16>,
+    /// Local ports whose inbound connections go straight to the app.
+    pub excluded_inbound_ports: PortRanges,
+}
+
+impl CaptureSettings {
+    /// The inbound ports never captured: the user's, the proxy's own ports (Istio's
+    /// numbering) and this configuration's outbound and inbound ports.
+    pub fn inbound_exclusions(&self) -> PortRanges {
+        let mut ranges = self.excluded_inbound_ports.0.clone();
+        let own = PROXY_PORTS.iter().copied().chain([self.outbound_port]).chain(self.inbound_port);
+        ranges.extend(own.map(|port| port..=port));
+        // Through the bitmap and back: sorted, deduplicated, adjacent ports merged.
+        PortRanges::from_bitmap(&PortRanges(ranges).to_bitmap())
+    }
 }
 
 /// A list of ports and inclusive port ranges, e.g. `22,8000-8100`.

@@ -19,11 +19,11 @@ use aya::{
         Array, MapData, PerCpuArray,
         lpm_trie::{Key, LpmTrie},
     },
-    programs::{CgroupSockAddr, CgroupSockopt, SockOps},
+    programs::{CgroupSockAddr, CgroupSockopt, SkLookup, SockOps},
 };
 use aya_obj::generated::bpf_attach_type::{
     self, BPF_CGROUP_GETSOCKOPT, BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_INET4_GETPEERNAME,
-    BPF_CGROUP_INET6_CONNECT, BPF_CGROUP_INET6_GETPEERNAME, BPF_CGROUP_SOCK_OPS,
+    BPF_CGROUP_INET6_CONNECT, BPF_CGROUP_INET6_GETPEERNAME, BPF_CGROUP_SOCK_OPS, BPF_SK_LOOKUP,
 };
 use ipnet::IpNet;
 use sidecar_common::{CaptureConfig, Counter, NO_ID, map_names};
@@ -74,26 +74,42 @@ pub const POD_HOOKS: &[Hook] = &[
     },
 ];
 
-/// The hook also attached to a proxy living in a sibling cgroup, so that its
-/// `getsockopt(SO_ORIGINAL_DST)` is answered there too.
-pub const PROXY_HOOK: &Hook = &POD_HOOKS[5];
+/// Hooks also attached to a proxy living in a sibling cgroup: its `SO_ORIGINAL_DST` is
+/// answered there, and its inbound listener is registered when it calls listen().
+pub const PROXY_HOOKS: [&Hook; 2] = [&POD_HOOKS[5], &POD_HOOKS[4]];
+
+/// Inbound capture, attached to the pod's network namespace.
+pub const NETNS_HOOK: &Hook = &Hook {
+    program: "steer_inbound",
+    attach_type: BPF_SK_LOOKUP,
+    feature: "sk_lookup (Linux 5.9+)",
+};
 
 /// Maps that are pinned (and reused by a later init).
 const PINNED_MAPS: &[&str] = &[
     map_names::CONFIG,
     map_names::COUNTERS,
     map_names::EXCLUDED_PORTS,
+    map_names::EXCLUDED_INBOUND_PORTS,
+    map_names::INBOUND_LISTENERS,
     map_names::EXCLUDED_CIDR4,
     map_names::EXCLUDED_CIDR6,
     map_names::ORIG_DST,
     map_names::ORIG_DST_BY_PEER,
 ];
 
-pub fn link_pin_name(program: &str, on_proxy_cgroup: bool) -> String {
-    if on_proxy_cgroup {
-        format!("link_{program}_proxy_cgroup")
-    } else {
-        format!("link_{program}")
+/// Where a hook is attached, which also names its link pin.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttachPoint {
+    PodCgroup,
+    ProxyCgroup,
+    Netns,
+}
+
+pub fn link_pin_name(program: &str, point: AttachPoint) -> String {
+    match point {
+        AttachPoint::PodCgroup | AttachPoint::Netns => format!("link_{program}"),
+        AttachPoint::ProxyCgroup => format!("link_{program}_proxy_cgroup"),
     }
 }
 
@@ -110,6 +126,9 @@ pub struct EbpfTarget<'a> {
     pub proxy_cgroup: Option<&'a Cgroup>,
     /// Capacity of the original-destination index (concurrent redirected connections).
     pub max_tracked_connections: u32,
+    /// The pod's network namespace (an open `/proc/<pid>/ns/net` or `/run/netns/<name>`),
+    /// for inbound capture; `None` when inbound capture is off.
+    pub netns: Option<(&'a std::fs::File, &'a Path)>,
 }
 
 /// Installs (or replaces) the capture for `cgroup`. On failure nothing new stays attached
@@ -133,6 +152,7 @@ fn install_inner(
         cgroup,
         proxy_cgroup,
         max_tracked_connections,
+        netns,
     } = *target;
     std::fs::create_dir_all(pin_dir)
         .with_context(|| format!("cannot create pin directory {}", pin_dir.display()))?;
@@ -142,17 +162,19 @@ fn install_inner(
     let mut links: Vec<(String, OwnedFd)> = Vec::new();
     let cgroup_fd = cgroup.open()?;
     for hook in POD_HOOKS {
-        links.push((
-            link_pin_name(hook.program, false),
-            attach(&mut ebpf, hook, cgroup_fd.as_fd(), &cgroup.path)?,
-        ));
+        let link = attach(&mut ebpf, hook, cgroup_fd.as_fd(), &cgroup.path)?;
+        links.push((link_pin_name(hook.program, AttachPoint::PodCgroup), link));
     }
     if let Some(proxy) = proxy_cgroup {
         let proxy_fd = proxy.open()?;
-        links.push((
-            link_pin_name(PROXY_HOOK.program, true),
-            attach(&mut ebpf, PROXY_HOOK, proxy_fd.as_fd(), &proxy.path)?,
-        ));
+        for hook in PROXY_HOOKS {
+            let link = attach(&mut ebpf, hook, proxy_fd.as_fd(), &proxy.path)?;
+            links.push((link_pin_name(hook.program, AttachPoint::ProxyCgroup), link));
+        }
+    }
+    if let Some((netns_file, netns_path)) = netns {
+        let link = attach(&mut ebpf, NETNS_HOOK, netns_file.as_fd(), netns_path)?;
+        links.push((link_pin_name(NETNS_HOOK.program, AttachPoint::Netns), link));
     }
     swap_in_links(pin_dir, links)
 }
@@ -171,7 +193,7 @@ fn load(pin_dir: &Path, max_tracked_connections: u32) -> Result<Ebpf> {
     let mut ebpf = loader
         .load(BPF_OBJECT)
         .map_err(|e| anyhow!("cannot load the BPF object: {e}"))?;
-    for hook in POD_HOOKS {
+    for hook in POD_HOOKS.iter().chain([NETNS_HOOK]) {
         load_program(&mut ebpf, hook)?;
     }
     Ok(ebpf)
@@ -184,6 +206,7 @@ fn load_program(ebpf: &mut Ebpf, hook: &Hook) -> Result<()> {
     let loaded = match hook.attach_type {
         BPF_CGROUP_SOCK_OPS => <&mut SockOps>::try_from(program)?.load(),
         BPF_CGROUP_GETSOCKOPT => <&mut CgroupSockopt>::try_from(program)?.load(),
+        BPF_SK_LOOKUP => <&mut SkLookup>::try_from(program)?.load(),
         _ => <&mut CgroupSockAddr>::try_from(program)?.load(),
     };
     loaded.map_err(|e| {
@@ -195,21 +218,22 @@ fn load_program(ebpf: &mut Ebpf, hook: &Hook) -> Result<()> {
     })
 }
 
+/// Attaches `hook` to a cgroup or a network namespace (`target`, named by `target_path`).
 fn attach(
     ebpf: &mut Ebpf,
     hook: &Hook,
-    cgroup: std::os::fd::BorrowedFd<'_>,
-    cgroup_path: &Path,
+    target: std::os::fd::BorrowedFd<'_>,
+    target_path: &Path,
 ) -> Result<OwnedFd> {
     let program = ebpf
         .program(hook.program)
         .ok_or_else(|| anyhow!("program {} missing from the BPF object", hook.program))?;
     let prog_fd = program.fd()?;
-    sys::link_create(prog_fd.as_fd(), cgroup, hook.attach_type as u32).with_context(|| {
+    sys::link_create(prog_fd.as_fd(), target, hook.attach_type as u32).with_context(|| {
         format!(
-            "cannot attach {} to {} (needs bpf_link for cgroups, Linux 5.7+, and {})",
+            "cannot attach {} to {} (needs bpf_link, Linux 5.7+, and {})",
             hook.program,
-            cgroup_path.display(),
+            target_path.display(),
             hook.feature
         )
     })
@@ -252,7 +276,8 @@ fn configure(ebpf: &mut Ebpf, settings: &CaptureSettings) -> Result<()> {
         outbound_port: settings.outbound_port as u32,
         proxy_uid: settings.proxy_uid.unwrap_or(NO_ID),
         proxy_gid: settings.proxy_gid.unwrap_or(NO_ID),
-        reserved: 0,
+        // 0: no inbound listener is registered (inbound capture off).
+        inbound_port: settings.inbound_port.map_or(0, u32::from),
     };
     let mut config_map: Array<&mut MapData, CaptureConfig> =
         Array::try_from(map(ebpf, map_names::CONFIG)?)?;
@@ -262,6 +287,12 @@ fn configure(ebpf: &mut Ebpf, settings: &CaptureSettings) -> Result<()> {
         Array::try_from(map(ebpf, map_names::EXCLUDED_PORTS)?)?;
     for (index, word) in settings.excluded_ports.to_bitmap().into_iter().enumerate() {
         ports.set(index as u32, word, 0)?;
+    }
+
+    let mut inbound: Array<&mut MapData, u64> =
+        Array::try_from(map(ebpf, map_names::EXCLUDED_INBOUND_PORTS)?)?;
+    for (index, word) in settings.inbound_exclusions().to_bitmap().into_iter().enumerate() {
+        inbound.set(index as u32, word, 0)?;
     }
 
     let v4: Vec<Key<[u8; 4]>> = settings
@@ -360,9 +391,10 @@ pub fn read_config(pin_dir: &Path) -> Result<CaptureConfig> {
     Ok(config.get(&0, 0)?)
 }
 
-/// Reads back the excluded-port bitmap pinned in `pin_dir`.
-pub fn read_excluded_ports(pin_dir: &Path) -> Result<Vec<u64>> {
-    let data = MapData::from_pin(map_pin_path(pin_dir, map_names::EXCLUDED_PORTS))?;
+/// Reads back an excluded-port bitmap (`map_names::EXCLUDED_PORTS` or
+/// `EXCLUDED_INBOUND_PORTS`) pinned in `pin_dir`.
+pub fn read_port_bitmap(pin_dir: &Path, map: &str) -> Result<Vec<u64>> {
+    let data = MapData::from_pin(map_pin_path(pin_dir, map))?;
     let ports: Array<MapData, u64> = Array::try_from(aya::maps::Map::Array(data))?;
     Ok(ports.iter().collect::<Result<_, _>>()?)
 }

@@ -1,5 +1,6 @@
-//! iptables capture, the comparison baseline: the equivalent of istio-init's outbound rules
-//! in the current network namespace, with the same exemptions as the eBPF capture.
+//! iptables capture, the comparison baseline: the equivalent of istio-init's rules in the
+//! current network namespace (nat OUTPUT for outbound, nat PREROUTING for inbound), with the
+//! same exemptions as the eBPF capture.
 use std::process::Command;
 
 use anyhow::{Context, Result, bail};
@@ -9,6 +10,24 @@ use crate::capture_settings::CaptureSettings;
 
 pub const OUTPUT_CHAIN: &str = "SIDECAR_OUTPUT";
 pub const REDIRECT_CHAIN: &str = "SIDECAR_REDIRECT";
+pub const INBOUND_CHAIN: &str = "SIDECAR_INBOUND";
+pub const IN_REDIRECT_CHAIN: &str = "SIDECAR_IN_REDIRECT";
+const CHAINS: [&str; 4] = [OUTPUT_CHAIN, REDIRECT_CHAIN, INBOUND_CHAIN, IN_REDIRECT_CHAIN];
+
+/// The built-in chain and the rule that sends TCP into one of ours.
+struct Jump {
+    from: &'static str,
+    to: &'static str,
+}
+
+const OUTBOUND_JUMP: Jump = Jump { from: "OUTPUT", to: OUTPUT_CHAIN };
+const INBOUND_JUMP: Jump = Jump { from: "PREROUTING", to: INBOUND_CHAIN };
+
+impl Jump {
+    fn args(&self, op: &'static str) -> Vec<&'static str> {
+        vec!["-w", "-t", "nat", op, self.from, "-p", "tcp", "-j", self.to]
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Family {
@@ -32,20 +51,30 @@ impl Family {
             Family::V6 => "::1/128",
         }
     }
+
+    /// The source the proxy uses to hand inbound connections to the app (Istio's 127.0.0.6).
+    fn passthrough_source(self) -> &'static str {
+        match self {
+            Family::V4 => "127.0.0.6/32",
+            Family::V6 => "::1/128",
+        }
+    }
 }
 
 /// The `iptables-restore --noflush` input for one family. Declaring our chains flushes them,
 /// so applying twice replaces the rules rather than duplicating them.
 pub fn restore_script(settings: &CaptureSettings, family: Family) -> String {
-    let mut lines = vec![
-        "*nat".to_string(),
-        format!(":{OUTPUT_CHAIN} - [0:0]"),
-        format!(":{REDIRECT_CHAIN} - [0:0]"),
-        format!(
-            "-A {REDIRECT_CHAIN} -p tcp -j REDIRECT --to-ports {}",
-            settings.outbound_port
-        ),
-    ];
+    let mut lines = vec!["*nat".to_string()];
+    lines.extend(CHAINS.iter().map(|chain| format!(":{chain} - [0:0]")));
+    lines.push(format!(
+        "-A {REDIRECT_CHAIN} -p tcp -j REDIRECT --to-ports {}",
+        settings.outbound_port
+    ));
+    // The proxy's inbound passthrough to the app must not be captured as outbound.
+    lines.push(format!(
+        "-A {OUTPUT_CHAIN} -o lo -s {} -j RETURN",
+        family.passthrough_source()
+    ));
     if let Some(uid) = settings.proxy_uid {
         lines.push(format!(
             "-A {OUTPUT_CHAIN} -m owner --uid-owner {uid} -j RETURN"
@@ -75,17 +104,19 @@ pub fn restore_script(settings: &CaptureSettings, family: Family) -> String {
         }
     }
     lines.push(format!("-A {OUTPUT_CHAIN} -j {REDIRECT_CHAIN}"));
+    if let Some(inbound_port) = settings.inbound_port {
+        lines.push(format!(
+            "-A {IN_REDIRECT_CHAIN} -p tcp -j REDIRECT --to-ports {inbound_port}"
+        ));
+        for ports in settings.inbound_exclusions().multiport_lists() {
+            lines.push(format!(
+                "-A {INBOUND_CHAIN} -p tcp -m multiport --dports {ports} -j RETURN"
+            ));
+        }
+        lines.push(format!("-A {INBOUND_CHAIN} -p tcp -j {IN_REDIRECT_CHAIN}"));
+    }
     lines.push("COMMIT".to_string());
     lines.join("\n") + "\n"
-}
-
-/// The rule sending locally generated TCP into our chain.
-const JUMP: [&str; 5] = ["OUTPUT", "-p", "tcp", "-j", OUTPUT_CHAIN];
-
-fn jump_args(op: &str) -> Vec<&str> {
-    let mut args = vec!["-w", "-t", "nat", op];
-    args.extend(JUMP);
-    args
 }
 
 /// Installs (or replaces) the rules for both families.
@@ -103,23 +134,45 @@ pub fn install(settings: &CaptureSettings) -> Result<()> {
             &["-w", "--noflush"],
             &restore_script(settings, family),
         )?;
-        if !succeeds(family.iptables(), &jump_args("-C")) {
-            run(family.iptables(), &jump_args("-A"))?;
+        let cmd = family.iptables();
+        ensure_jump(cmd, &OUTBOUND_JUMP)?;
+        if settings.inbound_port.is_some() {
+            ensure_jump(cmd, &INBOUND_JUMP)?;
+        } else {
+            remove_jump(cmd, &INBOUND_JUMP)?;
         }
     }
     Ok(())
 }
 
-/// Removes our jump and chains for both families; returns a line per thing removed.
+fn ensure_jump(cmd: &str, jump: &Jump) -> Result<()> {
+    if !succeeds(cmd, &jump.args("-C")) {
+        run(cmd, &jump.args("-A"))?;
+    }
+    Ok(())
+}
+
+/// Deletes every copy of `jump`; true if there was one.
+fn remove_jump(cmd: &str, jump: &Jump) -> Result<bool> {
+    let mut removed = false;
+    while succeeds(cmd, &jump.args("-C")) {
+        run(cmd, &jump.args("-D"))?;
+        removed = true;
+    }
+    Ok(removed)
+}
+
+/// Removes our jumps and chains for both families; returns a line per thing removed.
 pub fn remove() -> Result<Vec<String>> {
     let mut removed = Vec::new();
     for family in Family::BOTH {
         let cmd = family.iptables();
-        while succeeds(cmd, &jump_args("-C")) {
-            run(cmd, &jump_args("-D"))?;
-            removed.push(format!("{cmd}: OUTPUT jump to {OUTPUT_CHAIN}"));
+        for jump in [&OUTBOUND_JUMP, &INBOUND_JUMP] {
+            if remove_jump(cmd, jump)? {
+                removed.push(format!("{cmd}: {} jump to {}", jump.from, jump.to));
+            }
         }
-        for chain in [OUTPUT_CHAIN, REDIRECT_CHAIN] {
+        for chain in CHAINS {
             if succeeds(cmd, &["-w", "-t", "nat", "-S", chain]) {
                 run(cmd, &["-w", "-t", "nat", "-F", chain])?;
                 run(cmd, &["-w", "-t", "nat", "-X", chain])?;
@@ -135,14 +188,18 @@ pub fn describe() -> Vec<(Family, String)> {
     Family::BOTH
         .iter()
         .filter_map(|&family| {
-            let output = Command::new(family.iptables())
-                .args(["-w", "-t", "nat", "-L", OUTPUT_CHAIN, "-n", "-v", "-x"])
-                .output()
-                .ok()?;
-            output
-                .status
-                .success()
-                .then(|| (family, String::from_utf8_lossy(&output.stdout).into_owned()))
+            let mut listing = String::new();
+            for chain in [OUTPUT_CHAIN, INBOUND_CHAIN] {
+                let output = Command::new(family.iptables())
+                    .args(["-w", "-t", "nat", "-L", chain, "-n", "-v", "-x"])
+                    .output()
+                    .ok()?;
+                if !output.status.success() {
+                    return None;
+                }
+                listing.push_str(&String::from_utf8_lossy(&output.stdout));
+            }
+            Some((family, listing))
         })
         .collect()
 }
@@ -205,6 +262,8 @@ mod tests {
             proxy_gid: Some(1337),
             excluded_ports: "22,8000-8100".parse().unwrap(),
             excluded_cidrs: vec!["10.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()],
+            inbound_port: Some(15006),
+            excluded_inbound_ports: "22".parse().unwrap(),
         }
     }
 
@@ -215,16 +274,31 @@ mod tests {
 *nat
 :SIDECAR_OUTPUT - [0:0]
 :SIDECAR_REDIRECT - [0:0]
+:SIDECAR_INBOUND - [0:0]
+:SIDECAR_IN_REDIRECT - [0:0]
 -A SIDECAR_REDIRECT -p tcp -j REDIRECT --to-ports 15001
+-A SIDECAR_OUTPUT -o lo -s 127.0.0.6/32 -j RETURN
 -A SIDECAR_OUTPUT -m owner --uid-owner 1337 -j RETURN
 -A SIDECAR_OUTPUT -m owner --gid-owner 1337 -j RETURN
 -A SIDECAR_OUTPUT -d 127.0.0.0/8 -j RETURN
 -A SIDECAR_OUTPUT -p tcp -m multiport --dports 22,8000:8100 -j RETURN
 -A SIDECAR_OUTPUT -d 10.0.0.0/8 -j RETURN
 -A SIDECAR_OUTPUT -j SIDECAR_REDIRECT
+-A SIDECAR_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006
+-A SIDECAR_INBOUND -p tcp -m multiport --dports 22,15000:15001,15004,15006,15008,15020:15021,15053,15090 -j RETURN
+-A SIDECAR_INBOUND -p tcp -j SIDECAR_IN_REDIRECT
 COMMIT
 ";
         assert_eq!(script, expected);
+    }
+
+    #[test]
+    fn no_inbound_rules_when_inbound_capture_is_off() {
+        let mut s = settings();
+        s.inbound_port = None;
+        let script = restore_script(&s, Family::V4);
+        assert!(!script.contains("-A SIDECAR_INBOUND"), "{script}");
+        assert!(script.contains(":SIDECAR_INBOUND - [0:0]"), "chains are always declared (flushed)");
     }
 
     #[test]

@@ -1,10 +1,10 @@
 //! `sidecar init`: the privileged step that installs capture for a pod, then exits.
 use std::path::PathBuf;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use ipnet::IpNet;
-use sidecar_common::{DEFAULT_OUTBOUND_PORT, MAX_TRACKED_CONNECTIONS};
+use sidecar_common::{DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT, MAX_TRACKED_CONNECTIONS};
 
 use crate::{
     bpffs,
@@ -46,6 +46,20 @@ pub struct InitArgs {
     /// eBPF mode, when the proxy runs in a sibling cgroup: answer its SO_ORIGINAL_DST there.
     #[arg(long)]
     pub proxy_cgroup: Option<PathBuf>,
+    /// The proxy's inbound listener port: inbound connections to the pod are steered to it.
+    #[arg(long, default_value_t = DEFAULT_INBOUND_PORT)]
+    pub inbound_port: u16,
+    /// Leave inbound connections alone (capture outbound only).
+    #[arg(long)]
+    pub no_inbound_capture: bool,
+    /// Local ports whose inbound connections go straight to the app: `22,8000-8100`
+    /// (the proxy's own ports 15000-15090 are always excluded).
+    #[arg(long, default_value = "")]
+    pub exclude_inbound_ports: PortRanges,
+    /// eBPF mode: the pod's network namespace for inbound capture, e.g. /run/netns/NAME or
+    /// /proc/PID/ns/net (default: this process's, unless that is PID 1's: see the docs).
+    #[arg(long)]
+    pub netns: Option<PathBuf>,
     /// eBPF mode: how many redirected connections can be open at once (the original-destination
     /// index; a connection beyond it is reset and counted as an error). Set on first install.
     #[arg(long, default_value_t = MAX_TRACKED_CONNECTIONS)]
@@ -77,6 +91,8 @@ impl InitArgs {
             proxy_gid: self.proxy_gid.0,
             excluded_ports: self.exclude_ports.clone(),
             excluded_cidrs: self.exclude_cidrs.clone(),
+            inbound_port: (!self.no_inbound_capture).then_some(self.inbound_port),
+            excluded_inbound_ports: self.exclude_inbound_ports.clone(),
         }
     }
 }
@@ -86,6 +102,9 @@ pub fn run(args: InitArgs) -> Result<()> {
     if args.outbound_port == 0 {
         bail!("invalid --outbound-port 0");
     }
+    if args.inbound_port == 0 || args.inbound_port == args.outbound_port {
+        bail!("invalid --inbound-port {}: it must be a port other than the outbound port", args.inbound_port);
+    }
     let settings = args.settings();
     match args.mode {
         Mode::Ebpf => init_ebpf(&args, &settings),
@@ -93,8 +112,9 @@ pub fn run(args: InitArgs) -> Result<()> {
             iptables_capture::install(&settings)?;
             println!(
                 "sidecar init: iptables capture installed in this network namespace \
-                 (outbound -> 127.0.0.1:{})",
-                settings.outbound_port
+                 (outbound -> 127.0.0.1:{}, inbound -> {})",
+                settings.outbound_port,
+                inbound_text(&settings)
             );
             Ok(())
         }
@@ -117,19 +137,62 @@ fn init_ebpf(args: &InitArgs, settings: &CaptureSettings) -> Result<()> {
     if args.max_tracked_connections == 0 {
         bail!("invalid --max-tracked-connections 0");
     }
+    let netns_path = match (&args.netns, settings.inbound_port) {
+        (Some(path), _) => path.clone(),
+        (None, Some(_)) => default_netns()?,
+        (None, None) => PathBuf::new(),
+    };
+    let netns = match settings.inbound_port {
+        Some(_) => Some(std::fs::File::open(&netns_path).with_context(|| {
+            format!("cannot open network namespace {} (--netns)", netns_path.display())
+        })?),
+        None => None,
+    };
     let target = ebpf_capture::EbpfTarget {
         cgroup: &cgroup,
         proxy_cgroup: proxy_cgroup.as_ref(),
         max_tracked_connections: args.max_tracked_connections,
+        netns: netns.as_ref().map(|file| (file, netns_path.as_path())),
     };
     ebpf_capture::install(&target, settings, &pin_dir)?;
     println!(
-        "sidecar init: eBPF capture attached to {} (outbound -> loopback:{}), pinned in {}",
+        "sidecar init: eBPF capture attached to {} (outbound -> loopback:{}, inbound -> {}), pinned in {}",
         cgroup.path.display(),
         settings.outbound_port,
+        inbound_text(settings),
         pin_dir.display()
     );
     Ok(())
+}
+
+/// The initial ("host") network namespace has this inode on recent kernels.
+const INIT_NET_INODE: u64 = 0xEFFF_FFF9;
+
+/// The caller's network namespace, unless it is the host's: run outside a pod (on a node, in a
+/// lab), capturing the host's inbound traffic by accident would cut the node off. The host's
+/// is recognised by its fixed inode (recent kernels) or by being PID 1's. Inside a pod's init
+/// container, say `--netns /proc/self/ns/net` explicitly.
+fn default_netns() -> Result<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let own = PathBuf::from("/proc/self/ns/net");
+    let identity = |path: &str| std::fs::metadata(path).map(|m| (m.dev(), m.ino()));
+    let own_id = identity("/proc/self/ns/net").context("cannot read /proc/self/ns/net")?;
+    let is_pid1s = identity("/proc/1/ns/net").is_ok_and(|init| init == own_id);
+    if own_id.1 == INIT_NET_INODE || is_pid1s {
+        bail!(
+            "refusing to capture inbound traffic of the host's network namespace by default: \
+             pass --netns PATH for the pod's namespace (--netns /proc/self/ns/net if this one \
+             is meant), or --no-inbound-capture"
+        );
+    }
+    Ok(own)
+}
+
+fn inbound_text(settings: &CaptureSettings) -> String {
+    match settings.inbound_port {
+        Some(port) => format!("port {port}"),
+        None => "not captured".to_string(),
+    }
 }
 
 #[cfg(test)]
@@ -154,6 +217,9 @@ mod tests {
         assert_eq!(settings.proxy_gid, Some(DEFAULT_PROXY_ID));
         assert!(settings.excluded_ports.0.is_empty());
         assert_eq!(cli.init.mode, Mode::Ebpf);
+        assert_eq!(settings.inbound_port, Some(15006));
+        let inbound = settings.inbound_exclusions().to_string();
+        assert_eq!(inbound, "15000-15001,15004,15006,15008,15020-15021,15053,15090");
     }
 
     #[test]

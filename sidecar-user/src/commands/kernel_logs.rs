@@ -54,7 +54,7 @@ pub fn run(args: KernelLogsArgs) -> Result<()> {
     // Every program of the object shares one log ring buffer: any attached program finds it.
     let link_pin = pin_dir.join(ebpf_capture::link_pin_name(
         ebpf_capture::POD_HOOKS[0].program,
-        false,
+        ebpf_capture::AttachPoint::PodCgroup,
     ));
     let link = PinnedLink::from_pin(&link_pin).with_context(|| {
         format!(

@@ -9,10 +9,13 @@ use aya::programs::links::{FdLink, PinnedLink};
 use clap::Args;
 use serde::Serialize;
 
+use sidecar_common::map_names;
+
 use crate::{
     bpffs,
+    capture_settings::PortRanges,
     cgroup::Cgroup,
-    ebpf_capture::{self, Hook, POD_HOOKS, PROXY_HOOK},
+    ebpf_capture::{self, AttachPoint, Hook, NETNS_HOOK, POD_HOOKS, PROXY_HOOKS},
     iptables_capture, sys,
 };
 
@@ -42,6 +45,10 @@ pub struct CgroupCapture {
     pub proxy_uid: Option<u32>,
     pub proxy_gid: Option<u32>,
     pub excluded_ports: String,
+    /// The proxy's inbound port, when inbound capture is on.
+    pub inbound_port: Option<u32>,
+    /// Including the proxy's own ports, which are always excluded.
+    pub excluded_inbound_ports: String,
     pub excluded_cidrs: Vec<String>,
     /// Pinned link name -> attached program IDs the kernel reports for that hook.
     pub links: Vec<LinkStatus>,
@@ -51,6 +58,8 @@ pub struct CgroupCapture {
 #[derive(Serialize)]
 pub struct LinkStatus {
     pub pin: String,
+    /// PodCgroup, ProxyCgroup or Netns.
+    pub attached_to: String,
     pub program: String,
     /// The kernel's ids for the pinned link and the program it attaches.
     pub link_id: u32,
@@ -104,12 +113,12 @@ fn describe_cgroup(cgroup_id: u64, pin_dir: &Path) -> Result<CgroupCapture> {
     let mut links = Vec::new();
     for entry in std::fs::read_dir(pin_dir)?.flatten() {
         let pin = entry.file_name().to_string_lossy().into_owned();
-        let Some(hook) = hook_of_pin(&pin) else {
+        let Some((hook, point)) = hook_of_pin(&pin) else {
             continue;
         };
         // Only the pod-cgroup hooks can be queried on the pod's cgroup.
-        let attached_program_ids = match (&cgroup_file, pin.ends_with("_proxy_cgroup")) {
-            (Some(file), false) => {
+        let attached_program_ids = match (&cgroup_file, point) {
+            (Some(file), AttachPoint::PodCgroup) => {
                 sys::prog_query(file.as_fd(), hook.attach_type as u32).unwrap_or_default()
             }
             _ => Vec::new(),
@@ -120,6 +129,7 @@ fn describe_cgroup(cgroup_id: u64, pin_dir: &Path) -> Result<CgroupCapture> {
             .with_context(|| format!("cannot read pinned link {pin}"))?;
         links.push(LinkStatus {
             pin,
+            attached_to: format!("{point:?}"),
             program: hook.program.to_string(),
             link_id: info.id(),
             program_id: info.program_id(),
@@ -131,9 +141,10 @@ fn describe_cgroup(cgroup_id: u64, pin_dir: &Path) -> Result<CgroupCapture> {
         .into_iter()
         .map(|(counter, value)| (counter.name().to_string(), value))
         .collect();
-    let excluded_ports = crate::capture_settings::PortRanges::from_bitmap(
-        &ebpf_capture::read_excluded_ports(pin_dir)?,
-    );
+    let ports = |map| -> Result<String> {
+        let bitmap = ebpf_capture::read_port_bitmap(pin_dir, map)?;
+        Ok(PortRanges::from_bitmap(&bitmap).to_string())
+    };
     Ok(CgroupCapture {
         cgroup_id,
         cgroup,
@@ -141,7 +152,9 @@ fn describe_cgroup(cgroup_id: u64, pin_dir: &Path) -> Result<CgroupCapture> {
         outbound_port: config.outbound_port,
         proxy_uid: (config.proxy_uid != sidecar_common::NO_ID).then_some(config.proxy_uid),
         proxy_gid: (config.proxy_gid != sidecar_common::NO_ID).then_some(config.proxy_gid),
-        excluded_ports: excluded_ports.to_string(),
+        excluded_ports: ports(map_names::EXCLUDED_PORTS)?,
+        inbound_port: (config.inbound_port != 0).then_some(config.inbound_port),
+        excluded_inbound_ports: ports(map_names::EXCLUDED_INBOUND_PORTS)?,
         excluded_cidrs: ebpf_capture::read_excluded_cidrs(pin_dir)?
             .iter()
             .map(|n| n.to_string())
@@ -151,13 +164,13 @@ fn describe_cgroup(cgroup_id: u64, pin_dir: &Path) -> Result<CgroupCapture> {
     })
 }
 
-fn hook_of_pin(pin: &str) -> Option<&'static Hook> {
-    if pin == ebpf_capture::link_pin_name(PROXY_HOOK.program, true) {
-        return Some(PROXY_HOOK);
-    }
-    POD_HOOKS
-        .iter()
-        .find(|hook| pin == ebpf_capture::link_pin_name(hook.program, false))
+/// Which hook a link pin belongs to, and where it is attached.
+fn hook_of_pin(pin: &str) -> Option<(&'static Hook, AttachPoint)> {
+    let pod = POD_HOOKS.iter().map(|hook| (hook, AttachPoint::PodCgroup));
+    let proxy = PROXY_HOOKS.into_iter().map(|hook| (hook, AttachPoint::ProxyCgroup));
+    pod.chain(proxy)
+        .chain([(NETNS_HOOK, AttachPoint::Netns)])
+        .find(|(hook, point)| pin == ebpf_capture::link_pin_name(hook.program, *point))
 }
 
 fn print_text(status: &Status) {
@@ -180,21 +193,18 @@ fn print_text(status: &Status) {
             id(capture.proxy_gid)
         );
         println!("  excluded ports: {}", or_none(&capture.excluded_ports));
+        match capture.inbound_port {
+            Some(port) => println!("  inbound port:   {port}, excluded local ports {}", capture.excluded_inbound_ports),
+            None => println!("  inbound port:   none (inbound not captured)"),
+        }
         println!(
             "  excluded cidrs: {}",
             or_none(&capture.excluded_cidrs.join(","))
         );
         for link in &capture.links {
             println!(
-                "  {:<20} link {:<4} program {:<4} {}",
-                link.program,
-                link.link_id,
-                link.program_id,
-                if link.pin.ends_with("_proxy_cgroup") {
-                    "(on the proxy's cgroup)"
-                } else {
-                    ""
-                }
+                "  {:<20} link {:<4} program {:<4} on {}",
+                link.program, link.link_id, link.program_id, link.attached_to
             );
         }
         let counters: Vec<String> = capture

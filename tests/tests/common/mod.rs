@@ -132,17 +132,14 @@ impl MeshLab {
                 .args(extra)
                 .run()
                 .expect("run sidecar init in the pod netns"),
-            Layout::EbpfProxyInPod => {
-                let mut args = vec!["init", "--cgroup"];
+            Layout::EbpfProxyInPod | Layout::EbpfProxyInSibling => {
                 let cgroup = self.client.cgroup().to_string_lossy().into_owned();
-                args.push(&cgroup);
-                args.extend_from_slice(extra);
-                sidecar(&args)
-            }
-            Layout::EbpfProxyInSibling => {
-                let cgroup = self.client.cgroup().to_string_lossy().into_owned();
+                let netns = self.client.netns_path().to_string_lossy().into_owned();
                 let proxy_cgroup = self.proxy_cgroup().to_string_lossy().into_owned();
-                let mut args = vec!["init", "--cgroup", &cgroup, "--proxy-cgroup", &proxy_cgroup];
+                let mut args = vec!["init", "--cgroup", &cgroup, "--netns", &netns];
+                if self.layout == Layout::EbpfProxyInSibling {
+                    args.extend(["--proxy-cgroup", &proxy_cgroup]);
+                }
                 args.extend_from_slice(extra);
                 sidecar(&args)
             }

@@ -1,0 +1,120 @@
+//! Inbound capture without NAT: an sk_lookup program on the pod's network namespace picks the
+//! proxy's inbound listener as the socket for connections to the pod's ports. The accepted
+//! socket keeps the original local address, which is therefore the original destination.
+use core::ptr::read_volatile;
+
+use aya_ebpf::{
+    bindings::{bpf_sock_ops, BPF_ANY},
+    programs::{SkLookupContext, SockOpsContext},
+};
+use sidecar_common::Counter;
+
+use crate::{
+    counters::bump,
+    maps::{CAPTURE_CONFIG, EXCLUDED_INBOUND_PORTS, INBOUND_LISTENERS},
+};
+
+const AF_INET: u32 = 2;
+const IPPROTO_TCP: u32 = 6;
+const SK_PASS: u32 = 1;
+const SK_DROP: u32 = 0;
+const LISTENER_V4: u32 = 0;
+const LISTENER_V6: u32 = 1;
+const LOOPBACK_V6_LAST_WORD: u32 = u32::from_ne_bytes([0, 0, 0, 1]);
+
+pub fn on_sk_lookup(ctx: &SkLookupContext) -> u32 {
+    let lookup = ctx.lookup;
+    // SAFETY: reading scalar fields of a valid sk_lookup context, each at a constant offset.
+    let (family, protocol, remote4, remote6, local4, local6, local_port) = unsafe {
+        (
+            read_volatile(&(*lookup).family),
+            read_volatile(&(*lookup).protocol),
+            read_volatile(&(*lookup).remote_ip4),
+            [
+                read_volatile(&(*lookup).remote_ip6[0]),
+                read_volatile(&(*lookup).remote_ip6[1]),
+                read_volatile(&(*lookup).remote_ip6[2]),
+                read_volatile(&(*lookup).remote_ip6[3]),
+            ],
+            read_volatile(&(*lookup).local_ip4),
+            [
+                read_volatile(&(*lookup).local_ip6[0]),
+                read_volatile(&(*lookup).local_ip6[1]),
+                read_volatile(&(*lookup).local_ip6[2]),
+                read_volatile(&(*lookup).local_ip6[3]),
+            ],
+            read_volatile(&(*lookup).local_port),
+        )
+    };
+    if protocol != IPPROTO_TCP {
+        return SK_PASS;
+    }
+    let v4 = family == AF_INET;
+    let is_loopback = |ip4: u32, ip6: [u32; 4]| {
+        if v4 {
+            ip4.to_ne_bytes()[0] == 127
+        } else {
+            ip6[0] == 0 && ip6[1] == 0 && ip6[2] == 0 && ip6[3] == LOOPBACK_V6_LAST_WORD
+        }
+    };
+    // Pod-local traffic on loopback is not inbound traffic.
+    if is_loopback(local4, local6) {
+        return SK_PASS;
+    }
+    // The proxy forwards to the app from a loopback source (127.0.0.6, ::1): let it through.
+    if is_loopback(remote4, remote6) {
+        bump(Counter::InboundFromLoopback);
+        return SK_PASS;
+    }
+    if inbound_port_excluded(local_port) {
+        bump(Counter::InboundExcludedPort);
+        return SK_PASS;
+    }
+    // An IPv4 connection may also land on a dual-stack IPv6 listener.
+    let assigned = if v4 {
+        INBOUND_LISTENERS
+            .redirect_sk_lookup(ctx, LISTENER_V4, 0)
+            .or_else(|_| INBOUND_LISTENERS.redirect_sk_lookup(ctx, LISTENER_V6, 0))
+    } else {
+        INBOUND_LISTENERS.redirect_sk_lookup(ctx, LISTENER_V6, 0)
+    };
+    match assigned {
+        Ok(()) => {
+            bump(Counter::InboundRedirected);
+            SK_PASS
+        }
+        Err(_) => {
+            // Fail closed: without the proxy, plaintext must not reach a meshed app.
+            bump(Counter::InboundNoProxy);
+            SK_DROP
+        }
+    }
+}
+
+#[inline(always)]
+fn inbound_port_excluded(port: u32) -> bool {
+    match EXCLUDED_INBOUND_PORTS.get(port >> 6) {
+        Some(word) => word & (1u64 << (port & 63)) != 0,
+        None => false,
+    }
+}
+
+/// sock_ops `TCP_LISTEN_CB`: a socket in the pod starting to listen on the inbound port is the
+/// proxy's inbound listener; register it for `on_sk_lookup`.
+#[inline(always)]
+pub fn register_listener(ctx: &SockOpsContext) {
+    let Some(config) = CAPTURE_CONFIG.get(0) else {
+        return;
+    };
+    let ops: *mut bpf_sock_ops = ctx.ops;
+    // SAFETY: scalar fields of a valid sock_ops context.
+    let (family, port) = unsafe { (read_volatile(&(*ops).family), read_volatile(&(*ops).local_port)) };
+    if port != config.inbound_port {
+        return;
+    }
+    let index = if family == AF_INET { LISTENER_V4 } else { LISTENER_V6 };
+    // SAFETY: `ops` is this program's context, as `update` requires.
+    if unsafe { INBOUND_LISTENERS.update(index, ops, BPF_ANY as u64) }.is_err() {
+        bump(Counter::Errors);
+    }
+}

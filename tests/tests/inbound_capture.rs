@@ -1,0 +1,170 @@
+//! Inbound capture by sk_lookup on the pod's network namespace, on the real kernel (root).
+//!
+//! A stand-in for the proxy's inbound listener (an echo server on port 15006, in the pod's
+//! proxy cgroup) shows what the kernel does by itself: the connection lands on the listener
+//! with its original local address, so that address is the original destination.
+mod common;
+
+use std::{net::SocketAddr, time::Duration};
+
+use common::*;
+use sidecar_tests::{Lab, LabProcess, Pod, require_root, wait_for_tcp};
+
+const INBOUND_PORT: u16 = 15006;
+
+struct InboundLab {
+    lab: Lab,
+    client: Pod,
+    server: Pod,
+    app: LabProcess,
+}
+
+impl InboundLab {
+    fn new(test: &str, init_args: &[&str]) -> InboundLab {
+        require_root();
+        let lab = Lab::new(test).expect("lab");
+        let client = lab.add_pod("client").expect("client");
+        let server = lab.add_pod("server").expect("server");
+        let app = server
+            .command(labtool())
+            .in_cgroup(server.cgroup_child("app").unwrap())
+            .args(["echo-server", "--listen", "[::]:8080", "--listen", "[::]:9090"])
+            .spawn()
+            .expect("app");
+        wait_for_tcp(&server, SocketAddr::new(server.ipv4().into(), 8080), Duration::from_secs(5)).unwrap();
+        let cgroup = server.cgroup().to_string_lossy().into_owned();
+        let netns = server.netns_path().to_string_lossy().into_owned();
+        let mut args = vec!["init", "--cgroup", &cgroup, "--netns", &netns];
+        args.extend_from_slice(init_args);
+        let out = sidecar(&args);
+        assert!(out.status.success(), "init: {}", text(&out));
+        lab.on_teardown(move || {
+            let _ = sidecar(&["cleanup", "--cgroup", &cgroup]);
+        });
+        InboundLab { lab, client, server, app }
+    }
+
+    /// The stand-in inbound listener, as the proxy would run it (UID 1337, proxy cgroup).
+    fn start_listener(&self) -> LabProcess {
+        let listener = self
+            .server
+            .command(labtool())
+            .in_cgroup(self.server.cgroup_child("proxy").unwrap())
+            .as_user(PROXY_ID, PROXY_ID)
+            .args(["echo-server", "--listen", &format!("[::]:{INBOUND_PORT}")])
+            .spawn()
+            .expect("inbound listener");
+        listener.wait_for_stdout("listening", Duration::from_secs(5)).unwrap();
+        listener
+    }
+
+    fn connect(&self, target: SocketAddr) -> Result<sidecar_tests::ConnectReport, String> {
+        let out = self
+            .client
+            .command(labtool())
+            .args(["connect", &target.to_string(), "--timeout-ms", "1500"])
+            .run()
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(text(&out));
+        }
+        sidecar_tests::ConnectReport::from_output(&out).map_err(|e| e.to_string())
+    }
+
+    fn counters(&self) -> std::collections::BTreeMap<String, u64> {
+        let out = sidecar(&["status", "--json"]);
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let cgroup = self.server.cgroup().to_string_lossy().into_owned();
+        let entry = status["ebpf"].as_array().unwrap().iter().find(|c| c["cgroup"] == cgroup.as_str()).cloned();
+        serde_json::from_value(entry.expect("server capture")["counters"].clone()).unwrap()
+    }
+}
+
+/// Connections seen by an echo server (one JSON report line each).
+fn served(process: &LabProcess) -> usize {
+    process.stdout_text().lines().filter(|l| l.starts_with('{')).count()
+}
+
+#[test]
+fn inbound_connections_reach_the_listener_with_their_original_destination() {
+    let mesh = InboundLab::new("in-steer", &["--exclude-inbound-ports", "9090"]);
+    let listener = mesh.start_listener();
+    for target in [
+        SocketAddr::new(mesh.server.ipv4().into(), 8080),
+        SocketAddr::new(mesh.server.ipv6().into(), 8080),
+    ] {
+        let report = mesh.connect(target).unwrap_or_else(|e| panic!("{target}: {e}"));
+        assert!(report.echo_ok);
+        assert_eq!(canonical(report.server.local), target, "the local address is the original destination");
+        assert_eq!(report.peer, target, "the client sees the address it dialled");
+    }
+    assert_eq!(served(&listener), 2, "listener:\n{}", listener.stdout_text());
+    assert_eq!(served(&mesh.app), 0, "the app must not see captured connections");
+
+    // An excluded port goes straight to the app.
+    let report = mesh.connect(SocketAddr::new(mesh.server.ipv4().into(), 9090)).unwrap();
+    assert!(report.echo_ok);
+    assert_eq!(served(&mesh.app), 1);
+
+    // The proxy's passthrough (from 127.0.0.6 / ::1 inside the pod) reaches the app.
+    let script = format!(
+        "import socket\n\
+         for fam, src, dst in ((socket.AF_INET, '127.0.0.6', '{v4}'), (socket.AF_INET6, '::1', '{v6}')):\n\
+         \x20   s = socket.socket(fam); s.bind((src, 0)); s.settimeout(2); s.connect((dst, 8080))\n\
+         \x20   s.sendall(b'x'); s.shutdown(socket.SHUT_WR); assert s.recv(4096)\n",
+        v4 = mesh.server.ipv4(),
+        v6 = mesh.server.ipv6()
+    );
+    // Run from a cgroup outside the pod, so the outbound hooks leave it alone, as they leave
+    // the proxy alone.
+    let out = mesh
+        .server
+        .command("python3")
+        .in_cgroup(mesh.lab.sibling_cgroup("unhooked").unwrap())
+        .args(["-c", &script])
+        .run()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(served(&mesh.app), 3);
+
+    let counters = mesh.counters();
+    assert_eq!(counters["inbound_redirected"], 2, "{counters:?}");
+    assert_eq!(counters["inbound_excluded_port"], 1, "{counters:?}");
+    assert_eq!(counters["inbound_from_loopback"], 2, "{counters:?}");
+    assert_eq!(counters["inbound_no_proxy"], 0, "{counters:?}");
+}
+
+#[test]
+fn without_the_proxy_inbound_fails_closed_and_is_counted() {
+    let mesh = InboundLab::new("in-closed", &[]);
+    let target = SocketAddr::new(mesh.server.ipv4().into(), 8080);
+    let err = mesh.connect(target).expect_err("no listener: the connection must not reach the app");
+    assert!(err.contains("timed out") || err.contains("refused"), "{err}");
+    assert_eq!(served(&mesh.app), 0);
+    assert!(mesh.counters()["inbound_no_proxy"] >= 1);
+
+    // A listener that comes up later is picked up without re-running init...
+    let listener = mesh.start_listener();
+    mesh.connect(target).expect("captured once the listener exists");
+    assert_eq!(served(&listener), 1);
+    // ...and one that goes away leaves no stale registration behind.
+    listener.stop(Duration::from_secs(2)).unwrap();
+    mesh.connect(target).expect_err("listener gone");
+    let _ = &mesh.lab;
+}
+
+#[test]
+fn inbound_capture_can_be_turned_off() {
+    let mesh = InboundLab::new("in-off", &["--no-inbound-capture"]);
+    let _listener = mesh.start_listener();
+    let report = mesh.connect(SocketAddr::new(mesh.server.ipv4().into(), 8080)).unwrap();
+    assert!(report.echo_ok);
+    assert_eq!(served(&mesh.app), 1);
+    let out = sidecar(&["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let cgroup = mesh.server.cgroup().to_string_lossy().into_owned();
+    let entry = status["ebpf"].as_array().unwrap().iter().find(|c| c["cgroup"] == cgroup.as_str()).cloned().unwrap();
+    assert!(entry["inbound_port"].is_null(), "{entry}");
+    let links = entry["links"].to_string();
+    assert!(!links.contains("steer_inbound"), "{links}");
+}
