@@ -149,6 +149,8 @@ fn install_capture(lab: &Lab, client: &Pod, sidecar: &Path, mode: Mode) -> Resul
                 .arg("init")
                 .arg("--cgroup")
                 .arg(&cgroup)
+                .arg("--netns")
+                .arg(client.netns_path())
                 .output()?;
             let cleanup_bin = sidecar.to_path_buf();
             lab.on_teardown(move || {
