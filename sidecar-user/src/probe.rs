@@ -55,10 +55,18 @@ fn kernel_has(feature: Feature) -> bool {
     }
 }
 
+/// What inbound capture needs on top of `REQUIRED`.
+pub const REQUIRED_FOR_INBOUND: &[(Feature, &str)] = &[
+    (Feature::Program(ProgramType::SkLookup), "sk_lookup programs (inbound capture, Linux 5.9+)"),
+    (Feature::Map(MapType::SockMap), "sockmap maps (Linux 4.14+)"),
+];
+
 /// Fails naming every required feature `has` reports missing.
-pub fn check_features(has: impl Fn(Feature) -> bool) -> Result<()> {
+pub fn check_features(inbound: bool, has: impl Fn(Feature) -> bool) -> Result<()> {
+    let inbound_features = if inbound { REQUIRED_FOR_INBOUND } else { &[] };
     let missing: Vec<&str> = REQUIRED
         .iter()
+        .chain(inbound_features)
         .filter(|(feature, _)| !has(*feature))
         .map(|(_, name)| *name)
         .collect();
@@ -69,8 +77,8 @@ pub fn check_features(has: impl Fn(Feature) -> bool) -> Result<()> {
 }
 
 /// Probes the running kernel for everything the eBPF capture needs.
-pub fn require_ebpf_capture_support() -> Result<()> {
-    check_features(kernel_has)
+pub fn require_ebpf_capture_support(inbound: bool) -> Result<()> {
+    check_features(inbound, kernel_has)
 }
 
 #[cfg(test)]
@@ -79,7 +87,7 @@ mod tests {
 
     #[test]
     fn names_each_missing_feature() {
-        let err = check_features(|f| {
+        let err = check_features(true, |f| {
             !matches!(
                 f,
                 Feature::Map(MapType::SkStorage) | Feature::Program(ProgramType::CgroupSockopt)
@@ -95,6 +103,10 @@ mod tests {
 
     #[test]
     fn a_complete_kernel_passes() {
-        assert!(check_features(|_| true).is_ok());
+        assert!(check_features(true, |_| true).is_ok());
+        let no_sk_lookup = |f| !matches!(f, Feature::Program(ProgramType::SkLookup));
+        assert!(check_features(false, no_sk_lookup).is_ok(), "outbound-only needs no sk_lookup");
+        let err = check_features(true, no_sk_lookup).unwrap_err().to_string();
+        assert!(err.contains("sk_lookup programs (inbound capture, Linux 5.9+)"), "{err}");
     }
 }

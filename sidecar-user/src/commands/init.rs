@@ -131,7 +131,7 @@ fn init_ebpf(args: &InitArgs, settings: &CaptureSettings) -> Result<()> {
         .as_deref()
         .map(Cgroup::resolve)
         .transpose()?;
-    probe::require_ebpf_capture_support()?;
+    probe::require_ebpf_capture_support(settings.inbound_port.is_some())?;
     bpffs::ensure_mounted(&args.bpffs)?;
     let pin_dir = bpffs::pin_dir(&args.bpffs, cgroup.id);
     if args.max_tracked_connections == 0 {
