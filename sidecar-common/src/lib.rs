@@ -9,7 +9,9 @@ pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
 /// Istio's inbound capture port: the proxy's inbound listener.
 pub const DEFAULT_INBOUND_PORT: u16 = 15006;
 /// Ports of the proxy itself (Istio's numbering), never captured inbound.
-pub const PROXY_PORTS: [u16; 9] = [15000, 15001, 15004, 15006, 15008, 15020, 15021, 15053, 15090];
+pub const PROXY_PORTS: [u16; 9] = [
+    15000, 15001, 15004, 15006, 15008, 15020, 15021, 15053, 15090,
+];
 /// Istio's proxy UID and GID, exempt from capture by default.
 pub const DEFAULT_PROXY_ID: u32 = 1337;
 /// "No UID/GID exemption configured": no real process runs with id `(uid_t)-1`.

@@ -4,7 +4,7 @@
 use core::ptr::read_volatile;
 
 use aya_ebpf::{
-    bindings::{bpf_sock_ops, BPF_ANY},
+    bindings::{BPF_ANY, bpf_sock_ops},
     programs::{SkLookupContext, SockOpsContext},
 };
 use sidecar_common::Counter;
@@ -108,11 +108,20 @@ pub fn register_listener(ctx: &SockOpsContext) {
     };
     let ops: *mut bpf_sock_ops = ctx.ops;
     // SAFETY: scalar fields of a valid sock_ops context.
-    let (family, port) = unsafe { (read_volatile(&(*ops).family), read_volatile(&(*ops).local_port)) };
+    let (family, port) = unsafe {
+        (
+            read_volatile(&(*ops).family),
+            read_volatile(&(*ops).local_port),
+        )
+    };
     if port != config.inbound_port {
         return;
     }
-    let index = if family == AF_INET { LISTENER_V4 } else { LISTENER_V6 };
+    let index = if family == AF_INET {
+        LISTENER_V4
+    } else {
+        LISTENER_V6
+    };
     // SAFETY: `ops` is this program's context, as `update` requires.
     if unsafe { INBOUND_LISTENERS.update(index, ops, BPF_ANY as u64) }.is_err() {
         bump(Counter::Errors);

@@ -24,7 +24,11 @@ impl CaptureSettings {
     /// numbering) and this configuration's outbound and inbound ports.
     pub fn inbound_exclusions(&self) -> PortRanges {
         let mut ranges = self.excluded_inbound_ports.0.clone();
-        let own = PROXY_PORTS.iter().copied().chain([self.outbound_port]).chain(self.inbound_port);
+        let own = PROXY_PORTS
+            .iter()
+            .copied()
+            .chain([self.outbound_port])
+            .chain(self.inbound_port);
         ranges.extend(own.map(|port| port..=port));
         // Through the bitmap and back: sorted, deduplicated, adjacent ports merged.
         PortRanges::from_bitmap(&PortRanges(ranges).to_bitmap())

@@ -291,7 +291,12 @@ fn configure(ebpf: &mut Ebpf, settings: &CaptureSettings) -> Result<()> {
 
     let mut inbound: Array<&mut MapData, u64> =
         Array::try_from(map(ebpf, map_names::EXCLUDED_INBOUND_PORTS)?)?;
-    for (index, word) in settings.inbound_exclusions().to_bitmap().into_iter().enumerate() {
+    for (index, word) in settings
+        .inbound_exclusions()
+        .to_bitmap()
+        .into_iter()
+        .enumerate()
+    {
         inbound.set(index as u32, word, 0)?;
     }
 

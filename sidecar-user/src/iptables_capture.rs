@@ -12,7 +12,12 @@ pub const OUTPUT_CHAIN: &str = "SIDECAR_OUTPUT";
 pub const REDIRECT_CHAIN: &str = "SIDECAR_REDIRECT";
 pub const INBOUND_CHAIN: &str = "SIDECAR_INBOUND";
 pub const IN_REDIRECT_CHAIN: &str = "SIDECAR_IN_REDIRECT";
-const CHAINS: [&str; 4] = [OUTPUT_CHAIN, REDIRECT_CHAIN, INBOUND_CHAIN, IN_REDIRECT_CHAIN];
+const CHAINS: [&str; 4] = [
+    OUTPUT_CHAIN,
+    REDIRECT_CHAIN,
+    INBOUND_CHAIN,
+    IN_REDIRECT_CHAIN,
+];
 
 /// The built-in chain and the rule that sends TCP into one of ours.
 struct Jump {
@@ -20,8 +25,14 @@ struct Jump {
     to: &'static str,
 }
 
-const OUTBOUND_JUMP: Jump = Jump { from: "OUTPUT", to: OUTPUT_CHAIN };
-const INBOUND_JUMP: Jump = Jump { from: "PREROUTING", to: INBOUND_CHAIN };
+const OUTBOUND_JUMP: Jump = Jump {
+    from: "OUTPUT",
+    to: OUTPUT_CHAIN,
+};
+const INBOUND_JUMP: Jump = Jump {
+    from: "PREROUTING",
+    to: INBOUND_CHAIN,
+};
 
 impl Jump {
     fn args(&self, op: &'static str) -> Vec<&'static str> {
@@ -298,7 +309,10 @@ COMMIT
         s.inbound_port = None;
         let script = restore_script(&s, Family::V4);
         assert!(!script.contains("-A SIDECAR_INBOUND"), "{script}");
-        assert!(script.contains(":SIDECAR_INBOUND - [0:0]"), "chains are always declared (flushed)");
+        assert!(
+            script.contains(":SIDECAR_INBOUND - [0:0]"),
+            "chains are always declared (flushed)"
+        );
     }
 
     #[test]

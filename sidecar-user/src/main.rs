@@ -35,6 +35,8 @@ enum Command {
     KernelLogs(commands::kernel_logs::KernelLogsArgs),
     /// Run the proxy.
     Proxy(proxy::ProxyArgs),
+    /// Create a lab CA and SPIFFE workload certificates.
+    Certs(commands::certs::CertsArgs),
 }
 
 fn main() {
@@ -44,6 +46,7 @@ fn main() {
         Command::Status(args) => commands::status::run(args),
         Command::KernelLogs(args) => commands::kernel_logs::run(args),
         Command::Proxy(args) => proxy::run(args),
+        Command::Certs(args) => commands::certs::run(args),
     };
     if let Err(error) = result {
         eprintln!("sidecar: error: {error:#}");

@@ -57,7 +57,10 @@ fn kernel_has(feature: Feature) -> bool {
 
 /// What inbound capture needs on top of `REQUIRED`.
 pub const REQUIRED_FOR_INBOUND: &[(Feature, &str)] = &[
-    (Feature::Program(ProgramType::SkLookup), "sk_lookup programs (inbound capture, Linux 5.9+)"),
+    (
+        Feature::Program(ProgramType::SkLookup),
+        "sk_lookup programs (inbound capture, Linux 5.9+)",
+    ),
     (Feature::Map(MapType::SockMap), "sockmap maps (Linux 4.14+)"),
 ];
 
@@ -105,8 +108,14 @@ mod tests {
     fn a_complete_kernel_passes() {
         assert!(check_features(true, |_| true).is_ok());
         let no_sk_lookup = |f| !matches!(f, Feature::Program(ProgramType::SkLookup));
-        assert!(check_features(false, no_sk_lookup).is_ok(), "outbound-only needs no sk_lookup");
+        assert!(
+            check_features(false, no_sk_lookup).is_ok(),
+            "outbound-only needs no sk_lookup"
+        );
         let err = check_features(true, no_sk_lookup).unwrap_err().to_string();
-        assert!(err.contains("sk_lookup programs (inbound capture, Linux 5.9+)"), "{err}");
+        assert!(
+            err.contains("sk_lookup programs (inbound capture, Linux 5.9+)"),
+            "{err}"
+        );
     }
 }

@@ -74,9 +74,18 @@ fn bad_input_is_rejected_with_a_clear_error() {
     );
     assert_fails_with(&sidecar(&["init"]), "--cgroup is required in ebpf mode");
     // Run on the host without --netns, inbound capture would take the host's traffic.
-    assert_fails_with(&sidecar(&["init", "--cgroup", &cgroup]), "refusing to capture inbound traffic of the host's network namespace");
-    assert_fails_with(&sidecar(&["init", "--cgroup", &cgroup, "--netns", "/no/such/netns"]), "cannot open network namespace /no/such/netns");
-    assert_fails_with(&sidecar(&["init", "--cgroup", &cgroup, "--inbound-port", "15001"]), "invalid --inbound-port 15001");
+    assert_fails_with(
+        &sidecar(&["init", "--cgroup", &cgroup]),
+        "refusing to capture inbound traffic of the host's network namespace",
+    );
+    assert_fails_with(
+        &sidecar(&["init", "--cgroup", &cgroup, "--netns", "/no/such/netns"]),
+        "cannot open network namespace /no/such/netns",
+    );
+    assert_fails_with(
+        &sidecar(&["init", "--cgroup", &cgroup, "--inbound-port", "15001"]),
+        "invalid --inbound-port 15001",
+    );
     assert_fails_with(&sidecar(&["cleanup"]), "say what to clean up");
     let no_owner = pod
         .command(sidecar_bin())

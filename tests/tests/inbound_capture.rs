@@ -28,10 +28,21 @@ impl InboundLab {
         let app = server
             .command(labtool())
             .in_cgroup(server.cgroup_child("app").unwrap())
-            .args(["echo-server", "--listen", "[::]:8080", "--listen", "[::]:9090"])
+            .args([
+                "echo-server",
+                "--listen",
+                "[::]:8080",
+                "--listen",
+                "[::]:9090",
+            ])
             .spawn()
             .expect("app");
-        wait_for_tcp(&server, SocketAddr::new(server.ipv4().into(), 8080), Duration::from_secs(5)).unwrap();
+        wait_for_tcp(
+            &server,
+            SocketAddr::new(server.ipv4().into(), 8080),
+            Duration::from_secs(5),
+        )
+        .unwrap();
         let cgroup = server.cgroup().to_string_lossy().into_owned();
         let netns = server.netns_path().to_string_lossy().into_owned();
         let mut args = vec!["init", "--cgroup", &cgroup, "--netns", &netns];
@@ -41,7 +52,12 @@ impl InboundLab {
         lab.on_teardown(move || {
             let _ = sidecar(&["cleanup", "--cgroup", &cgroup]);
         });
-        InboundLab { lab, client, server, app }
+        InboundLab {
+            lab,
+            client,
+            server,
+            app,
+        }
     }
 
     /// The stand-in inbound listener, as the proxy would run it (UID 1337, proxy cgroup).
@@ -54,7 +70,9 @@ impl InboundLab {
             .args(["echo-server", "--listen", &format!("[::]:{INBOUND_PORT}")])
             .spawn()
             .expect("inbound listener");
-        listener.wait_for_stdout("listening", Duration::from_secs(5)).unwrap();
+        listener
+            .wait_for_stdout("listening", Duration::from_secs(5))
+            .unwrap();
         listener
     }
 
@@ -75,14 +93,23 @@ impl InboundLab {
         let out = sidecar(&["status", "--json"]);
         let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         let cgroup = self.server.cgroup().to_string_lossy().into_owned();
-        let entry = status["ebpf"].as_array().unwrap().iter().find(|c| c["cgroup"] == cgroup.as_str()).cloned();
+        let entry = status["ebpf"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["cgroup"] == cgroup.as_str())
+            .cloned();
         serde_json::from_value(entry.expect("server capture")["counters"].clone()).unwrap()
     }
 }
 
 /// Connections seen by an echo server (one JSON report line each).
 fn served(process: &LabProcess) -> usize {
-    process.stdout_text().lines().filter(|l| l.starts_with('{')).count()
+    process
+        .stdout_text()
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .count()
 }
 
 #[test]
@@ -93,16 +120,36 @@ fn inbound_connections_reach_the_listener_with_their_original_destination() {
         SocketAddr::new(mesh.server.ipv4().into(), 8080),
         SocketAddr::new(mesh.server.ipv6().into(), 8080),
     ] {
-        let report = mesh.connect(target).unwrap_or_else(|e| panic!("{target}: {e}"));
+        let report = mesh
+            .connect(target)
+            .unwrap_or_else(|e| panic!("{target}: {e}"));
         assert!(report.echo_ok);
-        assert_eq!(canonical(report.server.local), target, "the local address is the original destination");
-        assert_eq!(report.peer, target, "the client sees the address it dialled");
+        assert_eq!(
+            canonical(report.server.local),
+            target,
+            "the local address is the original destination"
+        );
+        assert_eq!(
+            report.peer, target,
+            "the client sees the address it dialled"
+        );
     }
-    assert_eq!(served(&listener), 2, "listener:\n{}", listener.stdout_text());
-    assert_eq!(served(&mesh.app), 0, "the app must not see captured connections");
+    assert_eq!(
+        served(&listener),
+        2,
+        "listener:\n{}",
+        listener.stdout_text()
+    );
+    assert_eq!(
+        served(&mesh.app),
+        0,
+        "the app must not see captured connections"
+    );
 
     // An excluded port goes straight to the app.
-    let report = mesh.connect(SocketAddr::new(mesh.server.ipv4().into(), 9090)).unwrap();
+    let report = mesh
+        .connect(SocketAddr::new(mesh.server.ipv4().into(), 9090))
+        .unwrap();
     assert!(report.echo_ok);
     assert_eq!(served(&mesh.app), 1);
 
@@ -138,14 +185,20 @@ fn inbound_connections_reach_the_listener_with_their_original_destination() {
 fn without_the_proxy_inbound_fails_closed_and_is_counted() {
     let mesh = InboundLab::new("in-closed", &[]);
     let target = SocketAddr::new(mesh.server.ipv4().into(), 8080);
-    let err = mesh.connect(target).expect_err("no listener: the connection must not reach the app");
-    assert!(err.contains("timed out") || err.contains("refused"), "{err}");
+    let err = mesh
+        .connect(target)
+        .expect_err("no listener: the connection must not reach the app");
+    assert!(
+        err.contains("timed out") || err.contains("refused"),
+        "{err}"
+    );
     assert_eq!(served(&mesh.app), 0);
     assert!(mesh.counters()["inbound_no_proxy"] >= 1);
 
     // A listener that comes up later is picked up without re-running init...
     let listener = mesh.start_listener();
-    mesh.connect(target).expect("captured once the listener exists");
+    mesh.connect(target)
+        .expect("captured once the listener exists");
     assert_eq!(served(&listener), 1);
     // ...and one that goes away leaves no stale registration behind.
     listener.stop(Duration::from_secs(2)).unwrap();
@@ -157,13 +210,21 @@ fn without_the_proxy_inbound_fails_closed_and_is_counted() {
 fn inbound_capture_can_be_turned_off() {
     let mesh = InboundLab::new("in-off", &["--no-inbound-capture"]);
     let _listener = mesh.start_listener();
-    let report = mesh.connect(SocketAddr::new(mesh.server.ipv4().into(), 8080)).unwrap();
+    let report = mesh
+        .connect(SocketAddr::new(mesh.server.ipv4().into(), 8080))
+        .unwrap();
     assert!(report.echo_ok);
     assert_eq!(served(&mesh.app), 1);
     let out = sidecar(&["status", "--json"]);
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let cgroup = mesh.server.cgroup().to_string_lossy().into_owned();
-    let entry = status["ebpf"].as_array().unwrap().iter().find(|c| c["cgroup"] == cgroup.as_str()).cloned().unwrap();
+    let entry = status["ebpf"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["cgroup"] == cgroup.as_str())
+        .cloned()
+        .unwrap();
     assert!(entry["inbound_port"].is_null(), "{entry}");
     let links = entry["links"].to_string();
     assert!(!links.contains("steer_inbound"), "{links}");

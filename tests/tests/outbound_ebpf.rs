@@ -166,7 +166,11 @@ fn init_twice_replaces_and_cleanup_leaves_nothing() {
     let first = attached_ids(&mesh);
     mesh.init(&["--exclude-ports", "22"]);
     let second = attached_ids(&mesh);
-    assert_eq!(second.len(), 7, "six cgroup hooks and the netns one: {second:?}");
+    assert_eq!(
+        second.len(),
+        7,
+        "six cgroup hooks and the netns one: {second:?}"
+    );
     // The kernel is asked about the cgroup hooks (the netns link is checked by behaviour).
     for (pin, ids) in second.iter().filter(|(pin, _)| pin != "link_steer_inbound") {
         assert_eq!(
@@ -355,7 +359,14 @@ fn init_mounts_bpffs_where_it_is_missing() {
     mesh.lab.on_teardown(move || {
         let _ = std::process::Command::new("umount").arg(&unmount).status();
     });
-    let out = sidecar(&["init", "--cgroup", &cgroup, "--no-inbound-capture", "--bpffs", &bpffs]);
+    let out = sidecar(&[
+        "init",
+        "--cgroup",
+        &cgroup,
+        "--no-inbound-capture",
+        "--bpffs",
+        &bpffs,
+    ]);
     assert!(out.status.success(), "{}", text(&out));
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
     assert!(

@@ -103,7 +103,10 @@ pub fn run(args: InitArgs) -> Result<()> {
         bail!("invalid --outbound-port 0");
     }
     if args.inbound_port == 0 || args.inbound_port == args.outbound_port {
-        bail!("invalid --inbound-port {}: it must be a port other than the outbound port", args.inbound_port);
+        bail!(
+            "invalid --inbound-port {}: it must be a port other than the outbound port",
+            args.inbound_port
+        );
     }
     let settings = args.settings();
     match args.mode {
@@ -144,7 +147,10 @@ fn init_ebpf(args: &InitArgs, settings: &CaptureSettings) -> Result<()> {
     };
     let netns = match settings.inbound_port {
         Some(_) => Some(std::fs::File::open(&netns_path).with_context(|| {
-            format!("cannot open network namespace {} (--netns)", netns_path.display())
+            format!(
+                "cannot open network namespace {} (--netns)",
+                netns_path.display()
+            )
         })?),
         None => None,
     };
@@ -219,7 +225,10 @@ mod tests {
         assert_eq!(cli.init.mode, Mode::Ebpf);
         assert_eq!(settings.inbound_port, Some(15006));
         let inbound = settings.inbound_exclusions().to_string();
-        assert_eq!(inbound, "15000-15001,15004,15006,15008,15020-15021,15053,15090");
+        assert_eq!(
+            inbound,
+            "15000-15001,15004,15006,15008,15020-15021,15053,15090"
+        );
     }
 
     #[test]

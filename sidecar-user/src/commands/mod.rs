@@ -1,4 +1,5 @@
 //! One module per CLI subcommand; each is a thin layer over the capture modules.
+pub mod certs;
 pub mod cleanup;
 pub mod init;
 pub mod kernel_logs;

@@ -167,7 +167,9 @@ fn describe_cgroup(cgroup_id: u64, pin_dir: &Path) -> Result<CgroupCapture> {
 /// Which hook a link pin belongs to, and where it is attached.
 fn hook_of_pin(pin: &str) -> Option<(&'static Hook, AttachPoint)> {
     let pod = POD_HOOKS.iter().map(|hook| (hook, AttachPoint::PodCgroup));
-    let proxy = PROXY_HOOKS.into_iter().map(|hook| (hook, AttachPoint::ProxyCgroup));
+    let proxy = PROXY_HOOKS
+        .into_iter()
+        .map(|hook| (hook, AttachPoint::ProxyCgroup));
     pod.chain(proxy)
         .chain([(NETNS_HOOK, AttachPoint::Netns)])
         .find(|(hook, point)| pin == ebpf_capture::link_pin_name(hook.program, *point))
@@ -194,7 +196,10 @@ fn print_text(status: &Status) {
         );
         println!("  excluded ports: {}", or_none(&capture.excluded_ports));
         match capture.inbound_port {
-            Some(port) => println!("  inbound port:   {port}, excluded local ports {}", capture.excluded_inbound_ports),
+            Some(port) => println!(
+                "  inbound port:   {port}, excluded local ports {}",
+                capture.excluded_inbound_ports
+            ),
             None => println!("  inbound port:   none (inbound not captured)"),
         }
         println!(

@@ -41,7 +41,7 @@ struct Routes {
 /// What the admin endpoints report on.
 pub struct AdminState {
     pub metrics: Arc<Metrics>,
-    /// False until every outbound listener is bound (and again while shutting down).
+    /// False until every listener is bound (and again while shutting down).
     pub ready: Arc<AtomicBool>,
 }
 
@@ -185,11 +185,14 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
-    use crate::proxy::metrics::TcpLabels;
+    use crate::proxy::metrics::LocalWorkload;
 
     fn state() -> anyhow::Result<AdminState> {
         Ok(AdminState {
-            metrics: Arc::new(Metrics::new(&TcpLabels::outbound("w", "ns"))?),
+            metrics: Arc::new(Metrics::new(&LocalWorkload {
+                name: "w".into(),
+                namespace: "ns".into(),
+            })?),
             ready: Arc::new(AtomicBool::new(false)),
         })
     }

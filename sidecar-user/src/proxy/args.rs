@@ -8,9 +8,9 @@ use std::{
 
 use anyhow::{Context, bail};
 use clap::Args;
-use sidecar_common::DEFAULT_OUTBOUND_PORT;
+use sidecar_common::{DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT};
 
-use super::{logging::LogFormat, orig_dst::OrigDstMode};
+use super::{Timeouts, logging::LogFormat, orig_dst::OrigDstMode};
 
 #[derive(Args, Debug, Clone)]
 pub struct ProxyArgs {
@@ -23,7 +23,29 @@ pub struct ProxyArgs {
     #[arg(long, value_delimiter = ',', default_value = "127.0.0.1,::1")]
     pub outbound_bind: Vec<IpAddr>,
 
-    /// How the original destination of an accepted connection is learned.
+    /// Port the captured inbound connections are steered (sk_lookup) or redirected to.
+    #[arg(long, default_value_t = DEFAULT_INBOUND_PORT)]
+    pub inbound_port: u16,
+
+    /// Addresses the inbound listener binds, comma separated (IPv6 ones are IPv6-only).
+    #[arg(long, value_delimiter = ',', default_value = "0.0.0.0,::")]
+    pub inbound_bind: Vec<IpAddr>,
+
+    /// Mesh config (YAML; see docs/MESH_CONFIG.md): identity files, mesh workloads, inbound
+    /// policy. Watched and reloaded on change. Without it: plaintext only, inbound PERMISSIVE.
+    #[arg(long, value_name = "PATH")]
+    pub mesh_config: Option<PathBuf>,
+
+    /// How long a PERMISSIVE inbound port waits for a client's first bytes before treating
+    /// the connection as plaintext (server-speaks-first protocols send nothing).
+    #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
+    pub sniff_timeout: Duration,
+
+    /// Give up on an mTLS handshake (either side) after this long.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub tls_handshake_timeout: Duration,
+
+    /// How the original destination of an accepted outbound connection is learned.
     #[arg(long, value_enum, default_value_t = OrigDstMode::Sockopt)]
     pub orig_dst: OrigDstMode,
 
@@ -77,8 +99,11 @@ pub enum OrigDstSource {
 pub struct ProxyConfig {
     pub outbound_port: u16,
     pub outbound_bind: Vec<IpAddr>,
+    pub inbound_port: u16,
+    pub inbound_bind: Vec<IpAddr>,
+    pub mesh_config: Option<PathBuf>,
     pub orig_dst: OrigDstSource,
-    pub connect_timeout: Duration,
+    pub timeouts: Timeouts,
     pub metrics_addr: SocketAddr,
     pub ready_addr: SocketAddr,
     pub workload_name: String,
@@ -91,6 +116,15 @@ impl TryFrom<&ProxyArgs> for ProxyConfig {
     fn try_from(args: &ProxyArgs) -> anyhow::Result<Self> {
         if args.outbound_bind.is_empty() {
             bail!("--outbound-bind needs at least one address");
+        }
+        if args.inbound_bind.is_empty() {
+            bail!("--inbound-bind needs at least one address");
+        }
+        if args.inbound_port == args.outbound_port {
+            bail!(
+                "--inbound-port and --outbound-port are both {}: they must differ",
+                args.inbound_port
+            );
         }
         // An option that would be silently ignored is almost always a mistake in a manifest.
         if args.target.is_some() && args.orig_dst != OrigDstMode::Explicit {
@@ -113,8 +147,15 @@ impl TryFrom<&ProxyArgs> for ProxyConfig {
         Ok(ProxyConfig {
             outbound_port: args.outbound_port,
             outbound_bind: args.outbound_bind.clone(),
+            inbound_port: args.inbound_port,
+            inbound_bind: args.inbound_bind.clone(),
+            mesh_config: args.mesh_config.clone(),
             orig_dst,
-            connect_timeout: args.connect_timeout,
+            timeouts: Timeouts {
+                connect: args.connect_timeout,
+                tls_handshake: args.tls_handshake_timeout,
+                sniff: args.sniff_timeout,
+            },
             metrics_addr: args.metrics_addr,
             ready_addr: args.ready_addr,
             workload_name: args.workload_name.clone(),
@@ -160,8 +201,24 @@ mod tests {
                 IpAddr::from(std::net::Ipv6Addr::LOCALHOST)
             ]
         );
+        assert_eq!(config.inbound_port, 15006);
+        assert_eq!(
+            config.inbound_bind,
+            vec![
+                IpAddr::from([0, 0, 0, 0]),
+                IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED)
+            ]
+        );
+        assert_eq!(config.mesh_config, None);
         assert_eq!(config.orig_dst, OrigDstSource::Sockopt);
-        assert_eq!(config.connect_timeout, Duration::from_secs(10));
+        assert_eq!(
+            config.timeouts,
+            Timeouts {
+                connect: Duration::from_secs(10),
+                tls_handshake: Duration::from_secs(10),
+                sniff: Duration::from_millis(200),
+            }
+        );
         assert_eq!(config.metrics_addr, "127.0.0.1:15020".parse()?);
         assert_eq!(config.ready_addr, "0.0.0.0:15021".parse()?);
         Ok(())
@@ -183,5 +240,12 @@ mod tests {
         let map = config(&["--orig-dst", "bpf-map", "--bpf-map", "/sys/fs/bpf/m"])?;
         assert_eq!(map.orig_dst, OrigDstSource::BpfMap("/sys/fs/bpf/m".into()));
         Ok(())
+    }
+
+    #[test]
+    fn inbound_and_outbound_ports_must_differ() {
+        let error = config(&["--inbound-port", "15001"]).expect_err("same port");
+        assert!(error.to_string().contains("must differ"), "{error}");
+        assert!(config(&["--inbound-bind", ""]).is_err());
     }
 }

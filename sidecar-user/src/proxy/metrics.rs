@@ -1,23 +1,78 @@
-//! Istio-compatible TCP metrics plus the proxy's own failure counter, in a private registry.
-use prometheus::{IntCounter, IntCounterVec, Opts, Registry, TextEncoder};
+//! Istio-compatible TCP metrics, the proxy's failure and reload counters and the certificate
+//! expiry gauge, in a private registry.
+use std::sync::OnceLock;
 
-/// Label values of the Istio TCP metrics. Missing values are `unknown`, never dropped, so
-/// Istio dashboards keep matching. Nothing per-connection (client IP/port, original
-/// destination) belongs here: it would make series unbounded.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TcpLabels {
-    pub reporter: &'static str,
-    pub source_workload: String,
-    pub source_workload_namespace: String,
-    pub source_principal: String,
-    pub destination_workload: String,
-    pub destination_service: String,
-    pub destination_principal: String,
-    pub request_protocol: &'static str,
-    pub connection_security_policy: &'static str,
-}
+use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use tracing::warn;
+
+use super::identity::SpiffeId;
 
 const UNKNOWN: &str = "unknown";
+
+/// Which side of a connection this proxy is on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// The app's own connections out (Istio's `reporter="source"`).
+    Outbound,
+    /// Connections to the app (Istio's `reporter="destination"`).
+    Inbound,
+}
+
+impl Direction {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+        }
+    }
+
+    const fn reporter(self) -> &'static str {
+        match self {
+            Direction::Outbound => "source",
+            Direction::Inbound => "destination",
+        }
+    }
+}
+
+/// Istio's `connection_security_policy`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecurityPolicy {
+    MutualTls,
+    None,
+}
+
+impl SecurityPolicy {
+    pub const fn name(self) -> &'static str {
+        match self {
+            SecurityPolicy::MutualTls => "mutual_tls",
+            SecurityPolicy::None => "none",
+        }
+    }
+}
+
+/// This workload, as metric labels name it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalWorkload {
+    pub name: String,
+    pub namespace: String,
+}
+
+/// Label values of the Istio TCP metrics. Missing values are `unknown`, never dropped, so
+/// Istio dashboards keep matching. Nothing per connection (client IP/port, original
+/// destination) belongs here: it would make series unbounded. Principals are bounded by the
+/// identities the trust bundle's CAs issue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TcpLabels {
+    reporter: &'static str,
+    source_workload: String,
+    source_workload_namespace: String,
+    source_principal: String,
+    destination_workload: String,
+    destination_service: String,
+    destination_principal: String,
+    request_protocol: &'static str,
+    connection_security_policy: SecurityPolicy,
+}
 
 impl TcpLabels {
     const NAMES: [&'static str; 9] = [
@@ -32,20 +87,41 @@ impl TcpLabels {
         "connection_security_policy",
     ];
 
-    /// Labels for plaintext outbound TCP reported by this (source) workload. The destination
-    /// is not known without service discovery, and there is no mTLS yet.
-    pub fn outbound(workload: &str, namespace: &str) -> Self {
+    /// Plaintext TCP, seen from `local` on the `direction` side; refine with the `with_*`
+    /// methods as more becomes known.
+    pub fn new(direction: Direction, local: &LocalWorkload) -> Self {
+        let (source, destination) = match direction {
+            Direction::Outbound => ((local.name.as_str(), local.namespace.as_str()), UNKNOWN),
+            Direction::Inbound => ((UNKNOWN, UNKNOWN), local.name.as_str()),
+        };
         TcpLabels {
-            reporter: "source",
-            source_workload: workload.to_owned(),
-            source_workload_namespace: namespace.to_owned(),
+            reporter: direction.reporter(),
+            source_workload: source.0.to_owned(),
+            source_workload_namespace: source.1.to_owned(),
             source_principal: UNKNOWN.to_owned(),
-            destination_workload: UNKNOWN.to_owned(),
+            destination_workload: destination.to_owned(),
             destination_service: UNKNOWN.to_owned(),
             destination_principal: UNKNOWN.to_owned(),
             request_protocol: "tcp",
-            connection_security_policy: "none",
+            connection_security_policy: SecurityPolicy::None,
         }
+    }
+
+    /// The connection is mesh mTLS between these two identities.
+    pub fn with_mutual_tls(mut self, source: &SpiffeId, destination: &SpiffeId) -> Self {
+        self.source_principal = source.to_string();
+        self.destination_principal = destination.to_string();
+        if self.source_workload_namespace == UNKNOWN {
+            self.source_workload_namespace = source.namespace().to_owned();
+        }
+        self.connection_security_policy = SecurityPolicy::MutualTls;
+        self
+    }
+
+    /// The destination's name from the mesh config.
+    pub fn with_destination_workload(mut self, name: &str) -> Self {
+        name.clone_into(&mut self.destination_workload);
+        self
     }
 
     fn values(&self) -> [&str; 9] {
@@ -58,12 +134,12 @@ impl TcpLabels {
             &self.destination_service,
             &self.destination_principal,
             self.request_protocol,
-            self.connection_security_policy,
+            self.connection_security_policy.name(),
         ]
     }
 }
 
-/// Why an accepted connection was not proxied.
+/// Why an accepted connection was not proxied (or was cut short by the peer's refusal).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FailureReason {
     OrigDstUnknown,
@@ -71,15 +147,43 @@ pub enum FailureReason {
     ConnectRefused,
     ConnectError,
     ConnectTimeout,
+    PeerCertExpired,
+    PeerCertNotYetValid,
+    /// The peer's chain does not lead to a root of the trust bundle (a wrong CA).
+    PeerCertUnknownCa,
+    /// The peer's SPIFFE ID is missing, malformed, or not the one the mesh config expects.
+    PeerIdentityMismatch,
+    /// The peer sent a TLS alert: it refused our certificate (or our ALPN).
+    TlsRejectedByPeer,
+    TlsHandshakeFailed,
+    TlsHandshakeTimeout,
+    /// Plaintext (or non-mesh TLS) to a STRICT port.
+    PlaintextRefused,
+    /// No allow rule of the port matches the peer.
+    Unauthorized,
+    /// Reading the first bytes failed (the client reset).
+    SniffFailed,
 }
 
 impl FailureReason {
-    const ALL: [FailureReason; 5] = [
+    const OUTBOUND: [FailureReason; 12] = [
         FailureReason::OrigDstUnknown,
         FailureReason::Loop,
         FailureReason::ConnectRefused,
         FailureReason::ConnectError,
         FailureReason::ConnectTimeout,
+        FailureReason::PeerCertExpired,
+        FailureReason::PeerCertNotYetValid,
+        FailureReason::PeerCertUnknownCa,
+        FailureReason::PeerIdentityMismatch,
+        FailureReason::TlsRejectedByPeer,
+        FailureReason::TlsHandshakeFailed,
+        FailureReason::TlsHandshakeTimeout,
+    ];
+    const INBOUND_ONLY: [FailureReason; 3] = [
+        FailureReason::PlaintextRefused,
+        FailureReason::Unauthorized,
+        FailureReason::SniffFailed,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -89,85 +193,207 @@ impl FailureReason {
             FailureReason::ConnectRefused => "connect_refused",
             FailureReason::ConnectError => "connect_error",
             FailureReason::ConnectTimeout => "connect_timeout",
+            FailureReason::PeerCertExpired => "peer_cert_expired",
+            FailureReason::PeerCertNotYetValid => "peer_cert_not_yet_valid",
+            FailureReason::PeerCertUnknownCa => "peer_cert_unknown_ca",
+            FailureReason::PeerIdentityMismatch => "peer_identity_mismatch",
+            FailureReason::TlsRejectedByPeer => "tls_rejected_by_peer",
+            FailureReason::TlsHandshakeFailed => "tls_handshake_failed",
+            FailureReason::TlsHandshakeTimeout => "tls_handshake_timeout",
+            FailureReason::PlaintextRefused => "plaintext_refused",
+            FailureReason::Unauthorized => "unauthorized",
+            FailureReason::SniffFailed => "sniff_failed",
+        }
+    }
+
+    /// The access log's message for a connection refused for this reason.
+    pub const fn headline(self) -> &'static str {
+        match self {
+            FailureReason::OrigDstUnknown => "original destination unknown; connection reset",
+            FailureReason::Loop => "refusing to proxy to itself (loop); connection reset",
+            FailureReason::ConnectRefused | FailureReason::ConnectError => {
+                "upstream connect failed; connection reset"
+            }
+            FailureReason::ConnectTimeout => "upstream connect timed out; connection reset",
+            FailureReason::PeerCertExpired => "peer certificate expired; connection refused",
+            FailureReason::PeerCertNotYetValid => {
+                "peer certificate not yet valid; connection refused"
+            }
+            FailureReason::PeerCertUnknownCa => {
+                "peer certificate not issued by a trusted CA; connection refused"
+            }
+            FailureReason::PeerIdentityMismatch => {
+                "peer identity is not the expected one; connection refused"
+            }
+            FailureReason::TlsRejectedByPeer => "the peer refused the mTLS handshake",
+            FailureReason::TlsHandshakeFailed => "mTLS handshake failed; connection refused",
+            FailureReason::TlsHandshakeTimeout => "mTLS handshake timed out; connection refused",
+            FailureReason::PlaintextRefused => {
+                "plaintext refused on a STRICT port; connection reset"
+            }
+            FailureReason::Unauthorized => "peer not authorized for this port; connection reset",
+            FailureReason::SniffFailed => "reading the first bytes failed; connection reset",
         }
     }
 }
 
-/// Counter handles for one label set, resolved once so the data path never hashes labels.
+/// Counter handles for one label set.
 #[derive(Clone)]
 pub struct TcpCounters {
     pub opened: IntCounter,
     pub closed: IntCounter,
-    /// Bytes sent to the app in responses (upstream -> app).
+    /// Bytes sent to the downstream peer (responses).
     pub sent_bytes: IntCounter,
-    /// Bytes received from the app in requests (app -> upstream).
+    /// Bytes received from the downstream peer (requests).
     pub received_bytes: IntCounter,
+}
+
+/// What a reload was about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReloadKind {
+    MeshConfig,
+    Certificates,
 }
 
 pub struct Metrics {
     registry: Registry,
-    outbound: TcpCounters,
-    failures: IntCounterVec,
+    opened: IntCounterVec,
+    closed: IntCounterVec,
+    sent: IntCounterVec,
+    received: IntCounterVec,
+    outbound_failures: IntCounterVec,
+    inbound_failures: IntCounterVec,
+    mesh_config_reloads: IntCounterVec,
+    certificate_reloads: IntCounterVec,
+    certificate_expiration: IntGauge,
+    /// The gauge is exported only once a certificate is loaded: a 0 would read as expired.
+    certificate_expiration_registered: OnceLock<()>,
 }
 
 impl Metrics {
-    pub fn new(outbound_labels: &TcpLabels) -> prometheus::Result<Self> {
+    /// The plaintext series of `local` in both directions are exported from the start.
+    pub fn new(local: &LocalWorkload) -> prometheus::Result<Self> {
         let registry = Registry::new();
-        let tcp_counter = |name: &str, help: &str| -> prometheus::Result<IntCounterVec> {
-            let counter = IntCounterVec::new(Opts::new(name, help), &TcpLabels::NAMES)?;
+        let counter_vec = |name: &str, help: &str, labels: &[&str]| {
+            let counter = IntCounterVec::new(Opts::new(name, help), labels)?;
             registry.register(Box::new(counter.clone()))?;
-            Ok(counter)
+            Ok::<_, prometheus::Error>(counter)
         };
-        let opened = tcp_counter(
+        let tcp = |name: &str, help: &str| counter_vec(name, help, &TcpLabels::NAMES);
+        let opened = tcp(
             "istio_tcp_connections_opened_total",
             "TCP connections opened to an upstream.",
         )?;
-        let closed = tcp_counter(
+        let closed = tcp(
             "istio_tcp_connections_closed_total",
             "TCP connections closed after being proxied.",
         )?;
-        let sent = tcp_counter(
+        let sent = tcp(
             "istio_tcp_sent_bytes_total",
-            "Bytes sent during response (upstream to app).",
+            "Bytes sent during response (upstream to downstream).",
         )?;
-        let received = tcp_counter(
+        let received = tcp(
             "istio_tcp_received_bytes_total",
-            "Bytes received during request (app to upstream).",
+            "Bytes received during request (downstream to upstream).",
         )?;
-        let values = outbound_labels.values();
-        let outbound = TcpCounters {
-            opened: opened.get_metric_with_label_values(&values)?,
-            closed: closed.get_metric_with_label_values(&values)?,
-            sent_bytes: sent.get_metric_with_label_values(&values)?,
-            received_bytes: received.get_metric_with_label_values(&values)?,
-        };
-
-        let failures = IntCounterVec::new(
-            Opts::new(
-                "sidecar_outbound_failures_total",
-                "Accepted outbound connections that could not be proxied, by reason.",
-            ),
+        let outbound_failures = counter_vec(
+            "sidecar_outbound_failures_total",
+            "Accepted outbound connections that could not be proxied, by reason.",
             &["reason"],
         )?;
-        registry.register(Box::new(failures.clone()))?;
+        let inbound_failures = counter_vec(
+            "sidecar_inbound_failures_total",
+            "Accepted inbound connections refused or not proxied, by reason.",
+            &["reason"],
+        )?;
         // Every reason is exported from the start, so alerts can use rate() without gaps.
-        for reason in FailureReason::ALL {
-            failures.get_metric_with_label_values(&[reason.name()])?;
+        for reason in FailureReason::OUTBOUND {
+            outbound_failures.with_label_values(&[reason.name()]);
+            inbound_failures.with_label_values(&[reason.name()]);
         }
-
-        Ok(Metrics {
+        for reason in FailureReason::INBOUND_ONLY {
+            inbound_failures.with_label_values(&[reason.name()]);
+        }
+        let mesh_config_reloads = counter_vec(
+            "sidecar_mesh_config_reloads_total",
+            "Reloads of the mesh config file; on failure the previous config stays in force.",
+            &["result"],
+        )?;
+        let certificate_reloads = counter_vec(
+            "sidecar_certificate_reloads_total",
+            "Reloads of the workload certificate, key and trust bundle; on failure the previous ones stay in force.",
+            &["result"],
+        )?;
+        for result in ["success", "failure"] {
+            mesh_config_reloads.with_label_values(&[result]);
+            certificate_reloads.with_label_values(&[result]);
+        }
+        let certificate_expiration = IntGauge::new(
+            "sidecar_certificate_expiration_seconds",
+            "notAfter of the workload certificate in use, in Unix seconds.",
+        )?;
+        let metrics = Metrics {
             registry,
-            outbound,
-            failures,
-        })
+            opened,
+            closed,
+            sent,
+            received,
+            outbound_failures,
+            inbound_failures,
+            mesh_config_reloads,
+            certificate_reloads,
+            certificate_expiration,
+            certificate_expiration_registered: OnceLock::new(),
+        };
+        for direction in [Direction::Outbound, Direction::Inbound] {
+            metrics.tcp(&TcpLabels::new(direction, local));
+        }
+        Ok(metrics)
     }
 
-    pub fn outbound(&self) -> &TcpCounters {
-        &self.outbound
+    /// The counters of one label set (resolved once per connection, not per byte).
+    pub fn tcp(&self, labels: &TcpLabels) -> TcpCounters {
+        let values = labels.values();
+        TcpCounters {
+            opened: self.opened.with_label_values(&values),
+            closed: self.closed.with_label_values(&values),
+            sent_bytes: self.sent.with_label_values(&values),
+            received_bytes: self.received.with_label_values(&values),
+        }
     }
 
-    pub fn record_failure(&self, reason: FailureReason) {
-        self.failures.with_label_values(&[reason.name()]).inc();
+    pub fn record_failure(&self, direction: Direction, reason: FailureReason) {
+        self.failures(direction)
+            .with_label_values(&[reason.name()])
+            .inc();
+    }
+
+    fn failures(&self, direction: Direction) -> &IntCounterVec {
+        match direction {
+            Direction::Outbound => &self.outbound_failures,
+            Direction::Inbound => &self.inbound_failures,
+        }
+    }
+
+    pub fn record_reload(&self, kind: ReloadKind, success: bool) {
+        let counter = match kind {
+            ReloadKind::MeshConfig => &self.mesh_config_reloads,
+            ReloadKind::Certificates => &self.certificate_reloads,
+        };
+        let result = if success { "success" } else { "failure" };
+        counter.with_label_values(&[result]).inc();
+    }
+
+    pub fn set_certificate_expiration(&self, not_after_unix_seconds: i64) {
+        self.certificate_expiration_registered.get_or_init(|| {
+            if let Err(error) = self
+                .registry
+                .register(Box::new(self.certificate_expiration.clone()))
+            {
+                warn!(%error, "cannot export the certificate expiry gauge");
+            }
+        });
+        self.certificate_expiration.set(not_after_unix_seconds);
     }
 
     /// The registry in Prometheus text exposition format.
@@ -176,8 +402,21 @@ impl Metrics {
     }
 
     #[cfg(test)]
-    pub fn failures(&self, reason: FailureReason) -> u64 {
-        self.failures.with_label_values(&[reason.name()]).get()
+    pub fn failure_count(&self, direction: Direction, reason: FailureReason) -> u64 {
+        self.failures(direction)
+            .with_label_values(&[reason.name()])
+            .get()
+    }
+
+    #[cfg(test)]
+    pub fn reload_count(&self, kind: ReloadKind, success: bool) -> u64 {
+        let counter = match kind {
+            ReloadKind::MeshConfig => &self.mesh_config_reloads,
+            ReloadKind::Certificates => &self.certificate_reloads,
+        };
+        counter
+            .with_label_values(&[if success { "success" } else { "failure" }])
+            .get()
     }
 }
 
@@ -185,11 +424,21 @@ impl Metrics {
 mod tests {
     use super::*;
 
+    fn local() -> LocalWorkload {
+        LocalWorkload {
+            name: "web".into(),
+            namespace: "shop".into(),
+        }
+    }
+
     #[test]
     fn all_series_are_exported_with_unknown_defaults() -> prometheus::Result<()> {
-        let metrics = Metrics::new(&TcpLabels::outbound("web", "shop"))?;
-        metrics.outbound().opened.inc();
-        metrics.record_failure(FailureReason::Loop);
+        let metrics = Metrics::new(&local())?;
+        metrics
+            .tcp(&TcpLabels::new(Direction::Outbound, &local()))
+            .opened
+            .inc();
+        metrics.record_failure(Direction::Outbound, FailureReason::Loop);
         let text = metrics.render()?;
         let labels = concat!(
             r#"{connection_security_policy="none",destination_principal="unknown","#,
@@ -201,8 +450,43 @@ mod tests {
         assert!(text.contains(&format!("istio_tcp_connections_closed_total{labels} 0")));
         assert!(text.contains(&format!("istio_tcp_sent_bytes_total{labels} 0")));
         assert!(text.contains(&format!("istio_tcp_received_bytes_total{labels} 0")));
+        assert!(text.contains(r#"reporter="destination""#));
         assert!(text.contains(r#"sidecar_outbound_failures_total{reason="loop"} 1"#));
         assert!(text.contains(r#"sidecar_outbound_failures_total{reason="connect_timeout"} 0"#));
+        assert!(text.contains(r#"sidecar_inbound_failures_total{reason="plaintext_refused"} 0"#));
+        assert!(!text.contains(r#"sidecar_outbound_failures_total{reason="unauthorized"}"#));
+        assert!(text.contains(r#"sidecar_certificate_reloads_total{result="failure"} 0"#));
+        assert!(
+            !text.contains("sidecar_certificate_expiration_seconds"),
+            "no certificate yet"
+        );
+        metrics.set_certificate_expiration(1_900_000_000);
+        metrics.set_certificate_expiration(1_900_000_001);
+        assert!(
+            metrics
+                .render()?
+                .contains("sidecar_certificate_expiration_seconds 1900000001")
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn inbound_mutual_tls_labels_name_both_principals() -> prometheus::Result<()> {
+        let client: SpiffeId = "spiffe://td/ns/front/sa/client".parse().expect("id");
+        let server: SpiffeId = "spiffe://td/ns/shop/sa/web".parse().expect("id");
+        let labels = TcpLabels::new(Direction::Inbound, &local()).with_mutual_tls(&client, &server);
+        let metrics = Metrics::new(&local())?;
+        metrics.tcp(&labels).opened.inc();
+        let text = metrics.render()?;
+        let expected = concat!(
+            r#"istio_tcp_connections_opened_total{connection_security_policy="mutual_tls","#,
+            r#"destination_principal="spiffe://td/ns/shop/sa/web","#,
+            r#"destination_service="unknown",destination_workload="web","#,
+            r#"reporter="destination",request_protocol="tcp","#,
+            r#"source_principal="spiffe://td/ns/front/sa/client","#,
+            r#"source_workload="unknown",source_workload_namespace="front"} 1"#
+        );
+        assert!(text.contains(expected), "{text}");
         Ok(())
     }
 }

@@ -1,19 +1,44 @@
-//! `sidecar proxy`: the L4 proxy captured outbound connections are redirected to.
+//! `sidecar proxy`: the L4 proxy captured connections are sent to, outbound (15001) and inbound
+//! (15006), with mTLS between sidecars when a mesh config is given.
 //!
 //! - `args`: command-line options, validated into one `ProxyConfig`;
-//! - `orig_dst`: where a connection was going (SO_ORIGINAL_DST, the BPF index, or fixed);
-//! - `outbound`: listeners, the accept loop and the per-connection logic;
-//! - `copy`: bidirectional relay with half-close and live byte counting;
-//! - `metrics`: Istio TCP metrics and failure counters in a private registry;
+//! - `orig_dst`: where a connection was going (SO_ORIGINAL_DST, the BPF index, the local
+//!   address under sk_lookup, or fixed);
+//! - `listener`: listeners and accept loops; `upstream`: dialling (passthrough source address);
+//! - `outbound`, `inbound`: the per-connection logic of each side; `relay`: relay or refuse,
+//!   with the access log (`access_log`) and counters; `copy`: bidirectional counted copy;
+//! - `sniff`: bounded detection of a mesh ClientHello; `tls`: rustls configs, SPIFFE checks;
+//! - `identity`: SPIFFE IDs; `authz`: allow rules; `mesh_config`: the YAML file; `mesh`: the
+//!   compiled snapshot connections use; `mesh_watch`: load and hot-reload (notify);
+//! - `metrics`: Istio TCP metrics, failure and reload counters, certificate expiry;
 //! - `admin`: `/stats/prometheus` and `/healthz/ready` on a separate thread;
 //! - `logging`: the tracing subscriber.
+mod access_log;
 mod admin;
 mod args;
+mod authz;
 mod copy;
+mod inbound;
+mod listener;
 mod logging;
+mod mesh;
+mod mesh_config;
+mod mesh_watch;
 mod metrics;
 mod orig_dst;
 mod outbound;
+mod relay;
+mod sniff;
+
+mod upstream;
+
+#[cfg(test)]
+mod mesh_tests;
+#[cfg(test)]
+mod testing;
+
+pub mod identity;
+pub mod tls;
 
 use std::{
     future::Future,
@@ -22,6 +47,7 @@ use std::{
         Arc,
         atomic::{AtomicBool, Ordering},
     },
+    time::Duration,
 };
 
 use anyhow::Context;
@@ -33,10 +59,25 @@ pub use args::ProxyArgs;
 use self::{
     admin::AdminState,
     args::{OrigDstSource, ProxyConfig},
-    metrics::{Metrics, TcpLabels},
-    orig_dst::{BpfMapOrigDst, ExplicitOrigDst, OriginalDst, SockoptOrigDst},
+    inbound::InboundProxy,
+    listener::{AcceptLoops, bind_listeners, local_addrs},
+    mesh::{Mesh, MeshHandle},
+    mesh_watch::MeshSource,
+    metrics::{Direction, LocalWorkload, Metrics},
+    orig_dst::{BpfMapOrigDst, ExplicitOrigDst, InboundOrigDst, OriginalDst, SockoptOrigDst},
     outbound::OutboundProxy,
 };
+
+/// How long each step of a connection may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// TCP connect to the upstream.
+    pub connect: Duration,
+    /// A whole mTLS handshake, either side (and, on STRICT ports, the wait for a ClientHello).
+    pub tls_handshake: Duration,
+    /// PERMISSIVE ports: the wait for a client's first bytes.
+    pub sniff: Duration,
+}
 
 /// Runs the proxy until SIGTERM or SIGINT.
 pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
@@ -54,8 +95,11 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
 async fn serve(config: ProxyConfig) -> anyhow::Result<()> {
     // Opened first: a missing or unreadable map is a configuration error to report at once.
     let orig_dst = original_dst(&config.orig_dst)?;
-    let labels = TcpLabels::outbound(&config.workload_name, &config.workload_namespace);
-    let metrics = Arc::new(Metrics::new(&labels).context("cannot register metrics")?);
+    let local = LocalWorkload {
+        name: config.workload_name.clone(),
+        namespace: config.workload_namespace.clone(),
+    };
+    let metrics = Arc::new(Metrics::new(&local).context("cannot register metrics")?);
     let ready = Arc::new(AtomicBool::new(false));
 
     // Admin first, so probes get a clear 503 (not a refused connect) while we start.
@@ -68,14 +112,59 @@ async fn serve(config: ProxyConfig) -> anyhow::Result<()> {
     // Registered before readiness, so a signal arriving right after is not lost.
     let shutdown = shutdown_signal().context("cannot install signal handlers")?;
 
-    let listeners = outbound::bind_listeners(&config.outbound_bind, config.outbound_port).await?;
-    let orig_dst_source = orig_dst.mode().name();
-    let proxy = OutboundProxy::new(listeners, orig_dst, metrics, config.connect_timeout)?;
+    // Before any listener: a bad mesh config fails startup instead of serving half a mesh.
+    let mesh = match &config.mesh_config {
+        Some(path) => {
+            let source = MeshSource::load(path, tls::crypto_provider(), metrics.clone())?;
+            let handle = source.handle();
+            mesh_watch::spawn_watcher(source)?;
+            handle
+        }
+        None => {
+            info!("no --mesh-config: plaintext only, every inbound port PERMISSIVE");
+            Arc::new(MeshHandle::new(Mesh::plaintext()))
+        }
+    };
+    let outbound_listeners = bind_listeners(
+        Direction::Outbound,
+        &config.outbound_bind,
+        config.outbound_port,
+    )?;
+    let inbound_listeners = bind_listeners(
+        Direction::Inbound,
+        &config.inbound_bind,
+        config.inbound_port,
+    )?;
+    let outbound = OutboundProxy {
+        listen_addrs: local_addrs(&outbound_listeners)?,
+        orig_dst,
+        mesh: mesh.clone(),
+        metrics: metrics.clone(),
+        local: local.clone(),
+        timeouts: config.timeouts,
+    };
+    let inbound = InboundProxy {
+        listen_addrs: local_addrs(&inbound_listeners)?,
+        orig_dst: Arc::new(InboundOrigDst {
+            inbound_port: config.inbound_port,
+        }),
+        mesh,
+        metrics,
+        local,
+        timeouts: config.timeouts,
+    };
+    let mut accept_loops = AcceptLoops::default();
+    accept_loops.add(outbound_listeners, Arc::new(outbound));
+    accept_loops.add(inbound_listeners, Arc::new(inbound));
     ready.store(true, Ordering::Release);
-    info!(orig_dst_source, "ready: all outbound listeners are bound");
+    info!(
+        outbound_port = config.outbound_port,
+        inbound_port = config.inbound_port,
+        "ready: all listeners are bound"
+    );
 
-    proxy
-        .serve(async {
+    accept_loops
+        .run_until(async {
             shutdown.await;
             // Fail readiness first, so nothing new is routed here while we stop.
             ready.store(false, Ordering::Release);

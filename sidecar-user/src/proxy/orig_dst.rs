@@ -11,7 +11,7 @@ use rustix::net::sockopt;
 use sidecar_common::Endpoint;
 use tokio::net::TcpStream;
 
-/// The `--orig-dst` choices, also the `orig_dst_source` field of access logs.
+/// The `--orig-dst` choices (outbound), also the `orig_dst_source` field of access logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum OrigDstMode {
     /// `SO_ORIGINAL_DST`, answered by iptables' conntrack or by the eBPF getsockopt shim.
@@ -32,11 +32,10 @@ impl OrigDstMode {
     }
 }
 
-/// Learns the destination an accepted (redirected) connection was originally sent to.
+/// Learns the destination an accepted (redirected) connection was originally sent to, and
+/// which mechanism answered (the access log's `orig_dst_source`).
 pub trait OriginalDst: Send + Sync {
-    fn lookup(&self, accepted: &TcpStream) -> io::Result<SocketAddr>;
-
-    fn mode(&self) -> OrigDstMode;
+    fn lookup(&self, accepted: &TcpStream) -> io::Result<(SocketAddr, &'static str)>;
 }
 
 /// `getsockopt(SO_ORIGINAL_DST)`: the same call works under iptables REDIRECT and under the
@@ -44,17 +43,31 @@ pub trait OriginalDst: Send + Sync {
 pub struct SockoptOrigDst;
 
 impl OriginalDst for SockoptOrigDst {
-    fn lookup(&self, accepted: &TcpStream) -> io::Result<SocketAddr> {
+    fn lookup(&self, accepted: &TcpStream) -> io::Result<(SocketAddr, &'static str)> {
         // The option level must match the accepted socket's family, not the destination's.
         let addr = match accepted.local_addr()? {
             SocketAddr::V4(_) => SocketAddr::V4(sockopt::ip_original_dst(accepted)?),
             SocketAddr::V6(_) => SocketAddr::V6(sockopt::ipv6_original_dst(accepted)?),
         };
-        Ok(unmap_v4(addr))
+        Ok((unmap_v4(addr), OrigDstMode::Sockopt.name()))
     }
+}
 
-    fn mode(&self) -> OrigDstMode {
-        OrigDstMode::Sockopt
+/// Inbound: steered by sk_lookup, the accepted socket keeps its original local address (any
+/// port but the inbound one); redirected by iptables, it arrives on the inbound port and
+/// conntrack knows the original destination.
+pub struct InboundOrigDst {
+    pub inbound_port: u16,
+}
+
+impl OriginalDst for InboundOrigDst {
+    fn lookup(&self, accepted: &TcpStream) -> io::Result<(SocketAddr, &'static str)> {
+        let local = accepted.local_addr()?;
+        if local.port() == self.inbound_port {
+            SockoptOrigDst.lookup(accepted)
+        } else {
+            Ok((unmap_v4(local), "local_addr"))
+        }
     }
 }
 
@@ -72,7 +85,7 @@ impl BpfMapOrigDst {
 }
 
 impl OriginalDst for BpfMapOrigDst {
-    fn lookup(&self, accepted: &TcpStream) -> io::Result<SocketAddr> {
+    fn lookup(&self, accepted: &TcpStream) -> io::Result<(SocketAddr, &'static str)> {
         // The index is keyed by the app socket's local address, i.e. our peer.
         let peer = accepted.peer_addr()?;
         let key = Endpoint::from_octets(ipv6_octets(peer.ip()), peer.port());
@@ -83,11 +96,7 @@ impl OriginalDst for BpfMapOrigDst {
             ),
             other => io::Error::other(other),
         })?;
-        endpoint_to_socket_addr(&orig)
-    }
-
-    fn mode(&self) -> OrigDstMode {
-        OrigDstMode::BpfMap
+        Ok((endpoint_to_socket_addr(&orig)?, OrigDstMode::BpfMap.name()))
     }
 }
 
@@ -95,12 +104,8 @@ impl OriginalDst for BpfMapOrigDst {
 pub struct ExplicitOrigDst(pub SocketAddr);
 
 impl OriginalDst for ExplicitOrigDst {
-    fn lookup(&self, _accepted: &TcpStream) -> io::Result<SocketAddr> {
-        Ok(self.0)
-    }
-
-    fn mode(&self) -> OrigDstMode {
-        OrigDstMode::Explicit
+    fn lookup(&self, _accepted: &TcpStream) -> io::Result<(SocketAddr, &'static str)> {
+        Ok((self.0, OrigDstMode::Explicit.name()))
     }
 }
 
@@ -162,6 +167,29 @@ mod tests {
         let from_kernel = Endpoint::v4(u32::from_ne_bytes([10, 1, 2, 3]), 8080);
         let from_user = Endpoint::from_octets(ipv6_octets("10.1.2.3".parse().unwrap()), 8080);
         assert_eq!(from_kernel, from_user);
+    }
+
+    #[tokio::test]
+    async fn inbound_uses_the_local_address_unless_it_arrived_on_the_inbound_port()
+    -> anyhow::Result<()> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let local = listener.local_addr()?;
+        let _client = TcpStream::connect(local).await?;
+        let (accepted, _) = listener.accept().await?;
+
+        // Steered by sk_lookup: the local address is the original destination.
+        let steered = InboundOrigDst {
+            inbound_port: 15006,
+        };
+        assert_eq!(steered.lookup(&accepted)?, (local, "local_addr"));
+
+        // On the inbound port itself it must come from conntrack, which knows nothing of a
+        // connection that was never redirected.
+        let redirected = InboundOrigDst {
+            inbound_port: local.port(),
+        };
+        assert!(redirected.lookup(&accepted).is_err());
+        Ok(())
     }
 
     #[test]

@@ -1,384 +1,189 @@
-//! The outbound listener: accept a captured connection, find where it was going, connect
-//! there, and relay both ways.
-use std::{
-    fmt::Display,
-    future::Future,
-    io,
-    net::{IpAddr, SocketAddr},
-    sync::Arc,
-    time::{Duration, Instant},
-};
+//! The outbound side: accept a captured connection, find where it was going, and connect
+//! there: with mTLS when the mesh config says the destination is a mesh workload, plainly
+//! otherwise; then relay both ways.
+use std::{net::SocketAddr, sync::Arc};
 
-use anyhow::bail;
-use rustix::{io::Errno, net::sockopt};
-use tokio::{
-    net::{TcpListener, TcpStream},
-    task::JoinSet,
-    time::timeout,
-};
-use tracing::{debug, info, warn};
+use rustls::pki_types::ServerName;
+use tokio::{net::TcpStream, time::timeout};
+use tokio_rustls::TlsConnector;
 
 use super::{
-    copy::{Transferred, copy_counted},
-    metrics::{FailureReason, Metrics},
+    Timeouts,
+    access_log::AccessLog,
+    listener::{Handler, is_own_listener},
+    mesh::{MeshDestination, MeshHandle, MeshTls},
+    metrics::{Direction, FailureReason, LocalWorkload, Metrics, SecurityPolicy, TcpLabels},
     orig_dst::OriginalDst,
+    relay::{Close, refuse, relay},
+    tls,
+    upstream::{self, Source},
 };
 
-/// Pause after a failed accept (e.g. out of file descriptors) so the loop does not spin.
-const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
-
-/// Binds the outbound port on each address. An IPv6 address is skipped with a warning when
-/// the host has IPv6 disabled; anything else that fails to bind is an error, as is binding
-/// nothing at all.
-pub async fn bind_listeners(ips: &[IpAddr], port: u16) -> anyhow::Result<Vec<TcpListener>> {
-    let mut listeners = Vec::with_capacity(ips.len());
-    for &ip in ips {
-        let addr = SocketAddr::new(ip, port);
-        match TcpListener::bind(addr).await {
-            Ok(listener) => {
-                info!(addr = %listener.local_addr()?, "listening on outbound port");
-                listeners.push(listener);
-            }
-            Err(error) if ip.is_ipv6() && ipv6_unavailable(&error) => {
-                warn!(%addr, %error, "IPv6 is disabled on this host; not listening on it");
-            }
-            Err(error) => bail!("cannot listen on {addr}: {error}"),
-        }
-    }
-    if listeners.is_empty() {
-        bail!("no outbound listener could be bound on {ips:?} port {port}");
-    }
-    Ok(listeners)
-}
-
-/// EADDRNOTAVAIL: `::1` is missing (disable_ipv6); EAFNOSUPPORT: no IPv6 in the kernel.
-fn ipv6_unavailable(error: &io::Error) -> bool {
-    matches!(
-        Errno::from_io_error(error),
-        Some(Errno::ADDRNOTAVAIL | Errno::AFNOSUPPORT)
-    )
-}
+const DIRECTION: Direction = Direction::Outbound;
 
 pub struct OutboundProxy {
-    listeners: Vec<TcpListener>,
-    connections: Arc<ConnectionHandler>,
-}
-
-impl OutboundProxy {
-    pub fn new(
-        listeners: Vec<TcpListener>,
-        orig_dst: Arc<dyn OriginalDst>,
-        metrics: Arc<Metrics>,
-        connect_timeout: Duration,
-    ) -> io::Result<Self> {
-        let listen_addrs = listeners
-            .iter()
-            .map(TcpListener::local_addr)
-            .collect::<io::Result<_>>()?;
-        let connections = Arc::new(ConnectionHandler {
-            orig_dst,
-            metrics,
-            connect_timeout,
-            listen_addrs,
-        });
-        Ok(OutboundProxy {
-            listeners,
-            connections,
-        })
-    }
-
-    /// Accepts on every listener until `shutdown` completes. Connections in flight are left to
-    /// the runtime, which closes them when it is dropped.
-    pub async fn serve(self, shutdown: impl Future<Output = ()>) {
-        let mut accept_loops = JoinSet::new();
-        for listener in self.listeners {
-            accept_loops.spawn(accept_loop(listener, self.connections.clone()));
-        }
-        tokio::select! {
-            () = shutdown => info!("shutting down: no longer accepting connections"),
-            Some(ended) = accept_loops.join_next() => {
-                // An accept loop only ends by panicking; a proxy missing a listener must not
-                // keep looking healthy.
-                warn!(error = ?ended.err(), "an accept loop ended unexpectedly; stopping");
-            }
-        }
-        accept_loops.shutdown().await;
-    }
-}
-
-async fn accept_loop(listener: TcpListener, connections: Arc<ConnectionHandler>) {
-    loop {
-        match listener.accept().await {
-            Ok((app, peer)) => {
-                tokio::spawn(connections.clone().handle(app, peer));
-            }
-            Err(error) => {
-                warn!(%error, "accept failed");
-                tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
-            }
-        }
-    }
-}
-
-struct ConnectionHandler {
-    orig_dst: Arc<dyn OriginalDst>,
-    metrics: Arc<Metrics>,
-    connect_timeout: Duration,
+    pub orig_dst: Arc<dyn OriginalDst>,
+    pub mesh: Arc<MeshHandle>,
+    pub metrics: Arc<Metrics>,
+    pub local: LocalWorkload,
+    pub timeouts: Timeouts,
     /// The proxy's own listeners, to recognise a connection aimed back at the proxy.
-    listen_addrs: Vec<SocketAddr>,
+    pub listen_addrs: Vec<SocketAddr>,
 }
 
-impl ConnectionHandler {
-    async fn handle(self: Arc<Self>, mut app: TcpStream, peer: SocketAddr) {
-        let mut log = AccessLog {
-            src: peer,
-            orig_dst: None,
-            orig_dst_source: self.orig_dst.mode().name(),
-            started: Instant::now(),
-        };
-
+impl Handler for OutboundProxy {
+    async fn handle(self: Arc<Self>, app: TcpStream, peer: SocketAddr) {
+        let mut log = AccessLog::new(DIRECTION, peer, "unknown");
         let orig_dst = match self.orig_dst.lookup(&app) {
-            Ok(addr) => addr,
+            Ok((addr, source)) => {
+                log.orig_dst_source = source;
+                addr
+            }
             Err(error) => return self.refuse(app, &log, FailureReason::OrigDstUnknown, error),
         };
         log.orig_dst = Some(orig_dst);
 
-        if self.is_own_listener(orig_dst, &app) {
+        if is_own_listener(&self.listen_addrs, orig_dst, &app) {
             let error = format!("{orig_dst} is this proxy's outbound listener");
             return self.refuse(app, &log, FailureReason::Loop, error);
         }
 
-        let mut upstream = match timeout(self.connect_timeout, TcpStream::connect(orig_dst)).await {
-            Ok(Ok(upstream)) => upstream,
-            Ok(Err(error)) => {
-                let reason = if error.kind() == io::ErrorKind::ConnectionRefused {
-                    FailureReason::ConnectRefused
-                } else {
-                    FailureReason::ConnectError
-                };
-                return self.refuse(app, &log, reason, error);
+        // One snapshot for the whole connection: a reload midway changes nothing here.
+        let mesh = self.mesh.current();
+        let mesh_route = mesh
+            .tls()
+            .and_then(|tls| Some((tls, tls.destination(orig_dst)?)));
+
+        let upstream = match upstream::connect(orig_dst, Source::Any, self.timeouts.connect).await {
+            Ok(upstream) => upstream,
+            Err(failure) => return self.refuse(app, &log, failure.reason, failure.error),
+        };
+
+        let labels = TcpLabels::new(DIRECTION, &self.local);
+        match mesh_route {
+            None => {
+                let counters = self.metrics.tcp(&labels);
+                relay(app, upstream, counters, &self.metrics, &log).await;
+            }
+            Some((local_tls, destination)) => {
+                self.originate_mtls(
+                    app,
+                    upstream,
+                    orig_dst,
+                    (local_tls, destination),
+                    labels,
+                    log,
+                )
+                .await;
+            }
+        }
+    }
+}
+
+impl OutboundProxy {
+    async fn originate_mtls(
+        &self,
+        app: TcpStream,
+        upstream: TcpStream,
+        orig_dst: SocketAddr,
+        (local_tls, destination): (&MeshTls, &MeshDestination),
+        labels: TcpLabels,
+        mut log: AccessLog,
+    ) {
+        log.dst_workload = Some(destination.workload.name.clone());
+        log.src_principal = Some(local_tls.identity.clone());
+        // Mesh peers are checked by SPIFFE ID; the IP only satisfies the API (no SNI is sent).
+        let server_name = ServerName::IpAddress(orig_dst.ip().into());
+        let connector = TlsConnector::from(destination.client_config.clone());
+        let handshake = connector.connect(server_name, upstream).into_fallible();
+        let tls_stream = match timeout(self.timeouts.tls_handshake, handshake).await {
+            Ok(Ok(tls_stream)) => tls_stream,
+            Ok(Err((error, _upstream))) => {
+                // Our alert is on its way to the server; the app gets a reset.
+                let reason = tls::failure_reason(&error);
+                return self.refuse(app, &log, reason, tls::describe(&error));
             }
             Err(_elapsed) => {
-                let error = format!("no answer within {:?}", self.connect_timeout);
-                return self.refuse(app, &log, FailureReason::ConnectTimeout, error);
+                let error = format!("no handshake within {:?}", self.timeouts.tls_handshake);
+                return self.refuse(app, &log, FailureReason::TlsHandshakeTimeout, error);
             }
         };
-
-        // Relayed small writes must not wait for Nagle: the app already chose its batching.
-        for stream in [&app, &upstream] {
-            if let Err(error) = stream.set_nodelay(true) {
-                debug!(%error, "cannot set TCP_NODELAY");
-            }
-        }
-
-        let counters = self.metrics.outbound();
-        counters.opened.inc();
-        let (transferred, result) = copy_counted(
-            &mut app,
-            &mut upstream,
-            counters.received_bytes.clone(),
-            counters.sent_bytes.clone(),
-        )
-        .await;
-        counters.closed.inc();
-
-        match result {
-            Ok(()) => log.completed(transferred),
-            Err(error) => {
-                // One side failed (usually a reset): pass the abort on rather than let the
-                // other side mistake a truncated stream for a complete one.
-                reset(app);
-                reset(upstream);
-                log.aborted(transferred, &error);
-            }
-        }
-    }
-
-    /// A connection whose original destination is one of our listeners would loop forever
-    /// (each hop accepted again by us). Loopback and unspecified addresses reach the listener
-    /// whatever its bound address, as does the address the connection arrived on.
-    fn is_own_listener(&self, orig_dst: SocketAddr, accepted: &TcpStream) -> bool {
-        if !self
-            .listen_addrs
-            .iter()
-            .any(|l| l.port() == orig_dst.port())
-        {
-            return false;
-        }
-        let ip = orig_dst.ip().to_canonical();
-        ip.is_loopback()
-            || ip.is_unspecified()
-            || self.listen_addrs.iter().any(|l| l.ip() == ip)
-            || accepted
-                .local_addr()
-                .is_ok_and(|local| local.ip().to_canonical() == ip)
-    }
-
-    /// Never drop silently: count, log why, and reset so the app fails fast as on a refused
-    /// connect instead of waiting on a half-open one.
-    fn refuse(&self, app: TcpStream, log: &AccessLog, reason: FailureReason, error: impl Display) {
-        self.metrics.record_failure(reason);
-        log.refused(reason, &error);
-        reset(app);
-    }
-}
-
-/// Closes with RST instead of FIN: a zero linger makes close() abort the connection.
-fn reset(stream: TcpStream) {
-    if let Err(error) = sockopt::set_socket_linger(&stream, Some(Duration::ZERO)) {
-        debug!(%error, "cannot set SO_LINGER; closing with FIN instead of RST");
-    }
-    drop(stream);
-}
-
-/// The one structured line each connection leaves, on target `access`.
-struct AccessLog {
-    src: SocketAddr,
-    orig_dst: Option<SocketAddr>,
-    orig_dst_source: &'static str,
-    started: Instant,
-}
-
-impl AccessLog {
-    fn duration_ms(&self) -> u64 {
-        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
-    }
-
-    fn completed(&self, transferred: Transferred) {
-        info!(
-            target: "access",
-            src = %self.src,
-            orig_dst = self.orig_dst.map(tracing::field::display),
-            orig_dst_source = self.orig_dst_source,
-            bytes_sent = transferred.sent,
-            bytes_received = transferred.received,
-            duration_ms = self.duration_ms(),
-            "connection complete"
-        );
-    }
-
-    fn aborted(&self, transferred: Transferred, error: &io::Error) {
-        info!(
-            target: "access",
-            src = %self.src,
-            orig_dst = self.orig_dst.map(tracing::field::display),
-            orig_dst_source = self.orig_dst_source,
-            bytes_sent = transferred.sent,
-            bytes_received = transferred.received,
-            duration_ms = self.duration_ms(),
-            error = %error,
-            "connection aborted"
-        );
-    }
-
-    fn refused(&self, reason: FailureReason, error: &dyn Display) {
-        let headline = match reason {
-            FailureReason::OrigDstUnknown => "original destination unknown; connection reset",
-            FailureReason::Loop => "refusing to proxy to itself (loop); connection reset",
-            FailureReason::ConnectRefused | FailureReason::ConnectError => {
-                "upstream connect failed; connection reset"
-            }
-            FailureReason::ConnectTimeout => "upstream connect timed out; connection reset",
+        let Some(server_identity) = tls::peer_identity(tls_stream.get_ref().1) else {
+            // The verifier accepted a SPIFFE ID, so this cannot happen; never proxy unchecked.
+            let error = "the verified server certificate has no SPIFFE ID";
+            return self.refuse(app, &log, FailureReason::PeerIdentityMismatch, error);
         };
-        warn!(
-            target: "access",
-            src = %self.src,
-            orig_dst = self.orig_dst.map(tracing::field::display),
-            orig_dst_source = self.orig_dst_source,
-            bytes_sent = 0u64,
-            bytes_received = 0u64,
-            duration_ms = self.duration_ms(),
-            reason = reason.name(),
-            error = %error,
-            "{headline}"
-        );
+        let labels = labels
+            .with_mutual_tls(&local_tls.identity, &server_identity)
+            .with_destination_workload(&destination.workload.name);
+        log.dst_principal = Some(server_identity);
+        log.security_policy = SecurityPolicy::MutualTls;
+        let counters = self.metrics.tcp(&labels);
+        relay(app, tls_stream, counters, &self.metrics, &log).await;
+    }
+
+    fn refuse(
+        &self,
+        app: TcpStream,
+        log: &AccessLog,
+        reason: FailureReason,
+        error: impl std::fmt::Display,
+    ) {
+        refuse(&self.metrics, log, reason, error, app, Close::Reset);
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::future::pending;
+    use std::{future::pending, time::Duration};
 
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::{
+        io::{AsyncReadExt, AsyncWriteExt},
+        net::TcpListener,
+    };
 
     use super::*;
     use crate::proxy::{
-        metrics::{TcpCounters, TcpLabels},
-        orig_dst::ExplicitOrigDst,
+        listener::{AcceptLoops, bind_listeners, local_addrs},
+        orig_dst::SockoptOrigDst,
+        testing::*,
     };
 
-    const LOCALHOST: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
-    const PATIENCE: Duration = Duration::from_secs(5);
-
-    /// A proxy on an ephemeral loopback port sending everything to `target`.
-    async fn start_proxy(
+    /// A plaintext proxy on an ephemeral loopback port sending everything to `target`.
+    fn start_proxy(
         target: impl FnOnce(SocketAddr) -> SocketAddr,
     ) -> anyhow::Result<(SocketAddr, Arc<Metrics>)> {
-        start_proxy_with_timeout(target, PATIENCE).await
+        start_proxy_with_timeout(target, PATIENCE)
     }
 
-    async fn start_proxy_with_timeout(
+    fn start_proxy_with_timeout(
         target: impl FnOnce(SocketAddr) -> SocketAddr,
-        connect_timeout: Duration,
+        connect: Duration,
     ) -> anyhow::Result<(SocketAddr, Arc<Metrics>)> {
-        let listeners = bind_listeners(&[LOCALHOST], 0).await?;
-        let proxy_addr = listeners[0].local_addr()?;
-        let metrics = Arc::new(Metrics::new(&TcpLabels::outbound("client", "test-ns"))?);
-        let orig_dst = Arc::new(ExplicitOrigDst(target(proxy_addr)));
-        let proxy = OutboundProxy::new(listeners, orig_dst, metrics.clone(), connect_timeout)?;
-        tokio::spawn(proxy.serve(pending()));
-        Ok((proxy_addr, metrics))
+        let metrics = Arc::new(Metrics::new(&local("client"))?);
+        let timeouts = Timeouts {
+            connect,
+            ..timeouts()
+        };
+        let running = start_outbound(target, plaintext_mesh(), metrics, timeouts)?;
+        Ok((running.addr, running.metrics))
     }
 
-    /// Reads the whole request (until the client's FIN), then answers it and closes.
-    async fn start_echo_after_eof() -> io::Result<SocketAddr> {
-        let listener = TcpListener::bind((LOCALHOST, 0)).await?;
-        let addr = listener.local_addr()?;
-        tokio::spawn(async move {
-            while let Ok((mut stream, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    let mut request = Vec::new();
-                    stream.read_to_end(&mut request).await?;
-                    stream.write_all(&request).await?;
-                    stream.shutdown().await
-                });
-            }
-        });
-        Ok(addr)
+    fn failures(metrics: &Metrics, reason: FailureReason) -> u64 {
+        metrics.failure_count(DIRECTION, reason)
     }
 
-    async fn wait_until(what: &str, condition: impl Fn() -> bool) {
-        let deadline = Instant::now() + PATIENCE;
-        while !condition() {
-            assert!(Instant::now() < deadline, "timed out waiting until {what}");
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    async fn round_trip(proxy: SocketAddr, request: &[u8]) -> io::Result<Vec<u8>> {
-        let mut client = TcpStream::connect(proxy).await?;
-        client.write_all(request).await?;
-        client.shutdown().await?;
-        let mut response = Vec::new();
-        timeout(PATIENCE, client.read_to_end(&mut response)).await??;
-        Ok(response)
-    }
-
-    /// After a reset, reading yields ConnectionReset (or, racing the RST, an empty EOF).
-    async fn expect_reset(proxy: SocketAddr) -> anyhow::Result<()> {
-        let mut client = TcpStream::connect(proxy).await?;
-        let mut buf = [0u8; 16];
-        match timeout(PATIENCE, client.read(&mut buf)).await? {
-            Ok(0) => Ok(()),
-            Err(error) if error.kind() == io::ErrorKind::ConnectionReset => Ok(()),
-            other => bail!("expected a reset, got {other:?}"),
-        }
+    fn opened(metrics: &Metrics) -> u64 {
+        metrics
+            .tcp(&TcpLabels::new(DIRECTION, &local("client")))
+            .opened
+            .get()
     }
 
     #[tokio::test]
     async fn client_half_close_still_gets_the_full_response() -> anyhow::Result<()> {
         let echo = start_echo_after_eof().await?;
-        let (proxy, _metrics) = start_proxy(|_| echo).await?;
+        let (proxy, _metrics) = start_proxy(|_| echo)?;
         // Large enough to span many reads and socket buffers.
         let request: Vec<u8> = (0..256 * 1024).map(|i| (i % 251) as u8).collect();
         // The server answers only after the client's FIN, so this proves FIN (not RST) reached it.
@@ -396,7 +201,7 @@ mod tests {
                 // Dropped here: a clean close with nothing unread, so the server sends FIN.
             }
         });
-        let (proxy, _metrics) = start_proxy(|_| server_addr).await?;
+        let (proxy, _metrics) = start_proxy(|_| server_addr)?;
 
         let mut client = TcpStream::connect(proxy).await?;
         let mut received = Vec::new();
@@ -408,13 +213,13 @@ mod tests {
     #[tokio::test]
     async fn refused_upstream_resets_the_client_and_is_counted() -> anyhow::Result<()> {
         let closed = TcpListener::bind((LOCALHOST, 0)).await?.local_addr()?;
-        let (proxy, metrics) = start_proxy(|_| closed).await?;
-        expect_reset(proxy).await?;
+        let (proxy, metrics) = start_proxy(|_| closed)?;
+        expect_refused(proxy, b"").await?;
         wait_until("the refusal is counted", || {
-            metrics.failures(FailureReason::ConnectRefused) == 1
+            failures(&metrics, FailureReason::ConnectRefused) == 1
         })
         .await;
-        assert_eq!(metrics.outbound().opened.get(), 0);
+        assert_eq!(opened(&metrics), 0);
         Ok(())
     }
 
@@ -434,12 +239,12 @@ mod tests {
         }
 
         let (proxy, metrics) =
-            start_proxy_with_timeout(|_| silent_addr, Duration::from_millis(300)).await?;
-        let started = Instant::now();
-        expect_reset(proxy).await?;
+            start_proxy_with_timeout(|_| silent_addr, Duration::from_millis(300))?;
+        let started = std::time::Instant::now();
+        expect_refused(proxy, b"").await?;
         assert!(started.elapsed() < PATIENCE);
         wait_until("the timeout is counted", || {
-            metrics.failures(FailureReason::ConnectTimeout) == 1
+            failures(&metrics, FailureReason::ConnectTimeout) == 1
         })
         .await;
         Ok(())
@@ -447,25 +252,27 @@ mod tests {
 
     #[tokio::test]
     async fn connection_to_the_proxy_itself_is_refused_as_a_loop() -> anyhow::Result<()> {
-        let (proxy, metrics) = start_proxy(|own_addr| own_addr).await?;
-        expect_reset(proxy).await?;
+        let (proxy, metrics) = start_proxy(|own_addr| own_addr)?;
+        expect_refused(proxy, b"").await?;
         wait_until("the loop is counted", || {
-            metrics.failures(FailureReason::Loop) == 1
+            failures(&metrics, FailureReason::Loop) == 1
         })
         .await;
-        assert_eq!(metrics.outbound().opened.get(), 0);
+        assert_eq!(opened(&metrics), 0);
         Ok(())
     }
 
     #[tokio::test]
     async fn metrics_count_connections_and_bytes() -> anyhow::Result<()> {
         let echo = start_echo_after_eof().await?;
-        let (proxy, metrics) = start_proxy(|_| echo).await?;
+        let (proxy, metrics) = start_proxy(|_| echo)?;
         let requests: [&[u8]; 3] = [b"one", b"second request", &[7u8; 10_000]];
         for request in requests {
             assert_eq!(round_trip(proxy, request).await?, request);
         }
-        let TcpCounters { closed, .. } = metrics.outbound();
+        let closed = metrics
+            .tcp(&TcpLabels::new(DIRECTION, &local("client")))
+            .closed;
         wait_until("every connection is closed", || closed.get() == 3).await;
 
         let total: usize = requests.iter().map(|r| r.len()).sum();
@@ -493,7 +300,32 @@ mod tests {
     #[tokio::test]
     async fn binding_fails_when_nothing_binds() {
         // TEST-NET-1 is never a local address.
-        let unreachable = IpAddr::from([192, 0, 2, 1]);
-        assert!(bind_listeners(&[unreachable], 0).await.is_err());
+        let unreachable = std::net::IpAddr::from([192, 0, 2, 1]);
+        assert!(bind_listeners(DIRECTION, &[unreachable], 0).is_err());
+    }
+
+    #[tokio::test]
+    async fn an_unknown_original_destination_is_refused_and_counted() -> anyhow::Result<()> {
+        // A connection nobody redirected: SO_ORIGINAL_DST has no answer.
+        let listeners = bind_listeners(DIRECTION, &[LOCALHOST], 0)?;
+        let addr = listeners[0].local_addr()?;
+        let metrics = Arc::new(Metrics::new(&local("client"))?);
+        let proxy = OutboundProxy {
+            orig_dst: Arc::new(SockoptOrigDst),
+            mesh: plaintext_mesh(),
+            metrics: metrics.clone(),
+            local: local("client"),
+            timeouts: timeouts(),
+            listen_addrs: local_addrs(&listeners)?,
+        };
+        let mut loops = AcceptLoops::default();
+        loops.add(listeners, Arc::new(proxy));
+        tokio::spawn(loops.run_until(pending()));
+        expect_refused(addr, b"").await?;
+        wait_until("the failure is counted", || {
+            failures(&metrics, FailureReason::OrigDstUnknown) == 1
+        })
+        .await;
+        Ok(())
     }
 }

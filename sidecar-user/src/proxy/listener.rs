@@ -1,0 +1,158 @@
+//! Listeners and accept loops, shared by the outbound and inbound sides.
+use std::{
+    future::Future,
+    io,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{Context, bail};
+use rustix::{io::Errno, net::sockopt};
+use tokio::{
+    net::{TcpListener, TcpSocket, TcpStream},
+    task::JoinSet,
+};
+use tracing::{debug, info, warn};
+
+use super::metrics::Direction;
+
+/// Pause after a failed accept (e.g. out of file descriptors) so the loop does not spin.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
+const BACKLOG: u32 = 1024;
+
+/// Binds `port` on each address. An IPv6 address is skipped with a warning when the host has
+/// IPv6 disabled; anything else that fails to bind is an error, as is binding nothing at all.
+/// IPv6 listeners are IPv6-only, so `0.0.0.0` and `::` can share a port.
+pub fn bind_listeners(
+    direction: Direction,
+    ips: &[IpAddr],
+    port: u16,
+) -> anyhow::Result<Vec<TcpListener>> {
+    let mut listeners = Vec::with_capacity(ips.len());
+    for &ip in ips {
+        let addr = SocketAddr::new(ip, port);
+        match bind(addr) {
+            Ok(listener) => {
+                let addr = listener.local_addr()?;
+                info!(%addr, direction = direction.name(), "listening");
+                listeners.push(listener);
+            }
+            Err(error) if ip.is_ipv6() && ipv6_unavailable(&error) => {
+                warn!(%addr, %error, "IPv6 is disabled on this host; not listening on it");
+            }
+            Err(error) => bail!("cannot listen on {addr}: {error}"),
+        }
+    }
+    if listeners.is_empty() {
+        bail!(
+            "no {} listener could be bound on {ips:?} port {port}",
+            direction.name()
+        );
+    }
+    Ok(listeners)
+}
+
+fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => {
+            let socket = TcpSocket::new_v6()?;
+            sockopt::set_ipv6_v6only(&socket, true)?;
+            socket
+        }
+    };
+    // As std's bind does: a restarted proxy must not wait out TIME_WAIT on its own port.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
+
+/// EADDRNOTAVAIL: `::1` is missing (disable_ipv6); EAFNOSUPPORT: no IPv6 in the kernel.
+fn ipv6_unavailable(error: &io::Error) -> bool {
+    matches!(
+        Errno::from_io_error(error),
+        Some(Errno::ADDRNOTAVAIL | Errno::AFNOSUPPORT)
+    )
+}
+
+/// A connection whose original destination is one of our listeners would loop forever (each
+/// hop accepted again by us). Loopback and unspecified addresses reach the listener whatever
+/// its bound address, as does the address the connection arrived on.
+pub fn is_own_listener(
+    listen_addrs: &[SocketAddr],
+    orig_dst: SocketAddr,
+    accepted: &TcpStream,
+) -> bool {
+    if !listen_addrs.iter().any(|l| l.port() == orig_dst.port()) {
+        return false;
+    }
+    let ip = orig_dst.ip().to_canonical();
+    ip.is_loopback()
+        || ip.is_unspecified()
+        || listen_addrs.iter().any(|l| l.ip() == ip)
+        || accepted
+            .local_addr()
+            .is_ok_and(|local| local.ip().to_canonical() == ip)
+}
+
+/// What handles each accepted connection of a listener.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(
+        self: Arc<Self>,
+        stream: TcpStream,
+        peer: SocketAddr,
+    ) -> impl Future<Output = ()> + Send;
+}
+
+/// The accept loops of every listener, run until shutdown.
+#[derive(Default)]
+pub struct AcceptLoops(JoinSet<()>);
+
+impl AcceptLoops {
+    pub fn add<H: Handler>(&mut self, listeners: Vec<TcpListener>, handler: Arc<H>) {
+        for listener in listeners {
+            self.0.spawn(accept_loop(listener, handler.clone()));
+        }
+    }
+
+    /// Accepts until `shutdown` completes. Connections in flight are left to the runtime,
+    /// which closes them when it is dropped.
+    pub async fn run_until(mut self, shutdown: impl Future<Output = ()>) {
+        tokio::select! {
+            () = shutdown => info!("shutting down: no longer accepting connections"),
+            Some(ended) = self.0.join_next() => {
+                // An accept loop only ends by panicking; a proxy missing a listener must not
+                // keep looking healthy.
+                warn!(error = ?ended.err(), "an accept loop ended unexpectedly; stopping");
+            }
+        }
+        self.0.shutdown().await;
+    }
+}
+
+async fn accept_loop<H: Handler>(listener: TcpListener, handler: Arc<H>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, peer)) => {
+                // Relayed small writes must not wait for Nagle: the peer chose its batching.
+                if let Err(error) = stream.set_nodelay(true) {
+                    debug!(%error, "cannot set TCP_NODELAY");
+                }
+                tokio::spawn(handler.clone().handle(stream, peer));
+            }
+            Err(error) => {
+                warn!(%error, "accept failed");
+                tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+            }
+        }
+    }
+}
+
+/// Addresses of `listeners`, e.g. for [`is_own_listener`].
+pub fn local_addrs(listeners: &[TcpListener]) -> anyhow::Result<Vec<SocketAddr>> {
+    listeners
+        .iter()
+        .map(|l| l.local_addr().context("listener address"))
+        .collect()
+}

@@ -1,0 +1,611 @@
+//! The mesh config file (`--mesh-config`, YAML; format in docs/MESH_CONFIG.md): this workload's
+//! certificate files, which destinations are mesh workloads (and who they must prove to be), and
+//! the inbound policy and authorization per port.
+//!
+//! Every value is checked while it is deserialized, so an error carries the line and column of
+//! the offending value.
+use std::{
+    collections::BTreeMap,
+    fmt,
+    net::{IpAddr, SocketAddr},
+    num::NonZeroU16,
+    path::{Path, PathBuf},
+};
+
+use ipnet::IpNet;
+use serde::Deserialize;
+use thiserror::Error;
+
+use super::{
+    authz::{AllowRule, Authorization},
+    identity::{SpiffeId, validate_segment, validate_trust_domain},
+};
+
+/// A mesh config file that could not be used, with where and why.
+#[derive(Debug, Error)]
+#[error("mesh config {}{}: {message}", path.display(), location.map(|(line, column)| format!(" line {line} column {column}")).unwrap_or_default())]
+pub struct ConfigError {
+    pub path: PathBuf,
+    /// 1-based line and column, when the problem is at one place in the file.
+    pub location: Option<(usize, usize)>,
+    pub message: String,
+}
+
+/// The validated mesh config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshConfig {
+    pub trust_domain: String,
+    pub identity: IdentityFiles,
+    /// Outbound destinations that get mTLS; the first match wins.
+    pub workloads: Vec<Workload>,
+    pub inbound: InboundPolicy,
+}
+
+/// This workload's certificate, key and trust bundle, as absolute paths (relative paths in the
+/// file are taken from the file's directory).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IdentityFiles {
+    /// PEM: the workload certificate first, then any intermediates.
+    pub certificate_chain: PathBuf,
+    /// PEM: the private key (PKCS#8, SEC1 or PKCS#1).
+    pub private_key: PathBuf,
+    /// PEM: every trusted root; several during a CA rotation.
+    pub trust_bundle: PathBuf,
+}
+
+impl IdentityFiles {
+    pub fn paths(&self) -> [&Path; 3] {
+        [
+            &self.certificate_chain,
+            &self.private_key,
+            &self.trust_bundle,
+        ]
+    }
+}
+
+/// A mesh workload (or a service's virtual IPs): where it is and who it must be.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "RawWorkload")]
+pub struct Workload {
+    pub name: String,
+    pub addresses: Vec<IpNet>,
+    /// Empty: every port.
+    pub ports: Vec<u16>,
+    /// The server must present one of these.
+    pub identities: Vec<SpiffeId>,
+}
+
+impl Workload {
+    pub fn matches(&self, addr: SocketAddr) -> bool {
+        let ip = addr.ip().to_canonical();
+        (self.ports.is_empty() || self.ports.contains(&addr.port()))
+            && self.addresses.iter().any(|net| net.contains(&ip))
+    }
+}
+
+/// How an inbound port treats plaintext.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum InboundMode {
+    /// Only mesh mTLS.
+    Strict,
+    /// Mesh mTLS and plaintext, told apart by the first bytes (Istio's default).
+    #[default]
+    Permissive,
+}
+
+impl InboundMode {
+    pub const fn name(self) -> &'static str {
+        match self {
+            InboundMode::Strict => "STRICT",
+            InboundMode::Permissive => "PERMISSIVE",
+        }
+    }
+}
+
+impl fmt::Display for InboundMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The policy of one inbound port.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PortPolicy {
+    pub mode: InboundMode,
+    pub authorization: Authorization,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct InboundPolicy {
+    /// For ports not listed.
+    pub default_mode: InboundMode,
+    pub ports: BTreeMap<u16, PortPolicy>,
+}
+
+impl InboundPolicy {
+    /// Unlisted ports get the default mode and no authorization rules.
+    pub fn port(&self, port: u16) -> PortPolicy {
+        self.ports.get(&port).cloned().unwrap_or(PortPolicy {
+            mode: self.default_mode,
+            authorization: Authorization::AllowAll,
+        })
+    }
+}
+
+impl MeshConfig {
+    /// Parses `text`, read from `path` (relative certificate paths are taken from its directory).
+    pub fn parse(text: &[u8], path: &Path) -> Result<Self, ConfigError> {
+        let raw: RawMeshConfig = serde_yaml::from_slice(text).map_err(|error| {
+            let location = error.location().map(|l| (l.line(), l.column()));
+            let mut message = error.to_string();
+            // serde_yaml appends the location in words; it is already in the prefix.
+            if let Some((line, column)) = location {
+                let suffix = format!(" at line {line} column {column}");
+                if let Some(stripped) = message.strip_suffix(&suffix) {
+                    message = stripped.to_owned();
+                }
+            }
+            ConfigError {
+                path: path.to_owned(),
+                location,
+                message,
+            }
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let trust_domain = raw.trust_domain.0;
+        let inbound = InboundPolicy {
+            default_mode: raw.inbound.mode,
+            ports: raw
+                .inbound
+                .ports
+                .0
+                .into_iter()
+                .map(|port| {
+                    let authorization = match port.allow {
+                        None => Authorization::AllowAll,
+                        Some(rules) => Authorization::AllowOnly(
+                            rules
+                                .into_iter()
+                                .map(|rule| rule.resolve(&trust_domain))
+                                .collect(),
+                        ),
+                    };
+                    let policy = PortPolicy {
+                        mode: port.mode.unwrap_or(raw.inbound.mode),
+                        authorization,
+                    };
+                    (port.port.get(), policy)
+                })
+                .collect(),
+        };
+        Ok(MeshConfig {
+            identity: IdentityFiles {
+                certificate_chain: base.join(raw.identity.certificate_chain),
+                private_key: base.join(raw.identity.private_key),
+                trust_bundle: base.join(raw.identity.trust_bundle),
+            },
+            trust_domain,
+            workloads: raw.workloads,
+            inbound,
+        })
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawMeshConfig {
+    trust_domain: TrustDomain,
+    identity: IdentityFiles,
+    #[serde(default)]
+    workloads: Vec<Workload>,
+    #[serde(default)]
+    inbound: RawInbound,
+}
+
+#[derive(Deserialize)]
+#[serde(try_from = "String")]
+struct TrustDomain(String);
+
+impl TryFrom<String> for TrustDomain {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        validate_trust_domain(&text).map_err(|error| error.to_string())?;
+        Ok(TrustDomain(text))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawWorkload {
+    name: String,
+    addresses: Vec<Address>,
+    #[serde(default)]
+    ports: Vec<NonZeroU16>,
+    identities: Vec<SpiffeId>,
+}
+
+impl TryFrom<RawWorkload> for Workload {
+    type Error = String;
+
+    fn try_from(raw: RawWorkload) -> Result<Self, String> {
+        if raw.name.is_empty() {
+            return Err("a workload needs a non-empty `name`".into());
+        }
+        if raw.addresses.is_empty() {
+            return Err(format!("workload {}: `addresses` is empty", raw.name));
+        }
+        if raw.identities.is_empty() {
+            return Err(format!(
+                "workload {}: `identities` is empty; list the SPIFFE IDs it may present",
+                raw.name
+            ));
+        }
+        Ok(Workload {
+            name: raw.name,
+            addresses: raw.addresses.into_iter().map(|a| a.0).collect(),
+            ports: raw.ports.into_iter().map(NonZeroU16::get).collect(),
+            identities: raw.identities,
+        })
+    }
+}
+
+/// An IP address (a host) or a CIDR.
+#[derive(Deserialize)]
+#[serde(try_from = "String")]
+struct Address(IpNet);
+
+impl TryFrom<String> for Address {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        let parsed = if text.contains('/') {
+            text.parse::<IpNet>().map_err(|e| e.to_string())
+        } else {
+            text.parse::<IpAddr>()
+                .map(|ip| IpNet::from(ip.to_canonical()))
+                .map_err(|e| e.to_string())
+        };
+        parsed
+            .map(|net| Address(net.trunc()))
+            .map_err(|error| format!("invalid address {text:?} (an IP or a CIDR): {error}"))
+    }
+}
+
+#[derive(Default, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawInbound {
+    #[serde(default)]
+    mode: InboundMode,
+    #[serde(default)]
+    ports: PortList,
+}
+
+/// Inbound port entries, each port at most once.
+#[derive(Default, Deserialize)]
+#[serde(try_from = "Vec<RawPort>")]
+struct PortList(Vec<RawPort>);
+
+impl TryFrom<Vec<RawPort>> for PortList {
+    type Error = String;
+
+    fn try_from(ports: Vec<RawPort>) -> Result<Self, String> {
+        let mut seen = std::collections::BTreeSet::new();
+        for port in &ports {
+            if !seen.insert(port.port) {
+                return Err(format!("inbound port {} is listed twice", port.port));
+            }
+        }
+        Ok(PortList(ports))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawPort {
+    port: NonZeroU16,
+    /// Default: the inbound default mode.
+    mode: Option<InboundMode>,
+    /// Absent: everyone; present: only these (empty: nobody).
+    allow: Option<Vec<RawAllowRule>>,
+}
+
+/// `principal`, or `namespace` (with an optional `trustDomain`), or `trustDomain` alone.
+#[derive(Deserialize)]
+#[serde(try_from = "RawAllowRuleFields")]
+enum RawAllowRule {
+    Principal(SpiffeId),
+    Namespace {
+        trust_domain: Option<String>,
+        namespace: String,
+    },
+    TrustDomain(String),
+}
+
+impl RawAllowRule {
+    /// A namespace rule without a trust domain means the mesh's own.
+    fn resolve(self, mesh_trust_domain: &str) -> AllowRule {
+        match self {
+            RawAllowRule::Principal(id) => AllowRule::Principal(id),
+            RawAllowRule::Namespace {
+                trust_domain,
+                namespace,
+            } => AllowRule::Namespace {
+                trust_domain: trust_domain.unwrap_or_else(|| mesh_trust_domain.to_owned()),
+                namespace,
+            },
+            RawAllowRule::TrustDomain(trust_domain) => AllowRule::TrustDomain(trust_domain),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawAllowRuleFields {
+    principal: Option<SpiffeId>,
+    namespace: Option<Namespace>,
+    trust_domain: Option<TrustDomain>,
+}
+
+#[derive(Deserialize)]
+#[serde(try_from = "String")]
+struct Namespace(String);
+
+impl TryFrom<String> for Namespace {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        validate_segment("namespace", &text).map_err(|error| error.to_string())?;
+        Ok(Namespace(text))
+    }
+}
+
+impl TryFrom<RawAllowRuleFields> for RawAllowRule {
+    type Error = String;
+
+    fn try_from(raw: RawAllowRuleFields) -> Result<Self, String> {
+        let trust_domain = raw.trust_domain.map(|td| td.0);
+        match (raw.principal, raw.namespace, trust_domain) {
+            (Some(id), None, None) => Ok(RawAllowRule::Principal(id)),
+            (Some(_), _, _) => Err(
+                "an allow rule with `principal` cannot also have `namespace` or `trustDomain`"
+                    .into(),
+            ),
+            (None, Some(namespace), trust_domain) => Ok(RawAllowRule::Namespace {
+                trust_domain,
+                namespace: namespace.0,
+            }),
+            (None, None, Some(trust_domain)) => Ok(RawAllowRule::TrustDomain(trust_domain)),
+            (None, None, None) => {
+                Err("an allow rule needs `principal`, `namespace` or `trustDomain`".into())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PATH: &str = "/etc/sidecar/mesh.yaml";
+
+    fn parse(text: &str) -> Result<MeshConfig, ConfigError> {
+        MeshConfig::parse(text.as_bytes(), Path::new(PATH))
+    }
+
+    const FULL: &str = "\
+trustDomain: cluster.local
+identity:
+  certificateChain: certs/cert-chain.pem
+  privateKey: /secret/key.pem
+  trustBundle: certs/root-cert.pem
+workloads:
+  - name: server
+    addresses: [198.18.0.2, 'fd18::2', 10.96.0.0/16]
+    ports: [8080]
+    identities: [spiffe://cluster.local/ns/default/sa/server]
+  - name: anything-else-in-the-pod-cidr
+    addresses: [198.18.0.0/24]
+    identities:
+      - spiffe://cluster.local/ns/default/sa/a
+      - spiffe://cluster.local/ns/default/sa/b
+inbound:
+  mode: STRICT
+  ports:
+    - port: 8080
+      allow:
+        - principal: spiffe://cluster.local/ns/default/sa/client
+        - namespace: prod
+        - namespace: default
+          trustDomain: partner.example
+        - trustDomain: other.example
+    - port: 15021
+      mode: PERMISSIVE
+    - port: 9090
+      allow: []
+";
+
+    #[test]
+    fn a_full_config_parses() -> Result<(), ConfigError> {
+        let config = parse(FULL)?;
+        assert_eq!(config.trust_domain, "cluster.local");
+        assert_eq!(
+            config.identity.certificate_chain,
+            Path::new("/etc/sidecar/certs/cert-chain.pem")
+        );
+        assert_eq!(config.identity.private_key, Path::new("/secret/key.pem"));
+        assert_eq!(config.workloads.len(), 2);
+        assert_eq!(config.workloads[0].addresses.len(), 3);
+
+        let at = |text: &str| text.parse::<SocketAddr>().expect("address");
+        assert!(config.workloads[0].matches(at("198.18.0.2:8080")));
+        assert!(config.workloads[0].matches(at("[::ffff:198.18.0.2]:8080")));
+        assert!(config.workloads[0].matches(at("[fd18::2]:8080")));
+        assert!(config.workloads[0].matches(at("10.96.3.4:8080")));
+        assert!(!config.workloads[0].matches(at("198.18.0.2:9090")));
+        assert!(config.workloads[1].matches(at("198.18.0.7:1")));
+        assert!(!config.workloads[1].matches(at("198.18.1.7:1")));
+
+        let strict_8080 = config.inbound.port(8080);
+        assert_eq!(strict_8080.mode, InboundMode::Strict);
+        let Authorization::AllowOnly(rules) = strict_8080.authorization else {
+            panic!("8080 has rules");
+        };
+        assert_eq!(
+            rules,
+            vec![
+                AllowRule::Principal(
+                    "spiffe://cluster.local/ns/default/sa/client"
+                        .parse()
+                        .expect("id")
+                ),
+                AllowRule::Namespace {
+                    trust_domain: "cluster.local".into(),
+                    namespace: "prod".into()
+                },
+                AllowRule::Namespace {
+                    trust_domain: "partner.example".into(),
+                    namespace: "default".into()
+                },
+                AllowRule::TrustDomain("other.example".into()),
+            ]
+        );
+        assert_eq!(config.inbound.port(15021).mode, InboundMode::Permissive);
+        assert_eq!(
+            config.inbound.port(15021).authorization,
+            Authorization::AllowAll
+        );
+        assert_eq!(
+            config.inbound.port(9090).authorization,
+            Authorization::AllowOnly(Vec::new())
+        );
+        assert_eq!(
+            config.inbound.port(1234),
+            PortPolicy {
+                mode: InboundMode::Strict,
+                authorization: Authorization::AllowAll
+            }
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn the_inbound_section_defaults_to_permissive_without_rules() -> Result<(), ConfigError> {
+        let config = parse(
+            "trustDomain: td\nidentity: {certificateChain: c, privateKey: k, trustBundle: b}\n",
+        )?;
+        assert!(config.workloads.is_empty());
+        assert_eq!(config.inbound, InboundPolicy::default());
+        assert_eq!(config.inbound.port(80).mode, InboundMode::Permissive);
+        Ok(())
+    }
+
+    /// Replaces the first occurrence of `from` in the full example with `to`, and expects an
+    /// error pointing at the line of `anchor` (the value itself; for a check of a whole entry,
+    /// where the enclosing node starts), whose message contains `reason`.
+    fn assert_rejected(from: &str, to: &str, anchor: &str, reason: &str) {
+        let line_of = |text: &str| {
+            let at = FULL.find(text).expect("the text is in the example");
+            FULL[..at].matches('\n').count() + 1
+        };
+        let line = line_of(anchor);
+        let text = FULL.replacen(from, to, 1);
+        let error = parse(&text).expect_err(&format!("accepted with {to:?}"));
+        let shown = error.to_string();
+        assert_eq!(
+            error.location.map(|(l, _)| l),
+            Some(line),
+            "wrong line for {to:?}: {shown}"
+        );
+        assert!(shown.contains(reason), "{shown:?} lacks {reason:?}");
+        assert!(shown.starts_with(&format!("mesh config {PATH} line {line} column ")));
+    }
+
+    #[test]
+    fn bad_values_are_rejected_with_their_line_and_the_reason() {
+        let cases = [
+            ("mode: STRICT", "mode: STRCT", "unknown variant `STRCT`"),
+            (
+                "trustDomain: cluster.local",
+                "trustDomain: Cluster",
+                "invalid trust domain",
+            ),
+            (
+                "trustDomain: cluster.local",
+                "trustDomian: x",
+                "unknown field `trustDomian`",
+            ),
+            (
+                "198.18.0.2, ",
+                "198.18.0.300, ",
+                "invalid address \"198.18.0.300\"",
+            ),
+            ("10.96.0.0/16", "10.96.0.0/33", "invalid address"),
+            ("ports: [8080]", "ports: [0]", "nonzero"),
+            ("ports: [8080]", "ports: [70000]", "70000"),
+            (
+                "[spiffe://cluster.local/ns/default/sa/server]",
+                "[spiffe://cluster.local/default/server]",
+                "not an Istio-style SPIFFE ID",
+            ),
+            (
+                "- principal: spiffe",
+                "- principal: https",
+                "must start with `spiffe://`",
+            ),
+            (
+                "- namespace: prod",
+                "- namespace: ../x",
+                "invalid namespace \"../x\"",
+            ),
+            (
+                "      mode: PERMISSIVE",
+                "      mod: PERMISSIVE",
+                "unknown field `mod`",
+            ),
+        ];
+        for (from, to, reason) in cases {
+            assert_rejected(from, to, from, reason);
+        }
+    }
+
+    #[test]
+    fn bad_entries_are_rejected_at_their_list_with_the_reason() {
+        assert_rejected(
+            "- namespace: prod",
+            "- {}",
+            "        - principal:",
+            "inbound.ports[0].allow: an allow rule needs `principal`, `namespace` or `trustDomain`",
+        );
+        assert_rejected(
+            "    - port: 9090",
+            "    - port: 8080",
+            "  mode: STRICT",
+            "inbound: inbound port 8080 is listed twice",
+        );
+        assert_rejected(
+            "identities: [spiffe://cluster.local/ns/default/sa/server]",
+            "identities: []",
+            "  - name: server",
+            "workloads: workload server: `identities` is empty",
+        );
+    }
+
+    #[test]
+    fn missing_sections_are_reported() {
+        let error = parse("trustDomain: td\n").expect_err("no identity");
+        assert!(
+            error.to_string().contains("missing field `identity`"),
+            "{error}"
+        );
+        let error = parse("").expect_err("empty");
+        assert!(
+            error
+                .to_string()
+                .contains("mesh config /etc/sidecar/mesh.yaml"),
+            "{error}"
+        );
+    }
+}

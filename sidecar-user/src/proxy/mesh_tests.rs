@@ -1,0 +1,495 @@
+//! A full mTLS hop on loopback, no root needed: app -> outbound proxy -> (tap) -> inbound
+//! proxy -> app, each proxy with its own certificate files and watched mesh config, the
+//! original destinations fixed as though redirected.
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+};
+
+use super::{
+    metrics::{Direction, FailureReason, Metrics, ReloadKind},
+    testing::*,
+};
+use crate::commands::certs::Validity;
+
+/// The two proxies of a hop, and what crossed the wire between them.
+struct Hop {
+    client: Running,
+    server: Running,
+    server_config: PathBuf,
+    wire: Arc<Mutex<Vec<u8>>>,
+}
+
+/// Starts the server side for `app` with the certificates in `server_dir` and the inbound
+/// section `inbound(app port)`, then the client side with those in `client_dir`, expecting the
+/// server to be one of the service accounts `expected`.
+async fn start_hop(
+    server_dir: &Path,
+    client_dir: &Path,
+    inbound: impl Fn(u16) -> String,
+    expected: &[&str],
+    app: SocketAddr,
+) -> anyhow::Result<Hop> {
+    let server_config = write_mesh_config(server_dir, &inbound(app.port()))?;
+    let server_metrics = Arc::new(Metrics::new(&local("server"))?);
+    let server_mesh = watched_mesh(&server_config, &server_metrics)?;
+    let server = start_inbound(app, server_mesh, server_metrics)?;
+
+    let (tap, wire) = start_tap(server.addr).await?;
+    let identities = expected
+        .iter()
+        .map(|sa| Pki::id(sa).to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let workloads = format!(
+        "workloads:\n  - name: server\n    addresses: [127.0.0.1]\n    ports: [{}]\n    identities: [{identities}]\n",
+        tap.port()
+    );
+    let client_config = write_mesh_config(client_dir, &workloads)?;
+    let client_metrics = Arc::new(Metrics::new(&local("client"))?);
+    let client_mesh = watched_mesh(&client_config, &client_metrics)?;
+    let client = start_outbound(|_| tap, client_mesh, client_metrics, timeouts())?;
+    Ok(Hop {
+        client,
+        server,
+        server_config,
+        wire,
+    })
+}
+
+/// Forwards to `to`, recording what the client side sends.
+async fn start_tap(to: SocketAddr) -> anyhow::Result<(SocketAddr, Arc<Mutex<Vec<u8>>>)> {
+    let listener = TcpListener::bind((LOCALHOST, 0)).await?;
+    let addr = listener.local_addr()?;
+    let wire = Arc::new(Mutex::new(Vec::new()));
+    let recorded = wire.clone();
+    tokio::spawn(async move {
+        while let Ok((downstream, _)) = listener.accept().await {
+            let recorded = recorded.clone();
+            tokio::spawn(async move {
+                let upstream = TcpStream::connect(to).await?;
+                let (mut down_read, mut down_write) = downstream.into_split();
+                let (mut up_read, mut up_write) = upstream.into_split();
+                let forward = async {
+                    let mut buf = [0u8; 4096];
+                    loop {
+                        let read = down_read.read(&mut buf).await?;
+                        if read == 0 {
+                            return up_write.shutdown().await;
+                        }
+                        recorded
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .extend_from_slice(&buf[..read]);
+                        up_write.write_all(&buf[..read]).await?;
+                    }
+                };
+                let backward = async {
+                    tokio::io::copy(&mut up_read, &mut down_write).await?;
+                    down_write.shutdown().await
+                };
+                // A failure either way (a reset) ends both, as a reset connection would.
+                tokio::try_join!(forward, backward)
+            });
+        }
+    });
+    Ok((addr, wire))
+}
+
+const STRICT: fn(u16) -> String = |_| "inbound:\n  mode: STRICT\n".to_owned();
+
+fn failures(running: &Running, direction: Direction, reason: FailureReason) -> u64 {
+    running.metrics.failure_count(direction, reason)
+}
+
+fn opened(running: &Running, labels: &[(&str, &str)]) -> u64 {
+    metric(
+        &running.metrics,
+        "istio_tcp_connections_opened_total",
+        labels,
+    )
+}
+
+#[tokio::test]
+async fn mutual_tls_hop_carries_identities_and_only_ciphertext() -> anyhow::Result<()> {
+    let pki = Pki::new()?;
+    let server_dir = pki.workload("server", "server", valid(), None)?;
+    let client_dir = pki.workload("client", "client", valid(), None)?;
+    let echo = start_echo_after_eof().await?;
+    let hop = start_hop(&server_dir, &client_dir, STRICT, &["server"], echo).await?;
+
+    let payload = b"a secret that must never cross the wire in clear ".repeat(100);
+    assert_eq!(round_trip(hop.client.addr, &payload).await?, payload);
+
+    let client_id = Pki::id("client").to_string();
+    let server_id = Pki::id("server").to_string();
+    let source_labels = [
+        ("reporter", "source"),
+        ("connection_security_policy", "mutual_tls"),
+        ("source_principal", client_id.as_str()),
+        ("destination_principal", server_id.as_str()),
+        ("destination_workload", "server"),
+    ];
+    let destination_labels = [
+        ("reporter", "destination"),
+        ("connection_security_policy", "mutual_tls"),
+        ("source_principal", client_id.as_str()),
+        ("source_workload_namespace", "default"),
+        ("destination_principal", server_id.as_str()),
+    ];
+    assert_eq!(opened(&hop.client, &source_labels), 1);
+    assert_eq!(opened(&hop.server, &destination_labels), 1);
+    let received =
+        |running: &Running| metric(&running.metrics, "istio_tcp_received_bytes_total", &[]);
+    wait_until("both sides counted the request bytes", || {
+        received(&hop.client) == payload.len() as u64
+            && received(&hop.server) == payload.len() as u64
+    })
+    .await;
+
+    let wire = hop
+        .wire
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    assert_eq!(wire.first(), Some(&0x16), "a TLS handshake record first");
+    assert!(wire.len() > payload.len(), "the payload crossed, encrypted");
+    assert!(
+        !wire.windows(16).any(|w| payload.starts_with(w)),
+        "plaintext payload bytes seen on the wire"
+    );
+    for running in [&hop.client, &hop.server] {
+        assert_eq!(
+            metric(&running.metrics, "sidecar_outbound_failures_total", &[])
+                + metric(&running.metrics, "sidecar_inbound_failures_total", &[]),
+            0
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn strict_refuses_plaintext_and_permissive_accepts_both() -> anyhow::Result<()> {
+    let pki = Pki::new()?;
+    let server_dir = pki.workload("server", "server", valid(), None)?;
+    let client_dir = pki.workload("client", "client", valid(), None)?;
+    let echo = start_echo_after_eof().await?;
+    let hop = start_hop(&server_dir, &client_dir, STRICT, &["server"], echo).await?;
+
+    expect_refused(hop.server.addr, b"GET / HTTP/1.1\r\n\r\n").await?;
+    wait_until("plaintext to STRICT is counted", || {
+        failures(
+            &hop.server,
+            Direction::Inbound,
+            FailureReason::PlaintextRefused,
+        ) == 1
+    })
+    .await;
+
+    // The same server switched to PERMISSIVE by a config reload.
+    write_mesh_config(&server_dir, "inbound:\n  mode: PERMISSIVE\n")?;
+    wait_until("the server reloaded its config", || {
+        hop.server
+            .metrics
+            .reload_count(ReloadKind::MeshConfig, true)
+            == 1
+    })
+    .await;
+    assert_eq!(round_trip(hop.server.addr, b"plain").await?, b"plain");
+    assert_eq!(round_trip(hop.client.addr, b"mutual").await?, b"mutual");
+    assert_eq!(
+        opened(
+            &hop.server,
+            &[
+                ("connection_security_policy", "none"),
+                ("reporter", "destination")
+            ]
+        ),
+        1
+    );
+    assert_eq!(
+        opened(&hop.server, &[("connection_security_policy", "mutual_tls")]),
+        1
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn permissive_never_stalls_a_server_that_speaks_first() -> anyhow::Result<()> {
+    // An app that greets before reading (as MySQL or SMTP do), behind a PERMISSIVE proxy.
+    let app = TcpListener::bind((LOCALHOST, 0)).await?;
+    let app_addr = app.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = app.accept().await {
+            let _ = stream.write_all(b"220 ready\r\n").await;
+        }
+    });
+    let server = start_inbound(
+        app_addr,
+        plaintext_mesh(),
+        Arc::new(Metrics::new(&local("server"))?),
+    )?;
+    let mut client = TcpStream::connect(server.addr).await?;
+    let mut banner = [0u8; 11];
+    tokio::time::timeout(Duration::from_secs(2), client.read_exact(&mut banner)).await??;
+    assert_eq!(&banner, b"220 ready\r\n");
+    Ok(())
+}
+
+/// Starts a STRICT hop with these certificates, makes one connection, and returns the hop
+/// once the expected refusal is counted on `side`.
+async fn expect_hop_refusal(
+    server_dir: &Path,
+    client_dir: &Path,
+    expected: &[&str],
+    side: Direction,
+    reason: FailureReason,
+) -> anyhow::Result<Hop> {
+    let echo = start_echo_after_eof().await?;
+    let hop = start_hop(server_dir, client_dir, STRICT, expected, echo).await?;
+    expect_refused(hop.client.addr, b"request").await?;
+    let counted_on = match side {
+        Direction::Outbound => &hop.client,
+        Direction::Inbound => &hop.server,
+    };
+    wait_until(
+        &format!("{} counted on the {} side", reason.name(), side.name()),
+        || failures(counted_on, side, reason) == 1,
+    )
+    .await;
+    Ok(hop)
+}
+
+#[tokio::test]
+async fn a_server_from_another_ca_is_refused_by_the_client() -> anyhow::Result<()> {
+    let pki = Pki::new()?;
+    let other_ca = Pki::new()?;
+    // Issued by the other CA, though it trusts ours (so only the client can object).
+    let server_dir = other_ca.workload("server", "server", valid(), Some(&pki.ca.cert_pem))?;
+    let client_dir = pki.workload("client", "client", valid(), None)?;
+    let hop = expect_hop_refusal(
+        &server_dir,
+        &client_dir,
+        &["server"],
+        Direction::Outbound,
+        FailureReason::PeerCertUnknownCa,
+    )
+    .await?;
+    // The server learns why from the client's alert.
+    wait_until("the server counted the client's alert", || {
+        failures(
+            &hop.server,
+            Direction::Inbound,
+            FailureReason::TlsRejectedByPeer,
+        ) == 1
+    })
+    .await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn expired_and_not_yet_valid_certificates_are_refused() -> anyhow::Result<()> {
+    let pki = Pki::new()?;
+    let valid_server = pki.workload("server", "server", valid(), None)?;
+    let valid_client = pki.workload("client", "client", valid(), None)?;
+
+    let expired_server = pki.workload("expired-server", "server", Validity::expired(), None)?;
+    expect_hop_refusal(
+        &expired_server,
+        &valid_client,
+        &["server"],
+        Direction::Outbound,
+        FailureReason::PeerCertExpired,
+    )
+    .await?;
+
+    let expired_client = pki.workload("expired-client", "client", Validity::expired(), None)?;
+    let hop = expect_hop_refusal(
+        &valid_server,
+        &expired_client,
+        &["server"],
+        Direction::Inbound,
+        FailureReason::PeerCertExpired,
+    )
+    .await?;
+    // TLS 1.3: the client finished its handshake before the server objected; it learns at
+    // its first read, and counts that too.
+    wait_until("the client counted the server's alert", || {
+        failures(
+            &hop.client,
+            Direction::Outbound,
+            FailureReason::TlsRejectedByPeer,
+        ) == 1
+    })
+    .await;
+
+    let now = time::OffsetDateTime::now_utc();
+    let future = Validity {
+        not_before: now + Duration::from_secs(3600),
+        not_after: now + Duration::from_secs(7200),
+    };
+    let future_client = pki.workload("future-client", "client", future, None)?;
+    expect_hop_refusal(
+        &valid_server,
+        &future_client,
+        &["server"],
+        Direction::Inbound,
+        FailureReason::PeerCertNotYetValid,
+    )
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_server_with_an_unexpected_identity_is_refused() -> anyhow::Result<()> {
+    let pki = Pki::new()?;
+    let imposter = pki.workload("server", "imposter", valid(), None)?;
+    let client_dir = pki.workload("client", "client", valid(), None)?;
+    expect_hop_refusal(
+        &imposter,
+        &client_dir,
+        &["server"],
+        Direction::Outbound,
+        FailureReason::PeerIdentityMismatch,
+    )
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn unauthorized_peers_are_refused_until_a_rule_allows_them() -> anyhow::Result<()> {
+    let pki = Pki::new()?;
+    let server_dir = pki.workload("server", "server", valid(), None)?;
+    let client_dir = pki.workload("client", "client", valid(), None)?;
+    let only_admin = |port: u16| {
+        format!(
+            "inbound:\n  mode: STRICT\n  ports:\n    - port: {port}\n      allow:\n        - principal: {}\n",
+            Pki::id("admin")
+        )
+    };
+    let echo = start_echo_after_eof().await?;
+    let hop = start_hop(&server_dir, &client_dir, only_admin, &["server"], echo).await?;
+    expect_refused(hop.client.addr, b"request").await?;
+    wait_until("the denial is counted", || {
+        failures(&hop.server, Direction::Inbound, FailureReason::Unauthorized) == 1
+    })
+    .await;
+
+    // Allow the client's namespace, by a reload.
+    let allow_namespace = format!(
+        "inbound:\n  mode: STRICT\n  ports:\n    - port: {}\n      allow:\n        - principal: {}\n        - namespace: default\n",
+        echo.port(),
+        Pki::id("admin")
+    );
+    write_mesh_config(&server_dir, &allow_namespace)?;
+    wait_until("the server reloaded its config", || {
+        hop.server
+            .metrics
+            .reload_count(ReloadKind::MeshConfig, true)
+            == 1
+    })
+    .await;
+    assert_eq!(round_trip(hop.client.addr, b"allowed").await?, b"allowed");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_rotated_certificate_serves_new_connections_while_old_ones_keep_working()
+-> anyhow::Result<()> {
+    let pki = Pki::new()?;
+    let server_dir = pki.workload("server", "server", valid(), None)?;
+    let client_dir = pki.workload("client", "client", valid(), None)?;
+    let echo = start_streaming_echo().await?;
+    let hop = start_hop(
+        &server_dir,
+        &client_dir,
+        STRICT,
+        &["server", "server-v2"],
+        echo,
+    )
+    .await?;
+
+    let mut established = TcpStream::connect(hop.client.addr).await?;
+    assert_eq!(echo_chunk(&mut established, b"before").await?, b"before");
+
+    // Rotate in place: a new key and a certificate for a new identity.
+    pki.workload("server", "server-v2", valid(), None)?;
+    wait_until("the server reloaded its certificate", || {
+        hop.server
+            .metrics
+            .reload_count(ReloadKind::Certificates, true)
+            == 1
+    })
+    .await;
+
+    let mut fresh = TcpStream::connect(hop.client.addr).await?;
+    assert_eq!(echo_chunk(&mut fresh, b"fresh").await?, b"fresh");
+    let v2 = Pki::id("server-v2").to_string();
+    assert_eq!(
+        opened(&hop.client, &[("destination_principal", v2.as_str())]),
+        1
+    );
+    assert_eq!(echo_chunk(&mut established, b"after").await?, b"after");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_bundle_with_two_roots_accepts_peers_of_either_ca() -> anyhow::Result<()> {
+    // CA rotation: the client still has a certificate of the old CA, the server one of the
+    // new CA, and both trust both.
+    let old = Pki::new()?;
+    let new = Pki::new()?;
+    let bundle = format!("{}{}", old.ca.cert_pem, new.ca.cert_pem);
+    let client_dir = old.workload("client", "client", valid(), Some(&bundle))?;
+    let server_dir = new.workload("server", "server", valid(), Some(&bundle))?;
+    let echo = start_echo_after_eof().await?;
+    let hop = start_hop(&server_dir, &client_dir, STRICT, &["server"], echo).await?;
+    assert_eq!(
+        round_trip(hop.client.addr, b"across CAs").await?,
+        b"across CAs"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_invalid_config_is_rejected_and_the_old_one_stays() -> anyhow::Result<()> {
+    let pki = Pki::new()?;
+    let server_dir = pki.workload("server", "server", valid(), None)?;
+    let client_dir = pki.workload("client", "client", valid(), None)?;
+    let echo = start_echo_after_eof().await?;
+    let hop = start_hop(&server_dir, &client_dir, STRICT, &["server"], echo).await?;
+
+    replace(
+        &hop.server_config,
+        "trustDomain: cluster.local\ninbound: {mode: LAX}\n",
+    )?;
+    wait_until("the rejection is counted", || {
+        hop.server
+            .metrics
+            .reload_count(ReloadKind::MeshConfig, false)
+            == 1
+    })
+    .await;
+    // Still STRICT, still serving mTLS.
+    assert_eq!(
+        round_trip(hop.client.addr, b"still here").await?,
+        b"still here"
+    );
+    expect_refused(hop.server.addr, b"plaintext").await?;
+    wait_until("plaintext is still refused", || {
+        failures(
+            &hop.server,
+            Direction::Inbound,
+            FailureReason::PlaintextRefused,
+        ) == 1
+    })
+    .await;
+    Ok(())
+}

@@ -1,0 +1,427 @@
+//! Loads the mesh config and the certificate files it names, and reloads them when they change
+//! on disk (notify), without a restart. A file that does not load is rejected with a log line
+//! and a counter, and what was in force stays in force.
+use std::{
+    collections::BTreeSet,
+    fs,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::Context;
+use notify::{
+    EventKind, RecommendedWatcher, RecursiveMode, Watcher,
+    event::{AccessKind, AccessMode},
+};
+use rustls::crypto::CryptoProvider;
+use time::OffsetDateTime;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use super::{
+    mesh::{Mesh, MeshHandle},
+    mesh_config::{IdentityFiles, MeshConfig},
+    metrics::{Metrics, ReloadKind},
+    tls::{WorkloadCertificate, rfc3339},
+};
+
+/// Writers replace several files in a row (certificate, then key): reload once they are done.
+const SETTLE_TIME: Duration = Duration::from_millis(150);
+
+/// What is in force, with the bytes it came from (to tell a real change from a touch).
+struct Loaded {
+    config_bytes: Vec<u8>,
+    config: MeshConfig,
+    certificate_bytes: Vec<Vec<u8>>,
+    certificate: WorkloadCertificate,
+}
+
+pub struct MeshSource {
+    config_path: PathBuf,
+    provider: Arc<CryptoProvider>,
+    metrics: Arc<Metrics>,
+    handle: Arc<MeshHandle>,
+    loaded: Loaded,
+    /// The last config text rejected, so one bad edit is reported once, not at every event.
+    rejected_config: Option<Vec<u8>>,
+}
+
+impl MeshSource {
+    /// Loads everything once; at startup any problem is an error.
+    pub fn load(
+        config_path: &Path,
+        provider: Arc<CryptoProvider>,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Self> {
+        let config_bytes = fs::read(config_path)
+            .with_context(|| format!("cannot read the mesh config {}", config_path.display()))?;
+        let config = MeshConfig::parse(&config_bytes, config_path)?;
+        let (certificate_bytes, certificate) =
+            load_certificate(&config, &provider).map_err(anyhow::Error::msg)?;
+        let mesh = Mesh::build(&config, &certificate, &provider)
+            .context("cannot build the TLS configuration")?;
+        log_certificate("workload certificate loaded", &certificate);
+        metrics.set_certificate_expiration(certificate.not_after);
+        info!(
+            path = %config_path.display(),
+            trust_domain = config.trust_domain,
+            workloads = config.workloads.len(),
+            inbound_default_mode = %config.inbound.default_mode,
+            "mesh config loaded"
+        );
+        Ok(MeshSource {
+            config_path: config_path.to_owned(),
+            provider,
+            metrics,
+            handle: Arc::new(MeshHandle::new(mesh)),
+            loaded: Loaded {
+                config_bytes,
+                config,
+                certificate_bytes,
+                certificate,
+            },
+            rejected_config: None,
+        })
+    }
+
+    pub fn handle(&self) -> Arc<MeshHandle> {
+        self.handle.clone()
+    }
+
+    /// Re-reads the files and applies what changed, if it is valid.
+    pub fn reload(&mut self) {
+        let config_bytes = match fs::read(&self.config_path) {
+            Ok(bytes) => bytes,
+            Err(error) => {
+                return self.reject(
+                    ReloadKind::MeshConfig,
+                    &format!("cannot read {}: {error}", self.config_path.display()),
+                );
+            }
+        };
+        let unchanged = config_bytes == self.loaded.config_bytes
+            || self.rejected_config.as_ref() == Some(&config_bytes);
+        let new_config = if unchanged {
+            None
+        } else {
+            match MeshConfig::parse(&config_bytes, &self.config_path) {
+                Ok(config) => Some(config),
+                Err(error) => {
+                    // The certificates may still have changed: go on with the old config.
+                    self.reject(ReloadKind::MeshConfig, &error.to_string());
+                    self.rejected_config = Some(config_bytes.clone());
+                    None
+                }
+            }
+        };
+        let config = new_config.as_ref().unwrap_or(&self.loaded.config);
+
+        let (certificate_bytes, certificate) = match read_certificate_files(&config.identity) {
+            Ok(bytes) if bytes == self.loaded.certificate_bytes => {
+                (bytes, self.loaded.certificate.clone())
+            }
+            _ => match load_certificate(config, &self.provider) {
+                Ok(loaded) => loaded,
+                Err(error) => {
+                    if new_config.is_some() {
+                        warn!(path = %self.config_path.display(),
+                            "the new mesh config is not applied: its certificate files do not load");
+                    }
+                    return self.reject(ReloadKind::Certificates, &error);
+                }
+            },
+        };
+        let certificate_changed = certificate_bytes != self.loaded.certificate_bytes;
+        if new_config.is_none() && !certificate_changed {
+            return;
+        }
+        let mesh = match Mesh::build(config, &certificate, &self.provider) {
+            Ok(mesh) => mesh,
+            Err(error) => {
+                return self.reject(
+                    ReloadKind::Certificates,
+                    &format!("cannot build the TLS configuration: {error}"),
+                );
+            }
+        };
+        self.handle.replace(mesh);
+        if let Some(config) = new_config {
+            self.metrics.record_reload(ReloadKind::MeshConfig, true);
+            info!(
+                path = %self.config_path.display(),
+                workloads = config.workloads.len(),
+                inbound_default_mode = %config.inbound.default_mode,
+                "mesh config reloaded; new connections use it"
+            );
+            self.loaded.config = config;
+            self.loaded.config_bytes = config_bytes;
+            self.rejected_config = None;
+        }
+        if certificate_changed {
+            self.metrics.record_reload(ReloadKind::Certificates, true);
+            self.metrics
+                .set_certificate_expiration(certificate.not_after);
+            log_certificate(
+                "workload certificate reloaded; new connections use it",
+                &certificate,
+            );
+            self.loaded.certificate = certificate;
+            self.loaded.certificate_bytes = certificate_bytes;
+        }
+    }
+
+    fn reject(&self, kind: ReloadKind, error: &str) {
+        self.metrics.record_reload(kind, false);
+        let what = match kind {
+            ReloadKind::MeshConfig => "mesh config",
+            ReloadKind::Certificates => "certificate files",
+        };
+        warn!(%error, "{what} rejected; the previous one stays in force");
+    }
+
+    /// The directories holding the files in force: watched rather than the files, because
+    /// editors and Kubernetes replace files by renaming (a watch on the old inode goes quiet).
+    fn directories(&self) -> BTreeSet<PathBuf> {
+        std::iter::once(self.config_path.as_path())
+            .chain(self.loaded.config.identity.paths())
+            .map(|path| match path.parent() {
+                Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
+                _ => PathBuf::from("."),
+            })
+            .collect()
+    }
+}
+
+/// Watches the files of `source` and reloads on change, on a task of the current runtime.
+pub fn spawn_watcher(mut source: MeshSource) -> anyhow::Result<()> {
+    let (events_tx, mut events_rx) = mpsc::unbounded_channel();
+    let mut watcher = RecommendedWatcher::new(
+        move |event| {
+            // Fails only once the task below is gone, i.e. at shutdown.
+            let _ = events_tx.send(event);
+        },
+        notify::Config::default(),
+    )
+    .context("cannot watch the mesh config and certificate files")?;
+    let mut watched = BTreeSet::new();
+    update_watches(&mut watcher, &mut watched, source.directories())?;
+
+    tokio::spawn(async move {
+        while let Some(event) = events_rx.recv().await {
+            match event {
+                Ok(event) if is_change(&event.kind) => {}
+                Ok(_) => continue,
+                Err(error) => {
+                    warn!(%error, "file watch error");
+                    continue;
+                }
+            }
+            // Let a burst of writes settle, then reload once.
+            while let Ok(Some(_)) = tokio::time::timeout(SETTLE_TIME, events_rx.recv()).await {}
+            source.reload();
+            if let Err(error) = update_watches(&mut watcher, &mut watched, source.directories()) {
+                warn!(error = %format!("{error:#}"), "cannot watch the new certificate directories");
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Reads and opens do not change anything (and our own reads must not trigger reloads).
+fn is_change(kind: &EventKind) -> bool {
+    match kind {
+        EventKind::Access(access) => *access == AccessKind::Close(AccessMode::Write),
+        _ => true,
+    }
+}
+
+fn update_watches(
+    watcher: &mut RecommendedWatcher,
+    watched: &mut BTreeSet<PathBuf>,
+    wanted: BTreeSet<PathBuf>,
+) -> anyhow::Result<()> {
+    for gone in watched.difference(&wanted) {
+        // The directory may have been deleted, which ends its watch anyway.
+        let _ = watcher.unwatch(gone);
+    }
+    for dir in wanted.difference(watched) {
+        watcher
+            .watch(dir, RecursiveMode::NonRecursive)
+            .with_context(|| format!("cannot watch {}", dir.display()))?;
+        info!(dir = %dir.display(), "watching for mesh config and certificate changes");
+    }
+    *watched = wanted;
+    Ok(())
+}
+
+fn read_certificate_files(files: &IdentityFiles) -> Result<Vec<Vec<u8>>, String> {
+    files
+        .paths()
+        .iter()
+        .map(|path| {
+            fs::read(path).map_err(|error| format!("cannot read {}: {error}", path.display()))
+        })
+        .collect()
+}
+
+/// Reads and checks the certificate files `config` names, and that the certificate belongs to
+/// the mesh's trust domain.
+fn load_certificate(
+    config: &MeshConfig,
+    provider: &CryptoProvider,
+) -> Result<(Vec<Vec<u8>>, WorkloadCertificate), String> {
+    let bytes = read_certificate_files(&config.identity)?;
+    let files = &config.identity;
+    let certificate = WorkloadCertificate::from_pem(&bytes[0], &bytes[1], &bytes[2], provider)
+        .map_err(|error| {
+            format!(
+                "{error} (certificate chain {}, private key {}, trust bundle {})",
+                files.certificate_chain.display(),
+                files.private_key.display(),
+                files.trust_bundle.display()
+            )
+        })?;
+    if certificate.identity.trust_domain() != config.trust_domain {
+        return Err(format!(
+            "the certificate {} is for {}, outside the mesh's trust domain {}",
+            files.certificate_chain.display(),
+            certificate.identity,
+            config.trust_domain
+        ));
+    }
+    Ok((bytes, certificate))
+}
+
+fn log_certificate(message: &str, certificate: &WorkloadCertificate) {
+    let not_after = rfc3339(certificate.not_after);
+    let expired = certificate.not_after < OffsetDateTime::now_utc().unix_timestamp();
+    if expired {
+        warn!(identity = %certificate.identity, %not_after, "{message}, but it has EXPIRED: peers will refuse it");
+    } else {
+        info!(identity = %certificate.identity, %not_after, roots = certificate.roots.len(), "{message}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proxy::{
+        mesh_config::InboundMode,
+        metrics::LocalWorkload,
+        testing::{Pki, replace, valid, write_mesh_config},
+    };
+
+    fn source(config: &Path) -> anyhow::Result<MeshSource> {
+        let local = LocalWorkload {
+            name: "w".into(),
+            namespace: "ns".into(),
+        };
+        let metrics = Arc::new(Metrics::new(&local)?);
+        MeshSource::load(config, crate::proxy::tls::crypto_provider(), metrics)
+    }
+
+    fn mode(source: &MeshSource) -> InboundMode {
+        source.handle().current().inbound_policy(80).mode
+    }
+
+    fn identity(source: &MeshSource) -> String {
+        source
+            .handle()
+            .current()
+            .tls()
+            .map(|tls| tls.identity.to_string())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn a_bad_config_is_rejected_once_and_the_old_one_stays() -> anyhow::Result<()> {
+        let pki = Pki::new()?;
+        let dir = pki.workload("w", "w", valid(), None)?;
+        let config = write_mesh_config(&dir, "inbound: {mode: STRICT}\n")?;
+        let mut source = source(&config)?;
+        assert_eq!(mode(&source), InboundMode::Strict);
+
+        replace(&config, "trustDomain: cluster.local\nidentity: 42\n")?;
+        source.reload();
+        source.reload(); // the same bad text is reported once
+        assert_eq!(mode(&source), InboundMode::Strict);
+        assert_eq!(
+            source.metrics.reload_count(ReloadKind::MeshConfig, false),
+            1
+        );
+
+        write_mesh_config(&dir, "inbound: {mode: PERMISSIVE}\n")?;
+        source.reload();
+        assert_eq!(mode(&source), InboundMode::Permissive);
+        assert_eq!(source.metrics.reload_count(ReloadKind::MeshConfig, true), 1);
+        source.reload(); // nothing changed: nothing counted
+        assert_eq!(source.metrics.reload_count(ReloadKind::MeshConfig, true), 1);
+        Ok(())
+    }
+
+    #[test]
+    fn certificates_that_do_not_load_keep_the_old_ones() -> anyhow::Result<()> {
+        let pki = Pki::new()?;
+        let dir = pki.workload("w", "w", valid(), None)?;
+        let config = write_mesh_config(&dir, "")?;
+        let mut source = source(&config)?;
+        let old_key = fs::read_to_string(dir.join("key.pem"))?;
+
+        // A new certificate whose key has not arrived yet: a mismatch.
+        pki.workload("w", "w2", valid(), None)?;
+        replace(&dir.join("key.pem"), &old_key)?;
+        source.reload();
+        assert_eq!(identity(&source), Pki::id("w").to_string());
+        assert_eq!(
+            source.metrics.reload_count(ReloadKind::Certificates, false),
+            1
+        );
+
+        // Both in place: taken.
+        pki.workload("w", "w2", valid(), None)?;
+        source.reload();
+        assert_eq!(identity(&source), Pki::id("w2").to_string());
+        assert_eq!(
+            source.metrics.reload_count(ReloadKind::Certificates, true),
+            1
+        );
+        assert!(
+            source
+                .metrics
+                .render()?
+                .contains("sidecar_certificate_expiration_seconds")
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn startup_fails_with_the_reason() -> anyhow::Result<()> {
+        let pki = Pki::new()?;
+        let dir = pki.workload("w", "w", valid(), None)?;
+        let config = write_mesh_config(&dir, "inbound: {mode: LAX}\n")?;
+        let error = source(&config).err().expect("bad mode").to_string();
+        assert!(error.contains("mesh.yaml line 6 column 17"), "{error}");
+        assert!(error.contains("unknown variant `LAX`"), "{error}");
+
+        let config = dir.join("other-domain.yaml");
+        replace(
+            &config,
+            "trustDomain: example.org\nidentity: {certificateChain: cert-chain.pem, privateKey: key.pem, trustBundle: root-cert.pem}\n",
+        )?;
+        let error = source(&config)
+            .err()
+            .expect("wrong trust domain")
+            .to_string();
+        assert!(
+            error.contains("outside the mesh's trust domain example.org"),
+            "{error}"
+        );
+
+        fs::remove_file(dir.join("key.pem"))?;
+        let config = write_mesh_config(&dir, "")?;
+        let error = source(&config).err().expect("no key").to_string();
+        assert!(error.contains("key.pem"), "{error}");
+        Ok(())
+    }
+}

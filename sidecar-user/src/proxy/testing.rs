@@ -1,0 +1,271 @@
+//! Test rig: proxies on loopback ports with a fixed original destination (as though
+//! redirected), echo servers, and a lab PKI in a temporary directory.
+use std::{
+    fs, io,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::bail;
+use tempfile::TempDir;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    time::timeout,
+};
+
+use super::{
+    Timeouts,
+    identity::SpiffeId,
+    inbound::InboundProxy,
+    listener::{AcceptLoops, bind_listeners, local_addrs},
+    mesh::{Mesh, MeshHandle},
+    mesh_watch::{MeshSource, spawn_watcher},
+    metrics::{Direction, LocalWorkload, Metrics},
+    orig_dst::ExplicitOrigDst,
+    outbound::OutboundProxy,
+    tls,
+};
+use crate::commands::certs::{
+    CERT_CHAIN, Issued, KEY, ROOT_CERT, Validity, issue_ca, issue_workload,
+};
+
+pub const LOCALHOST: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
+pub const PATIENCE: Duration = Duration::from_secs(5);
+pub const TRUST_DOMAIN: &str = "cluster.local";
+
+pub fn timeouts() -> Timeouts {
+    Timeouts {
+        connect: PATIENCE,
+        tls_handshake: PATIENCE,
+        sniff: Duration::from_millis(200),
+    }
+}
+
+pub fn local(name: &str) -> LocalWorkload {
+    LocalWorkload {
+        name: name.into(),
+        namespace: "test-ns".into(),
+    }
+}
+
+pub fn plaintext_mesh() -> Arc<MeshHandle> {
+    Arc::new(MeshHandle::new(Mesh::plaintext()))
+}
+
+/// A proxy listening on an ephemeral loopback port.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub metrics: Arc<Metrics>,
+}
+
+/// An outbound proxy sending everything to `target(own address)`.
+pub fn start_outbound(
+    target: impl FnOnce(SocketAddr) -> SocketAddr,
+    mesh: Arc<MeshHandle>,
+    metrics: Arc<Metrics>,
+    timeouts: Timeouts,
+) -> anyhow::Result<Running> {
+    let listeners = bind_listeners(Direction::Outbound, &[LOCALHOST], 0)?;
+    let addr = listeners[0].local_addr()?;
+    let proxy = OutboundProxy {
+        orig_dst: Arc::new(ExplicitOrigDst(target(addr))),
+        mesh,
+        metrics: metrics.clone(),
+        local: local("client"),
+        timeouts,
+        listen_addrs: local_addrs(&listeners)?,
+    };
+    let mut loops = AcceptLoops::default();
+    loops.add(listeners, Arc::new(proxy));
+    tokio::spawn(loops.run_until(std::future::pending()));
+    Ok(Running { addr, metrics })
+}
+
+/// An inbound proxy whose connections were all for `app` (as sk_lookup would tell it).
+pub fn start_inbound(
+    app: SocketAddr,
+    mesh: Arc<MeshHandle>,
+    metrics: Arc<Metrics>,
+) -> anyhow::Result<Running> {
+    let listeners = bind_listeners(Direction::Inbound, &[LOCALHOST], 0)?;
+    let addr = listeners[0].local_addr()?;
+    let proxy = InboundProxy {
+        orig_dst: Arc::new(ExplicitOrigDst(app)),
+        mesh,
+        metrics: metrics.clone(),
+        local: local("server"),
+        timeouts: timeouts(),
+        listen_addrs: local_addrs(&listeners)?,
+    };
+    let mut loops = AcceptLoops::default();
+    loops.add(listeners, Arc::new(proxy));
+    tokio::spawn(loops.run_until(std::future::pending()));
+    Ok(Running { addr, metrics })
+}
+
+/// Reads the whole request (until the client's FIN), then answers it and closes.
+pub async fn start_echo_after_eof() -> io::Result<SocketAddr> {
+    let listener = TcpListener::bind((LOCALHOST, 0)).await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                stream.read_to_end(&mut request).await?;
+                stream.write_all(&request).await?;
+                stream.shutdown().await
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// Echoes each chunk as it arrives, for connections that stay open.
+pub async fn start_streaming_echo() -> io::Result<SocketAddr> {
+    let listener = TcpListener::bind((LOCALHOST, 0)).await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let (mut reader, mut writer) = stream.into_split();
+                tokio::io::copy(&mut reader, &mut writer).await
+            });
+        }
+    });
+    Ok(addr)
+}
+
+pub async fn round_trip(proxy: SocketAddr, request: &[u8]) -> io::Result<Vec<u8>> {
+    let mut client = TcpStream::connect(proxy).await?;
+    client.write_all(request).await?;
+    client.shutdown().await?;
+    let mut response = Vec::new();
+    timeout(PATIENCE, client.read_to_end(&mut response)).await??;
+    Ok(response)
+}
+
+/// Writes `chunk` on an open connection and reads the same number of bytes back.
+pub async fn echo_chunk(stream: &mut TcpStream, chunk: &[u8]) -> io::Result<Vec<u8>> {
+    stream.write_all(chunk).await?;
+    let mut back = vec![0u8; chunk.len()];
+    timeout(PATIENCE, stream.read_exact(&mut back)).await??;
+    Ok(back)
+}
+
+/// The connection is closed on us without a reply: a reset, or (racing it) an empty EOF.
+pub async fn expect_refused(proxy: SocketAddr, request: &[u8]) -> anyhow::Result<()> {
+    let mut client = TcpStream::connect(proxy).await?;
+    // The proxy may already have closed: a failed write is a refusal too.
+    if client.write_all(request).await.is_err() {
+        return Ok(());
+    }
+    let mut buf = [0u8; 16];
+    match timeout(PATIENCE, client.read(&mut buf)).await? {
+        Ok(0) => Ok(()),
+        Err(error)
+            if matches!(
+                error.kind(),
+                io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
+            ) =>
+        {
+            Ok(())
+        }
+        other => bail!("expected the connection to be refused, got {other:?}"),
+    }
+}
+
+pub async fn wait_until(what: &str, condition: impl Fn() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Lines of the Prometheus text exposition that start with `name{` and contain every
+/// `label="value"` pair given, with their values summed.
+pub fn metric(metrics: &Metrics, name: &str, labels: &[(&str, &str)]) -> u64 {
+    let text = metrics.render().expect("render metrics");
+    text.lines()
+        .filter(|line| line.starts_with(&format!("{name}{{")))
+        .filter(|line| {
+            labels
+                .iter()
+                .all(|(label, value)| line.contains(&format!("{label}=\"{value}\"")))
+        })
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// A CA and workload certificate directories, in a temporary directory.
+pub struct Pki {
+    pub dir: TempDir,
+    pub ca: Issued,
+}
+
+impl Pki {
+    pub fn new() -> anyhow::Result<Self> {
+        Ok(Pki {
+            dir: tempfile::tempdir()?,
+            ca: issue_ca(
+                TRUST_DOMAIN,
+                Validity::starting_now(Duration::from_secs(86400)),
+            )?,
+        })
+    }
+
+    pub fn id(sa: &str) -> SpiffeId {
+        SpiffeId::new(TRUST_DOMAIN, "default", sa).expect("valid SPIFFE ID")
+    }
+
+    /// Issues (or re-issues, in place) the certificate of `sa` in `<dir>/<name>/`, trusting
+    /// `bundle` (default: this CA).
+    pub fn workload(
+        &self,
+        name: &str,
+        sa: &str,
+        validity: Validity,
+        bundle: Option<&str>,
+    ) -> anyhow::Result<PathBuf> {
+        let dir = self.dir.path().join(name);
+        fs::create_dir_all(&dir)?;
+        let issued = issue_workload(&self.ca, &Self::id(sa), validity)?;
+        // As `sidecar certs` does: key first, each file renamed into place.
+        replace(&dir.join(KEY), &issued.key_pem)?;
+        replace(&dir.join(CERT_CHAIN), &issued.cert_pem)?;
+        replace(&dir.join(ROOT_CERT), bundle.unwrap_or(&self.ca.cert_pem))?;
+        Ok(dir)
+    }
+}
+
+/// Writes `contents` to a temporary sibling and renames it over `path`.
+pub fn replace(path: &Path, contents: &str) -> io::Result<()> {
+    let temporary = path.with_extension("tmp");
+    fs::write(&temporary, contents)?;
+    fs::rename(temporary, path)
+}
+
+pub fn valid() -> Validity {
+    Validity::starting_now(Duration::from_secs(3600))
+}
+
+/// A mesh config in `dir` naming the certificates there, plus `rest` (YAML).
+pub fn write_mesh_config(dir: &Path, rest: &str) -> anyhow::Result<PathBuf> {
+    let path = dir.join("mesh.yaml");
+    let text = format!(
+        "trustDomain: {TRUST_DOMAIN}\nidentity:\n  certificateChain: {CERT_CHAIN}\n  privateKey: {KEY}\n  trustBundle: {ROOT_CERT}\n{rest}"
+    );
+    replace(&path, &text)?;
+    Ok(path)
+}
+
+/// Loads `config` and keeps it watched, as the proxy does.
+pub fn watched_mesh(config: &Path, metrics: &Arc<Metrics>) -> anyhow::Result<Arc<MeshHandle>> {
+    let source = MeshSource::load(config, tls::crypto_provider(), metrics.clone())?;
+    let handle = source.handle();
+    spawn_watcher(source)?;
+    Ok(handle)
+}

@@ -1,0 +1,131 @@
+//! Mesh mTLS with rustls: TLS 1.3 only, ring, SPIFFE identities, and an ALPN value that marks a
+//! connection as mesh traffic (so a PERMISSIVE port can tell it from the app's own TLS).
+//!
+//! - `certs`: this workload's certificate, key and trust bundle;
+//! - `verify`: chain and SPIFFE ID checks on both sides.
+mod certs;
+mod verify;
+
+use std::{io, sync::Arc};
+
+use rustls::{
+    CertificateError as RustlsCertError, ClientConfig, CommonState, ServerConfig,
+    client::Resumption, crypto::CryptoProvider, sign::SingleCertAndKey, version::TLS13,
+};
+
+use self::verify::{IdentityError, SpiffeClientVerifier, SpiffeServerVerifier};
+pub use self::{
+    certs::{WorkloadCertificate, rfc3339},
+    verify::spiffe_id_of,
+};
+use super::{identity::SpiffeId, metrics::FailureReason};
+
+/// The ALPN protocol that marks sidecar-to-sidecar mTLS (Istio uses `istio-peer-exchange` and
+/// friends for the same purpose).
+pub const MESH_ALPN: &[u8] = b"sidecar-mesh/1";
+
+pub fn crypto_provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// The inbound side: present our certificate, require and verify the peer's.
+pub fn server_config(
+    cert: &WorkloadCertificate,
+    provider: &Arc<CryptoProvider>,
+) -> Result<Arc<ServerConfig>, rustls::Error> {
+    let verifier = SpiffeClientVerifier::new(cert.roots.clone(), provider.clone())
+        .map_err(|error| rustls::Error::General(format!("client verifier: {error}")))?;
+    let mut config = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&TLS13])?
+        .with_client_cert_verifier(Arc::new(verifier))
+        .with_cert_resolver(Arc::new(SingleCertAndKey::from(cert.certified_key.clone())));
+    config.alpn_protocols = vec![MESH_ALPN.to_vec()];
+    // Clients never resume (see `client_config`): tickets would be wasted bytes.
+    config.send_tls13_tickets = 0;
+    Ok(Arc::new(config))
+}
+
+/// The outbound side towards one destination: present our certificate, and accept only a
+/// server that chains to the trust bundle and is one of `expected`.
+pub fn client_config(
+    cert: &WorkloadCertificate,
+    expected: Vec<SpiffeId>,
+    provider: &Arc<CryptoProvider>,
+) -> Result<Arc<ClientConfig>, rustls::Error> {
+    let verifier = SpiffeServerVerifier::new(cert.roots.clone(), expected, provider);
+    let mut config = ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_cert_resolver(Arc::new(SingleCertAndKey::from(cert.certified_key.clone())));
+    config.alpn_protocols = vec![MESH_ALPN.to_vec()];
+    // A resumed session skips certificate verification, so a changed expectation (config
+    // reload) or a rotated peer certificate would go unchecked: always do a full handshake.
+    config.resumption = Resumption::disabled();
+    config.enable_sni = false;
+    Ok(Arc::new(config))
+}
+
+/// The peer's SPIFFE ID after a completed handshake (already verified).
+pub fn peer_identity(connection: &CommonState) -> Option<SpiffeId> {
+    let leaf = connection.peer_certificates()?.first()?;
+    spiffe_id_of(leaf).ok()
+}
+
+/// Why a handshake failed, for the failure counter.
+pub fn failure_reason(error: &io::Error) -> FailureReason {
+    let Some(tls) = error
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    else {
+        return FailureReason::TlsHandshakeFailed;
+    };
+    match tls {
+        rustls::Error::InvalidCertificate(cert_error) => match cert_error {
+            RustlsCertError::Expired | RustlsCertError::ExpiredContext { .. } => {
+                FailureReason::PeerCertExpired
+            }
+            RustlsCertError::NotValidYet | RustlsCertError::NotValidYetContext { .. } => {
+                FailureReason::PeerCertNotYetValid
+            }
+            RustlsCertError::UnknownIssuer | RustlsCertError::BadSignature => {
+                FailureReason::PeerCertUnknownCa
+            }
+            RustlsCertError::Other(other) if other.0.downcast_ref::<IdentityError>().is_some() => {
+                FailureReason::PeerIdentityMismatch
+            }
+            _ => FailureReason::TlsHandshakeFailed,
+        },
+        rustls::Error::AlertReceived(_) => FailureReason::TlsRejectedByPeer,
+        _ => FailureReason::TlsHandshakeFailed,
+    }
+}
+
+/// A handshake or relay error in words for the log: rustls prints some certificate errors
+/// (our identity checks among them) only in their debug form.
+pub fn describe(error: &io::Error) -> String {
+    let Some(tls) = error
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    else {
+        return error.to_string();
+    };
+    match tls {
+        rustls::Error::InvalidCertificate(RustlsCertError::Other(other)) => {
+            format!("invalid peer certificate: {}", other.0)
+        }
+        rustls::Error::InvalidCertificate(RustlsCertError::UnknownIssuer) => {
+            "invalid peer certificate: not issued by a CA of the trust bundle".to_owned()
+        }
+        rustls::Error::AlertReceived(alert) => {
+            format!("the peer refused the connection with the TLS alert {alert:?}")
+        }
+        other => other.to_string(),
+    }
+}
+
+/// Whether a relay error is the peer sending a TLS alert: after a TLS 1.3 handshake the client
+/// learns only at its first read that the server refused its certificate.
+pub fn is_alert_from_peer(error: &io::Error) -> bool {
+    failure_reason(error) == FailureReason::TlsRejectedByPeer
+}

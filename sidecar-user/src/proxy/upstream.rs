@@ -1,0 +1,117 @@
+//! Dialling the upstream: a bounded connect, classified failures, and for inbound the reserved
+//! loopback source address that capture lets through (Istio's 127.0.0.6; ::1 for IPv6).
+use std::{
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    time::Duration,
+};
+
+use rustix::net::sockopt;
+use tokio::{
+    net::{TcpSocket, TcpStream},
+    time::timeout,
+};
+use tracing::debug;
+
+use super::metrics::FailureReason;
+
+/// Source of the inbound proxy's connections to the app; both capture modes skip it.
+pub const PASSTHROUGH_SOURCE_V4: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
+/// The IPv6 counterpart: loopback (which both capture modes skip) reaches the pod's own
+/// addresses without needing an extra address on `lo` (Istio adds ::6 for this).
+pub const PASSTHROUGH_SOURCE_V6: Ipv6Addr = Ipv6Addr::LOCALHOST;
+
+/// Where upstream connections come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// Whatever the kernel picks (outbound: the proxy's UID/cgroup exempts it from capture).
+    Any,
+    /// The reserved passthrough address (inbound: forwarding to the app on the pod IP).
+    Passthrough,
+}
+
+/// An upstream connect that failed, with the reason to count.
+pub struct ConnectFailure {
+    pub reason: FailureReason,
+    pub error: String,
+}
+
+pub async fn connect(
+    addr: SocketAddr,
+    source: Source,
+    connect_timeout: Duration,
+) -> Result<TcpStream, ConnectFailure> {
+    let attempt = async {
+        let socket = match source {
+            Source::Any => new_socket(addr)?,
+            Source::Passthrough => passthrough_socket(addr)?,
+        };
+        socket.connect(addr).await
+    };
+    match timeout(connect_timeout, attempt).await {
+        Ok(Ok(stream)) => {
+            // Relayed small writes must not wait for Nagle: the app already chose its batching.
+            if let Err(error) = stream.set_nodelay(true) {
+                debug!(%error, "cannot set TCP_NODELAY");
+            }
+            Ok(stream)
+        }
+        Ok(Err(error)) => Err(ConnectFailure {
+            reason: if error.kind() == io::ErrorKind::ConnectionRefused {
+                FailureReason::ConnectRefused
+            } else {
+                FailureReason::ConnectError
+            },
+            error: error.to_string(),
+        }),
+        Err(_elapsed) => Err(ConnectFailure {
+            reason: FailureReason::ConnectTimeout,
+            error: format!("no answer within {connect_timeout:?}"),
+        }),
+    }
+}
+
+fn new_socket(addr: SocketAddr) -> io::Result<TcpSocket> {
+    match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4(),
+        SocketAddr::V6(_) => TcpSocket::new_v6(),
+    }
+}
+
+fn passthrough_socket(addr: SocketAddr) -> io::Result<TcpSocket> {
+    let socket = new_socket(addr)?;
+    let source = match addr {
+        SocketAddr::V4(_) => IpAddr::V4(PASSTHROUGH_SOURCE_V4),
+        SocketAddr::V6(_) => IpAddr::V6(PASSTHROUGH_SOURCE_V6),
+    };
+    socket.bind(SocketAddr::new(source, 0))?;
+    Ok(socket)
+}
+
+/// Closes with RST instead of FIN: a zero linger makes close() abort the connection, so the
+/// peer fails fast as on a refused connect instead of waiting on a half-open one.
+pub fn reset(stream: TcpStream) {
+    if let Err(error) = sockopt::set_socket_linger(&stream, Some(Duration::ZERO)) {
+        debug!(%error, "cannot set SO_LINGER; closing with FIN instead of RST");
+    }
+    drop(stream);
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn passthrough_connections_come_from_the_reserved_address() -> anyhow::Result<()> {
+        let app = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+        let addr = app.local_addr()?;
+        let _upstream = connect(addr, Source::Passthrough, Duration::from_secs(5))
+            .await
+            .map_err(|failure| anyhow::anyhow!(failure.error))?;
+        let (_accepted, peer) = app.accept().await?;
+        assert_eq!(peer.ip(), IpAddr::V4(PASSTHROUGH_SOURCE_V4));
+        Ok(())
+    }
+}

@@ -1,0 +1,655 @@
+//! mTLS between two sidecars on the real kernel, under eBPF and under iptables capture (run
+//! as root): a client pod and a server pod, each with capture installed by `sidecar init` and
+//! the real proxy (UID 1337) using certificates from `sidecar certs`; a third pod without a
+//! sidecar plays the plaintext outsider.
+mod common;
+
+use std::{
+    fs,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use common::*;
+use sidecar_tests::{
+    ConnectReport, Lab, LabProcess, Pod, require_root, wait_for_http_ok, wait_for_tcp,
+};
+
+const STRICT_PORT: u16 = 8080;
+const PERMISSIVE_PORT: u16 = 9090;
+/// STRICT, and only `sa/admin` may connect.
+const ADMIN_ONLY_PORT: u16 = 7070;
+const TRUST_DOMAIN: &str = "cluster.local";
+const READY: Duration = Duration::from_secs(10);
+const PATIENCE: Duration = Duration::from_secs(10);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Capture {
+    Ebpf,
+    Iptables,
+}
+
+fn spiffe(sa: &str) -> String {
+    format!("spiffe://{TRUST_DOMAIN}/ns/default/sa/{sa}")
+}
+
+struct MtlsLab {
+    lab: Lab,
+    client: Pod,
+    server: Pod,
+    outsider: Pod,
+    pki: PathBuf,
+    app: LabProcess,
+    proxies: Vec<LabProcess>,
+}
+
+impl MtlsLab {
+    fn new(test: &str, capture: Capture) -> MtlsLab {
+        require_root();
+        sidecar_bin();
+        let lab = Lab::new(test).expect("lab");
+        let client = lab.add_pod("client").expect("client pod");
+        let server = lab.add_pod("server").expect("server pod");
+        let outsider = lab.add_pod("outsider").expect("outsider pod");
+        let pki = lab.dir().join("pki");
+        let app = server
+            .command(labtool())
+            .in_cgroup(server.cgroup_child("app").expect("app cgroup"))
+            .args(["echo-server"])
+            .args(
+                [STRICT_PORT, PERMISSIVE_PORT, ADMIN_ONLY_PORT]
+                    .iter()
+                    .flat_map(|port| ["--listen".to_owned(), format!("[::]:{port}")]),
+            )
+            .spawn()
+            .expect("server app");
+        for port in [STRICT_PORT, PERMISSIVE_PORT, ADMIN_ONLY_PORT] {
+            wait_for_tcp(&server, SocketAddr::new(server.ipv4().into(), port), READY)
+                .expect("server app listening");
+        }
+        let mut mesh = MtlsLab {
+            lab,
+            client,
+            server,
+            outsider,
+            pki,
+            app,
+            proxies: Vec::new(),
+        };
+
+        mesh.certs(&[
+            "ca",
+            "--out",
+            &mesh.pki_path("ca"),
+            "--trust-domain",
+            TRUST_DOMAIN,
+        ]);
+        mesh.certs(&["ca", "--out", &mesh.pki_path("other-ca")]);
+        mesh.issue("client", "client", &[]);
+        mesh.issue("server", "server", &[]);
+        let client_config = format!(
+            "workloads:\n  - name: server\n    addresses: [{}, '{}']\n    identities: [{}]\n",
+            mesh.server.ipv4(),
+            mesh.server.ipv6(),
+            spiffe("server")
+        );
+        let server_config = format!(
+            "inbound:\n  mode: STRICT\n  ports:\n    - port: {PERMISSIVE_PORT}\n      mode: PERMISSIVE\n    - port: {ADMIN_ONLY_PORT}\n      allow:\n        - principal: {}\n",
+            spiffe("admin")
+        );
+        mesh.write_mesh_config("client", &client_config);
+        mesh.write_mesh_config("server", &server_config);
+
+        for pod in [&mesh.client, &mesh.server] {
+            install_capture(&mesh.lab, pod, capture);
+        }
+        let client_proxy = start_proxy(&mesh.client, &mesh.pki.join("client"));
+        let server_proxy = start_proxy(&mesh.server, &mesh.pki.join("server"));
+        mesh.proxies = vec![client_proxy, server_proxy];
+        mesh
+    }
+
+    fn pki_path(&self, name: &str) -> String {
+        self.pki.join(name).to_string_lossy().into_owned()
+    }
+
+    fn certs(&self, args: &[&str]) {
+        let mut all = vec!["certs"];
+        all.extend_from_slice(args);
+        let out = sidecar(&all);
+        assert!(
+            out.status.success(),
+            "sidecar certs failed:\n{}",
+            text(&out)
+        );
+    }
+
+    /// (Re)issues the certificate of `sa` into `pki/<dir>/`, readable by the proxy.
+    fn issue(&self, dir: &str, sa: &str, extra: &[&str]) {
+        let ca = self.pki_path("ca");
+        let out = self.pki_path(dir);
+        let mut args = vec![
+            "workload",
+            "--ca",
+            &ca,
+            "--ns",
+            "default",
+            "--sa",
+            sa,
+            "--out",
+            &out,
+            "--owner",
+            "1337:1337",
+        ];
+        args.extend_from_slice(extra);
+        self.certs(&args);
+    }
+
+    fn write_mesh_config(&self, dir: &str, rest: &str) {
+        let text = format!(
+            "trustDomain: {TRUST_DOMAIN}\nidentity:\n  certificateChain: cert-chain.pem\n  privateKey: key.pem\n  trustBundle: root-cert.pem\n{rest}"
+        );
+        let path = self.pki.join(dir).join("mesh.yaml");
+        let temporary = path.with_extension("tmp");
+        fs::write(&temporary, text).expect("write mesh config");
+        fs::rename(temporary, path).expect("install mesh config");
+    }
+
+    /// `labtool connect` from `pod`'s app (captured, when the pod has a sidecar).
+    fn connect(&self, from: &Pod, target: SocketAddr) -> Result<ConnectReport, String> {
+        let out = from
+            .command(labtool())
+            .in_cgroup(from.cgroup_child("app").expect("app cgroup"))
+            .args([
+                "connect",
+                &target.to_string(),
+                "--payload-bytes",
+                "4096",
+                "--timeout-ms",
+                "3000",
+            ])
+            .run()
+            .map_err(|e| e.to_string())?;
+        ConnectReport::from_output(&out).map_err(|e| format!("{e:#}"))
+    }
+
+    fn through_mesh(&self, target: SocketAddr) -> ConnectReport {
+        let report = self
+            .connect(&self.client, target)
+            .unwrap_or_else(|e| panic!("{target} through the mesh: {e}\n{}", self.logs()));
+        assert!(report.echo_ok);
+        report
+    }
+
+    /// Samples of `name` in `pod`'s proxy metrics having every `label="value"`, summed.
+    fn metric(&self, pod: &Pod, name: &str, labels: &[(&str, &str)]) -> u64 {
+        let body = wait_for_http_ok(pod, "http://127.0.0.1:15020/stats/prometheus", READY)
+            .expect("scrape proxy metrics")
+            .body;
+        let lines: Vec<&str> = body
+            .lines()
+            .filter(|line| line.starts_with(&format!("{name}{{")))
+            .filter(|line| {
+                labels
+                    .iter()
+                    .all(|(label, value)| line.contains(&format!("{label}=\"{value}\"")))
+            })
+            .collect();
+        metric_sum(&lines.join("\n"), name)
+    }
+
+    fn wait_for_metric(&self, pod: &Pod, name: &str, labels: &[(&str, &str)], at_least: u64) {
+        let deadline = Instant::now() + PATIENCE;
+        while self.metric(pod, name, labels) < at_least {
+            assert!(
+                Instant::now() < deadline,
+                "{name}{labels:?} in {} never reached {at_least}\n{}",
+                pod.name(),
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn failures(&self, pod: &Pod, direction: &str, reason: &str) -> u64 {
+        self.metric(
+            pod,
+            &format!("sidecar_{direction}_failures_total"),
+            &[("reason", reason)],
+        )
+    }
+
+    /// Both proxies' logs, for failure messages.
+    fn logs(&self) -> String {
+        self.proxies
+            .iter()
+            .map(|p| format!("{}{}", p.stdout_text(), p.stderr_text()))
+            .collect::<Vec<_>>()
+            .join("\n----\n")
+    }
+
+    /// Re-issues a certificate in place and waits until `pod`'s proxy has reloaded it.
+    fn rotate(&self, pod: &Pod, dir: &str, sa: &str, extra: &[&str]) {
+        let reloads = || {
+            self.metric(
+                pod,
+                "sidecar_certificate_reloads_total",
+                &[("result", "success")],
+            )
+        };
+        let before = reloads();
+        self.issue(dir, sa, extra);
+        let deadline = Instant::now() + PATIENCE;
+        while reloads() <= before {
+            assert!(
+                Instant::now() < deadline,
+                "no certificate reload\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+fn install_capture(lab: &Lab, pod: &Pod, capture: Capture) {
+    match capture {
+        Capture::Ebpf => {
+            let cgroup = pod.cgroup().to_string_lossy().into_owned();
+            let netns = pod.netns_path().to_string_lossy().into_owned();
+            let out = sidecar(&["init", "--cgroup", &cgroup, "--netns", &netns]);
+            assert!(out.status.success(), "sidecar init failed:\n{}", text(&out));
+            lab.on_teardown(move || {
+                let _ = sidecar(&["cleanup", "--cgroup", &cgroup]);
+            });
+        }
+        Capture::Iptables => {
+            let out = pod
+                .command(sidecar_bin())
+                .args(["init", "--mode", "iptables"])
+                .run()
+                .expect("run sidecar init in the pod");
+            assert!(out.status.success(), "sidecar init failed:\n{}", text(&out));
+        }
+    }
+}
+
+/// The proxy as Kubernetes runs it: UID 1337, in the pod (its own container cgroup).
+fn start_proxy(pod: &Pod, dir: &Path) -> LabProcess {
+    let config = dir.join("mesh.yaml").to_string_lossy().into_owned();
+    let proxy = pod
+        .command(sidecar_bin())
+        .in_cgroup(pod.cgroup_child("proxy").expect("proxy cgroup"))
+        .as_user(PROXY_ID, PROXY_ID)
+        .env("POD_NAMESPACE", "default")
+        .args([
+            "proxy",
+            "--log-format",
+            "json",
+            "--workload-name",
+            pod.name(),
+        ])
+        .args(["--mesh-config", &config])
+        .spawn()
+        .expect("proxy");
+    let ready = wait_for_http_ok(pod, "http://127.0.0.1:15021/healthz/ready", READY);
+    assert!(
+        ready.is_ok(),
+        "proxy in {} not ready: {ready:?}\n{}{}",
+        pod.name(),
+        proxy.stdout_text(),
+        proxy.stderr_text()
+    );
+    proxy
+}
+
+/// Records the server pod's side of its veth (`eth0`) while `work` runs.
+fn capture_on_the_wire(
+    pod: &Pod,
+    lab: &Lab,
+    name: &str,
+    port: u16,
+    work: impl FnOnce(),
+) -> Vec<u8> {
+    let file = lab.dir().join(format!("{name}.pcap"));
+    let tcpdump = pod
+        .command("tcpdump")
+        .args(["-i", "eth0", "--immediate-mode", "-U", "-n", "-w"])
+        .arg(&file)
+        .args(["tcp", "port", &port.to_string()])
+        .spawn()
+        .expect("tcpdump (installed by `cargo xtask setup`)");
+    // The pcap header is written once the capture is open.
+    let deadline = Instant::now() + READY;
+    while fs::metadata(&file).map(|m| m.len()).unwrap_or(0) < 24 {
+        assert!(
+            Instant::now() < deadline,
+            "tcpdump did not start:\n{}",
+            tcpdump.stderr_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    work();
+    std::thread::sleep(Duration::from_millis(300));
+    tcpdump.stop(Duration::from_secs(2)).expect("stop tcpdump");
+    fs::read(&file).expect("read the capture")
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|window| window == needle)
+}
+
+/// Client pod -> server pod through both sidecars: mTLS on the wire, identities in metrics and
+/// logs, the app reached at its own pod IP; STRICT, PERMISSIVE and authorization at the server.
+fn mesh_traffic_is_mutual_tls(capture: Capture, test: &str) {
+    let mesh = MtlsLab::new(test, capture);
+    let server_v4 = SocketAddr::new(mesh.server.ipv4().into(), STRICT_PORT);
+    let server_v6 = SocketAddr::new(mesh.server.ipv6().into(), STRICT_PORT);
+
+    // labtool's payload is a byte ramp: its first 32 bytes must never appear on the wire.
+    let ramp: Vec<u8> = (0..32).collect();
+    let mut report = None;
+    let wire = capture_on_the_wire(&mesh.server, &mesh.lab, "mesh", STRICT_PORT, || {
+        report = Some(mesh.through_mesh(server_v4));
+    });
+    let report = report.expect("connected");
+    assert!(
+        contains(&wire, b"sidecar-mesh/1"),
+        "no mesh ClientHello on the wire"
+    );
+    assert!(
+        !contains(&wire, &ramp),
+        "the plaintext payload crossed the wire"
+    );
+    assert_eq!(
+        canonical(report.server.local),
+        server_v4,
+        "the app sees the connection arrive at its own pod IP"
+    );
+    assert_eq!(
+        report.server.peer.ip().to_canonical().to_string(),
+        "127.0.0.6"
+    );
+    assert_eq!(
+        report.peer, server_v4,
+        "the client sees the address it dialled"
+    );
+
+    let report = mesh.through_mesh(server_v6);
+    assert_eq!(canonical(report.server.local), server_v6);
+
+    let client_id = spiffe("client");
+    let server_id = spiffe("server");
+    mesh.wait_for_metric(
+        &mesh.client,
+        "istio_tcp_connections_opened_total",
+        &[
+            ("reporter", "source"),
+            ("connection_security_policy", "mutual_tls"),
+            ("source_principal", &client_id),
+            ("destination_principal", &server_id),
+        ],
+        2,
+    );
+    mesh.wait_for_metric(
+        &mesh.server,
+        "istio_tcp_connections_opened_total",
+        &[
+            ("reporter", "destination"),
+            ("connection_security_policy", "mutual_tls"),
+            ("source_principal", &client_id),
+            ("destination_principal", &server_id),
+        ],
+        2,
+    );
+    let server_log = mesh.proxies[1].stdout_text();
+    assert!(
+        server_log
+            .lines()
+            .any(|l| l.contains("connection complete") && l.contains(&client_id)),
+        "no access log line naming the peer:\n{server_log}"
+    );
+    // sk_lookup keeps the original local address; REDIRECT leaves it to conntrack.
+    let orig_dst_source = match capture {
+        Capture::Ebpf => r#""orig_dst_source":"local_addr""#,
+        Capture::Iptables => r#""orig_dst_source":"sockopt""#,
+    };
+    assert!(
+        server_log
+            .lines()
+            .any(|l| l.contains(r#""direction":"inbound""#) && l.contains(orig_dst_source)),
+        "inbound original destinations not from {orig_dst_source}:\n{server_log}"
+    );
+
+    // Plaintext from outside the mesh: refused on STRICT...
+    let refused = mesh.connect(&mesh.outsider, server_v4);
+    assert!(
+        refused.is_err(),
+        "plaintext reached a STRICT port: {refused:?}"
+    );
+    mesh.wait_for_metric(
+        &mesh.server,
+        "sidecar_inbound_failures_total",
+        &[("reason", "plaintext_refused")],
+        1,
+    );
+    // ...and accepted on PERMISSIVE, where it really is plaintext on the wire.
+    let permissive = SocketAddr::new(mesh.server.ipv4().into(), PERMISSIVE_PORT);
+    let wire = capture_on_the_wire(&mesh.server, &mesh.lab, "plain", PERMISSIVE_PORT, || {
+        let report = mesh
+            .connect(&mesh.outsider, permissive)
+            .expect("plaintext to PERMISSIVE");
+        assert!(report.echo_ok);
+    });
+    assert!(
+        contains(&wire, &ramp),
+        "the capture cannot see payloads at all"
+    );
+    mesh.through_mesh(permissive);
+    mesh.wait_for_metric(
+        &mesh.server,
+        "istio_tcp_connections_opened_total",
+        &[
+            ("reporter", "destination"),
+            ("connection_security_policy", "none"),
+        ],
+        1,
+    );
+    mesh.wait_for_metric(
+        &mesh.server,
+        "istio_tcp_connections_opened_total",
+        &[
+            ("reporter", "destination"),
+            ("connection_security_policy", "mutual_tls"),
+        ],
+        3,
+    );
+
+    // Only sa/admin may use this port.
+    let admin_only = SocketAddr::new(mesh.server.ipv4().into(), ADMIN_ONLY_PORT);
+    let denied = mesh.connect(&mesh.client, admin_only);
+    assert!(
+        denied.is_err(),
+        "an unauthorized identity got through: {denied:?}"
+    );
+    mesh.wait_for_metric(
+        &mesh.server,
+        "sidecar_inbound_failures_total",
+        &[("reason", "unauthorized")],
+        1,
+    );
+    assert!(
+        mesh.proxies[1]
+            .stdout_text()
+            .contains("no allow rule of the port matches"),
+        "{}",
+        mesh.logs()
+    );
+    let served = mesh
+        .app
+        .stdout_text()
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .count();
+    assert_eq!(served, 4, "refused connections must not reach the app");
+}
+
+/// An established connection survives a rotation that new connections follow; expired,
+/// wrong-CA and wrong-identity certificates are refused and counted.
+fn certificates_rotate_and_bad_ones_are_refused(capture: Capture, test: &str) {
+    let mesh = MtlsLab::new(test, capture);
+    let server_v4 = SocketAddr::new(mesh.server.ipv4().into(), STRICT_PORT);
+
+    // A long-lived connection from the client app: half of its request before the rotation,
+    // the rest after.
+    let go_on = mesh.lab.dir().join("rotated");
+    let established = mesh
+        .client
+        .command("perl")
+        .in_cgroup(mesh.client.cgroup_child("app").expect("app cgroup"))
+        .args(["-e", LONG_LIVED_CLIENT])
+        .arg(mesh.server.ipv4().to_string())
+        .arg(STRICT_PORT.to_string())
+        .arg(&go_on)
+        .spawn()
+        .expect("perl client");
+    established
+        .wait_for_stdout("connected", READY)
+        .expect("long-lived connection up");
+
+    mesh.rotate(&mesh.client, "client", "client-v2", &[]);
+    mesh.through_mesh(server_v4);
+    mesh.wait_for_metric(
+        &mesh.server,
+        "istio_tcp_connections_opened_total",
+        &[("source_principal", &spiffe("client-v2"))],
+        1,
+    );
+    fs::write(&go_on, b"").expect("signal the long-lived client");
+    let status = established.wait(PATIENCE).expect("long-lived client done");
+    let output = established.stdout_text();
+    assert!(
+        status.success() && output.contains("before-rotation;after-rotation"),
+        "the established connection broke: {status}\n{output}{}\n{}",
+        established.stderr_text(),
+        mesh.logs()
+    );
+
+    let refused = |what: &str, side: &Pod, direction: &str, reason: &str| {
+        let before = mesh.failures(side, direction, reason);
+        let result = mesh.connect(&mesh.client, server_v4);
+        assert!(result.is_err(), "{what} was accepted: {result:?}");
+        mesh.wait_for_metric(
+            side,
+            &format!("sidecar_{direction}_failures_total"),
+            &[("reason", reason)],
+            before + 1,
+        );
+    };
+
+    mesh.rotate(&mesh.client, "client", "client", &["--expired"]);
+    refused(
+        "an expired client certificate",
+        &mesh.server,
+        "inbound",
+        "peer_cert_expired",
+    );
+
+    let other_ca = mesh.pki_path("other-ca");
+    let bundle = mesh
+        .pki
+        .join("ca")
+        .join("ca-cert.pem")
+        .to_string_lossy()
+        .into_owned();
+    let before = mesh.metric(
+        &mesh.client,
+        "sidecar_certificate_reloads_total",
+        &[("result", "success")],
+    );
+    mesh.certs(&[
+        "workload",
+        "--ca",
+        &other_ca,
+        "--ns",
+        "default",
+        "--sa",
+        "client",
+        "--out",
+        &mesh.pki_path("client"),
+        "--bundle",
+        &bundle,
+        "--owner",
+        "1337:1337",
+    ]);
+    mesh.wait_for_metric(
+        &mesh.client,
+        "sidecar_certificate_reloads_total",
+        &[("result", "success")],
+        before + 1,
+    );
+    refused(
+        "a client certificate from another CA",
+        &mesh.server,
+        "inbound",
+        "peer_cert_unknown_ca",
+    );
+
+    mesh.rotate(&mesh.client, "client", "client", &[]);
+    mesh.through_mesh(server_v4);
+
+    mesh.rotate(&mesh.server, "server", "imposter", &[]);
+    refused(
+        "a server with the wrong identity",
+        &mesh.client,
+        "outbound",
+        "peer_identity_mismatch",
+    );
+    let client_log = mesh.proxies[0].stdout_text();
+    assert!(
+        client_log.contains(&format!("the peer is {}", spiffe("imposter"))),
+        "no clear log line for the wrong identity:\n{client_log}"
+    );
+}
+
+/// Connects, sends half a request, waits for the file named by the third argument, sends the
+/// rest, half-closes and prints the echo.
+const LONG_LIVED_CLIENT: &str = r#"
+use IO::Socket::INET;
+$| = 1;
+my ($host, $port, $go_on) = @ARGV;
+my $s = IO::Socket::INET->new(PeerAddr => $host, PeerPort => $port, Proto => 'tcp')
+    or die "connect: $!";
+$s->autoflush(1);
+print $s "before-rotation;";
+print "connected\n";
+select(undef, undef, undef, 0.05) until -e $go_on;
+print $s "after-rotation";
+$s->shutdown(1);
+local $/;
+my $reply = <$s>;
+print "reply: $reply\n";
+"#;
+
+#[test]
+fn ebpf_mesh_traffic_is_mutual_tls() {
+    mesh_traffic_is_mutual_tls(Capture::Ebpf, "mtls-ebpf");
+}
+
+#[test]
+fn iptables_mesh_traffic_is_mutual_tls() {
+    mesh_traffic_is_mutual_tls(Capture::Iptables, "mtls-ipt");
+}
+
+#[test]
+fn ebpf_certificates_rotate_and_bad_ones_are_refused() {
+    certificates_rotate_and_bad_ones_are_refused(Capture::Ebpf, "certs-ebpf");
+}
+
+#[test]
+fn iptables_certificates_rotate_and_bad_ones_are_refused() {
+    certificates_rotate_and_bad_ones_are_refused(Capture::Iptables, "certs-ipt");
+}
