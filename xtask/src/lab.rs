@@ -1,6 +1,7 @@
-//! `cargo xtask lab`: the demo. Two pods in network namespaces; a real HTTP request from the
-//! client pod's app to the server pod, intercepted by the client pod's sidecar; the proxy's log
-//! line, metrics and the capture counters printed; everything torn down.
+//! `cargo xtask lab`: the demo. Two pods in network namespaces, each with its sidecar; a real
+//! HTTP request from the client pod's app to the server pod, captured outbound on one side and
+//! inbound on the other, carried over mTLS between the two proxies; both proxies' log lines
+//! (with the peer identities), their metrics and the capture counters printed; all torn down.
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -71,31 +72,75 @@ fn demo(lab: &Lab, bin: &Path, mode: Mode) -> Result<()> {
 
     let _http = server
         .command(&labtool)
+        .in_cgroup(server.cgroup_child("app")?)
         .args(["http-server", "--listen", "[::]:8080", "--name", "server"])
         .spawn()?;
     wait_for_tcp(&server, SocketAddr::new(server.ipv4().into(), 8080), WAIT)?;
 
-    println!("\n== sidecar init ({mode:?}) for the client pod");
-    install_capture(lab, &client, &sidecar, mode)?;
+    println!("\n== certificates (sidecar certs): a lab CA, one SPIFFE identity per pod");
+    let certs = lab.dir().join("certs");
+    run_sidecar(
+        &sidecar,
+        &[
+            "certs",
+            "ca",
+            "--out",
+            &path(&certs.join("ca")),
+            "--trust-domain",
+            TRUST_DOMAIN,
+        ],
+    )?;
+    for pod in [&client, &server] {
+        let dir = certs.join(pod.name());
+        run_sidecar(
+            &sidecar,
+            &[
+                "certs",
+                "workload",
+                "--ca",
+                &path(&certs.join("ca")),
+                "--ns",
+                NAMESPACE,
+                "--sa",
+                pod.name(),
+                "--out",
+                &path(&dir),
+                "--owner",
+                "1337:1337",
+            ],
+        )?;
+        println!("  {}: {}", pod.name(), spiffe_id(pod.name()));
+    }
+    write_mesh_config(&certs.join("client"), MeshRole::Client(&server))?;
+    write_mesh_config(&certs.join("server"), MeshRole::Server)?;
 
-    let proxy = client
-        .command(&sidecar)
-        .in_cgroup(client.cgroup_child("proxy")?)
-        .as_user(PROXY_ID, PROXY_ID)
-        .args([
-            "proxy",
-            "--workload-name",
-            "client",
-            "--workload-namespace",
-            "lab",
-        ])
-        .spawn()?;
-    wait_for_http_ok(&client, "http://127.0.0.1:15021/healthz/ready", WAIT)
-        .context("the proxy did not become ready")?;
-    println!(
-        "proxy ready (UID {PROXY_ID}, cgroup {})",
-        client.cgroup_child("proxy")?.display()
-    );
+    let mut proxies = Vec::new();
+    for pod in [&client, &server] {
+        println!("\n== sidecar init ({mode:?}) for the {} pod", pod.name());
+        install_capture(lab, pod, &sidecar, mode)?;
+        let mesh_config = certs.join(pod.name()).join("mesh.yaml");
+        let proxy = pod
+            .command(&sidecar)
+            .in_cgroup(pod.cgroup_child("proxy")?)
+            .as_user(PROXY_ID, PROXY_ID)
+            .args([
+                "proxy",
+                "--workload-name",
+                pod.name(),
+                "--workload-namespace",
+                NAMESPACE,
+            ])
+            .arg("--mesh-config")
+            .arg(&mesh_config)
+            .spawn()?;
+        wait_for_http_ok(pod, "http://127.0.0.1:15021/healthz/ready", WAIT)
+            .with_context(|| format!("the {} proxy did not become ready", pod.name()))?;
+        println!(
+            "proxy ready (UID {PROXY_ID}, cgroup {})",
+            pod.cgroup_child("proxy")?.display()
+        );
+        proxies.push((pod, proxy));
+    }
 
     let url = format!("http://{}:8080/hello", server.ipv4());
     println!("\n== the app in the client pod runs: curl {url}");
@@ -105,25 +150,86 @@ fn demo(lab: &Lab, bin: &Path, mode: Mode) -> Result<()> {
         .args(["-sS", "-i", "--max-time", "5", &url])
         .run_success()?;
     print!("{}", String::from_utf8_lossy(&response.stdout));
+    println!("(the server app sees the connection at its own pod IP, from the proxy's 127.0.0.6)");
 
     std::thread::sleep(Duration::from_millis(200));
-    println!("\n== the proxy's log");
-    for line in proxy
-        .stdout_text()
-        .lines()
-        .chain(proxy.stderr_text().lines())
-    {
-        println!("  {line}");
+    for (pod, proxy) in &proxies {
+        println!("\n== the {} proxy's connection log", pod.name());
+        let log = format!("{}{}", proxy.stdout_text(), proxy.stderr_text());
+        for line in log.lines().filter(|l| l.contains("access")) {
+            println!("  {line}");
+        }
+        println!(
+            "== the {} proxy's metrics (127.0.0.1:15020/stats/prometheus)",
+            pod.name()
+        );
+        let metrics = wait_for_http_ok(pod, "http://127.0.0.1:15020/stats/prometheus", WAIT)?.body;
+        for line in metrics
+            .lines()
+            .filter(|l| l.starts_with("istio_tcp_connections_opened_total"))
+        {
+            println!("  {line}");
+        }
     }
-    println!("\n== the proxy's metrics (127.0.0.1:15020/stats/prometheus)");
-    let metrics = wait_for_http_ok(&client, "http://127.0.0.1:15020/stats/prometheus", WAIT)?.body;
-    for line in metrics.lines().filter(|l| l.starts_with("istio_tcp_")) {
-        println!("  {line}");
+    println!("\n== capture status (client pod)");
+    print_status(&client, &sidecar, mode)
+}
+
+const TRUST_DOMAIN: &str = "cluster.local";
+const NAMESPACE: &str = "lab";
+
+fn spiffe_id(service_account: &str) -> String {
+    format!("spiffe://{TRUST_DOMAIN}/ns/{NAMESPACE}/sa/{service_account}")
+}
+
+fn path(path: &Path) -> String {
+    path.to_string_lossy().into_owned()
+}
+
+fn run_sidecar(sidecar: &Path, args: &[&str]) -> Result<()> {
+    let out = Command::new(sidecar).args(args).output()?;
+    if !out.status.success() {
+        bail!(
+            "sidecar {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
-    println!("\n== capture status");
+    Ok(())
+}
+
+enum MeshRole<'a> {
+    /// Dials the server pod, which must prove the server identity.
+    Client(&'a Pod),
+    /// Accepts only mTLS, and only from the client identity.
+    Server,
+}
+
+/// Writes `mesh.yaml` (docs/MESH_CONFIG.md) next to the pod's certificate files.
+fn write_mesh_config(dir: &Path, role: MeshRole<'_>) -> Result<()> {
+    let mut yaml = format!(
+        "trustDomain: {TRUST_DOMAIN}\nidentity:\n  certificateChain: cert-chain.pem\n  \
+         privateKey: key.pem\n  trustBundle: root-cert.pem\n"
+    );
+    match role {
+        MeshRole::Client(server) => yaml.push_str(&format!(
+            "workloads:\n  - name: server\n    addresses: [\"{}\", \"{}\"]\n    identities: [{}]\n",
+            server.ipv4(),
+            server.ipv6(),
+            spiffe_id("server")
+        )),
+        MeshRole::Server => yaml.push_str(&format!(
+            "inbound:\n  mode: STRICT\n  ports:\n    - port: 8080\n      allow:\n        - principal: {}\n",
+            spiffe_id("client")
+        )),
+    }
+    std::fs::write(dir.join("mesh.yaml"), yaml).context("cannot write mesh.yaml")
+}
+
+fn print_status(client: &Pod, sidecar: &Path, mode: Mode) -> Result<()> {
     let status = match mode {
-        Mode::Ebpf => Command::new(&sidecar).arg("status").output()?,
-        Mode::Iptables => client.command(&sidecar).arg("status").run()?,
+        Mode::Ebpf => Command::new(sidecar).arg("status").output()?,
+        Mode::Iptables => client.command(sidecar).arg("status").run()?,
     };
     let text = String::from_utf8_lossy(&status.stdout);
     let ours = client.cgroup().display().to_string();
@@ -141,16 +247,16 @@ fn demo(lab: &Lab, bin: &Path, mode: Mode) -> Result<()> {
     Ok(())
 }
 
-fn install_capture(lab: &Lab, client: &Pod, sidecar: &Path, mode: Mode) -> Result<()> {
+fn install_capture(lab: &Lab, pod: &Pod, sidecar: &Path, mode: Mode) -> Result<()> {
     let output = match mode {
         Mode::Ebpf => {
-            let cgroup: PathBuf = client.cgroup().to_path_buf();
+            let cgroup: PathBuf = pod.cgroup().to_path_buf();
             let out = Command::new(sidecar)
                 .arg("init")
                 .arg("--cgroup")
                 .arg(&cgroup)
                 .arg("--netns")
-                .arg(client.netns_path())
+                .arg(pod.netns_path())
                 .output()?;
             let cleanup_bin = sidecar.to_path_buf();
             lab.on_teardown(move || {
@@ -162,7 +268,7 @@ fn install_capture(lab: &Lab, client: &Pod, sidecar: &Path, mode: Mode) -> Resul
             });
             out
         }
-        Mode::Iptables => client
+        Mode::Iptables => pod
             .command(sidecar)
             .args(["init", "--mode", "iptables"])
             .run()?,
