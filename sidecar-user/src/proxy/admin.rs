@@ -1,10 +1,14 @@
-//! `/stats/prometheus` and `/healthz/ready`, served from a thread of their own so scrapes
-//! never compete with the data path (as ztunnel keeps its admin runtime apart).
+//! `/stats/prometheus` (15020), `/healthz/ready` (15021) and the admin endpoints (localhost
+//! 15000: `/config_dump`, `/logging`, `/quitquitquit`, `/stats`, `/ready`), served from a thread
+//! of their own so scrapes never compete with the data path (as ztunnel keeps its admin runtime
+//! apart).
 use std::{
     convert::Infallible,
+    fmt::Write as _,
     net::SocketAddr,
+    path::{Path, PathBuf},
     sync::{
-        Arc,
+        Arc, Mutex, OnceLock, PoisonError,
         atomic::{AtomicBool, Ordering},
     },
     thread,
@@ -14,7 +18,7 @@ use std::{
 use anyhow::Context;
 use http_body_util::Full;
 use hyper::{
-    Method, Request, Response, StatusCode,
+    Method, Request, Response, StatusCode, Uri,
     body::{Bytes, Incoming},
     header::{CONTENT_TYPE, HeaderValue},
     server::conn::http1,
@@ -22,13 +26,19 @@ use hyper::{
 };
 use hyper_util::rt::TokioIo;
 use prometheus::TEXT_FORMAT;
-use tokio::net::TcpListener;
+use tokio::{net::TcpListener, sync::Notify};
 use tracing::{debug, error, info, warn};
 
-use super::metrics::Metrics;
+use super::{logging::LogLevel, mesh::MeshHandle, metrics::Metrics};
+use crate::{bpffs, ebpf_capture};
 
 pub const METRICS_PATH: &str = "/stats/prometheus";
 pub const READY_PATH: &str = "/healthz/ready";
+const CONFIG_DUMP_PATH: &str = "/config_dump";
+const LOGGING_PATH: &str = "/logging";
+const QUIT_PATH: &str = "/quitquitquit";
+const STATS_PATH: &str = "/stats";
+const ADMIN_READY_PATH: &str = "/ready";
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Which endpoints a listener answers; the others are 404 there.
@@ -36,40 +46,56 @@ const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 struct Routes {
     metrics: bool,
     ready: bool,
+    /// The localhost-only admin endpoints (which include the other two).
+    admin: bool,
 }
 
-/// What the admin endpoints report on.
+/// Turns on one group of endpoints on a listener.
+type EnableRoutes = fn(&mut Routes);
+
+/// Where each group of endpoints is served.
+pub struct AdminAddrs {
+    pub metrics: SocketAddr,
+    pub ready: SocketAddr,
+    pub admin: SocketAddr,
+}
+
+/// What the admin endpoints report on and act upon.
 pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// False until every listener is bound (and again while shutting down).
     pub ready: Arc<AtomicBool>,
+    pub log_level: LogLevel,
+    /// The level last set, for `GET /logging`.
+    pub log_directives: Mutex<String>,
+    /// Set once the mesh config is loaded: what `/config_dump` shows.
+    pub mesh: OnceLock<Arc<MeshHandle>>,
+    /// Notified by `POST /quitquitquit`.
+    pub quit: Arc<Notify>,
+    /// Where the capture's pinned maps are, for the BPF counters in `/stats`.
+    pub bpffs: PathBuf,
 }
 
 /// Binds the admin addresses now, so a port conflict fails startup, then serves them on a
 /// dedicated thread with its own current-thread runtime. The thread lives as long as the
 /// process.
-pub fn start(
-    metrics_addr: SocketAddr,
-    ready_addr: SocketAddr,
-    state: AdminState,
-) -> anyhow::Result<()> {
-    // One listener serves both endpoints when they share an address.
-    let mut bindings: Vec<(SocketAddr, Routes)> = vec![(
-        metrics_addr,
-        Routes {
-            metrics: true,
-            ready: false,
-        },
-    )];
-    match bindings.iter_mut().find(|(addr, _)| *addr == ready_addr) {
-        Some((_, routes)) => routes.ready = true,
-        None => bindings.push((
-            ready_addr,
-            Routes {
-                metrics: false,
-                ready: true,
-            },
-        )),
+pub fn start(addrs: &AdminAddrs, state: Arc<AdminState>) -> anyhow::Result<()> {
+    // One listener serves several groups when they share an address.
+    let mut bindings: Vec<(SocketAddr, Routes)> = Vec::new();
+    let groups: [(SocketAddr, EnableRoutes); 3] = [
+        (addrs.metrics, |r| r.metrics = true),
+        (addrs.ready, |r| r.ready = true),
+        (addrs.admin, |r| r.admin = true),
+    ];
+    for (addr, enable) in groups {
+        match bindings.iter_mut().find(|(bound, _)| *bound == addr) {
+            Some((_, routes)) => enable(routes),
+            None => {
+                let mut routes = Routes::default();
+                enable(&mut routes);
+                bindings.push((addr, routes));
+            }
+        }
     }
     let listeners = bindings
         .into_iter()
@@ -77,7 +103,7 @@ pub fn start(
             let listener = std::net::TcpListener::bind(addr)
                 .with_context(|| format!("cannot bind admin address {addr}"))?;
             listener.set_nonblocking(true)?;
-            info!(%addr, metrics = routes.metrics, ready = routes.ready, "admin listening");
+            info!(%addr, metrics = routes.metrics, ready = routes.ready, admin = routes.admin, "admin listening");
             Ok((listener, routes))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
@@ -86,7 +112,6 @@ pub fn start(
         .enable_all()
         .build()
         .context("cannot build the admin runtime")?;
-    let state = Arc::new(state);
     thread::Builder::new()
         .name("admin".into())
         .spawn(move || {
@@ -121,7 +146,7 @@ async fn serve(listener: TcpListener, routes: Routes, state: Arc<AdminState>) {
         let state = state.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request: Request<Incoming>| {
-                let response = respond(request.method(), request.uri().path(), routes, &state);
+                let response = respond(request.method(), request.uri(), routes, &state);
                 async move { Ok::<_, Infallible>(response) }
             });
             if let Err(error) = http1::Builder::new()
@@ -136,25 +161,63 @@ async fn serve(listener: TcpListener, routes: Routes, state: Arc<AdminState>) {
 
 fn respond(
     method: &Method,
-    path: &str,
+    uri: &Uri,
     routes: Routes,
     state: &AdminState,
 ) -> Response<Full<Bytes>> {
-    let endpoint_exists =
-        (routes.metrics && path == METRICS_PATH) || (routes.ready && path == READY_PATH);
+    let path = uri.path();
+    let admin_endpoint = routes.admin
+        && [
+            CONFIG_DUMP_PATH,
+            LOGGING_PATH,
+            QUIT_PATH,
+            STATS_PATH,
+            ADMIN_READY_PATH,
+        ]
+        .contains(&path);
+    let endpoint_exists = admin_endpoint
+        || ((routes.metrics || routes.admin) && path == METRICS_PATH)
+        || (routes.ready && path == READY_PATH);
     if !endpoint_exists {
         return text(StatusCode::NOT_FOUND, "not found\n");
     }
-    if method != Method::GET && method != Method::HEAD {
+    // Changes are POSTs (a stray GET or a crawler must not stop the proxy); reads are GETs.
+    let changes = path == QUIT_PATH || (path == LOGGING_PATH && uri.query().is_some());
+    let allowed = if changes {
+        method == Method::POST
+    } else {
+        method == Method::GET || method == Method::HEAD
+    };
+    if !allowed {
         return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
     }
-    if path == READY_PATH {
-        return if state.ready.load(Ordering::Acquire) {
-            text(StatusCode::OK, "ready\n")
-        } else {
-            text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
-        };
+    match path {
+        READY_PATH | ADMIN_READY_PATH => {
+            if state.ready.load(Ordering::Acquire) {
+                text(StatusCode::OK, "ready\n")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+            }
+        }
+        CONFIG_DUMP_PATH => config_dump(state),
+        LOGGING_PATH => logging(uri.query(), state),
+        QUIT_PATH => {
+            info!("POST /quitquitquit: shutting down");
+            state.quit.notify_one();
+            text(StatusCode::OK, "OK\n")
+        }
+        STATS_PATH => match state.metrics.render() {
+            Ok(metrics) => owned_text(StatusCode::OK, bpf_counters(&state.bpffs) + &metrics),
+            Err(error) => {
+                error!(%error, "cannot render metrics");
+                text(StatusCode::INTERNAL_SERVER_ERROR, "cannot render metrics\n")
+            }
+        },
+        _ => prometheus(state),
     }
+}
+
+fn prometheus(state: &AdminState) -> Response<Full<Bytes>> {
     match state.metrics.render() {
         Ok(body) => {
             let mut response = Response::new(Full::new(Bytes::from(body)));
@@ -168,6 +231,107 @@ fn respond(
             text(StatusCode::INTERNAL_SERVER_ERROR, "cannot render metrics\n")
         }
     }
+}
+
+/// The routing config and identity in force, as JSON.
+fn config_dump(state: &AdminState) -> Response<Full<Bytes>> {
+    let dump = match state.mesh.get() {
+        None => serde_json::json!({ "loaded": false }),
+        Some(handle) => {
+            let mesh = handle.current();
+            serde_json::json!({
+                "loaded": true,
+                "identity": mesh.tls().map(|tls| tls.identity.to_string()),
+                "http": mesh.routes().config(),
+            })
+        }
+    };
+    match serde_json::to_vec_pretty(&dump) {
+        Ok(body) => {
+            let mut response = Response::new(Full::new(Bytes::from(body)));
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+            response
+        }
+        Err(error) => owned_text(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot encode the config: {error}\n"),
+        ),
+    }
+}
+
+/// `GET /logging`: the level in force; `POST /logging?level=debug,access=off`: a new one.
+fn logging(query: Option<&str>, state: &AdminState) -> Response<Full<Bytes>> {
+    let mut directives = state
+        .log_directives
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    let Some(query) = query else {
+        return owned_text(StatusCode::OK, format!("level: {directives}\n"));
+    };
+    let level = query
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("level="))
+        .map(|level| level.replace("%2C", ",").replace("%3D", "="));
+    let Some(level) = level else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            "expected ?level=<RUST_LOG directives>\n",
+        );
+    };
+    match state.log_level.set(&level) {
+        Ok(()) => {
+            info!(level, "log level changed");
+            level.clone_into(&mut directives);
+            owned_text(StatusCode::OK, format!("level: {level}\n"))
+        }
+        Err(error) => owned_text(StatusCode::BAD_REQUEST, format!("{error}\n")),
+    }
+}
+
+/// The capture's kernel counters, summed over CPUs, one `bpf.<pin dir>.<counter>: value` line
+/// each; or why they cannot be read (the proxy usually runs without BPF privileges).
+fn bpf_counters(bpffs_root: &Path) -> String {
+    let dir = bpffs::sidecar_dir(bpffs_root);
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(error) => return format!("bpf: unavailable: cannot read {}: {error}\n", dir.display()),
+    };
+    let mut out = String::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("cgroup-") {
+            continue;
+        }
+        match ebpf_capture::read_counters(&entry.path()) {
+            Ok(counters) => {
+                for (counter, value) in counters {
+                    let _ = writeln!(out, "bpf.{name}.{}: {value}", counter.name());
+                }
+            }
+            Err(error) => {
+                let _ = writeln!(out, "bpf.{name}: unavailable: {error:#}");
+            }
+        }
+    }
+    if out.is_empty() {
+        out = format!(
+            "bpf: unavailable: no capture pinned under {}\n",
+            dir.display()
+        );
+    }
+    out
+}
+
+fn owned_text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
@@ -194,13 +358,92 @@ mod tests {
                 namespace: "ns".into(),
             })?),
             ready: Arc::new(AtomicBool::new(false)),
+            log_level: LogLevel::detached(),
+            log_directives: Mutex::new("info".into()),
+            mesh: OnceLock::new(),
+            quit: Arc::new(Notify::new()),
+            bpffs: PathBuf::from("/nonexistent-bpffs"),
         })
     }
 
     const BOTH: Routes = Routes {
         metrics: true,
         ready: true,
+        admin: false,
     };
+    const ADMIN: Routes = Routes {
+        metrics: false,
+        ready: false,
+        admin: true,
+    };
+
+    fn respond(
+        method: &Method,
+        uri: &str,
+        routes: Routes,
+        state: &AdminState,
+    ) -> Response<Full<Bytes>> {
+        super::respond(method, &uri.parse().expect("a valid URI"), routes, state)
+    }
+
+    async fn body_text(response: Response<Full<Bytes>>) -> String {
+        use http_body_util::BodyExt;
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    #[tokio::test]
+    async fn admin_endpoints_dump_change_level_quit_and_report_bpf() -> anyhow::Result<()> {
+        let state = state()?;
+        assert_eq!(
+            respond(&Method::GET, CONFIG_DUMP_PATH, BOTH, &state).status(),
+            StatusCode::NOT_FOUND
+        );
+        state
+            .mesh
+            .get_or_init(|| Arc::new(MeshHandle::new(super::super::mesh::Mesh::plaintext())));
+        let dump = body_text(respond(&Method::GET, CONFIG_DUMP_PATH, ADMIN, &state)).await;
+        let dump: serde_json::Value = serde_json::from_str(&dump)?;
+        assert_eq!(dump["http"]["accessLog"], true, "{dump}");
+
+        let get_level = respond(&Method::GET, "/logging?level=debug", ADMIN, &state);
+        assert_eq!(
+            get_level.status(),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "changes are POSTs"
+        );
+        let set = respond(&Method::POST, "/logging?level=debug", ADMIN, &state);
+        assert_eq!(set.status(), StatusCode::OK);
+        assert_eq!(
+            body_text(respond(&Method::GET, LOGGING_PATH, ADMIN, &state)).await,
+            "level: debug\n"
+        );
+        let bad = respond(&Method::POST, "/logging?level=debug=x=y", ADMIN, &state);
+        assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+
+        assert_eq!(
+            respond(&Method::GET, QUIT_PATH, ADMIN, &state).status(),
+            StatusCode::METHOD_NOT_ALLOWED
+        );
+        assert_eq!(
+            respond(&Method::POST, QUIT_PATH, ADMIN, &state).status(),
+            StatusCode::OK
+        );
+        tokio::time::timeout(Duration::from_secs(1), state.quit.notified()).await?;
+
+        let stats = body_text(respond(&Method::GET, STATS_PATH, ADMIN, &state)).await;
+        assert!(
+            stats.starts_with("bpf: unavailable: cannot read /nonexistent-bpffs/sidecar"),
+            "{stats}"
+        );
+        assert!(stats.contains("istio_tcp_connections_opened_total"));
+        Ok(())
+    }
 
     #[test]
     fn ready_is_503_until_the_flag_is_set() -> anyhow::Result<()> {
@@ -219,6 +462,7 @@ mod tests {
         let ready_only = Routes {
             metrics: false,
             ready: true,
+            admin: false,
         };
         let status = |path, routes| respond(&Method::GET, path, routes, &state).status();
         assert_eq!(status(METRICS_PATH, ready_only), StatusCode::NOT_FOUND);
@@ -247,10 +491,20 @@ mod tests {
         let free_port = || -> anyhow::Result<SocketAddr> {
             Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
         };
-        let (metrics_addr, ready_addr) = (free_port()?, free_port()?);
-        let state = state()?;
+        let (metrics_addr, ready_addr, admin_addr) = (free_port()?, free_port()?, free_port()?);
+        let state = Arc::new(state()?);
         let ready = state.ready.clone();
-        start(metrics_addr, ready_addr, state)?;
+        let addrs = AdminAddrs {
+            metrics: metrics_addr,
+            ready: ready_addr,
+            admin: admin_addr,
+        };
+        start(&addrs, state)?;
+        assert!(
+            get(admin_addr, ADMIN_READY_PATH)
+                .await?
+                .starts_with("HTTP/1.1 503")
+        );
 
         assert!(
             get(ready_addr, READY_PATH)

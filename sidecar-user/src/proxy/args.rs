@@ -31,13 +31,16 @@ pub struct ProxyArgs {
     #[arg(long, value_delimiter = ',', default_value = "0.0.0.0,::")]
     pub inbound_bind: Vec<IpAddr>,
 
-    /// Mesh config (YAML; see docs/MESH_CONFIG.md): identity files, mesh workloads, inbound
-    /// policy. Watched and reloaded on change. Without it: plaintext only, inbound PERMISSIVE.
+    /// Mesh config (YAML; see docs/MESH_CONFIG.md and docs/ROUTING.md): identity files, mesh
+    /// workloads, inbound policy, HTTP routing. Watched and reloaded on change. Without it:
+    /// plaintext only, inbound PERMISSIVE, HTTP passed through.
     #[arg(long, value_name = "PATH")]
     pub mesh_config: Option<PathBuf>,
 
     /// How long a PERMISSIVE inbound port waits for a client's first bytes before treating
-    /// the connection as plaintext (server-speaks-first protocols send nothing).
+    /// the connection as plaintext, and outbound protocol detection for the first bytes of
+    /// either side before treating it as TCP (server-speaks-first protocols: the client sends
+    /// nothing).
     #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
     pub sniff_timeout: Duration,
 
@@ -68,6 +71,15 @@ pub struct ProxyArgs {
     /// Where `/healthz/ready` is served.
     #[arg(long, default_value = "0.0.0.0:15021")]
     pub ready_addr: SocketAddr,
+
+    /// Where the admin endpoints are served (`/config_dump`, `/logging`, `POST /quitquitquit`,
+    /// `/stats`); keep it on localhost: they change and stop the proxy.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    pub admin_addr: SocketAddr,
+
+    /// bpffs mount holding the capture's pinned maps, for the kernel counters in `/stats`.
+    #[arg(long, default_value = crate::bpffs::DEFAULT_BPFFS)]
+    pub bpffs: PathBuf,
 
     /// This workload's name, for metric labels.
     #[arg(long, env = "POD_NAME", default_value = "unknown")]
@@ -106,6 +118,8 @@ pub struct ProxyConfig {
     pub timeouts: Timeouts,
     pub metrics_addr: SocketAddr,
     pub ready_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub bpffs: PathBuf,
     pub workload_name: String,
     pub workload_namespace: String,
 }
@@ -158,6 +172,8 @@ impl TryFrom<&ProxyArgs> for ProxyConfig {
             },
             metrics_addr: args.metrics_addr,
             ready_addr: args.ready_addr,
+            admin_addr: args.admin_addr,
+            bpffs: args.bpffs.clone(),
             workload_name: args.workload_name.clone(),
             workload_namespace: args.workload_namespace.clone(),
         })

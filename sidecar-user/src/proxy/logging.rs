@@ -1,4 +1,5 @@
-//! Process-wide `tracing` setup: text for people, JSON for log pipelines.
+//! Process-wide `tracing` setup: text for people, JSON for log pipelines; the level filter can
+//! be changed at runtime (admin `/logging?level=`).
 use std::io::IsTerminal;
 
 use clap::ValueEnum;
@@ -10,8 +11,30 @@ pub enum LogFormat {
     Json,
 }
 
+type Reload = dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync;
+
+/// Replaces the level filter of the installed subscriber.
+pub struct LogLevel(Box<Reload>);
+
+impl LogLevel {
+    /// Takes `RUST_LOG` syntax (`debug`, `info,access=off`...); a bad one changes nothing.
+    pub fn set(&self, directives: &str) -> Result<(), String> {
+        let filter = EnvFilter::builder()
+            .with_default_directive(LevelFilter::INFO.into())
+            .parse(directives)
+            .map_err(|error| format!("invalid level {directives:?}: {error}"))?;
+        (self.0)(filter)
+    }
+
+    /// For tests: accepts valid levels and changes nothing.
+    #[cfg(test)]
+    pub fn detached() -> Self {
+        LogLevel(Box::new(|_| Ok(())))
+    }
+}
+
 /// Installs the global subscriber; the level filter comes from `RUST_LOG` (default `info`).
-pub fn init(format: LogFormat) -> anyhow::Result<()> {
+pub fn init(format: LogFormat) -> anyhow::Result<LogLevel> {
     // A typo in RUST_LOG should be reported, not silently turn logging back to the default.
     let filter = EnvFilter::builder()
         .with_default_directive(LevelFilter::INFO.into())
@@ -21,9 +44,21 @@ pub fn init(format: LogFormat) -> anyhow::Result<()> {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stdout().is_terminal());
-    let installed = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
+    let failed = |error| anyhow::anyhow!("cannot install the log subscriber: {error}");
+    // The handle's type depends on the format, hence the two arms.
+    let reload: Box<Reload> = match format {
+        LogFormat::Text => {
+            let builder = builder.with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.try_init().map_err(failed)?;
+            Box::new(move |filter| handle.reload(filter).map_err(|e| e.to_string()))
+        }
+        LogFormat::Json => {
+            let builder = builder.json().with_filter_reloading();
+            let handle = builder.reload_handle();
+            builder.try_init().map_err(failed)?;
+            Box::new(move |filter| handle.reload(filter).map_err(|e| e.to_string()))
+        }
     };
-    installed.map_err(|error| anyhow::anyhow!("cannot install the log subscriber: {error}"))
+    Ok(LogLevel(reload))
 }

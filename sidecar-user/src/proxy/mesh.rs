@@ -9,6 +9,7 @@ use std::{
 use rustls::{ClientConfig, ServerConfig, crypto::CryptoProvider};
 
 use super::{
+    http::{HttpConfig, router::RouteTable},
     identity::SpiffeId,
     mesh_config::{InboundPolicy, MeshConfig, PortPolicy, Workload},
     tls::{self, WorkloadCertificate},
@@ -37,23 +38,40 @@ impl MeshTls {
 pub struct Mesh {
     inbound: InboundPolicy,
     tls: Option<MeshTls>,
+    routes: Arc<RouteTable>,
 }
 
 impl Mesh {
     /// Without a mesh config: no destination is in the mesh, every inbound port is PERMISSIVE
     /// and mesh TLS is passed through to the app untouched.
     pub fn plaintext() -> Self {
+        Self::plaintext_with_routes(HttpConfig::default())
+    }
+
+    /// Plaintext, with HTTP routing.
+    pub fn plaintext_with_routes(http: HttpConfig) -> Self {
         Mesh {
             inbound: InboundPolicy::default(),
             tls: None,
+            routes: Arc::new(RouteTable::new(http)),
         }
     }
 
+    /// Without a certificate (a config without `identity`): plaintext, with the config's
+    /// routes and inbound policy.
     pub fn build(
         config: &MeshConfig,
-        cert: &WorkloadCertificate,
+        cert: Option<&WorkloadCertificate>,
         provider: &Arc<CryptoProvider>,
     ) -> Result<Self, rustls::Error> {
+        let routes = Arc::new(RouteTable::new(config.http.clone()));
+        let Some(cert) = cert else {
+            return Ok(Mesh {
+                inbound: config.inbound.clone(),
+                tls: None,
+                routes,
+            });
+        };
         let destinations = config
             .workloads
             .iter()
@@ -71,11 +89,17 @@ impl Mesh {
                 server_config: tls::server_config(cert, provider)?,
                 destinations,
             }),
+            routes,
         })
     }
 
     pub fn inbound_policy(&self, port: u16) -> PortPolicy {
         self.inbound.port(port)
+    }
+
+    /// The HTTP routing table (empty without an `http` section).
+    pub fn routes(&self) -> Arc<RouteTable> {
+        self.routes.clone()
     }
 
     /// `None` without a mesh config.

@@ -18,6 +18,7 @@ use thiserror::Error;
 
 use super::{
     authz::{AllowRule, Authorization},
+    http::HttpConfig,
     identity::{SpiffeId, validate_segment, validate_trust_domain},
 };
 
@@ -32,13 +33,16 @@ pub struct ConfigError {
 }
 
 /// The validated mesh config.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct MeshConfig {
-    pub trust_domain: String,
-    pub identity: IdentityFiles,
+    /// With `identity`: mesh mTLS. Both absent: plaintext, for HTTP routing alone.
+    pub trust_domain: Option<String>,
+    pub identity: Option<IdentityFiles>,
     /// Outbound destinations that get mTLS; the first match wins.
     pub workloads: Vec<Workload>,
     pub inbound: InboundPolicy,
+    /// HTTP protocol overrides, services and routes (docs/ROUTING.md).
+    pub http: HttpConfig,
 }
 
 /// This workload's certificate, key and trust bundle, as absolute paths (relative paths in the
@@ -137,6 +141,14 @@ impl InboundPolicy {
 impl MeshConfig {
     /// Parses `text`, read from `path` (relative certificate paths are taken from its directory).
     pub fn parse(text: &[u8], path: &Path) -> Result<Self, ConfigError> {
+        // An empty file is a truncated write or an empty mount, never a wish for plaintext.
+        if text.iter().all(u8::is_ascii_whitespace) {
+            return Err(ConfigError {
+                path: path.to_owned(),
+                location: None,
+                message: "the file is empty".into(),
+            });
+        }
         let raw: RawMeshConfig = serde_yaml::from_slice(text).map_err(|error| {
             let location = error.location().map(|l| (l.line(), l.column()));
             let mut message = error.to_string();
@@ -154,7 +166,45 @@ impl MeshConfig {
             }
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        let trust_domain = raw.trust_domain.0;
+        let whole_file = |message: &str| ConfigError {
+            path: path.to_owned(),
+            location: None,
+            message: message.to_owned(),
+        };
+        let (trust_domain, identity) = match (raw.trust_domain, raw.identity) {
+            (Some(trust_domain), Some(identity)) => (Some(trust_domain.0), Some(identity)),
+            (None, None) => (None, None),
+            (Some(_), None) => {
+                return Err(whole_file(
+                    "`trustDomain` without `identity`: give both for mTLS, or neither for plaintext",
+                ));
+            }
+            (None, Some(_)) => return Err(whole_file("`identity` needs `trustDomain`")),
+        };
+        if identity.is_none() {
+            let strict = raw.inbound.mode == InboundMode::Strict
+                || raw
+                    .inbound
+                    .ports
+                    .0
+                    .iter()
+                    .any(|p| p.mode == Some(InboundMode::Strict));
+            let needs_mtls = [
+                (!raw.workloads.is_empty(), "`workloads` (mTLS destinations)"),
+                (strict, "STRICT inbound mode"),
+                (
+                    raw.inbound.ports.0.iter().any(|p| p.allow.is_some()),
+                    "`allow` rules",
+                ),
+            ];
+            if let Some((_, what)) = needs_mtls.iter().find(|(present, _)| *present) {
+                return Err(whole_file(&format!(
+                    "{what} need mesh mTLS: add `trustDomain` and `identity`"
+                )));
+            }
+        }
+        // Only read by allow rules, which need an identity (checked above).
+        let mesh_trust_domain = trust_domain.clone().unwrap_or_default();
         let inbound = InboundPolicy {
             default_mode: raw.inbound.mode,
             ports: raw
@@ -168,7 +218,7 @@ impl MeshConfig {
                         Some(rules) => Authorization::AllowOnly(
                             rules
                                 .into_iter()
-                                .map(|rule| rule.resolve(&trust_domain))
+                                .map(|rule| rule.resolve(&mesh_trust_domain))
                                 .collect(),
                         ),
                     };
@@ -181,14 +231,15 @@ impl MeshConfig {
                 .collect(),
         };
         Ok(MeshConfig {
-            identity: IdentityFiles {
-                certificate_chain: base.join(raw.identity.certificate_chain),
-                private_key: base.join(raw.identity.private_key),
-                trust_bundle: base.join(raw.identity.trust_bundle),
-            },
+            identity: identity.map(|files| IdentityFiles {
+                certificate_chain: base.join(files.certificate_chain),
+                private_key: base.join(files.private_key),
+                trust_bundle: base.join(files.trust_bundle),
+            }),
             trust_domain,
             workloads: raw.workloads,
             inbound,
+            http: raw.http,
         })
     }
 }
@@ -196,12 +247,14 @@ impl MeshConfig {
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RawMeshConfig {
-    trust_domain: TrustDomain,
-    identity: IdentityFiles,
+    trust_domain: Option<TrustDomain>,
+    identity: Option<IdentityFiles>,
     #[serde(default)]
     workloads: Vec<Workload>,
     #[serde(default)]
     inbound: RawInbound,
+    #[serde(default)]
+    http: HttpConfig,
 }
 
 #[derive(Deserialize)]
@@ -430,12 +483,13 @@ inbound:
     #[test]
     fn a_full_config_parses() -> Result<(), ConfigError> {
         let config = parse(FULL)?;
-        assert_eq!(config.trust_domain, "cluster.local");
+        assert_eq!(config.trust_domain.as_deref(), Some("cluster.local"));
+        let identity = config.identity.as_ref().expect("identity files");
         assert_eq!(
-            config.identity.certificate_chain,
+            identity.certificate_chain,
             Path::new("/etc/sidecar/certs/cert-chain.pem")
         );
-        assert_eq!(config.identity.private_key, Path::new("/secret/key.pem"));
+        assert_eq!(identity.private_key, Path::new("/secret/key.pem"));
         assert_eq!(config.workloads.len(), 2);
         assert_eq!(config.workloads[0].addresses.len(), 3);
 
@@ -594,18 +648,43 @@ inbound:
     }
 
     #[test]
+    fn without_identity_the_config_is_plaintext_routing_only() -> Result<(), ConfigError> {
+        let config = parse("http:\n  services: [{name: web}]\n")?;
+        assert_eq!(config.identity, None);
+        assert_eq!(config.http.services.len(), 1);
+        for (text, reason) in [
+            (
+                "workloads: [{name: w, addresses: [10.0.0.1], identities: [spiffe://td/ns/a/sa/b]}]\n",
+                "`workloads` (mTLS destinations) need mesh mTLS",
+            ),
+            (
+                "inbound: {mode: STRICT}\n",
+                "STRICT inbound mode need mesh mTLS",
+            ),
+            (
+                "inbound: {ports: [{port: 80, allow: []}]}\n",
+                "`allow` rules need mesh mTLS",
+            ),
+        ] {
+            let error = parse(text).expect_err(reason);
+            assert!(error.to_string().contains(reason), "{error}");
+        }
+        Ok(())
+    }
+
+    #[test]
     fn missing_sections_are_reported() {
         let error = parse("trustDomain: td\n").expect_err("no identity");
         assert!(
-            error.to_string().contains("missing field `identity`"),
-            "{error}"
-        );
-        let error = parse("").expect_err("empty");
-        assert!(
             error
                 .to_string()
-                .contains("mesh config /etc/sidecar/mesh.yaml"),
+                .contains("`trustDomain` without `identity`"),
             "{error}"
+        );
+        let error = parse("\n").expect_err("empty");
+        assert_eq!(
+            error.to_string(),
+            "mesh config /etc/sidecar/mesh.yaml: the file is empty"
         );
     }
 }

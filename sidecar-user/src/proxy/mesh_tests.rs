@@ -493,3 +493,78 @@ async fn an_invalid_config_is_rejected_and_the_old_one_stays() -> anyhow::Result
     .await;
     Ok(())
 }
+
+/// Answers every request on a connection with `200 ok`, keeping the connection open.
+async fn start_http_app() -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind((LOCALHOST, 0)).await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while stream.read(&mut byte).await? == 1 {
+                    head.push(byte[0]);
+                    if head.ends_with(b"\r\n\r\n") {
+                        head.clear();
+                        stream
+                            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                            .await?;
+                    }
+                }
+                anyhow::Ok(())
+            });
+        }
+    });
+    Ok(addr)
+}
+
+#[tokio::test]
+async fn http_requests_to_a_mesh_workload_go_over_mutual_tls() -> anyhow::Result<()> {
+    let pki = Pki::new()?;
+    let server_dir = pki.workload("server", "server", valid(), None)?;
+    let client_dir = pki.workload("client", "client", valid(), None)?;
+    let app = start_http_app().await?;
+    let hop = start_hop(&server_dir, &client_dir, STRICT, &["server"], app).await?;
+
+    let mut client = TcpStream::connect(hop.client.addr).await?;
+    for _ in 0..2 {
+        client
+            .write_all(b"GET /secret-path HTTP/1.1\r\nHost: server\r\n\r\n")
+            .await?;
+        // The head (hyper adds a `date`), then the 2-byte body.
+        let mut response = Vec::new();
+        let mut byte = [0u8; 1];
+        while !response.ends_with(b"\r\n\r\nok") {
+            tokio::time::timeout(PATIENCE, client.read_exact(&mut byte)).await??;
+            response.push(byte[0]);
+        }
+        assert!(response.starts_with(b"HTTP/1.1 200 OK\r\n"), "{response:?}");
+    }
+
+    let client_id = Pki::id("client").to_string();
+    let server_id = Pki::id("server").to_string();
+    let labels = [
+        ("reporter", "source"),
+        ("connection_security_policy", "mutual_tls"),
+        ("source_principal", client_id.as_str()),
+        ("destination_principal", server_id.as_str()),
+        ("destination_workload", "server"),
+        ("response_code", "200"),
+    ];
+    wait_until("both requests are counted with the mTLS identities", || {
+        metric(&hop.client.metrics, "istio_requests_total", &labels) == 2
+    })
+    .await;
+    let wire = hop
+        .wire
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    assert_eq!(wire.first(), Some(&0x16), "a TLS handshake record first");
+    assert!(
+        !wire.windows(12).any(|w| w == b"/secret-path"),
+        "the request crossed the wire in clear"
+    );
+    Ok(())
+}

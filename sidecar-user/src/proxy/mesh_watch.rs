@@ -34,7 +34,8 @@ struct Loaded {
     config_bytes: Vec<u8>,
     config: MeshConfig,
     certificate_bytes: Vec<Vec<u8>>,
-    certificate: WorkloadCertificate,
+    /// `None`: the config has no `identity` (plaintext, HTTP routing only).
+    certificate: Option<WorkloadCertificate>,
 }
 
 pub struct MeshSource {
@@ -59,13 +60,15 @@ impl MeshSource {
         let config = MeshConfig::parse(&config_bytes, config_path)?;
         let (certificate_bytes, certificate) =
             load_certificate(&config, &provider).map_err(anyhow::Error::msg)?;
-        let mesh = Mesh::build(&config, &certificate, &provider)
+        let mesh = Mesh::build(&config, certificate.as_ref(), &provider)
             .context("cannot build the TLS configuration")?;
-        log_certificate("workload certificate loaded", &certificate);
-        metrics.set_certificate_expiration(certificate.not_after);
+        if let Some(certificate) = &certificate {
+            log_certificate("workload certificate loaded", certificate);
+            metrics.set_certificate_expiration(certificate.not_after);
+        }
         info!(
             path = %config_path.display(),
-            trust_domain = config.trust_domain,
+            trust_domain = config.trust_domain.as_deref().unwrap_or("none: plaintext"),
             workloads = config.workloads.len(),
             inbound_default_mode = %config.inbound.default_mode,
             "mesh config loaded"
@@ -106,6 +109,18 @@ impl MeshSource {
             None
         } else {
             match MeshConfig::parse(&config_bytes, &self.config_path) {
+                // Turning mTLS off must be deliberate: a restart, not a stray edit.
+                Ok(config)
+                    if config.identity.is_none() && self.loaded.config.identity.is_some() =>
+                {
+                    let error = format!(
+                        "mesh config {}: `identity` was removed; turning mesh mTLS off needs a restart",
+                        self.config_path.display()
+                    );
+                    self.reject(ReloadKind::MeshConfig, &error);
+                    self.rejected_config = Some(config_bytes.clone());
+                    None
+                }
                 Ok(config) => Some(config),
                 Err(error) => {
                     // The certificates may still have changed: go on with the old config.
@@ -117,7 +132,9 @@ impl MeshSource {
         };
         let config = new_config.as_ref().unwrap_or(&self.loaded.config);
 
-        let (certificate_bytes, certificate) = match read_certificate_files(&config.identity) {
+        let (certificate_bytes, certificate) = match read_certificate_files(
+            config.identity.as_ref(),
+        ) {
             Ok(bytes) if bytes == self.loaded.certificate_bytes => {
                 (bytes, self.loaded.certificate.clone())
             }
@@ -136,7 +153,7 @@ impl MeshSource {
         if new_config.is_none() && !certificate_changed {
             return;
         }
-        let mesh = match Mesh::build(config, &certificate, &self.provider) {
+        let mesh = match Mesh::build(config, certificate.as_ref(), &self.provider) {
             Ok(mesh) => mesh,
             Err(error) => {
                 return self.reject(
@@ -159,13 +176,15 @@ impl MeshSource {
             self.rejected_config = None;
         }
         if certificate_changed {
-            self.metrics.record_reload(ReloadKind::Certificates, true);
-            self.metrics
-                .set_certificate_expiration(certificate.not_after);
-            log_certificate(
-                "workload certificate reloaded; new connections use it",
-                &certificate,
-            );
+            if let Some(certificate) = &certificate {
+                self.metrics.record_reload(ReloadKind::Certificates, true);
+                self.metrics
+                    .set_certificate_expiration(certificate.not_after);
+                log_certificate(
+                    "workload certificate reloaded; new connections use it",
+                    certificate,
+                );
+            }
             self.loaded.certificate = certificate;
             self.loaded.certificate_bytes = certificate_bytes;
         }
@@ -184,7 +203,13 @@ impl MeshSource {
     /// editors and Kubernetes replace files by renaming (a watch on the old inode goes quiet).
     fn directories(&self) -> BTreeSet<PathBuf> {
         std::iter::once(self.config_path.as_path())
-            .chain(self.loaded.config.identity.paths())
+            .chain(
+                self.loaded
+                    .config
+                    .identity
+                    .iter()
+                    .flat_map(IdentityFiles::paths),
+            )
             .map(|path| match path.parent() {
                 Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
                 _ => PathBuf::from("."),
@@ -255,7 +280,11 @@ fn update_watches(
     Ok(())
 }
 
-fn read_certificate_files(files: &IdentityFiles) -> Result<Vec<Vec<u8>>, String> {
+/// The certificate files' bytes; none without `identity`.
+fn read_certificate_files(files: Option<&IdentityFiles>) -> Result<Vec<Vec<u8>>, String> {
+    let Some(files) = files else {
+        return Ok(Vec::new());
+    };
     files
         .paths()
         .iter()
@@ -270,9 +299,11 @@ fn read_certificate_files(files: &IdentityFiles) -> Result<Vec<Vec<u8>>, String>
 fn load_certificate(
     config: &MeshConfig,
     provider: &CryptoProvider,
-) -> Result<(Vec<Vec<u8>>, WorkloadCertificate), String> {
-    let bytes = read_certificate_files(&config.identity)?;
-    let files = &config.identity;
+) -> Result<(Vec<Vec<u8>>, Option<WorkloadCertificate>), String> {
+    let Some(files) = &config.identity else {
+        return Ok((Vec::new(), None));
+    };
+    let bytes = read_certificate_files(Some(files))?;
     let certificate = WorkloadCertificate::from_pem(&bytes[0], &bytes[1], &bytes[2], provider)
         .map_err(|error| {
             format!(
@@ -282,15 +313,15 @@ fn load_certificate(
                 files.trust_bundle.display()
             )
         })?;
-    if certificate.identity.trust_domain() != config.trust_domain {
+    let trust_domain = config.trust_domain.as_deref().unwrap_or_default();
+    if certificate.identity.trust_domain() != trust_domain {
         return Err(format!(
-            "the certificate {} is for {}, outside the mesh's trust domain {}",
+            "the certificate {} is for {}, outside the mesh's trust domain {trust_domain}",
             files.certificate_chain.display(),
             certificate.identity,
-            config.trust_domain
         ));
     }
-    Ok((bytes, certificate))
+    Ok((bytes, Some(certificate)))
 }
 
 fn log_certificate(message: &str, certificate: &WorkloadCertificate) {
@@ -351,6 +382,18 @@ mod tests {
             1
         );
 
+        // Neither an empty file nor a config without `identity` turns mTLS off on a reload.
+        for text in ["", "http: {accessLog: false}\n"] {
+            replace(&config, text)?;
+            source.reload();
+            assert_eq!(mode(&source), InboundMode::Strict);
+            assert!(source.handle().current().tls().is_some());
+        }
+        assert_eq!(
+            source.metrics.reload_count(ReloadKind::MeshConfig, false),
+            3
+        );
+
         write_mesh_config(&dir, "inbound: {mode: PERMISSIVE}\n")?;
         source.reload();
         assert_eq!(mode(&source), InboundMode::Permissive);
@@ -391,6 +434,36 @@ mod tests {
                 .metrics
                 .render()?
                 .contains("sidecar_certificate_expiration_seconds")
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn a_config_without_identity_routes_in_plaintext_and_reloads() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let config = dir.path().join("mesh.yaml");
+        replace(&config, "http:\n  services: [{name: a}]\n")?;
+        let mut source = source(&config)?;
+        let services =
+            |source: &MeshSource| source.handle().current().routes().config().services.len();
+        assert!(source.handle().current().tls().is_none());
+        assert_eq!(services(&source), 1);
+
+        replace(&config, "http:\n  services: [{name: a}, {name: a}]\n")?;
+        source.reload();
+        assert_eq!(services(&source), 1, "a service defined twice is rejected");
+        assert_eq!(
+            source.metrics.reload_count(ReloadKind::MeshConfig, false),
+            1
+        );
+
+        replace(&config, "http:\n  services: [{name: a}, {name: b}]\n")?;
+        source.reload();
+        assert_eq!(services(&source), 2);
+        assert_eq!(source.metrics.reload_count(ReloadKind::MeshConfig, true), 1);
+        assert_eq!(
+            source.metrics.reload_count(ReloadKind::Certificates, true),
+            0
         );
         Ok(())
     }

@@ -5,7 +5,7 @@ use std::sync::OnceLock;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
 use tracing::warn;
 
-use super::identity::SpiffeId;
+use super::{http::metrics::HttpMetrics, identity::SpiffeId};
 
 const UNKNOWN: &str = "unknown";
 
@@ -163,6 +163,9 @@ pub enum FailureReason {
     Unauthorized,
     /// Reading the first bytes failed (the client reset).
     SniffFailed,
+    /// Outbound: the app sent something that is not valid HTTP on a connection detected (or
+    /// declared) as HTTP; hyper answered 400 and closed it.
+    HttpProtocolError,
 }
 
 impl FailureReason {
@@ -180,6 +183,8 @@ impl FailureReason {
         FailureReason::TlsHandshakeFailed,
         FailureReason::TlsHandshakeTimeout,
     ];
+    const OUTBOUND_ONLY: [FailureReason; 2] =
+        [FailureReason::SniffFailed, FailureReason::HttpProtocolError];
     const INBOUND_ONLY: [FailureReason; 3] = [
         FailureReason::PlaintextRefused,
         FailureReason::Unauthorized,
@@ -203,6 +208,7 @@ impl FailureReason {
             FailureReason::PlaintextRefused => "plaintext_refused",
             FailureReason::Unauthorized => "unauthorized",
             FailureReason::SniffFailed => "sniff_failed",
+            FailureReason::HttpProtocolError => "http_protocol_error",
         }
     }
 
@@ -233,6 +239,7 @@ impl FailureReason {
             }
             FailureReason::Unauthorized => "peer not authorized for this port; connection reset",
             FailureReason::SniffFailed => "reading the first bytes failed; connection reset",
+            FailureReason::HttpProtocolError => "invalid HTTP from the client; connection closed",
         }
     }
 }
@@ -257,6 +264,8 @@ pub enum ReloadKind {
 
 pub struct Metrics {
     registry: Registry,
+    /// Istio's HTTP request metrics, in the same registry.
+    pub http: HttpMetrics,
     opened: IntCounterVec,
     closed: IntCounterVec,
     sent: IntCounterVec,
@@ -314,6 +323,9 @@ impl Metrics {
         for reason in FailureReason::INBOUND_ONLY {
             inbound_failures.with_label_values(&[reason.name()]);
         }
+        for reason in FailureReason::OUTBOUND_ONLY {
+            outbound_failures.with_label_values(&[reason.name()]);
+        }
         let mesh_config_reloads = counter_vec(
             "sidecar_mesh_config_reloads_total",
             "Reloads of the mesh config file; on failure the previous config stays in force.",
@@ -332,7 +344,9 @@ impl Metrics {
             "sidecar_certificate_expiration_seconds",
             "notAfter of the workload certificate in use, in Unix seconds.",
         )?;
+        let http = HttpMetrics::register(&registry)?;
         let metrics = Metrics {
+            http,
             registry,
             opened,
             closed,

@@ -11,13 +11,17 @@
 //! - `identity`: SPIFFE IDs; `authz`: allow rules; `mesh_config`: the YAML file; `mesh`: the
 //!   compiled snapshot connections use; `mesh_watch`: load and hot-reload (notify);
 //! - `metrics`: Istio TCP metrics, failure and reload counters, certificate expiry;
-//! - `admin`: `/stats/prometheus` and `/healthz/ready` on a separate thread;
-//! - `logging`: the tracing subscriber.
+//! - `http`: protocol detection, HTTP routing, retries, pools, circuit breaking, request
+//!   metrics (docs/ROUTING.md);
+//! - `admin`: `/stats/prometheus`, `/healthz/ready` and the localhost admin endpoints
+//!   (`/config_dump`, `/logging`, `/quitquitquit`, `/stats`) on a separate thread;
+//! - `logging`: the tracing subscriber, its level changeable at runtime.
 mod access_log;
 mod admin;
 mod args;
 mod authz;
 mod copy;
+mod http;
 mod inbound;
 mod listener;
 mod logging;
@@ -44,23 +48,28 @@ use std::{
     future::Future,
     io,
     sync::{
-        Arc,
+        Arc, Mutex, OnceLock,
         atomic::{AtomicBool, Ordering},
     },
     time::Duration,
 };
 
 use anyhow::Context;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    signal::unix::{SignalKind, signal},
+    sync::Notify,
+};
 use tracing::info;
 
 pub use args::ProxyArgs;
 
 use self::{
-    admin::AdminState,
+    admin::{AdminAddrs, AdminState},
     args::{OrigDstSource, ProxyConfig},
+    http::Upstreams,
     inbound::InboundProxy,
     listener::{AcceptLoops, bind_listeners, local_addrs},
+    logging::LogLevel,
     mesh::{Mesh, MeshHandle},
     mesh_watch::MeshSource,
     metrics::{Direction, LocalWorkload, Metrics},
@@ -81,7 +90,7 @@ pub struct Timeouts {
 
 /// Runs the proxy until SIGTERM or SIGINT.
 pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
-    logging::init(args.log_format)?;
+    let log_level = logging::init(args.log_format)?;
     let config = ProxyConfig::try_from(&args)?;
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all().thread_name("proxy-worker");
@@ -89,10 +98,10 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
         runtime.worker_threads(threads.get());
     }
     let runtime = runtime.build().context("cannot build the proxy runtime")?;
-    runtime.block_on(serve(config))
+    runtime.block_on(serve(config, log_level))
 }
 
-async fn serve(config: ProxyConfig) -> anyhow::Result<()> {
+async fn serve(config: ProxyConfig, log_level: LogLevel) -> anyhow::Result<()> {
     // Opened first: a missing or unreadable map is a configuration error to report at once.
     let orig_dst = original_dst(&config.orig_dst)?;
     let local = LocalWorkload {
@@ -103,14 +112,25 @@ async fn serve(config: ProxyConfig) -> anyhow::Result<()> {
     let ready = Arc::new(AtomicBool::new(false));
 
     // Admin first, so probes get a clear 503 (not a refused connect) while we start.
-    let admin_state = AdminState {
+    let quit = Arc::new(Notify::new());
+    let admin_state = Arc::new(AdminState {
         metrics: metrics.clone(),
         ready: ready.clone(),
+        log_level,
+        log_directives: Mutex::new(std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into())),
+        mesh: OnceLock::new(),
+        quit: quit.clone(),
+        bpffs: config.bpffs.clone(),
+    });
+    let admin_addrs = AdminAddrs {
+        metrics: config.metrics_addr,
+        ready: config.ready_addr,
+        admin: config.admin_addr,
     };
-    admin::start(config.metrics_addr, config.ready_addr, admin_state)?;
+    admin::start(&admin_addrs, admin_state.clone())?;
 
     // Registered before readiness, so a signal arriving right after is not lost.
-    let shutdown = shutdown_signal().context("cannot install signal handlers")?;
+    let shutdown = shutdown_signal(quit).context("cannot install signal handlers")?;
 
     // Before any listener: a bad mesh config fails startup instead of serving half a mesh.
     let mesh = match &config.mesh_config {
@@ -125,6 +145,7 @@ async fn serve(config: ProxyConfig) -> anyhow::Result<()> {
             Arc::new(MeshHandle::new(Mesh::plaintext()))
         }
     };
+    admin_state.mesh.get_or_init(|| mesh.clone());
     let outbound_listeners = bind_listeners(
         Direction::Outbound,
         &config.outbound_bind,
@@ -142,6 +163,7 @@ async fn serve(config: ProxyConfig) -> anyhow::Result<()> {
         metrics: metrics.clone(),
         local: local.clone(),
         timeouts: config.timeouts,
+        upstreams: Upstreams::default(),
     };
     let inbound = InboundProxy {
         listen_addrs: local_addrs(&inbound_listeners)?,
@@ -185,14 +207,15 @@ fn original_dst(source: &OrigDstSource) -> anyhow::Result<Arc<dyn OriginalDst>> 
     })
 }
 
-/// Completes on the first SIGTERM or SIGINT.
-fn shutdown_signal() -> io::Result<impl Future<Output = ()>> {
+/// Completes on the first SIGTERM, SIGINT or `POST /quitquitquit`.
+fn shutdown_signal(quit: Arc<Notify>) -> io::Result<impl Future<Output = ()>> {
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     Ok(async move {
         tokio::select! {
             _ = terminate.recv() => info!("SIGTERM received"),
             _ = interrupt.recv() => info!("SIGINT received"),
+            () = quit.notified() => info!("quit requested on the admin endpoint"),
         }
     })
 }

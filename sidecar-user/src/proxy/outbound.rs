@@ -1,25 +1,30 @@
-//! The outbound side: accept a captured connection, find where it was going, and connect
-//! there: with mTLS when the mesh config says the destination is a mesh workload, plainly
-//! otherwise; then relay both ways.
-use std::{net::SocketAddr, sync::Arc};
+//! The outbound side: accept a captured connection, find where it was going, and tell what it
+//! speaks (the port's configured protocol, or bounded detection). HTTP goes to the HTTP proxy
+//! (routing, retries, request metrics); anything else is relayed as TCP to the original
+//! destination, with mTLS when the mesh config says it is a mesh workload.
+use std::{net::SocketAddr, pin::pin, sync::Arc, time::Duration};
 
-use rustls::pki_types::ServerName;
-use tokio::{net::TcpStream, time::timeout};
-use tokio_rustls::TlsConnector;
+use tokio::{io::AsyncReadExt, net::TcpStream};
 
 use super::{
     Timeouts,
     access_log::AccessLog,
+    http::{self, AppProtocol, PortProtocol, Upstreams, detect},
     listener::{Handler, is_own_listener},
-    mesh::{MeshDestination, MeshHandle, MeshTls},
+    mesh::{Mesh, MeshHandle},
     metrics::{Direction, FailureReason, LocalWorkload, Metrics, SecurityPolicy, TcpLabels},
     orig_dst::OriginalDst,
     relay::{Close, refuse, relay},
-    tls,
-    upstream::{self, Source},
+    sniff::Rewound,
+    upstream::{self, ConnectFailure, Established},
 };
 
 const DIRECTION: Direction = Direction::Outbound;
+/// Enough for any greeting a server-speaks-first protocol sends in its first segment.
+const SERVER_GREETING_BUFFER: usize = 16 * 1024;
+/// Clients that speak first (HTTP, TLS) write right after connecting: waiting this long for
+/// them before also connecting upstream spares the upstream a connection opened for nothing.
+const CLIENT_FIRST_GRACE: Duration = Duration::from_millis(20);
 
 pub struct OutboundProxy {
     pub orig_dst: Arc<dyn OriginalDst>,
@@ -29,10 +34,22 @@ pub struct OutboundProxy {
     pub timeouts: Timeouts,
     /// The proxy's own listeners, to recognise a connection aimed back at the proxy.
     pub listen_addrs: Vec<SocketAddr>,
+    /// Pools, balancers and breakers of the HTTP destinations; they outlive config reloads.
+    pub upstreams: Upstreams,
+}
+
+/// How the race between the client's first bytes and the server's ended.
+enum Detected {
+    Http(AppProtocol),
+    /// Not HTTP: relay, with what the server already sent (a greeting) first.
+    Opaque {
+        upstream: Box<Result<Established, ConnectFailure>>,
+        server_greeting: Vec<u8>,
+    },
 }
 
 impl Handler for OutboundProxy {
-    async fn handle(self: Arc<Self>, app: TcpStream, peer: SocketAddr) {
+    async fn handle(self: Arc<Self>, mut app: TcpStream, peer: SocketAddr) {
         let mut log = AccessLog::new(DIRECTION, peer, "unknown");
         let orig_dst = match self.orig_dst.lookup(&app) {
             Ok((addr, source)) => {
@@ -48,83 +65,141 @@ impl Handler for OutboundProxy {
             return self.refuse(app, &log, FailureReason::Loop, error);
         }
 
-        // One snapshot for the whole connection: a reload midway changes nothing here.
+        // One snapshot for the connection's TCP handling; HTTP takes one per request.
         let mesh = self.mesh.current();
-        let mesh_route = mesh
-            .tls()
-            .and_then(|tls| Some((tls, tls.destination(orig_dst)?)));
-
-        let upstream = match upstream::connect(orig_dst, Source::Any, self.timeouts.connect).await {
-            Ok(upstream) => upstream,
-            Err(failure) => return self.refuse(app, &log, failure.reason, failure.error),
-        };
-
-        let labels = TcpLabels::new(DIRECTION, &self.local);
-        match mesh_route {
-            None => {
-                let counters = self.metrics.tcp(&labels);
-                relay(app, upstream, counters, &self.metrics, &log).await;
+        let mut client_prefix = Vec::new();
+        let detected = match mesh.routes().config().port_protocol(orig_dst.port()) {
+            PortProtocol::Http => Detected::Http(AppProtocol::Http1),
+            PortProtocol::Http2 => Detected::Http(AppProtocol::Http2),
+            PortProtocol::Tcp => Detected::Opaque {
+                upstream: Box::new(upstream::establish(orig_dst, &mesh, &self.timeouts).await),
+                server_greeting: Vec::new(),
+            },
+            PortProtocol::Detect => {
+                match self
+                    .race_detection(&mut app, &mut client_prefix, orig_dst, &mesh)
+                    .await
+                {
+                    Ok(detected) => detected,
+                    Err(error) => {
+                        return self.refuse(app, &log, FailureReason::SniffFailed, error);
+                    }
+                }
             }
-            Some((local_tls, destination)) => {
-                self.originate_mtls(
-                    app,
-                    upstream,
-                    orig_dst,
-                    (local_tls, destination),
-                    labels,
-                    log,
-                )
-                .await;
+        };
+        let downstream = Rewound::new(client_prefix, app);
+        match detected {
+            Detected::Http(protocol) => {
+                http::serve(self.clone(), downstream, protocol, peer, orig_dst).await;
+            }
+            Detected::Opaque {
+                upstream,
+                server_greeting,
+            } => {
+                let established = match *upstream {
+                    Ok(established) => established,
+                    Err(failure) => {
+                        return self.refuse(downstream, &log, failure.reason, failure.error);
+                    }
+                };
+                let mut labels = TcpLabels::new(DIRECTION, &self.local);
+                if let Some(mtls) = &established.mtls {
+                    labels = labels
+                        .with_mutual_tls(&mtls.local, &mtls.peer)
+                        .with_destination_workload(&mtls.workload);
+                    log.dst_workload = Some(mtls.workload.clone());
+                    log.src_principal = Some(mtls.local.clone());
+                    log.dst_principal = Some(mtls.peer.clone());
+                    log.security_policy = SecurityPolicy::MutualTls;
+                }
+                let upstream = Rewound::new(server_greeting, established.io);
+                let counters = self.metrics.tcp(&labels);
+                relay(downstream, upstream, counters, &self.metrics, &log).await;
             }
         }
     }
 }
 
 impl OutboundProxy {
-    async fn originate_mtls(
+    /// Detects the client's protocol, connecting upstream in parallel once the client has been
+    /// silent for [`CLIENT_FIRST_GRACE`], so detection ends as soon as either the client's
+    /// first bytes tell, or the server speaks first (MySQL, SMTP: the client waits for a
+    /// greeting), or the bounded wait is over. The parallel connection is closed unused when
+    /// the client turns out to speak HTTP (HTTP is routed per request).
+    async fn race_detection(
         &self,
-        app: TcpStream,
-        upstream: TcpStream,
+        app: &mut TcpStream,
+        client_prefix: &mut Vec<u8>,
         orig_dst: SocketAddr,
-        (local_tls, destination): (&MeshTls, &MeshDestination),
-        labels: TcpLabels,
-        mut log: AccessLog,
-    ) {
-        log.dst_workload = Some(destination.workload.name.clone());
-        log.src_principal = Some(local_tls.identity.clone());
-        // Mesh peers are checked by SPIFFE ID; the IP only satisfies the API (no SNI is sent).
-        let server_name = ServerName::IpAddress(orig_dst.ip().into());
-        let connector = TlsConnector::from(destination.client_config.clone());
-        let handshake = connector.connect(server_name, upstream).into_fallible();
-        let tls_stream = match timeout(self.timeouts.tls_handshake, handshake).await {
-            Ok(Ok(tls_stream)) => tls_stream,
-            Ok(Err((error, _upstream))) => {
-                // Our alert is on its way to the server; the app gets a reset.
-                let reason = tls::failure_reason(&error);
-                return self.refuse(app, &log, reason, tls::describe(&error));
+        mesh: &Mesh,
+    ) -> std::io::Result<Detected> {
+        let mut detection = pin!(detect(app, client_prefix, self.timeouts.sniff));
+        let grace = CLIENT_FIRST_GRACE.min(self.timeouts.sniff);
+        if let Ok(verdict) = tokio::time::timeout(grace, &mut detection).await {
+            return Ok(match verdict? {
+                AppProtocol::Opaque => Detected::Opaque {
+                    upstream: Box::new(upstream::establish(orig_dst, mesh, &self.timeouts).await),
+                    server_greeting: Vec::new(),
+                },
+                http => Detected::Http(http),
+            });
+        }
+        let mut establishing = pin!(upstream::establish(orig_dst, mesh, &self.timeouts));
+        let established = tokio::select! {
+            biased;
+            verdict = &mut detection => {
+                return Ok(match verdict? {
+                    AppProtocol::Opaque => Detected::Opaque {
+                        upstream: Box::new(establishing.await),
+                        server_greeting: Vec::new(),
+                    },
+                    http => Detected::Http(http),
+                });
             }
-            Err(_elapsed) => {
-                let error = format!("no handshake within {:?}", self.timeouts.tls_handshake);
-                return self.refuse(app, &log, FailureReason::TlsHandshakeTimeout, error);
+            established = &mut establishing => established,
+        };
+        let mut established = match established {
+            Ok(established) => established,
+            // The client may still speak HTTP, which is routed elsewhere anyway.
+            Err(failure) => {
+                return Ok(match detection.await? {
+                    AppProtocol::Opaque => Detected::Opaque {
+                        upstream: Box::new(Err(failure)),
+                        server_greeting: Vec::new(),
+                    },
+                    http => Detected::Http(http),
+                });
             }
         };
-        let Some(server_identity) = tls::peer_identity(tls_stream.get_ref().1) else {
-            // The verifier accepted a SPIFFE ID, so this cannot happen; never proxy unchecked.
-            let error = "the verified server certificate has no SPIFFE ID";
-            return self.refuse(app, &log, FailureReason::PeerIdentityMismatch, error);
-        };
-        let labels = labels
-            .with_mutual_tls(&local_tls.identity, &server_identity)
-            .with_destination_workload(&destination.workload.name);
-        log.dst_principal = Some(server_identity);
-        log.security_policy = SecurityPolicy::MutualTls;
-        let counters = self.metrics.tcp(&labels);
-        relay(app, tls_stream, counters, &self.metrics, &log).await;
+        let mut greeting = vec![0u8; SERVER_GREETING_BUFFER];
+        tokio::select! {
+            biased;
+            verdict = &mut detection => Ok(match verdict? {
+                AppProtocol::Opaque => Detected::Opaque {
+                    upstream: Box::new(Ok(established)),
+                    server_greeting: Vec::new(),
+                },
+                http => Detected::Http(http),
+            }),
+            read = established.io.read(&mut greeting) => Ok(match read {
+                Ok(read) => {
+                    greeting.truncate(read);
+                    Detected::Opaque { upstream: Box::new(Ok(established)), server_greeting: greeting }
+                }
+                Err(error) => Detected::Opaque {
+                    upstream: Box::new(Err(ConnectFailure {
+                        reason: FailureReason::ConnectError,
+                        error: format!("the upstream failed before the client spoke: {error}"),
+                    })),
+                    server_greeting: Vec::new(),
+                },
+            }),
+        }
     }
 
     fn refuse(
         &self,
-        app: TcpStream,
+        app: impl super::relay::IntoTcp,
         log: &AccessLog,
         reason: FailureReason,
         error: impl std::fmt::Display,
@@ -140,6 +215,7 @@ mod tests {
     use tokio::{
         io::{AsyncReadExt, AsyncWriteExt},
         net::TcpListener,
+        time::timeout,
     };
 
     use super::*;
@@ -317,6 +393,7 @@ mod tests {
             local: local("client"),
             timeouts: timeouts(),
             listen_addrs: local_addrs(&listeners)?,
+            upstreams: Upstreams::default(),
         };
         let mut loops = AcceptLoops::default();
         loops.add(listeners, Arc::new(proxy));

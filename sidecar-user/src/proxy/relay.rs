@@ -13,7 +13,7 @@ use super::{
     metrics::{FailureReason, Metrics, TcpCounters},
     sniff::Rewound,
     tls,
-    upstream::reset,
+    upstream::{UpstreamIo, reset},
 };
 
 /// The TCP socket under a (possibly TLS, possibly rewound) stream, to reset it.
@@ -24,6 +24,12 @@ pub trait IntoTcp {
 impl IntoTcp for TcpStream {
     fn into_tcp(self) -> TcpStream {
         self
+    }
+}
+
+impl IntoTcp for Box<dyn UpstreamIo> {
+    fn into_tcp(self) -> TcpStream {
+        self.into_tcp_stream()
     }
 }
 

@@ -18,6 +18,7 @@ use tokio::{
 
 use super::{
     Timeouts,
+    http::Upstreams,
     identity::SpiffeId,
     inbound::InboundProxy,
     listener::{AcceptLoops, bind_listeners, local_addrs},
@@ -77,6 +78,7 @@ pub fn start_outbound(
         local: local("client"),
         timeouts,
         listen_addrs: local_addrs(&listeners)?,
+        upstreams: Upstreams::default(),
     };
     let mut loops = AcceptLoops::default();
     loops.add(listeners, Arc::new(proxy));

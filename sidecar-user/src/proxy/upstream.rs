@@ -7,13 +7,16 @@ use std::{
 };
 
 use rustix::net::sockopt;
+use rustls::pki_types::ServerName;
 use tokio::{
+    io::{AsyncRead, AsyncWrite},
     net::{TcpSocket, TcpStream},
     time::timeout,
 };
+use tokio_rustls::TlsConnector;
 use tracing::debug;
 
-use super::metrics::FailureReason;
+use super::{Timeouts, identity::SpiffeId, mesh::Mesh, metrics::FailureReason, tls};
 
 /// Source of the inbound proxy's connections to the app; both capture modes skip it.
 pub const PASSTHROUGH_SOURCE_V4: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
@@ -31,9 +34,98 @@ pub enum Source {
 }
 
 /// An upstream connect that failed, with the reason to count.
+#[derive(Debug)]
 pub struct ConnectFailure {
     pub reason: FailureReason,
     pub error: String,
+}
+
+/// A byte stream to an upstream, plain TCP or mesh mTLS.
+pub trait UpstreamIo: AsyncRead + AsyncWrite + Send + Unpin + 'static {
+    /// The TCP socket under it, to reset it.
+    fn into_tcp_stream(self: Box<Self>) -> TcpStream;
+}
+
+impl UpstreamIo for TcpStream {
+    fn into_tcp_stream(self: Box<Self>) -> TcpStream {
+        *self
+    }
+}
+
+impl UpstreamIo for tokio_rustls::client::TlsStream<TcpStream> {
+    fn into_tcp_stream(self: Box<Self>) -> TcpStream {
+        self.into_inner().0
+    }
+}
+
+/// Who the two ends of an mTLS upstream connection proved to be.
+#[derive(Debug, Clone)]
+pub struct MutualTls {
+    pub local: SpiffeId,
+    pub peer: SpiffeId,
+    /// The mesh workload the destination belongs to (from the mesh config).
+    pub workload: String,
+}
+
+/// An upstream connection ready for the app's bytes.
+pub struct Established {
+    pub io: Box<dyn UpstreamIo>,
+    /// `None`: plaintext (the destination is not a mesh workload).
+    pub mtls: Option<MutualTls>,
+}
+
+/// Connects to `addr` and, when the mesh config says it is a mesh workload, originates mTLS and
+/// checks its SPIFFE identity.
+pub async fn establish(
+    addr: SocketAddr,
+    mesh: &Mesh,
+    timeouts: &Timeouts,
+) -> Result<Established, ConnectFailure> {
+    let stream = connect(addr, Source::Any, timeouts.connect).await?;
+    let Some((local_tls, destination)) = mesh
+        .tls()
+        .and_then(|tls| Some((tls, tls.destination(addr)?)))
+    else {
+        return Ok(Established {
+            io: Box::new(stream),
+            mtls: None,
+        });
+    };
+    // Mesh peers are checked by SPIFFE ID; the IP only satisfies the API (no SNI is sent).
+    let server_name = ServerName::IpAddress(addr.ip().into());
+    let connector = TlsConnector::from(destination.client_config.clone());
+    let handshake = connector.connect(server_name, stream).into_fallible();
+    let tls_stream = match timeout(timeouts.tls_handshake, handshake).await {
+        Ok(Ok(tls_stream)) => tls_stream,
+        // Our alert is on its way to the server.
+        Ok(Err((error, _upstream))) => {
+            return Err(ConnectFailure {
+                reason: tls::failure_reason(&error),
+                error: tls::describe(&error),
+            });
+        }
+        Err(_elapsed) => {
+            return Err(ConnectFailure {
+                reason: FailureReason::TlsHandshakeTimeout,
+                error: format!("no handshake within {:?}", timeouts.tls_handshake),
+            });
+        }
+    };
+    let Some(peer) = tls::peer_identity(tls_stream.get_ref().1) else {
+        // The verifier accepted a SPIFFE ID, so this cannot happen; never proxy unchecked.
+        return Err(ConnectFailure {
+            reason: FailureReason::PeerIdentityMismatch,
+            error: "the verified server certificate has no SPIFFE ID".into(),
+        });
+    };
+    Ok(Established {
+        io: Box::new(tls_stream),
+        mtls: Some(MutualTls {
+            local: local_tls.identity.clone(),
+            peer,
+            workload: destination.workload.name.clone(),
+        }),
+    })
 }
 
 pub async fn connect(

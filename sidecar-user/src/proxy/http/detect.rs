@@ -1,0 +1,116 @@
+//! Bounded protocol detection on outbound connections: HTTP/1.x (a request line), HTTP/2 with
+//! prior knowledge (the connection preface), anything else is opaque TCP. The bytes read are
+//! replayed to whoever handles the connection.
+use std::{io, time::Duration};
+
+use tokio::{
+    io::{AsyncRead, AsyncReadExt},
+    time::{Instant, timeout_at},
+};
+
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// CONNECT is left out: a tunnel request is opaque to a transparent proxy.
+const METHODS: [&[u8]; 8] = [
+    b"GET ",
+    b"HEAD ",
+    b"POST ",
+    b"PUT ",
+    b"DELETE ",
+    b"OPTIONS ",
+    b"TRACE ",
+    b"PATCH ",
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AppProtocol {
+    Http1,
+    Http2,
+    Opaque,
+}
+
+/// `None`: the prefix is not enough to tell.
+pub fn classify(prefix: &[u8]) -> Option<AppProtocol> {
+    if prefix.starts_with(H2_PREFACE) {
+        return Some(AppProtocol::Http2);
+    }
+    if METHODS.iter().any(|method| prefix.starts_with(method)) {
+        return Some(AppProtocol::Http1);
+    }
+    let could_still_be = |candidate: &[u8]| candidate.starts_with(prefix);
+    if prefix.is_empty() || could_still_be(H2_PREFACE) || METHODS.iter().any(|m| could_still_be(m))
+    {
+        return None;
+    }
+    Some(AppProtocol::Opaque)
+}
+
+/// Reads `stream` into `prefix` until its protocol is known, `wait` has passed (a silent
+/// client: opaque) or it ends. Cancel-safe: dropped midway, `prefix` holds every byte read.
+pub async fn detect<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    prefix: &mut Vec<u8>,
+    wait: Duration,
+) -> io::Result<AppProtocol> {
+    let deadline = Instant::now() + wait;
+    let mut chunk = [0u8; 64];
+    loop {
+        if let Some(protocol) = classify(prefix) {
+            return Ok(protocol);
+        }
+        match timeout_at(deadline, stream.read(&mut chunk)).await {
+            Err(_) | Ok(Ok(0)) => return Ok(AppProtocol::Opaque),
+            Ok(Ok(read)) => prefix.extend_from_slice(&chunk[..read]),
+            Ok(Err(error)) => return Err(error),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::{AsyncWriteExt, duplex};
+
+    use super::*;
+
+    #[test]
+    fn request_lines_and_the_preface_are_recognised() {
+        assert_eq!(classify(b"GET / HTTP/1.1\r\n"), Some(AppProtocol::Http1));
+        assert_eq!(classify(b"DELETE /x"), Some(AppProtocol::Http1));
+        assert_eq!(classify(H2_PREFACE), Some(AppProtocol::Http2));
+        assert_eq!(classify(b"PRI * HTTP/2"), None);
+        assert_eq!(classify(b"GE"), None);
+        assert_eq!(classify(b"GET/"), Some(AppProtocol::Opaque));
+        assert_eq!(classify(b"\x16\x03\x01"), Some(AppProtocol::Opaque));
+        assert_eq!(classify(b"CONNECT x:443"), Some(AppProtocol::Opaque));
+        assert_eq!(classify(b"SSH-2.0"), Some(AppProtocol::Opaque));
+    }
+
+    #[tokio::test]
+    async fn a_request_split_across_reads_is_found_and_kept() -> io::Result<()> {
+        let (mut client, mut server) = duplex(1024);
+        let writer = tokio::spawn(async move {
+            for part in [&b"PO"[..], b"ST /x HTTP/1.1\r\n"] {
+                client.write_all(part).await?;
+                tokio::task::yield_now().await;
+            }
+            Ok::<_, io::Error>(client)
+        });
+        let mut prefix = Vec::new();
+        let protocol = detect(&mut server, &mut prefix, Duration::from_secs(5)).await?;
+        assert_eq!(protocol, AppProtocol::Http1);
+        assert!(b"POST /x HTTP/1.1\r\n".starts_with(&prefix));
+        let _client = writer.await??;
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_silent_client_is_opaque_at_the_deadline() -> io::Result<()> {
+        let (_client, mut server) = duplex(1024);
+        let started = Instant::now();
+        let mut prefix = Vec::new();
+        let protocol = detect(&mut server, &mut prefix, Duration::from_millis(50)).await?;
+        assert_eq!(protocol, AppProtocol::Opaque);
+        assert!(prefix.is_empty());
+        assert!(started.elapsed() >= Duration::from_millis(50));
+        Ok(())
+    }
+}

@@ -1,0 +1,203 @@
+//! HTTP-aware proxying of outbound connections that speak HTTP/1.x or HTTP/2 (prior knowledge):
+//! each request is routed (`router`) to a service, balanced over its endpoints (`balancer`),
+//! sent on a pooled connection within the service's circuit breaker (`pool`), with timeouts
+//! and retries (`forward`), and leaves Istio's request metrics and an access log line
+//! (`record`, `metrics`).
+//!
+//! - `config`: the `http` section of the mesh config; `detect`: bounded protocol detection;
+//! - `headers`: hop-by-hop, request id, traceparent, x-forwarded-for; `upgrade`: WebSocket and
+//!   other upgrades, passed through; `body`: counted bodies; `random`: cheap randomness.
+mod balancer;
+mod body;
+pub mod config;
+mod detect;
+mod forward;
+mod headers;
+pub mod metrics;
+mod pool;
+mod random;
+mod record;
+pub mod router;
+mod upgrade;
+
+#[cfg(test)]
+mod tests;
+
+use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+
+use http::{Request, Response, StatusCode, header::CONTENT_TYPE};
+use hyper::{
+    body::Incoming,
+    server::conn::{http1, http2},
+    service::service_fn,
+};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::debug;
+
+pub use self::{
+    balancer::Upstreams,
+    config::{HttpConfig, PortProtocol},
+    detect::{AppProtocol, detect},
+};
+use self::{
+    body::ProxyBody,
+    config::ServiceConfig,
+    headers::{add_request_headers, is_upgrade, remove_hop_by_hop},
+    metrics::{RequestLabels, ResponseFlag},
+    record::{RequestOrigin, RequestRecord},
+    router::{Decision, RequestView},
+};
+use super::{
+    access_log::AccessLog,
+    metrics::{Direction, FailureReason},
+    outbound::OutboundProxy,
+    relay::record_refusal,
+};
+
+/// Serves the HTTP requests of one downstream connection until it ends.
+pub async fn serve<D>(
+    proxy: Arc<OutboundProxy>,
+    downstream: D,
+    protocol: AppProtocol,
+    peer: SocketAddr,
+    orig_dst: SocketAddr,
+) where
+    D: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let metrics = proxy.metrics.clone();
+    let service = service_fn(move |request: Request<Incoming>| {
+        let proxy = proxy.clone();
+        async move {
+            let response = handle(proxy, request, protocol, peer, orig_dst).await;
+            Ok::<_, Infallible>(response)
+        }
+    });
+    let io = TokioIo::new(downstream);
+    let served = match protocol {
+        AppProtocol::Http2 => {
+            http2::Builder::new(TokioExecutor::new())
+                .serve_connection(io, service)
+                .await
+        }
+        _ => {
+            http1::Builder::new()
+                // The app's header case goes upstream as written (linkerd2#2878).
+                .preserve_header_case(true)
+                .serve_connection(io, service)
+                .with_upgrades()
+                .await
+        }
+    };
+    match served {
+        // Not HTTP after all, or broken HTTP: hyper answered 400 (when it could) and closed.
+        Err(error) if error.is_parse() => {
+            let mut log = AccessLog::new(Direction::Outbound, peer, "unknown");
+            log.orig_dst = Some(orig_dst);
+            record_refusal(&metrics, &log, FailureReason::HttpProtocolError, error);
+        }
+        // The client closed or reset mid-request: each request in flight was recorded with DC.
+        Err(error) => debug!(%peer, %error, "downstream HTTP connection ended with an error"),
+        Ok(()) => {}
+    }
+}
+
+async fn handle(
+    proxy: Arc<OutboundProxy>,
+    request: Request<Incoming>,
+    protocol: AppProtocol,
+    peer: SocketAddr,
+    orig_dst: SocketAddr,
+) -> Response<ProxyBody> {
+    // A snapshot per request: a reload applies to the next request of a kept-alive connection.
+    let mesh = proxy.mesh.current();
+    let routes = mesh.routes();
+    let (mut parts, body) = request.into_parts();
+    let request_protocol = match protocol {
+        AppProtocol::Http2
+            if parts
+                .headers
+                .get(CONTENT_TYPE)
+                .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc")) =>
+        {
+            "grpc"
+        }
+        _ => "http",
+    };
+    let mut record = RequestRecord::new(RequestOrigin {
+        metrics: proxy.metrics.clone(),
+        access_log: routes.config().access_log,
+        labels: RequestLabels::outbound(
+            &proxy.local.name,
+            &proxy.local.namespace,
+            request_protocol,
+        ),
+        request: &parts,
+        peer,
+        orig_dst,
+    });
+    let upgrade = is_upgrade(&parts.headers);
+    remove_hop_by_hop(&mut parts.headers, upgrade);
+    record.request_id = add_request_headers(&mut parts.headers, peer.ip());
+    let request = Request::from_parts(parts, body);
+
+    let view = RequestView::new(&request, orig_dst);
+    let (service, route) = match routes.decide(&view) {
+        Decision::Route { route, service } => (service.clone(), Some(route)),
+        Decision::Service(service) => (service.clone(), None),
+        Decision::Passthrough => (Arc::new(ServiceConfig::passthrough()), None),
+        Decision::NoRoute => {
+            return local_reply(
+                record,
+                StatusCode::NOT_FOUND,
+                ResponseFlag::NoRoute,
+                "no route matches this request",
+            );
+        }
+    };
+    record.set_service(&service);
+    record.route = route.map(|route| route.name.clone());
+    let state = proxy.upstreams.service(&service, orig_dst);
+    if upgrade {
+        return upgrade::forward(&proxy, &mesh, &state, request, record).await;
+    }
+    forward::forward(
+        forward::Forward {
+            proxy: &proxy,
+            mesh: &mesh,
+            service: state,
+            route,
+            protocol,
+            record,
+        },
+        request,
+    )
+    .await
+}
+
+/// A response the proxy makes itself (no route, no healthy upstream, overflow, timeout...):
+/// counted with its flag and logged like any other.
+fn local_reply(
+    mut record: RequestRecord,
+    status: StatusCode,
+    flag: ResponseFlag,
+    reason: &str,
+) -> Response<ProxyBody> {
+    record.flag(flag);
+    record.labels.response_code = status.as_u16();
+    if record.error.is_none() {
+        record.error = Some(reason.to_owned());
+    }
+    let text = format!("{reason}\n");
+    record
+        .response_bytes
+        .store(text.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    let mut response = Response::new(body::full(text));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    record.finish();
+    response
+}

@@ -1,0 +1,108 @@
+//! Upgrades (WebSocket, h2c upgrade...) pass through: the request goes upstream on a connection
+//! of its own, and on `101 Switching Protocols` both upgraded connections are joined and copied
+//! until either side closes. The connection is never pooled again.
+use std::{sync::Arc, time::Instant};
+
+use http::{Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tracing::debug;
+
+use super::{
+    balancer::ServiceState,
+    body::{self, ProxyBody},
+    detect::AppProtocol,
+    forward::respond,
+    local_reply,
+    metrics::ResponseFlag,
+    pool::{self, AcquireError, Sender},
+    record::RequestRecord,
+};
+use crate::proxy::{mesh::Mesh, outbound::OutboundProxy};
+
+pub async fn forward(
+    proxy: &OutboundProxy,
+    mesh: &Mesh,
+    service: &Arc<ServiceState>,
+    mut request: Request<Incoming>,
+    mut record: RequestRecord,
+) -> Response<ProxyBody> {
+    let downstream_upgrade = hyper::upgrade::on(&mut request);
+    let Some(endpoint) = service.pick(Instant::now()) else {
+        return local_reply(
+            record,
+            StatusCode::SERVICE_UNAVAILABLE,
+            ResponseFlag::NoHealthyUpstream,
+            "no healthy upstream",
+        );
+    };
+    record.upstream = Some(endpoint.addr);
+    record.attempts = 1;
+    let mut connection =
+        match pool::acquire(service, endpoint, AppProtocol::Http1, mesh, &proxy.timeouts).await {
+            Ok(connection) => connection,
+            Err(AcquireError::Overflow) => {
+                return local_reply(
+                    record,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    ResponseFlag::UpstreamOverflow,
+                    "upstream overflow: the circuit breaker is open",
+                );
+            }
+            Err(AcquireError::Connect(failure)) => {
+                endpoint.record_failure(service, &proxy.metrics.http);
+                record.error = Some(failure.error);
+                return local_reply(
+                    record,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    ResponseFlag::UpstreamConnectFailure,
+                    "upstream connect failure",
+                );
+            }
+        };
+    if let Some(mtls) = &connection.mtls {
+        record.set_mutual_tls(mtls);
+    }
+    let (parts, incoming) = request.into_parts();
+    let request = Request::from_parts(parts, incoming.map_err(Into::into).boxed_unsync());
+    let sent = match &mut connection.sender {
+        Sender::Http1(sender) => sender.send_request(request).await,
+        Sender::Http2(sender) => sender.send_request(request).await,
+    };
+    let mut response = match sent {
+        Ok(response) => response,
+        Err(error) => {
+            record.error = Some(format!("upstream connection failed: {error}"));
+            return local_reply(
+                record,
+                StatusCode::SERVICE_UNAVAILABLE,
+                ResponseFlag::UpstreamConnectionTermination,
+                "upstream connection failed before a response",
+            );
+        }
+    };
+    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        return respond(record, response);
+    }
+    let upstream_upgrade = hyper::upgrade::on(&mut response);
+    let peer = record.peer;
+    tokio::spawn(async move {
+        match tokio::try_join!(downstream_upgrade, upstream_upgrade) {
+            Ok((downstream, upstream)) => {
+                let (mut downstream, mut upstream) =
+                    (TokioIo::new(downstream), TokioIo::new(upstream));
+                if let Err(error) =
+                    tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await
+                {
+                    debug!(%peer, %error, "upgraded connection ended with an error");
+                }
+            }
+            Err(error) => debug!(%peer, %error, "the upgrade did not complete"),
+        }
+    });
+    record.labels.response_code = StatusCode::SWITCHING_PROTOCOLS.as_u16();
+    record.finish();
+    let (parts, _empty) = response.into_parts();
+    Response::from_parts(parts, body::empty())
+}

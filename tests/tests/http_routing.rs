@@ -1,0 +1,259 @@
+//! HTTP routing by the real proxy on the real kernel (run as root): a client pod with eBPF
+//! capture and the proxy (UID 1337) configured with an `http` section; a server pod with two
+//! HTTP servers, `v1` and `v2`. The client app's requests are captured, routed by path, counted
+//! with Istio's request metrics; an invalid config edit is rejected and routing goes on.
+mod common;
+
+use std::{
+    fs,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use common::*;
+use sidecar_tests::{Lab, LabProcess, Pod, require_root, wait_for_http_ok, wait_for_tcp};
+
+const V1_PORT: u16 = 8081;
+const V2_PORT: u16 = 8082;
+const READY: Duration = Duration::from_secs(10);
+const PATIENCE: Duration = Duration::from_secs(10);
+
+struct RoutingLab {
+    _lab: Lab,
+    client: Pod,
+    server: Pod,
+    config: PathBuf,
+    _servers: Vec<LabProcess>,
+    proxy: LabProcess,
+}
+
+impl RoutingLab {
+    fn new() -> RoutingLab {
+        require_root();
+        sidecar_bin();
+        let lab = Lab::new("http-routing").expect("lab");
+        let client = lab.add_pod("client").expect("client pod");
+        let server = lab.add_pod("server").expect("server pod");
+        let servers = [("v1", V1_PORT), ("v2", V2_PORT)]
+            .into_iter()
+            .map(|(name, port)| {
+                server
+                    .command(labtool())
+                    .args([
+                        "http-server",
+                        "--listen",
+                        &format!("[::]:{port}"),
+                        "--name",
+                        name,
+                    ])
+                    .spawn()
+                    .expect("http server")
+            })
+            .collect();
+        for port in [V1_PORT, V2_PORT] {
+            wait_for_tcp(&server, SocketAddr::new(server.ipv4().into(), port), READY)
+                .expect("http server listening");
+        }
+
+        let pki = lab.dir().join("pki");
+        let pki_path = |name: &str| pki.join(name).to_string_lossy().into_owned();
+        let certs = |args: &[&str]| {
+            let out = sidecar(&[&["certs"], args].concat());
+            assert!(
+                out.status.success(),
+                "sidecar certs failed:\n{}",
+                text(&out)
+            );
+        };
+        certs(&[
+            "ca",
+            "--out",
+            &pki_path("ca"),
+            "--trust-domain",
+            "cluster.local",
+        ]);
+        certs(&[
+            "workload",
+            "--ca",
+            &pki_path("ca"),
+            "--ns",
+            "default",
+            "--sa",
+            "client",
+            "--out",
+            &pki_path("client"),
+            "--owner",
+            "1337:1337",
+        ]);
+        let config = pki.join("client").join("mesh.yaml");
+        write_config(&config, &http_section(&server, "v2"));
+
+        let cgroup = client.cgroup().to_string_lossy().into_owned();
+        let netns = client.netns_path().to_string_lossy().into_owned();
+        let out = sidecar(&["init", "--cgroup", &cgroup, "--netns", &netns]);
+        assert!(out.status.success(), "sidecar init failed:\n{}", text(&out));
+        lab.on_teardown(move || {
+            let _ = sidecar(&["cleanup", "--cgroup", &cgroup]);
+        });
+        let proxy = client
+            .command(sidecar_bin())
+            .in_cgroup(client.cgroup_child("proxy").expect("proxy cgroup"))
+            .as_user(PROXY_ID, PROXY_ID)
+            .env("POD_NAMESPACE", "default")
+            .args(["proxy", "--log-format", "json", "--workload-name", "client"])
+            .args(["--mesh-config", &config.to_string_lossy()])
+            .spawn()
+            .expect("proxy");
+        let ready = wait_for_http_ok(&client, "http://127.0.0.1:15021/healthz/ready", READY);
+        assert!(
+            ready.is_ok(),
+            "proxy not ready: {ready:?}\n{}",
+            proxy.stdout_text()
+        );
+        RoutingLab {
+            _lab: lab,
+            client,
+            server,
+            config,
+            _servers: servers,
+            proxy,
+        }
+    }
+
+    /// `GET url` from the client app (captured); the body of the answer.
+    fn get(&self, url: &str) -> String {
+        let out = self
+            .client
+            .command(labtool())
+            .in_cgroup(self.client.cgroup_child("app").expect("app cgroup"))
+            .args(["http-get", url])
+            .run()
+            .expect("run labtool http-get");
+        assert!(
+            out.status.success(),
+            "GET {url}:\n{}\n{}",
+            text(&out),
+            self.logs()
+        );
+        let response: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("labtool http-get prints JSON");
+        assert_eq!(
+            response["status"],
+            200,
+            "GET {url}: {response}\n{}",
+            self.logs()
+        );
+        response["body"].as_str().unwrap_or_default().to_owned()
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}:{V1_PORT}{path}", self.server.ipv4())
+    }
+
+    /// Samples of `name` having every `label="value"`, summed.
+    fn metric(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
+        let body = wait_for_http_ok(
+            &self.client,
+            "http://127.0.0.1:15020/stats/prometheus",
+            READY,
+        )
+        .expect("scrape proxy metrics")
+        .body;
+        let lines: Vec<&str> = body
+            .lines()
+            .filter(|line| line.starts_with(&format!("{name}{{")))
+            .filter(|line| {
+                labels
+                    .iter()
+                    .all(|(l, v)| line.contains(&format!("{l}=\"{v}\"")))
+            })
+            .collect();
+        metric_sum(&lines.join("\n"), name)
+    }
+
+    fn wait_for_metric(&self, name: &str, labels: &[(&str, &str)], expected: u64) {
+        let deadline = Instant::now() + PATIENCE;
+        while self.metric(name, labels) != expected {
+            assert!(
+                Instant::now() < deadline,
+                "{name}{labels:?} never reached {expected} (is {})\n{}",
+                self.metric(name, labels),
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn logs(&self) -> String {
+        format!("{}{}", self.proxy.stdout_text(), self.proxy.stderr_text())
+    }
+}
+
+/// Requests for `/v2/...` go to the service `canary` names; the rest pass through to v1.
+fn http_section(server: &Pod, canary: &str) -> String {
+    format!(
+        "http:
+  services:
+    - {{name: v2, namespace: default, endpoints: ['{ip}:{V2_PORT}'], version: v2}}
+  routes:
+    - name: canary
+      match: {{path: {{prefix: /v2/}}}}
+      destinations: [{{service: {canary}}}]
+",
+        ip = server.ipv4()
+    )
+}
+
+fn write_config(path: &Path, http: &str) {
+    let text = format!(
+        "trustDomain: cluster.local\nidentity:\n  certificateChain: cert-chain.pem\n  privateKey: key.pem\n  trustBundle: root-cert.pem\n{http}"
+    );
+    let temporary = path.with_extension("tmp");
+    fs::write(&temporary, text).expect("write mesh config");
+    fs::rename(temporary, path).expect("install mesh config");
+}
+
+#[test]
+fn captured_requests_are_routed_counted_and_survive_a_bad_reload() {
+    let lab = RoutingLab::new();
+    let n = 3;
+    for _ in 0..n {
+        assert!(lab.get(&lab.url("/v2/items")).starts_with("hello from v2"));
+        assert!(lab.get(&lab.url("/")).starts_with("hello from v1"));
+    }
+    let to_v2 = [
+        ("reporter", "source"),
+        ("source_workload", "client"),
+        ("destination_service_name", "v2"),
+        ("destination_version", "v2"),
+        ("response_code", "200"),
+        ("response_flags", "-"),
+    ];
+    lab.wait_for_metric("istio_requests_total", &to_v2, n);
+    let passthrough = [
+        ("destination_service_name", "unknown"),
+        ("response_code", "200"),
+    ];
+    lab.wait_for_metric("istio_requests_total", &passthrough, n);
+    let log = lab.logs();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("\"target\":\"access\"") && l.contains("\"route\":\"canary\"")),
+        "no access line for the canary route:\n{log}"
+    );
+
+    // A route naming a service that does not exist: rejected, the old routes stay.
+    write_config(&lab.config, &http_section(&lab.server, "v3"));
+    lab.wait_for_metric(
+        "sidecar_mesh_config_reloads_total",
+        &[("result", "failure")],
+        1,
+    );
+    assert!(lab.get(&lab.url("/v2/items")).starts_with("hello from v2"));
+    let log = lab.logs();
+    assert!(
+        log.contains("destination service \\\"v3\\\" is not defined"),
+        "the rejection and its reason are logged:\n{log}"
+    );
+}
