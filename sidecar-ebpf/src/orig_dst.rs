@@ -7,7 +7,7 @@ use core::ptr::{self, read_volatile, write_volatile};
 use aya_ebpf::{
     bindings::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        bpf_sock,
+        BPF_SOCK_OPS_TCP_LISTEN_CB, bpf_sock,
     },
     helpers::generated::bpf_sk_storage_get,
     programs::{SockAddrContext, SockOpsContext, SockoptContext},

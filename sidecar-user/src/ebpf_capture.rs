@@ -389,6 +389,15 @@ pub fn read_counters(pin_dir: &Path) -> Result<Vec<(Counter, u64)>> {
         .collect()
 }
 
+/// How many redirected connections the original-destination index holds right now (each
+/// entry goes when its app socket closes).
+pub fn read_tracked_connections(pin_dir: &Path) -> Result<usize> {
+    let data = MapData::from_pin(map_pin_path(pin_dir, map_names::ORIG_DST_BY_PEER))?;
+    let index: aya::maps::HashMap<MapData, sidecar_common::Endpoint, sidecar_common::Endpoint> =
+        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data))?;
+    Ok(index.keys().filter(|key| key.is_ok()).count())
+}
+
 /// Reads back the configuration pinned in `pin_dir`.
 pub fn read_config(pin_dir: &Path) -> Result<CaptureConfig> {
     let data = MapData::from_pin(map_pin_path(pin_dir, map_names::CONFIG))?;

@@ -64,6 +64,9 @@ fn intercepts_ipv4_ipv6_and_mapped_with_the_proxy_in_the_pod() {
     assert_eq!(counters["bypassed_uid_gid"], 3, "{counters:?}");
     assert_eq!(counters["errors"], 0, "{counters:?}");
     assert_eq!(mesh.proxy_metric("sidecar_outbound_failures_total"), 0);
+    // Every connection has closed: the kernel's index holds nothing for them any more.
+    let status = mesh.ebpf_status().expect("status");
+    assert_eq!(status["tracked_connections"], 0, "index entries left behind: {status}");
 }
 
 #[test]

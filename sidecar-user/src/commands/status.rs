@@ -53,6 +53,8 @@ pub struct CgroupCapture {
     /// Pinned link name -> attached program IDs the kernel reports for that hook.
     pub links: Vec<LinkStatus>,
     pub counters: std::collections::BTreeMap<String, u64>,
+    /// Redirected connections currently in the original-destination index.
+    pub tracked_connections: usize,
 }
 
 #[derive(Serialize)]
@@ -161,6 +163,7 @@ fn describe_cgroup(cgroup_id: u64, pin_dir: &Path) -> Result<CgroupCapture> {
             .collect(),
         links,
         counters,
+        tracked_connections: ebpf_capture::read_tracked_connections(pin_dir)?,
     })
 }
 
@@ -218,6 +221,7 @@ fn print_text(status: &Status) {
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
         println!("  counters:       {}", counters.join(" "));
+        println!("  tracked connections: {}", capture.tracked_connections);
     }
     if status.iptables.is_empty() {
         println!("iptables capture (this netns): none installed");
