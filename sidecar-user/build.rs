@@ -6,7 +6,7 @@ fn main() {
         .map(PathBuf::from)
         .unwrap_or_else(|| {
             PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../target/bpfel-unknown-none/release/sidecar-ebpf")
+                .join("../target/bpf/sidecar-ebpf.o")
         });
     println!("cargo:rerun-if-env-changed=SIDECAR_BPF_OBJECT");
     println!("cargo:rerun-if-changed={}", object.display());

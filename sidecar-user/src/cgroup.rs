@@ -33,13 +33,21 @@ pub fn cgroup2_root() -> Result<PathBuf> {
 
 /// Returns the first cgroup2 mount point listed in a mountinfo text.
 pub fn find_cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
-    mountinfo.lines().find_map(|line| {
-        // "<id> <parent> <maj:min> <root> <mount point> <options> [optional...] - <fstype> ..."
-        let (left, right) = line.split_once(" - ")?;
-        let fstype = right.split_whitespace().next()?;
-        let mount_point = left.split_whitespace().nth(4)?;
-        (fstype == "cgroup2").then(|| PathBuf::from(unescape_mountinfo(mount_point)))
-    })
+    cgroup2_mounts(mountinfo).into_iter().next()
+}
+
+/// Every cgroup2 mount point of a mountinfo text, in mount order.
+fn cgroup2_mounts(mountinfo: &str) -> Vec<PathBuf> {
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            // "<id> <parent> <maj:min> <root> <mount point> <options> [optional...] - <fstype> ..."
+            let (left, right) = line.split_once(" - ")?;
+            let fstype = right.split_whitespace().next()?;
+            let mount_point = left.split_whitespace().nth(4)?;
+            (fstype == "cgroup2").then(|| PathBuf::from(unescape_mountinfo(mount_point)))
+        })
+        .collect()
 }
 
 /// mountinfo escapes spaces, tabs, newlines and backslashes as octal `\NNN`.
@@ -115,10 +123,137 @@ impl Cgroup {
         None
     }
 
+    /// `--cgroup auto`: the pod cgroup of the calling process, i.e. the parent of its own
+    /// (container) cgroup. `cgroup_root` is where the host's cgroup v2 tree is mounted; by
+    /// default every cgroup2 mount of this mount namespace is tried, the latest first (a
+    /// hostPath mount over the runtime's own `/sys/fs/cgroup` comes later in mountinfo).
+    pub fn pod_of_self(cgroup_root: Option<&Path>) -> Result<Cgroup> {
+        let roots = match cgroup_root {
+            Some(root) => vec![root.to_path_buf()],
+            None => {
+                let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")
+                    .context("cannot read /proc/self/mountinfo")?;
+                let mut mounts = cgroup2_mounts(&mountinfo);
+                mounts.reverse();
+                mounts.dedup();
+                mounts
+            }
+        };
+        if roots.is_empty() {
+            bail!(
+                "--cgroup auto: cgroup v2 is not mounted here; in a container, mount the host's \
+                 /sys/fs/cgroup (hostPath) or pass --cgroup-root"
+            );
+        }
+        let proc_cgroup = std::fs::read_to_string("/proc/self/cgroup")
+            .context("cannot read /proc/self/cgroup")?;
+        let own = own_cgroup_path(&proc_cgroup)?;
+        let (root, container) = if own == Path::new("/") {
+            // A private cgroup namespace shows its root as "/": the namespace root is this
+            // container's cgroup, so find the directory with the same inode in the host tree.
+            let inode = cgroup_namespace_root_inode()?;
+            roots
+                .iter()
+                .find_map(|root| find_below(root, inode).map(|dir| (root.clone(), dir)))
+                .with_context(|| {
+                    format!(
+                        "--cgroup auto: this container's cgroup (inode {inode}, private cgroup \
+                         namespace) is not below {}: mount the host's /sys/fs/cgroup with a \
+                         hostPath volume (or pass --cgroup-root where it is mounted)",
+                        display_paths(&roots)
+                    )
+                })?
+        } else {
+            let relative = own.strip_prefix("/").unwrap_or(&own);
+            roots
+                .iter()
+                .map(|root| (root.clone(), root.join(relative)))
+                .find(|(_, dir)| is_cgroup2_dir(dir))
+                .with_context(|| {
+                    format!(
+                        "--cgroup auto: this container's cgroup {} is not found under {}: mount \
+                         the host's /sys/fs/cgroup with a hostPath volume (or pass --cgroup-root)",
+                        own.display(),
+                        display_paths(&roots)
+                    )
+                })?
+        };
+        let pod = container
+            .parent()
+            .filter(|parent| parent.starts_with(&root) && *parent != root)
+            .with_context(|| {
+                format!(
+                    "--cgroup auto: {} sits directly in the cgroup v2 root {}: refusing to \
+                     capture the whole machine (is this running in a pod?)",
+                    container.display(),
+                    root.display()
+                )
+            })?;
+        Cgroup::resolve(pod)
+    }
+
     pub fn open(&self) -> Result<std::fs::File> {
         std::fs::File::open(&self.path)
             .with_context(|| format!("cannot open cgroup {}", self.path.display()))
     }
+}
+
+/// The cgroup v2 path of this process, from the `0::PATH` line of `/proc/self/cgroup`.
+fn own_cgroup_path(proc_cgroup: &str) -> Result<PathBuf> {
+    proc_cgroup
+        .lines()
+        .find_map(|line| line.strip_prefix("0::"))
+        .map(PathBuf::from)
+        .context("--cgroup auto: /proc/self/cgroup has no cgroup v2 (\"0::\") line")
+}
+
+/// The inode of this cgroup namespace's root, read from a detached cgroup2 mount (new mount
+/// API: no mount point needed, gone when the descriptor closes).
+fn cgroup_namespace_root_inode() -> Result<u64> {
+    use rustix::mount::{
+        FsMountFlags, FsOpenFlags, MountAttrFlags, fsconfig_create, fsmount, fsopen,
+    };
+    let context = "--cgroup auto: cannot mount cgroup2 to find this container's cgroup \
+                   (the init container must be privileged)";
+    let fs = fsopen("cgroup2", FsOpenFlags::FSOPEN_CLOEXEC).context(context)?;
+    fsconfig_create(&fs).context(context)?;
+    let mount = fsmount(
+        &fs,
+        FsMountFlags::FSMOUNT_CLOEXEC,
+        MountAttrFlags::MOUNT_ATTR_RDONLY,
+    )
+    .context(context)?;
+    Ok(rustix::fs::fstat(&mount).context(context)?.st_ino)
+}
+
+/// A directory strictly below `root` whose inode is `inode` (the root itself is the
+/// namespaced view of the container's own cgroup, not a match in the host tree).
+fn find_below(root: &Path, inode: u64) -> Option<PathBuf> {
+    let mut pending = vec![root.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            if entry.metadata().is_ok_and(|m| m.ino() == inode) {
+                return Some(entry.path());
+            }
+            pending.push(entry.path());
+        }
+    }
+    None
+}
+
+fn is_cgroup2_dir(path: &Path) -> bool {
+    path.is_dir() && rustix::fs::statfs(path).is_ok_and(|fs| fs.f_type == CGROUP2_SUPER_MAGIC)
+}
+
+fn display_paths(paths: &[PathBuf]) -> String {
+    let texts: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+    texts.join(", ")
 }
 
 #[cfg(test)]
@@ -149,6 +284,31 @@ mod tests {
             find_cgroup2_mount("1 2 0:1 / / rw - ext4 /dev/vda rw"),
             None
         );
+    }
+
+    #[test]
+    fn lists_every_cgroup2_mount_in_order() {
+        let shadowed = format!("{HYBRID}\n40 33 0:29 / /host/cgroup rw - cgroup2 cgroup2 rw");
+        assert_eq!(
+            cgroup2_mounts(&shadowed),
+            [
+                PathBuf::from("/sys/fs/cgroup/unified"),
+                PathBuf::from("/host/cgroup")
+            ]
+        );
+    }
+
+    #[test]
+    fn reads_the_v2_line_of_proc_self_cgroup() {
+        let podman =
+            "12:pids:/libpod_parent/abc\n1:name=systemd:/x\n0::/libpod_parent/abc/libpod-def\n";
+        assert_eq!(
+            own_cgroup_path(podman).unwrap(),
+            PathBuf::from("/libpod_parent/abc/libpod-def")
+        );
+        assert_eq!(own_cgroup_path("0::/\n").unwrap(), PathBuf::from("/"));
+        let err = own_cgroup_path("1:cpu:/x\n").unwrap_err().to_string();
+        assert!(err.contains("no cgroup v2"), "{err}");
     }
 
     #[test]

@@ -10,6 +10,7 @@ mod cgroup;
 mod commands;
 mod ebpf_capture;
 mod iptables_capture;
+mod pod_annotations;
 mod probe;
 mod proxy;
 mod sys;
@@ -37,6 +38,8 @@ enum Command {
     Proxy(proxy::ProxyArgs),
     /// Create a lab CA and SPIFFE workload certificates.
     Certs(commands::certs::CertsArgs),
+    /// Add the init container and the proxy to Kubernetes workload YAML (like kube-inject).
+    Inject(commands::inject::InjectArgs),
 }
 
 fn main() {
@@ -47,6 +50,7 @@ fn main() {
         Command::KernelLogs(args) => commands::kernel_logs::run(args),
         Command::Proxy(args) => proxy::run(args),
         Command::Certs(args) => commands::certs::run(args),
+        Command::Inject(args) => commands::inject::run(args),
     };
     if let Err(error) = result {
         eprintln!("sidecar: error: {error:#}");

@@ -10,7 +10,9 @@ use crate::{
     bpffs,
     capture_settings::{CaptureSettings, PortRanges, parse_cidr},
     cgroup::Cgroup,
-    ebpf_capture, iptables_capture, probe,
+    ebpf_capture, iptables_capture,
+    pod_annotations::{self, FailPolicy},
+    probe,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -23,9 +25,23 @@ pub enum Mode {
 
 #[derive(Args, Debug)]
 pub struct InitArgs {
-    /// The pod's cgroup v2 directory: absolute, or relative to the cgroup v2 mount.
+    /// The pod's cgroup v2 directory: absolute, or relative to the cgroup v2 mount; `auto`:
+    /// the parent of this process's own cgroup (run from a container of the pod).
+    #[arg(long, value_parser = parse_cgroup_arg)]
+    pub cgroup: Option<CgroupArg>,
+    /// With `--cgroup auto`: where the host's cgroup v2 tree is mounted (default: every cgroup2
+    /// mount here, the latest first).
     #[arg(long)]
-    pub cgroup: Option<PathBuf>,
+    pub cgroup_root: Option<PathBuf>,
+    /// The downward API file of the pod's annotations: Istio's
+    /// `traffic.sidecar.istio.io/exclude{Outbound,Inbound}Ports`, `excludeOutboundIPRanges` add
+    /// to the exclusions given here, `sidecar.ebpf/fail-policy` overrides --fail-policy.
+    #[arg(long)]
+    pub annotations_file: Option<PathBuf>,
+    /// When capture cannot be installed: `closed` exits non-zero (the pod does not start),
+    /// `open` reports the error and exits 0 (the app runs uncaptured).
+    #[arg(long, value_enum, default_value = "closed")]
+    pub fail_policy: FailPolicy,
     #[arg(long, value_enum, default_value = "ebpf")]
     pub mode: Mode,
     /// The proxy's outbound listener port on loopback.
@@ -69,6 +85,21 @@ pub struct InitArgs {
     pub bpffs: PathBuf,
 }
 
+/// `--cgroup`: a path, or `auto` for the pod cgroup of this process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CgroupArg {
+    Auto,
+    Path(PathBuf),
+}
+
+fn parse_cgroup_arg(text: &str) -> Result<CgroupArg, String> {
+    match text {
+        "" => Err("empty --cgroup: give a path or `auto`".to_string()),
+        "auto" => Ok(CgroupArg::Auto),
+        path => Ok(CgroupArg::Path(PathBuf::from(path))),
+    }
+}
+
 /// A UID/GID, or none (clap needs a concrete type: `Option` would mean "flag omitted").
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct IdOption(pub Option<u32>);
@@ -97,7 +128,37 @@ impl InitArgs {
     }
 }
 
-pub fn run(args: InitArgs) -> Result<()> {
+pub fn run(mut args: InitArgs) -> Result<()> {
+    if let Some(path) = &args.annotations_file {
+        args.apply(pod_annotations::read_overrides(path)?);
+    }
+    match (install(&args), args.fail_policy) {
+        (Err(error), FailPolicy::Open) => {
+            eprintln!(
+                "sidecar init: error: {error:#}\nsidecar init: fail policy is open: exiting 0, \
+                 this pod's traffic is NOT captured"
+            );
+            Ok(())
+        }
+        (result, _) => result,
+    }
+}
+
+impl InitArgs {
+    /// Adds a pod's annotation settings to the command line's.
+    fn apply(&mut self, overrides: pod_annotations::PodOverrides) {
+        self.exclude_ports.0.extend(overrides.exclude_ports.0);
+        self.exclude_inbound_ports
+            .0
+            .extend(overrides.exclude_inbound_ports.0);
+        self.exclude_cidrs.extend(overrides.exclude_cidrs);
+        if let Some(policy) = overrides.fail_policy {
+            self.fail_policy = policy;
+        }
+    }
+}
+
+fn install(args: &InitArgs) -> Result<()> {
     super::require_root("sidecar init")?;
     if args.outbound_port == 0 {
         bail!("invalid --outbound-port 0");
@@ -110,7 +171,7 @@ pub fn run(args: InitArgs) -> Result<()> {
     }
     let settings = args.settings();
     match args.mode {
-        Mode::Ebpf => init_ebpf(&args, &settings),
+        Mode::Ebpf => init_ebpf(args, &settings),
         Mode::Iptables => {
             iptables_capture::install(&settings)?;
             println!(
@@ -125,10 +186,14 @@ pub fn run(args: InitArgs) -> Result<()> {
 }
 
 fn init_ebpf(args: &InitArgs, settings: &CaptureSettings) -> Result<()> {
-    let Some(path) = &args.cgroup else {
-        bail!("--cgroup is required in ebpf mode: the pod's cgroup v2 directory to attach to");
+    let cgroup = match &args.cgroup {
+        Some(CgroupArg::Path(path)) => Cgroup::resolve(path)?,
+        Some(CgroupArg::Auto) => Cgroup::pod_of_self(args.cgroup_root.as_deref())?,
+        None => bail!(
+            "--cgroup is required in ebpf mode: the pod's cgroup v2 directory to attach to \
+             (or `auto` from a container of the pod)"
+        ),
     };
-    let cgroup = Cgroup::resolve(path)?;
     let proxy_cgroup = args
         .proxy_cgroup
         .as_deref()
@@ -268,5 +333,34 @@ mod tests {
         assert!(err(&["--exclude-cidrs", "banana"]).contains("invalid CIDR"));
         assert!(err(&["--proxy-uid", "root"]).contains("invalid id"));
         assert!(err(&["--mode", "nft"]).contains("invalid value 'nft'"));
+        assert!(err(&["--cgroup", ""]).contains("empty --cgroup"));
+        assert!(err(&["--fail-policy", "maybe"]).contains("invalid value 'maybe'"));
+    }
+
+    #[test]
+    fn cgroup_auto_and_annotations_are_understood() {
+        let mut cli = Cli::try_parse_from([
+            "init",
+            "--cgroup",
+            "auto",
+            "--exclude-ports",
+            "22",
+            "--exclude-cidrs",
+            "192.0.2.0/24",
+        ])
+        .unwrap();
+        assert_eq!(cli.init.cgroup, Some(CgroupArg::Auto));
+        assert_eq!(cli.init.fail_policy, FailPolicy::Closed);
+        cli.init.apply(pod_annotations::PodOverrides {
+            exclude_ports: "5432".parse().unwrap(),
+            exclude_inbound_ports: "9090".parse().unwrap(),
+            exclude_cidrs: vec![parse_cidr("10.0.0.0/8").unwrap()],
+            fail_policy: Some(FailPolicy::Open),
+        });
+        let settings = cli.init.settings();
+        assert_eq!(settings.excluded_ports.to_string(), "22,5432");
+        assert_eq!(settings.excluded_inbound_ports.to_string(), "9090");
+        assert_eq!(settings.excluded_cidrs.len(), 2);
+        assert_eq!(cli.init.fail_policy, FailPolicy::Open);
     }
 }

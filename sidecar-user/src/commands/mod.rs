@@ -2,6 +2,7 @@
 pub mod certs;
 pub mod cleanup;
 pub mod init;
+pub mod inject;
 pub mod kernel_logs;
 pub mod status;
 

@@ -1,0 +1,190 @@
+//! Pod annotations that tune `sidecar init`, read from the downward API file
+//! (`fieldRef: metadata.annotations`), Istio's names where Istio has one.
+use std::collections::BTreeMap;
+
+use anyhow::{Context, Result, bail};
+use clap::ValueEnum;
+use ipnet::IpNet;
+
+use crate::capture_settings::{PortRanges, parse_cidr};
+
+pub const EXCLUDE_OUTBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeOutboundPorts";
+pub const EXCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeInboundPorts";
+pub const EXCLUDE_OUTBOUND_IP_RANGES: &str = "traffic.sidecar.istio.io/excludeOutboundIPRanges";
+pub const FAIL_POLICY: &str = "sidecar.ebpf/fail-policy";
+
+/// What `init` does when it cannot install capture.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum FailPolicy {
+    /// Exit non-zero: the pod does not start without capture (Kubernetes retries the init).
+    Closed,
+    /// Log the error and exit 0: the app starts with its traffic not captured.
+    Open,
+}
+
+/// The settings a pod's annotations add to the command line's.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct PodOverrides {
+    pub exclude_ports: PortRanges,
+    pub exclude_inbound_ports: PortRanges,
+    pub exclude_cidrs: Vec<IpNet>,
+    pub fail_policy: Option<FailPolicy>,
+}
+
+/// Reads the downward API annotations file and the overrides it carries.
+pub fn read_overrides(path: &std::path::Path) -> Result<PodOverrides> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the pod annotations file {}", path.display()))?;
+    let annotations = parse_downward_api(&text)
+        .with_context(|| format!("malformed pod annotations file {}", path.display()))?;
+    overrides(&annotations)
+}
+
+/// The downward API writes one `key="value"` line per annotation, the value quoted as Go's
+/// `strconv.Quote` does.
+pub fn parse_downward_api(text: &str) -> Result<BTreeMap<String, String>> {
+    let mut annotations = BTreeMap::new();
+    for (number, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let (key, quoted) = line
+            .split_once('=')
+            .with_context(|| format!("line {}: expected key=\"value\": {line}", number + 1))?;
+        let value =
+            unquote(quoted).with_context(|| format!("line {}: bad value for {key}", number + 1))?;
+        annotations.insert(key.to_string(), value);
+    }
+    Ok(annotations)
+}
+
+fn unquote(quoted: &str) -> Result<String> {
+    let Some(inner) = quoted
+        .strip_prefix('"')
+        .and_then(|rest| rest.strip_suffix('"'))
+    else {
+        bail!("expected a double-quoted value, got {quoted}");
+    };
+    let mut out = String::with_capacity(inner.len());
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match chars.next() {
+            Some('"') => out.push('"'),
+            Some('\\') => out.push('\\'),
+            Some('n') => out.push('\n'),
+            Some('t') => out.push('\t'),
+            Some('r') => out.push('\r'),
+            Some(kind @ ('x' | 'u' | 'U')) => {
+                let digits = match kind {
+                    'x' => 2,
+                    'u' => 4,
+                    _ => 8,
+                };
+                let hex: String = chars.by_ref().take(digits).collect();
+                let decoded = u32::from_str_radix(&hex, 16)
+                    .ok()
+                    .and_then(char::from_u32)
+                    .with_context(|| format!("bad escape \\{kind}{hex}"))?;
+                out.push(decoded);
+            }
+            other => bail!("unsupported escape \\{}", other.unwrap_or(' ')),
+        }
+    }
+    Ok(out)
+}
+
+/// Picks the annotations `init` understands; a bad value is an error naming the annotation.
+pub fn overrides(annotations: &BTreeMap<String, String>) -> Result<PodOverrides> {
+    let mut result = PodOverrides::default();
+    let with_name = |key: &str| format!("pod annotation {key}");
+    if let Some(value) = annotations.get(EXCLUDE_OUTBOUND_PORTS) {
+        result.exclude_ports = value
+            .parse()
+            .with_context(|| with_name(EXCLUDE_OUTBOUND_PORTS))?;
+    }
+    if let Some(value) = annotations.get(EXCLUDE_INBOUND_PORTS) {
+        result.exclude_inbound_ports = value
+            .parse()
+            .with_context(|| with_name(EXCLUDE_INBOUND_PORTS))?;
+    }
+    if let Some(value) = annotations.get(EXCLUDE_OUTBOUND_IP_RANGES) {
+        for item in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            if item == "*" {
+                bail!(
+                    "{}: \"*\" (exclude everything) is not supported: remove the sidecar instead",
+                    with_name(EXCLUDE_OUTBOUND_IP_RANGES)
+                );
+            }
+            result
+                .exclude_cidrs
+                .push(parse_cidr(item).with_context(|| with_name(EXCLUDE_OUTBOUND_IP_RANGES))?);
+        }
+    }
+    if let Some(value) = annotations.get(FAIL_POLICY) {
+        let policy = FailPolicy::from_str(value.trim(), true).map_err(|_| {
+            anyhow::anyhow!(
+                "{}: invalid value {value:?}: expected closed or open",
+                with_name(FAIL_POLICY)
+            )
+        })?;
+        result.fail_policy = Some(policy);
+    }
+    Ok(result)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DOWNWARD_API: &str = r#"kubectl.kubernetes.io/default-container="app"
+sidecar.ebpf/fail-policy="open"
+traffic.sidecar.istio.io/excludeInboundPorts="9090"
+traffic.sidecar.istio.io/excludeOutboundIPRanges="10.0.0.0/8, fd00::/8"
+traffic.sidecar.istio.io/excludeOutboundPorts="5432,8000-8100"
+note="a \"quoted\" line\nand \u00e9 \\ done"
+"#;
+
+    #[test]
+    fn reads_the_downward_api_format() {
+        let annotations = parse_downward_api(DOWNWARD_API).unwrap();
+        assert_eq!(annotations.len(), 6);
+        assert_eq!(annotations["note"], "a \"quoted\" line\nand \u{e9} \\ done");
+        assert_eq!(
+            annotations["kubectl.kubernetes.io/default-container"],
+            "app"
+        );
+    }
+
+    #[test]
+    fn turns_istio_annotations_into_settings() {
+        let result = overrides(&parse_downward_api(DOWNWARD_API).unwrap()).unwrap();
+        assert_eq!(result.exclude_ports.to_string(), "5432,8000-8100");
+        assert_eq!(result.exclude_inbound_ports.to_string(), "9090");
+        assert_eq!(result.exclude_cidrs.len(), 2);
+        assert_eq!(result.fail_policy, Some(FailPolicy::Open));
+        assert_eq!(
+            overrides(&BTreeMap::new()).unwrap(),
+            PodOverrides::default()
+        );
+    }
+
+    #[test]
+    fn bad_values_name_the_annotation() {
+        let error = |key: &str, value: &str| {
+            let annotations = BTreeMap::from([(key.to_string(), value.to_string())]);
+            format!("{:#}", overrides(&annotations).unwrap_err())
+        };
+        assert!(error(EXCLUDE_OUTBOUND_PORTS, "70000").contains(EXCLUDE_OUTBOUND_PORTS));
+        assert!(error(EXCLUDE_OUTBOUND_IP_RANGES, "*").contains("not supported"));
+        assert!(error(EXCLUDE_OUTBOUND_IP_RANGES, "10.1.2.3/8").contains("host bits"));
+        assert!(error(FAIL_POLICY, "maybe").contains("expected closed or open"));
+        let malformed = parse_downward_api("no-equals-sign\n").unwrap_err();
+        assert!(format!("{malformed:#}").contains("line 1"));
+        assert!(parse_downward_api("k=unquoted\n").is_err());
+    }
+}
