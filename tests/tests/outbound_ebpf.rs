@@ -66,7 +66,10 @@ fn intercepts_ipv4_ipv6_and_mapped_with_the_proxy_in_the_pod() {
     assert_eq!(mesh.proxy_metric("sidecar_outbound_failures_total"), 0);
     // Every connection has closed: the kernel's index holds nothing for them any more.
     let status = mesh.ebpf_status().expect("status");
-    assert_eq!(status["tracked_connections"], 0, "index entries left behind: {status}");
+    assert_eq!(
+        status["tracked_connections"], 0,
+        "index entries left behind: {status}"
+    );
 }
 
 #[test]
@@ -336,7 +339,11 @@ fn a_full_index_resets_the_connection_and_says_so() {
         .connect_as(mesh.server_v4(ECHO_PORT), None)
         .expect_err("second connection must fail");
     assert!(
-        refused.contains("reset") || refused.contains("closed"),
+        refused.contains("reset")
+            || refused.contains("closed")
+            // A reset that lands before the client's half-close surfaces as ENOTCONN (seen on
+            // slow, emulated kernels: cargo xtask vm-test).
+            || refused.contains("not connected"),
         "{refused}"
     );
     let counters = mesh.bpf_counters();

@@ -13,9 +13,16 @@ pub struct BuildOptions {
     pub release: bool,
 }
 
-/// Where `build-ebpf` leaves the object; sidecar-user's build script embeds it from here.
-pub fn ebpf_object() -> PathBuf {
+/// Where cargo leaves the BPF object.
+fn cargo_ebpf_object() -> PathBuf {
     workspace_root().join("target/bpfel-unknown-none/release/sidecar-ebpf")
+}
+
+/// Where `build-ebpf` publishes the object; sidecar-user's build script embeds it from here.
+/// It is rewritten only when its bytes change, so a BPF rebuild that produces the same object
+/// does not make cargo rebuild the `sidecar` binary.
+pub fn ebpf_object() -> PathBuf {
+    workspace_root().join("target/bpf/sidecar-ebpf.o")
 }
 
 /// Compiles sidecar-ebpf for the BPF target.
@@ -24,7 +31,13 @@ pub fn build_ebpf(_opts: &BuildOptions) -> Result<()> {
         bail!("bpf-linker is not installed: run `cargo xtask setup`");
     }
     run(&mut bpf_cargo("build"))?;
-    println!("build-ebpf: {}", ebpf_object().display());
+    let built = std::fs::read(cargo_ebpf_object())?;
+    let published = ebpf_object();
+    if std::fs::read(&published).ok().as_deref() != Some(built.as_slice()) {
+        std::fs::create_dir_all(published.parent().expect("target/bpf has a parent"))?;
+        std::fs::write(&published, &built)?;
+    }
+    println!("build-ebpf: {}", published.display());
     Ok(())
 }
 

@@ -1,9 +1,14 @@
-//! Project tasks: `cargo xtask <setup|build-ebpf|build|test|lab>`.
+//! Project tasks: `cargo xtask <setup|build-ebpf|build|test|lab|bench|image|pod-test|validate-manifests>`.
+mod bench;
 mod build;
+mod image;
 mod lab;
+mod manifests;
+mod pod_test;
 mod setup;
 mod test;
 mod util;
+mod vm;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -27,6 +32,18 @@ enum Task {
     Test(test::TestOptions),
     /// Demo: two pods, an HTTP request from one to the other intercepted by the proxy.
     Lab(lab::LabOptions),
+    /// Benchmark: eBPF vs iptables redirection, every scenario and workload (docs/BENCHMARKS.md).
+    Bench(bench::BenchOptions),
+    /// Build the FROM-scratch images (static binaries) the deploy/ manifests name, with podman.
+    Image,
+    /// Play deploy/kubernetes under `podman kube play`: capture, interception, teardown.
+    PodTest,
+    /// Validate every deploy/ manifest against the Kubernetes schemas (kubernetes-validate).
+    ValidateManifests,
+    /// Boot pinned Debian kernels in qemu and run the root integration tests in each.
+    VmTest(vm::VmTestOptions),
+    /// Boot one pinned kernel in qemu with the sidecar inside, on an interactive console.
+    VmShell(vm::VmShellOptions),
 }
 
 fn main() -> Result<()> {
@@ -36,5 +53,11 @@ fn main() -> Result<()> {
         Task::Build(opts) => build::build_all(&opts).map(|_| ()),
         Task::Test(opts) => test::run_tests(&opts),
         Task::Lab(opts) => lab::run(&opts),
+        Task::Bench(opts) => bench::run(&opts),
+        Task::Image => image::build_images().map(|_| ()),
+        Task::PodTest => pod_test::run_pod_test(),
+        Task::ValidateManifests => manifests::validate(),
+        Task::VmTest(opts) => vm::run_tests(&opts),
+        Task::VmShell(opts) => vm::run_shell(&opts),
     }
 }

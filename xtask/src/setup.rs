@@ -63,7 +63,11 @@ fn has_rust_src() -> bool {
 }
 
 fn missing_packages() -> Vec<&'static str> {
-    APT_PACKAGES
+    missing_from(APT_PACKAGES)
+}
+
+fn missing_from(packages: &[&'static str]) -> Vec<&'static str> {
+    packages
         .iter()
         .copied()
         .filter(|pkg| {
@@ -81,14 +85,27 @@ fn missing_packages_is_empty() -> bool {
 }
 
 fn install_packages() -> Result<()> {
-    let missing = missing_packages();
+    install_apt(&missing_packages())
+}
+
+/// Installs the Debian packages a task needs beyond setup's, idempotently (image builds,
+/// podman pods, the manifest validator's venv).
+pub fn ensure_packages(what: &str, packages: &[&'static str]) -> Result<()> {
+    step(
+        what,
+        || missing_from(packages).is_empty(),
+        || install_apt(&missing_from(packages)),
+    )
+}
+
+fn install_apt(missing: &[&str]) -> Result<()> {
     println!("setup:   apt-get install {}", missing.join(" "));
     run_cmd(Command::new("apt-get").args(["update", "-qq"]))?;
     run_cmd(
         Command::new("apt-get")
             .env("DEBIAN_FRONTEND", "noninteractive")
             .args(["install", "-y", "-qq", "--no-install-recommends"])
-            .args(&missing),
+            .args(missing),
     )
 }
 

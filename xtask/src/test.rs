@@ -1,4 +1,7 @@
-//! `cargo xtask test`: setup, build, lint, then every test (unit and root integration tests).
+//! `cargo xtask test`: setup, build, lint, then every test: unit and root integration tests on
+//! the real kernel, the manifests against the Kubernetes schemas, the manifests played under
+//! podman, the integration tests on the oldest and newest kernels of the matrix (qemu), and
+//! the benchmark harness in its quick form (no performance thresholds).
 use std::process::Command;
 
 use anyhow::Result;
@@ -6,7 +9,7 @@ use clap::Args;
 
 use crate::{
     build::{self, BuildOptions},
-    setup,
+    manifests, pod_test, setup,
     util::{run, workspace_root},
 };
 
@@ -15,6 +18,9 @@ pub struct TestOptions {
     /// Skip `cargo fmt --check` and `cargo clippy`.
     #[arg(long)]
     pub no_lint: bool,
+    /// Only the cargo tests: skip the manifests, the podman run, the VMs and the benchmark.
+    #[arg(long)]
+    pub cargo_only: bool,
     /// Extra arguments passed to `cargo test` (e.g. a test name filter after `--`).
     #[arg(last = true)]
     pub cargo_test_args: Vec<String>,
@@ -29,7 +35,7 @@ pub fn run_tests(opts: &TestOptions) -> Result<()> {
         run(Command::new("cargo")
             .current_dir(&root)
             .args(["fmt", "--all", "--check"]))?;
-        println!("test: cargo clippy");
+        println!("test: cargo clippy (userspace)");
         run(Command::new("cargo").current_dir(&root).args([
             "clippy",
             "--all-targets",
@@ -37,11 +43,30 @@ pub fn run_tests(opts: &TestOptions) -> Result<()> {
             "-D",
             "warnings",
         ]))?;
+        println!("test: cargo clippy (BPF programs)");
+        run(build::bpf_cargo("clippy").args(["--", "-D", "warnings"]))?;
     }
     println!("test: cargo test (integration tests run as root on the real kernel)");
     run(Command::new("cargo")
         .current_dir(&root)
         .env("SIDECAR_BIN", profile_dir.join("sidecar"))
         .args(["test"])
-        .args(&opts.cargo_test_args))
+        .args(&opts.cargo_test_args))?;
+    if opts.cargo_only {
+        return Ok(());
+    }
+    println!("test: Kubernetes manifests against the schemas");
+    manifests::validate()?;
+    println!("test: the manifests under podman kube play");
+    pod_test::run_pod_test()?;
+    println!("test: the oldest and newest kernels of the matrix, in qemu (docs/KERNELS.md)");
+    run(Command::new(std::env::current_exe()?).args(["vm-test", "--kernel", "5.10,7.2"]))?;
+    println!("test: the benchmark harness, quick (proves it works; no thresholds)");
+    // Through our own binary, as a user runs it; results stay out of bench/results.
+    let quick_results = root.join("target/bench-quick");
+    run(Command::new(std::env::current_exe()?)
+        .args(["bench", "--quick", "--out-dir"])
+        .arg(&quick_results))?;
+    println!("test: all passed");
+    Ok(())
 }

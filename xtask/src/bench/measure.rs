@@ -1,0 +1,257 @@
+//! One scenario run: a fresh lab, every cell measured in order, each checked by the
+//! correctness gates.
+//!
+//! Per cell: the load generator warms up, then pauses while the CPU counters (and BPF run
+//! statistics in the profiling pass) are read, then measures; the counters are read again once
+//! it has exited. So the costs cover exactly the measured phase and the connections' teardown.
+
+use std::{
+    collections::BTreeMap,
+    fs, thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use sidecar_tests::tools::load::{LoadSpec, WARM_LINE, client::report_from_output};
+
+use super::{
+    metrics::{self, BpfRunStats},
+    results::{Measurement, ScenarioRun},
+    scenario::{Binaries, Scenario, ScenarioLab},
+    workload::Cell,
+};
+
+/// Slack on top of a cell's own warm-up and duration before the load generator is killed.
+const LOAD_CLIENT_SLACK: Duration = Duration::from_secs(30);
+/// How long closing connections get to leave the original-destination index.
+const INDEX_SETTLE: Duration = Duration::from_secs(2);
+
+/// Where a scenario run sits in the bench: repetition (None for calibration and profiling)
+/// and position in that repetition's shuffled order.
+#[derive(Clone, Copy)]
+pub struct Slot {
+    pub rep: Option<usize>,
+    pub position: usize,
+}
+
+/// Runs `cells` in a fresh lab for `scenario`; a failure to set up the lab is recorded in the
+/// run, not returned, so the other scenarios still run.
+pub fn run_scenario(
+    scenario: Scenario,
+    slot: Slot,
+    bins: &Binaries,
+    cells: &[Cell],
+    profile_bpf: bool,
+    mut progress: impl FnMut(&Cell, &Measurement),
+) -> ScenarioRun {
+    let mut run = ScenarioRun {
+        scenario,
+        rep: slot.rep,
+        position: slot.position,
+        proxy_peak_rss_kib: None,
+        measurements: Vec::new(),
+        error: None,
+    };
+    let result = (|| -> Result<()> {
+        let lab = ScenarioLab::start(scenario, bins)?;
+        for (index, cell) in cells.iter().enumerate() {
+            let measurement = measure_cell(&lab, index, cell, profile_bpf)
+                .with_context(|| format!("{scenario} {}", cell.id))?;
+            progress(cell, &measurement);
+            run.measurements.push(measurement);
+        }
+        run.proxy_peak_rss_kib = lab.proxy_peak_rss_kib()?;
+        lab.finish()
+    })();
+    if let Err(error) = result {
+        run.error = Some(format!("{error:#}"));
+    }
+    run
+}
+
+fn measure_cell(
+    lab: &ScenarioLab,
+    index: usize,
+    cell: &Cell,
+    profile_bpf: bool,
+) -> Result<Measurement> {
+    let start_file = lab.dir().join(format!("start-{index}"));
+    let spec = LoadSpec {
+        workload: cell.workload.clone(),
+        connect_to: lab.connect_to(),
+        expect_server: lab.server_addr(),
+        warmup_ms: cell.warmup_ms,
+        duration_ms: cell.duration_ms,
+        start_file: Some(start_file.clone()),
+    };
+    let proxied_before = lab.proxy_connections()?;
+    let server_proxied_before = lab.server_proxy_connections()?;
+    let kernel_before = lab.capture_counters()?;
+    let server_kernel_before = lab.server_capture_counters()?;
+    let index_before = lab.orig_dst_index_entries()?;
+    let programs = if profile_bpf {
+        lab.bpf_programs()?
+    } else {
+        Vec::new()
+    };
+
+    let client = lab.load_client(&serde_json::to_string(&spec)?).spawn()?;
+    client.wait_for_stdout(
+        WARM_LINE,
+        Duration::from_millis(cell.warmup_ms) + LOAD_CLIENT_SLACK,
+    )?;
+    // The load is paused here: nothing is in flight while the counters are read.
+    let cpu_before = lab.cpu_usage()?;
+    let bpf_before = if profile_bpf {
+        metrics::bpf_run_stats()?
+    } else {
+        BTreeMap::new()
+    };
+    fs::write(&start_file, b"")?;
+    let status = client.wait(Duration::from_millis(cell.duration_ms) + LOAD_CLIENT_SLACK)?;
+    let cpu_usec = lab.cpu_usage()?.since(cpu_before);
+    let bpf_after = if profile_bpf {
+        metrics::bpf_run_stats()?
+    } else {
+        BTreeMap::new()
+    };
+    if !status.success() {
+        bail!(
+            "the load generator exited with {status}: {}",
+            client.stderr_text().trim()
+        );
+    }
+    let report = report_from_output(&client.stdout_text())?;
+
+    let proxy_connections = delta(proxied_before, lab.proxy_connections()?);
+    let server_proxy_connections = delta(server_proxied_before, lab.server_proxy_connections()?);
+    let kernel_counters = counters_delta(kernel_before, lab.capture_counters()?);
+    let server_kernel_counters =
+        counters_delta(server_kernel_before, lab.server_capture_counters()?);
+    let orig_dst_index_growth = match index_before {
+        Some(before) => Some(index_growth(lab, before)?),
+        None => None,
+    };
+    let bpf = profile_bpf.then(|| {
+        programs
+            .iter()
+            .map(|(name, id)| {
+                let after = bpf_after.get(id).copied().unwrap_or_default();
+                let before = bpf_before.get(id).copied().unwrap_or_default();
+                (name.clone(), after.since(before))
+            })
+            .collect::<BTreeMap<String, BpfRunStats>>()
+    });
+    let mut measurement = Measurement {
+        cell: cell.id.clone(),
+        report,
+        cpu_usec,
+        proxy_connections,
+        server_proxy_connections,
+        kernel_counters,
+        server_kernel_counters,
+        orig_dst_index_growth,
+        bpf,
+        gate_failures: Vec::new(),
+    };
+    measurement.gate_failures = gate_failures(&measurement);
+    Ok(measurement)
+}
+
+/// How many more index entries there are than `before`, once the closes of the cell's last
+/// connections have had time to complete.
+fn index_growth(lab: &ScenarioLab, before: usize) -> Result<u64> {
+    let deadline = Instant::now() + INDEX_SETTLE;
+    loop {
+        let grown = lab
+            .orig_dst_index_entries()?
+            .unwrap_or(before)
+            .saturating_sub(before);
+        if grown == 0 || Instant::now() >= deadline {
+            return Ok(grown as u64);
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn delta(before: Option<u64>, after: Option<u64>) -> Option<u64> {
+    Some(after?.saturating_sub(before?))
+}
+
+fn counters_delta(
+    before: Option<BTreeMap<String, u64>>,
+    after: Option<BTreeMap<String, u64>>,
+) -> Option<BTreeMap<String, u64>> {
+    let before = before?;
+    Some(
+        after?
+            .into_iter()
+            .map(|(name, value)| {
+                let since = value.saturating_sub(before.get(&name).copied().unwrap_or(0));
+                (name, since)
+            })
+            .collect(),
+    )
+}
+
+/// Everything that makes a measurement untrustworthy: errors (the load generator also fails
+/// any connection whose server saw another destination than the one dialled), and proxy or
+/// kernel counters that disagree with the connections the load generator opened.
+fn gate_failures(measurement: &Measurement) -> Vec<String> {
+    let report = &measurement.report;
+    let connections = report.connections;
+    let mut failures = Vec::new();
+    if report.errors > 0 {
+        failures.push(format!(
+            "{} errors, first: {}",
+            report.errors,
+            report.first_error.as_deref().unwrap_or("?")
+        ));
+    }
+    if report.operations == 0 {
+        failures.push("no operation completed".to_owned());
+    }
+    if let Some(proxied) = measurement.proxy_connections
+        && proxied != connections
+    {
+        failures.push(format!(
+            "the proxy counted {proxied} connections, the load generator opened {connections}"
+        ));
+    }
+    if let Some(proxied) = measurement.server_proxy_connections
+        && proxied != connections
+    {
+        failures.push(format!(
+            "the server's proxy counted {proxied} connections, the load generator opened {connections}"
+        ));
+    }
+    let mut check_counters =
+        |pod: &str, counters: &BTreeMap<String, u64>, equal: &[&str], zero: &[&str]| {
+            let counter = |name: &str| counters.get(name).copied().unwrap_or(0);
+            for name in equal.iter().filter(|name| counter(name) != connections) {
+                failures.push(format!(
+                    "{pod} kernel counter {name} = {}, the load generator opened {connections}",
+                    counter(name)
+                ));
+            }
+            for name in zero.iter().filter(|name| counter(name) != 0) {
+                failures.push(format!("{pod} kernel counter {name} = {}", counter(name)));
+            }
+        };
+    if let Some(counters) = &measurement.kernel_counters {
+        let equal = ["redirected", "orig_dst_served"];
+        check_counters("client", counters, &equal, &["errors", "orig_dst_missing"]);
+    }
+    if let Some(counters) = &measurement.server_kernel_counters {
+        let zero = ["errors", "inbound_no_proxy"];
+        check_counters("server", counters, &["inbound_redirected"], &zero);
+    }
+    if let Some(grown) = measurement.orig_dst_index_growth
+        && grown > 0
+    {
+        failures.push(format!(
+            "{grown} original-destination index entries outlived their connections"
+        ));
+    }
+    failures
+}

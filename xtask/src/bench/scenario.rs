@@ -1,0 +1,593 @@
+//! The scenarios of docs/BENCHMARKS.md and the lab each one runs in: a fresh lab per run,
+//! so no scenario inherits another's conntrack state, rules, programs or TIME_WAIT sockets.
+//!
+//! Topology: pod `client` (cgroups `app` for the load generator and `proxy` for its sidecar,
+//! both pinned to CPU 0) and pod `server` (cgroups `app` for the server and `proxy` for its
+//! sidecar in the two-sidecar scenarios, both pinned to CPU 1). Every proxy runs as UID/GID
+//! 1337 in its pod's `proxy` cgroup: the one exemption criterion of both capture modes.
+
+use std::{
+    collections::BTreeMap,
+    ffi::OsString,
+    fmt,
+    net::{Ipv4Addr, SocketAddr},
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail, ensure};
+use clap::ValueEnum;
+use serde::{Deserialize, Serialize};
+use sidecar_tests::{Lab, LabProcess, Pod, PodCommand, wait_for_http_ok, wait_for_tcp};
+
+use super::{haproxy, mesh, metrics};
+
+pub const SERVER_PORT: u16 = 8080;
+pub const OUTBOUND_PORT: u16 = 15001;
+const PROXY_ID: u32 = 1337;
+/// The CPU of each pod: the client's app and sidecar share one, like an app and its sidecar on
+/// a node; the server pod has the other, like a second node.
+pub const CLIENT_CPU: usize = 0;
+pub const SERVER_CPU: usize = 1;
+/// Per-netns sysctls set in both pods: connection churn must not run out of ports.
+pub const POD_SYSCTLS: &[&str] = &[
+    "net.ipv4.ip_local_port_range=10000 65000",
+    "net.ipv4.tcp_tw_reuse=1",
+];
+const READY: Duration = Duration::from_secs(10);
+/// The pinned index of redirected connections' original destinations, by the app's address.
+const ORIG_DST_INDEX_PIN: &str = "map_ORIG_DST_BY_PEER";
+
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ValueEnum,
+)]
+pub enum Scenario {
+    #[value(name = "B0")]
+    B0,
+    #[value(name = "P0")]
+    P0,
+    #[value(name = "I1")]
+    I1,
+    #[value(name = "E1")]
+    E1,
+    #[value(name = "H1")]
+    H1,
+    #[value(name = "I2")]
+    I2,
+    #[value(name = "E2")]
+    E2,
+    #[value(name = "I2-mTLS")]
+    #[serde(rename = "I2-mTLS")]
+    I2Mtls,
+    #[value(name = "E2-mTLS")]
+    #[serde(rename = "E2-mTLS")]
+    E2Mtls,
+}
+
+impl Scenario {
+    pub const ALL: [Scenario; 9] = [
+        Scenario::B0,
+        Scenario::P0,
+        Scenario::I1,
+        Scenario::E1,
+        Scenario::H1,
+        Scenario::I2,
+        Scenario::E2,
+        Scenario::I2Mtls,
+        Scenario::E2Mtls,
+    ];
+
+    pub fn id(self) -> &'static str {
+        match self {
+            Scenario::B0 => "B0",
+            Scenario::P0 => "P0",
+            Scenario::I1 => "I1",
+            Scenario::E1 => "E1",
+            Scenario::H1 => "H1",
+            Scenario::I2 => "I2",
+            Scenario::E2 => "E2",
+            Scenario::I2Mtls => "I2-mTLS",
+            Scenario::E2Mtls => "E2-mTLS",
+        }
+    }
+
+    pub fn description(self) -> &'static str {
+        match self {
+            Scenario::B0 => "no proxy: the client dials the server",
+            Scenario::P0 => "the client dials its proxy explicitly (--orig-dst explicit)",
+            Scenario::I1 => "iptables REDIRECT (istio-init rules) to the client's proxy",
+            Scenario::E1 => "eBPF connect-time redirect to the client's proxy",
+            Scenario::H1 => "iptables REDIRECT to HAProxy (mode tcp, transparent)",
+            Scenario::I2 => "iptables in both pods, outbound and inbound, two sidecars, plaintext",
+            Scenario::E2 => {
+                "eBPF in both pods (connect redirect, sk_lookup), two sidecars, plaintext"
+            }
+            Scenario::I2Mtls => "I2 with mTLS between the sidecars (STRICT inbound)",
+            Scenario::E2Mtls => "E2 with mTLS between the sidecars (STRICT inbound)",
+        }
+    }
+
+    fn capture(self) -> Capture {
+        match self {
+            Scenario::B0 | Scenario::P0 => Capture::None,
+            Scenario::I1 | Scenario::H1 | Scenario::I2 | Scenario::I2Mtls => Capture::Iptables,
+            Scenario::E1 | Scenario::E2 | Scenario::E2Mtls => Capture::Ebpf,
+        }
+    }
+
+    fn proxy(self) -> ProxyKind {
+        match self {
+            Scenario::B0 => ProxyKind::None,
+            Scenario::P0 => ProxyKind::SidecarExplicit,
+            Scenario::H1 => ProxyKind::Haproxy,
+            _ => ProxyKind::Sidecar,
+        }
+    }
+
+    /// Both pods captured in both directions, each with its sidecar.
+    fn two_sidecars(self) -> bool {
+        matches!(
+            self,
+            Scenario::I2 | Scenario::E2 | Scenario::I2Mtls | Scenario::E2Mtls
+        )
+    }
+
+    fn mtls(self) -> bool {
+        matches!(self, Scenario::I2Mtls | Scenario::E2Mtls)
+    }
+
+    /// Whether this scenario's BPF programs are worth profiling with `bpf_stats`.
+    pub fn uses_ebpf(self) -> bool {
+        self.capture() == Capture::Ebpf
+    }
+}
+
+impl fmt::Display for Scenario {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.pad(self.id())
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Capture {
+    None,
+    Iptables,
+    Ebpf,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ProxyKind {
+    None,
+    /// The sidecar with a fixed upstream: the proxy's cost without any redirect.
+    SidecarExplicit,
+    Sidecar,
+    Haproxy,
+}
+
+/// The binaries every scenario runs: the same release build throughout.
+pub struct Binaries {
+    pub sidecar: PathBuf,
+    pub labtool: PathBuf,
+}
+
+/// The `sidecar proxy` options of every sidecar in every scenario (recorded in the results);
+/// each also gets `--mesh-config` (see `mesh`).
+pub fn sidecar_proxy_args(workload: &str) -> Vec<String> {
+    [
+        "proxy",
+        "--worker-threads",
+        "1",
+        "--workload-name",
+        workload,
+        "--workload-namespace",
+        "bench",
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+/// CPU time of the cgroups that do the work, in microseconds.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct CpuUsage {
+    pub client_app: u64,
+    pub client_proxy: u64,
+    /// The server app.
+    pub server: u64,
+    #[serde(default)]
+    pub server_proxy: u64,
+}
+
+impl CpuUsage {
+    pub fn since(self, before: CpuUsage) -> CpuUsage {
+        CpuUsage {
+            client_app: self.client_app.saturating_sub(before.client_app),
+            client_proxy: self.client_proxy.saturating_sub(before.client_proxy),
+            server: self.server.saturating_sub(before.server),
+            server_proxy: self.server_proxy.saturating_sub(before.server_proxy),
+        }
+    }
+
+    pub fn proxies(self) -> u64 {
+        self.client_proxy + self.server_proxy
+    }
+
+    pub fn total(self) -> u64 {
+        self.client_app + self.server + self.proxies()
+    }
+}
+
+/// One side of the lab: a pod, its two cgroups and its CPU.
+struct Side {
+    pod: Pod,
+    app_cgroup: PathBuf,
+    proxy_cgroup: PathBuf,
+    cpu: usize,
+}
+
+impl Side {
+    fn new(lab: &Lab, name: &str, cpu: usize) -> Result<Side> {
+        let pod = lab.add_pod(name)?;
+        for sysctl in POD_SYSCTLS {
+            pod.command("sysctl")
+                .args(["-q", "-w", sysctl])
+                .run_success()?;
+        }
+        Ok(Side {
+            app_cgroup: pod.cgroup_child("app")?,
+            proxy_cgroup: pod.cgroup_child("proxy")?,
+            pod,
+            cpu,
+        })
+    }
+
+    /// `program` in this pod's `cgroup`, pinned to its CPU (taskset execs: the pid stays the
+    /// program's).
+    fn pinned(&self, cgroup: &Path, program: &Path) -> PodCommand {
+        self.pod
+            .command("taskset")
+            .in_cgroup(cgroup)
+            .args(["-c", &self.cpu.to_string()])
+            .arg(program)
+    }
+
+    fn proxy_command(&self, program: &Path) -> PodCommand {
+        self.pinned(&self.proxy_cgroup, program)
+            .as_user(PROXY_ID, PROXY_ID)
+    }
+
+    fn scrape_connections_opened(&self) -> Result<u64> {
+        let url = "http://127.0.0.1:15020/stats/prometheus";
+        let body = wait_for_http_ok(&self.pod, url, READY)?.body;
+        Ok(metrics::prometheus_sum(
+            &body,
+            "istio_tcp_connections_opened_total",
+        ))
+    }
+}
+
+/// A running scenario: pods, server, capture and proxies. Dropping it tears the lab down.
+pub struct ScenarioLab {
+    pub scenario: Scenario,
+    lab: Lab,
+    client: Side,
+    server: Side,
+    labtool: PathBuf,
+    sidecar: PathBuf,
+    processes: Vec<LabProcess>,
+    /// The client's proxy (sidecar or HAProxy), for its peak RSS.
+    proxy_pid: Option<u32>,
+    haproxy_stats: Option<PathBuf>,
+}
+
+impl ScenarioLab {
+    pub fn start(scenario: Scenario, bins: &Binaries) -> Result<ScenarioLab> {
+        let lab = Lab::new(&format!("bench-{scenario}"))?;
+        let mut this = ScenarioLab {
+            scenario,
+            client: Side::new(&lab, "client", CLIENT_CPU)?,
+            server: Side::new(&lab, "server", SERVER_CPU)?,
+            lab,
+            labtool: bins.labtool.clone(),
+            sidecar: bins.sidecar.clone(),
+            processes: Vec::new(),
+            proxy_pid: None,
+            haproxy_stats: None,
+        };
+        this.start_server()?;
+        this.install_capture()?;
+        this.start_proxies()?;
+        Ok(this)
+    }
+
+    /// Where the load generator connects: the server, or the proxy's port in P0.
+    pub fn connect_to(&self) -> SocketAddr {
+        match self.scenario.proxy() {
+            ProxyKind::SidecarExplicit => (Ipv4Addr::LOCALHOST, OUTBOUND_PORT).into(),
+            _ => self.server_addr(),
+        }
+    }
+
+    /// The address the server must see every connection arrive on.
+    pub fn server_addr(&self) -> SocketAddr {
+        (self.server.pod.ipv4(), SERVER_PORT).into()
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.lab.dir()
+    }
+
+    /// The load generator, in the client pod's app cgroup on the client CPU.
+    pub fn load_client(&self, spec_json: &str) -> PodCommand {
+        self.client
+            .pinned(&self.client.app_cgroup, &self.labtool)
+            .args(["load-client", "--spec", spec_json])
+    }
+
+    pub fn cpu_usage(&self) -> Result<CpuUsage> {
+        Ok(CpuUsage {
+            client_app: metrics::cgroup_cpu_usec(&self.client.app_cgroup)?,
+            client_proxy: metrics::cgroup_cpu_usec(&self.client.proxy_cgroup)?,
+            server: metrics::cgroup_cpu_usec(&self.server.app_cgroup)?,
+            server_proxy: metrics::cgroup_cpu_usec(&self.server.proxy_cgroup)?,
+        })
+    }
+
+    /// Connections the client's proxy has accepted so far (None without a proxy).
+    pub fn proxy_connections(&self) -> Result<Option<u64>> {
+        match self.scenario.proxy() {
+            ProxyKind::None => Ok(None),
+            ProxyKind::Sidecar | ProxyKind::SidecarExplicit => {
+                self.client.scrape_connections_opened().map(Some)
+            }
+            ProxyKind::Haproxy => {
+                let socket = self
+                    .haproxy_stats
+                    .as_deref()
+                    .context("HAProxy not started")?;
+                haproxy::frontend_connections(socket).map(Some)
+            }
+        }
+    }
+
+    /// Connections the server's proxy has accepted so far (two-sidecar scenarios only).
+    pub fn server_proxy_connections(&self) -> Result<Option<u64>> {
+        if !self.scenario.two_sidecars() {
+            return Ok(None);
+        }
+        self.server.scrape_connections_opened().map(Some)
+    }
+
+    /// The client proxy's peak resident memory so far, in KiB.
+    pub fn proxy_peak_rss_kib(&self) -> Result<Option<u64>> {
+        self.proxy_pid.map(metrics::peak_rss_kib).transpose()
+    }
+
+    /// The kernel counters of the client pod's eBPF capture (None for other scenarios).
+    pub fn capture_counters(&self) -> Result<Option<BTreeMap<String, u64>>> {
+        self.counters_of(&self.client.pod)
+    }
+
+    /// The kernel counters of the server pod's eBPF capture (two-sidecar eBPF scenarios).
+    pub fn server_capture_counters(&self) -> Result<Option<BTreeMap<String, u64>>> {
+        if !self.scenario.two_sidecars() {
+            return Ok(None);
+        }
+        self.counters_of(&self.server.pod)
+    }
+
+    /// Entries in the client pod's original-destination index (None for other scenarios).
+    pub fn orig_dst_index_entries(&self) -> Result<Option<usize>> {
+        if self.scenario.capture() != Capture::Ebpf {
+            return Ok(None);
+        }
+        let capture = self.ebpf_status(&self.client.pod)?;
+        let pin_dir = capture["pin_dir"]
+            .as_str()
+            .context("pin_dir in `sidecar status --json`")?;
+        metrics::bpf_map_entries(&Path::new(pin_dir).join(ORIG_DST_INDEX_PIN)).map(Some)
+    }
+
+    /// `(name, program id)` of every program attached for the pods; the server pod's programs
+    /// are named `server/<program>`.
+    pub fn bpf_programs(&self) -> Result<Vec<(String, u32)>> {
+        let mut programs = self.programs_of(&self.client.pod, "")?;
+        if self.scenario.two_sidecars() {
+            programs.extend(self.programs_of(&self.server.pod, "server/")?);
+        }
+        Ok(programs)
+    }
+
+    /// Stops everything and fails if anything could not be removed.
+    pub fn finish(self) -> Result<()> {
+        self.lab.teardown()
+    }
+
+    fn counters_of(&self, pod: &Pod) -> Result<Option<BTreeMap<String, u64>>> {
+        if self.scenario.capture() != Capture::Ebpf {
+            return Ok(None);
+        }
+        let capture = self.ebpf_status(pod)?;
+        serde_json::from_value(capture["counters"].clone())
+            .context("counters in `sidecar status --json`")
+            .map(Some)
+    }
+
+    fn programs_of(&self, pod: &Pod, prefix: &str) -> Result<Vec<(String, u32)>> {
+        let capture = self.ebpf_status(pod)?;
+        let links = capture["links"]
+            .as_array()
+            .context("links in `sidecar status --json`")?;
+        links
+            .iter()
+            .map(|link| {
+                let name = link["program"].as_str().context("link program name")?;
+                let id = link["program_id"].as_u64().context("link program id")?;
+                Ok((format!("{prefix}{name}"), u32::try_from(id)?))
+            })
+            .collect()
+    }
+
+    fn ebpf_status(&self, pod: &Pod) -> Result<serde_json::Value> {
+        let output = Command::new(&self.sidecar)
+            .args(["status", "--json"])
+            .output()
+            .context("running sidecar status")?;
+        ensure!(
+            output.status.success(),
+            "sidecar status failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let status: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+        let cgroup = pod.cgroup().to_string_lossy();
+        status["ebpf"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|capture| capture["cgroup"].as_str() == Some(&cgroup))
+            .cloned()
+            .with_context(|| format!("no eBPF capture listed for {cgroup}"))
+    }
+
+    fn start_server(&mut self) -> Result<()> {
+        let server = self
+            .server
+            .pinned(&self.server.app_cgroup, &self.labtool)
+            .args(["load-server", "--listen", &format!("[::]:{SERVER_PORT}")])
+            .spawn()?;
+        wait_for_tcp(&self.server.pod, self.server_addr(), READY)?;
+        self.processes.push(server);
+        Ok(())
+    }
+
+    fn install_capture(&self) -> Result<()> {
+        if self.scenario.capture() == Capture::None {
+            return Ok(());
+        }
+        self.capture_pod(&self.client.pod)?;
+        if self.scenario.two_sidecars() {
+            self.capture_pod(&self.server.pod)?;
+        }
+        Ok(())
+    }
+
+    /// `sidecar init` for `pod`: outbound only in the one-sidecar scenarios, both directions
+    /// in the two-sidecar ones.
+    fn capture_pod(&self, pod: &Pod) -> Result<()> {
+        let both_directions = self.scenario.two_sidecars();
+        let output = match self.scenario.capture() {
+            Capture::None => return Ok(()),
+            Capture::Iptables => {
+                let mut command = pod
+                    .command(&self.sidecar)
+                    .args(["init", "--mode", "iptables"]);
+                if !both_directions {
+                    command = command.arg("--no-inbound-capture");
+                }
+                command.run()?
+            }
+            Capture::Ebpf => {
+                let cgroup = pod.cgroup().to_path_buf();
+                // Registered first: a half-done init is cleaned up too.
+                let sidecar = self.sidecar.clone();
+                let pod_cgroup = cgroup.clone();
+                self.lab.on_teardown(move || {
+                    let _ = Command::new(sidecar)
+                        .arg("cleanup")
+                        .arg("--cgroup")
+                        .arg(pod_cgroup)
+                        .output();
+                });
+                let mut args: Vec<OsString> = vec!["init".into(), "--cgroup".into(), cgroup.into()];
+                if both_directions {
+                    args.extend(["--netns".into(), pod.netns_path().into()]);
+                } else {
+                    args.push("--no-inbound-capture".into());
+                }
+                Command::new(&self.sidecar).args(args).output()?
+            }
+        };
+        check_init(output, self.scenario, pod)
+    }
+
+    fn start_proxies(&mut self) -> Result<()> {
+        match self.scenario.proxy() {
+            ProxyKind::None => Ok(()),
+            ProxyKind::Haproxy => self.start_haproxy(),
+            ProxyKind::SidecarExplicit | ProxyKind::Sidecar => {
+                let dir = self.lab.dir().join("mesh");
+                let configs = if self.scenario.mtls() {
+                    let server_ip = self.server.pod.ipv4();
+                    mesh::write_mtls(&self.sidecar, &dir, server_ip, PROXY_ID)?
+                } else {
+                    mesh::write_plaintext(&dir)?
+                };
+                let config_args =
+                    |path: &Path| vec!["--mesh-config".to_owned(), path.display().to_string()];
+                if self.scenario.two_sidecars() {
+                    self.start_sidecar(Role::Server, &config_args(&configs.server))?;
+                }
+                let mut args = config_args(&configs.client);
+                if self.scenario.proxy() == ProxyKind::SidecarExplicit {
+                    let target = self.server_addr().to_string();
+                    args.extend(["--orig-dst", "explicit", "--target", &target].map(str::to_owned));
+                }
+                let pid = self.start_sidecar(Role::Client, &args)?;
+                self.proxy_pid = Some(pid);
+                Ok(())
+            }
+        }
+    }
+
+    /// Starts a sidecar proxy in the client or server pod and waits for its readiness.
+    fn start_sidecar(&mut self, role: Role, extra: &[impl AsRef<str>]) -> Result<u32> {
+        let (side, name) = match role {
+            Role::Client => (&self.client, "client"),
+            Role::Server => (&self.server, "server"),
+        };
+        let proxy = side
+            .proxy_command(&self.sidecar)
+            .args(sidecar_proxy_args(name))
+            .args(extra.iter().map(AsRef::as_ref))
+            .spawn()?;
+        let ready = "http://127.0.0.1:15021/healthz/ready";
+        wait_for_http_ok(&side.pod, ready, READY)
+            .with_context(|| format!("the {name} proxy is not ready"))?;
+        let pid = proxy.pid();
+        self.processes.push(proxy);
+        Ok(pid)
+    }
+
+    fn start_haproxy(&mut self) -> Result<()> {
+        let files = haproxy::write_config(self.lab.dir(), PROXY_ID)?;
+        let proxy = self
+            .client
+            .proxy_command(Path::new("haproxy"))
+            .args(["-db", "-f"])
+            .arg(&files.config)
+            .spawn()?;
+        let listener = (Ipv4Addr::LOCALHOST, OUTBOUND_PORT).into();
+        wait_for_tcp(&self.client.pod, listener, READY).context("HAProxy is not listening")?;
+        self.proxy_pid = Some(proxy.pid());
+        self.processes.push(proxy);
+        self.haproxy_stats = Some(files.stats_socket);
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Role {
+    Client,
+    Server,
+}
+
+fn check_init(output: Output, scenario: Scenario, pod: &Pod) -> Result<()> {
+    if !output.status.success() {
+        bail!(
+            "sidecar init for {scenario} in pod {} failed: {}",
+            pod.name(),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,550 @@
+//! `cargo xtask pod-test`: plays the shipped manifests under `podman kube play`, a kubelet
+//! stand-in. The client pod is deploy/kubernetes/base/deployment.yaml (init container, proxy,
+//! app); the server pod has no sidecar. Checks: the init container attached to the pod's own
+//! cgroup (with the pod annotations applied), the app's request to the server is intercepted
+//! and answered, the proxy's metrics count it, the server pod is untouched; then teardown
+//! leaves no pod, pin, program or cgroup directory behind.
+//!
+//! podman 4.3 is not a kubelet; the harness (never the shipped manifests) adapts the copy it
+//! plays: `restartPolicy: Never` (init containers take the pod's policy), the native sidecar
+//! moved into `containers` (podman would wait for it to exit), Secret/ConfigMap/downward API
+//! volumes as hostPath directories it fills, and no containerPorts (podman publishes them on
+//! the host, where they would collide).
+use std::{
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    process::{Command, Output},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use serde_yaml::{Mapping, Value};
+
+use crate::{
+    image,
+    util::{run, workspace_root},
+};
+
+const CLIENT_POD: &str = "sidecar-podtest-client";
+const SERVER_POD: &str = "sidecar-podtest-server";
+const SERVER_PORT: u16 = 8080;
+/// The namespace the workload certificate names (podman has none).
+const POD_NAMESPACE: &str = "default";
+/// What the shipped example's annotations ask for (`excludeOutboundPorts: '5432'`).
+const ANNOTATED_EXCLUDED_PORT: &str = "5432";
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+const CONTAINERS_CONF: &str = r#"# Written by `cargo xtask pod-test` (see shared lab notes on podman pods).
+[containers]
+# rlimits cannot be raised in this environment: stay within the current ones.
+default_ulimits = ["nofile=10000:10000", "nproc=10000:10000"]
+[engine]
+cgroup_manager = "cgroupfs"   # no systemd
+runtime = "runc"              # crun refuses cgroup hybrid mode
+"#;
+
+/// A pod that `kube play` created: what teardown needs, recorded before anything can fail.
+struct PlayedPod {
+    id: String,
+    /// `/libpod_parent/<id>`, relative to every cgroup hierarchy.
+    cgroup: PathBuf,
+}
+
+pub fn run_pod_test() -> Result<()> {
+    if !rustix::process::geteuid().is_root() {
+        bail!("pod-test runs privileged podman pods and loads BPF programs: run it as root");
+    }
+    let started = Instant::now();
+    let bin_dir = image::build_images()?;
+    let sidecar = bin_dir.join("sidecar");
+    let work = workspace_root().join("target/pod-test");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    std::fs::write(work.join("containers.conf"), CONTAINERS_CONF)?;
+    let podman = Podman {
+        conf: work.join("containers.conf"),
+    };
+    // Leftovers of an interrupted run would make `kube play` fail on the names.
+    for name in [CLIENT_POD, SERVER_POD] {
+        let _ = podman.output(&["pod", "rm", "-f", "-t", "0", name]);
+    }
+    let mut pods = Vec::new();
+    let result = exercise(&podman, &work, &sidecar, &mut pods);
+    let cleaned = teardown(&podman, &sidecar, &pods);
+    result?;
+    cleaned?;
+    println!(
+        "pod-test: passed in {:.0?} (images included)",
+        started.elapsed()
+    );
+    Ok(())
+}
+
+fn exercise(podman: &Podman, work: &Path, sidecar: &Path, pods: &mut Vec<PlayedPod>) -> Result<()> {
+    let server_yaml = work.join("server.yaml");
+    std::fs::write(&server_yaml, server_pod_yaml())?;
+    let client_yaml = work.join("client.yaml");
+    let shipped = workspace_root().join("deploy/kubernetes/base/deployment.yaml");
+    let mesh_config = workspace_root().join("deploy/kubernetes/base/mesh-config.yaml");
+    std::fs::write(
+        &client_yaml,
+        client_for_podman(&shipped, &mesh_config, work, sidecar)?,
+    )?;
+
+    println!("== kube play: server pod (no sidecar), then the client pod (the shipped manifest)");
+    podman.play(&server_yaml, pods)?;
+    podman.play(&client_yaml, pods)?;
+    let [server, client] = &pods[..] else {
+        bail!("expected two pods from kube play, got {}", pods.len());
+    };
+
+    let client_app = podman.container(&client.id, "app")?;
+    let server_ip = podman.pod_ip(&server.id)?;
+    wait_until_ready(podman, &client_app)?;
+
+    println!("== the app's request to the server pod ({server_ip}:{SERVER_PORT})");
+    let url = format!("http://{server_ip}:{SERVER_PORT}/");
+    let (status, body) = podman.http_get(&client_app, &url)?;
+    println!("{status} {body}");
+    if status != 200 || !body.contains("hello from server") {
+        bail!("the app's request to {url} did not get the server's answer: {status} {body}");
+    }
+
+    println!("== the proxy's metrics and access log");
+    let (_, metrics) = podman.http_get(&client_app, "http://127.0.0.1:15020/stats/prometheus")?;
+    // Outbound series: TCP connections, and HTTP requests when the proxy detects HTTP.
+    let opened: Vec<&str> = metrics
+        .lines()
+        .filter(|line| {
+            (line.starts_with("istio_tcp_connections_opened_total{")
+                || line.starts_with("istio_requests_total{"))
+                && line.contains("reporter=\"source\"")
+        })
+        .collect();
+    let count: f64 = opened
+        .iter()
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    opened.iter().for_each(|line| println!("{line}"));
+    if count < 1.0 {
+        bail!("the proxy's metrics count no outbound connection or request: {metrics}");
+    }
+    let proxy_log = podman.logs(&podman.container(&client.id, "sidecar-proxy")?)?;
+    let access = proxy_log
+        .lines()
+        .find(|line| line.contains(&format!("{server_ip}:{SERVER_PORT}")))
+        .context("no access log line for the server in the proxy's log")?;
+    println!("{access}");
+
+    println!(
+        "== capture (sidecar status): the client pod's own cgroup only, its annotations applied"
+    );
+    let status = capture_status(sidecar)?;
+    let captured: Vec<&serde_json::Value> = status
+        .iter()
+        .filter(|entry| {
+            entry["cgroup"]
+                .as_str()
+                .is_some_and(|path| path.contains("libpod_parent/"))
+        })
+        .collect();
+    let ours = |pod: &PlayedPod| {
+        captured.iter().find(|entry| {
+            entry["cgroup"]
+                .as_str()
+                .is_some_and(|p| p.ends_with(&pod.id))
+        })
+    };
+    let client_capture = ours(client).context("no capture listed for the client pod")?;
+    let excluded = client_capture["excluded_ports"].as_str().unwrap_or("");
+    println!(
+        "client pod {}: excluded ports {excluded}, counters {}",
+        client_capture["cgroup"], client_capture["counters"]
+    );
+    if !excluded.split(',').any(|p| p == ANNOTATED_EXCLUDED_PORT) {
+        bail!("the pod annotation excludeOutboundPorts={ANNOTATED_EXCLUDED_PORT} was not applied");
+    }
+    if ours(server).is_some() {
+        bail!("the server pod, which has no sidecar, has capture attached");
+    }
+    println!("server pod: no capture attached");
+    Ok(())
+}
+
+/// Polls the proxy's readiness from inside the pod: podman ignores probes and start order.
+fn wait_until_ready(podman: &Podman, app: &str) -> Result<()> {
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        let answer = podman.http_get(app, "http://127.0.0.1:15021/healthz/ready");
+        if answer.as_ref().is_ok_and(|(status, _)| *status == 200) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the proxy was not ready within {READY_TIMEOUT:?}: {answer:?}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn capture_status(sidecar: &Path) -> Result<Vec<serde_json::Value>> {
+    let out = checked(Command::new(sidecar).args(["status", "--json"]))?;
+    let status: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("sidecar status --json")?;
+    Ok(status["ebpf"].as_array().cloned().unwrap_or_default())
+}
+
+/// Removes the pods, the capture, and the cgroup directories podman leaves behind; then checks
+/// that nothing is left. Runs whether or not the test passed.
+fn teardown(podman: &Podman, sidecar: &Path, pods: &[PlayedPod]) -> Result<()> {
+    println!("== teardown");
+    let v2_root = sidecar_tests::cgroup2_root()?;
+    let pin_dirs: Vec<PathBuf> = pods
+        .iter()
+        .filter_map(|pod| std::fs::metadata(v2_root.join(rel(&pod.cgroup))).ok())
+        .map(|meta| PathBuf::from(format!("/sys/fs/bpf/sidecar/cgroup-{}", meta.ino())))
+        .collect();
+    for pod in pods {
+        podman.output(&["pod", "rm", "-f", "-t", "0", &pod.id])?;
+        let v2_dir = v2_root.join(rel(&pod.cgroup));
+        if v2_dir.exists() {
+            run(Command::new(sidecar)
+                .args(["cleanup", "--cgroup"])
+                .arg(&v2_dir))?;
+        }
+        for hierarchy in cgroup_hierarchies()? {
+            remove_cgroup_tree(&hierarchy.join(rel(&pod.cgroup)))?;
+            // The shared parent goes too once no pod is left in it (fails harmlessly if not).
+            let _ = std::fs::remove_dir(hierarchy.join("libpod_parent"));
+        }
+    }
+    let mut left = Vec::new();
+    for pod in pods {
+        for hierarchy in cgroup_hierarchies()? {
+            let dir = hierarchy.join(rel(&pod.cgroup));
+            if dir.exists() {
+                left.push(dir);
+            }
+        }
+    }
+    left.extend(pin_dirs.into_iter().filter(|dir| dir.exists()));
+    if !left.is_empty() {
+        bail!("teardown left these behind: {left:?}");
+    }
+    println!(
+        "pods, capture pins (and so their programs) and {} cgroup directories removed",
+        pods.len()
+    );
+    Ok(())
+}
+
+fn rel(path: &Path) -> &Path {
+    path.strip_prefix("/").unwrap_or(path)
+}
+
+/// Every mounted cgroup hierarchy: the v1 controllers, `systemd` and `unified` on hybrid
+/// hosts, or the single v2 tree.
+fn cgroup_hierarchies() -> Result<Vec<PathBuf>> {
+    let mut hierarchies = vec![sidecar_tests::cgroup2_root()?];
+    if let Ok(entries) = std::fs::read_dir("/sys/fs/cgroup") {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let is_mount = rustix::fs::statfs(&path).is_ok_and(|fs| {
+                // cgroup v1 (0x27e0eb) and cgroup2 (0x63677270) filesystems.
+                fs.f_type == 0x0027_e0eb || fs.f_type == 0x6367_7270
+            });
+            if is_mount && !path.is_symlink() && !hierarchies.contains(&path) {
+                hierarchies.push(path);
+            }
+        }
+    }
+    Ok(hierarchies)
+}
+
+/// rmdir, children first; retried briefly while the last processes exit.
+fn remove_cgroup_tree(dir: &Path) -> Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    let children: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.path())
+        .collect();
+    for child in children {
+        remove_cgroup_tree(&child)?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match std::fs::remove_dir(dir) {
+            Ok(()) => return Ok(()),
+            Err(error) if Instant::now() > deadline => {
+                return Err(error).with_context(|| format!("cannot remove {}", dir.display()));
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(100)),
+        }
+    }
+}
+
+/// The server: a plain pod (no sidecar) answering HTTP on SERVER_PORT.
+fn server_pod_yaml() -> String {
+    format!(
+        "apiVersion: v1
+kind: Pod
+metadata:
+  name: {SERVER_POD}
+spec:
+  restartPolicy: Never
+  containers:
+  - name: app
+    image: {image}
+    args: [http-server, --listen, '[::]:{SERVER_PORT}', --name, server]
+",
+        image = image::LABTOOL_IMAGE
+    )
+}
+
+/// The shipped Deployment, adapted for podman (see the module docs), with the directories
+/// that stand in for its Secret, ConfigMap and downward API volumes filled under `work`.
+fn client_for_podman(
+    deployment: &Path,
+    mesh_config: &Path,
+    work: &Path,
+    sidecar: &Path,
+) -> Result<String> {
+    let mut doc = yaml_file(deployment)?;
+    doc["metadata"]["name"] = CLIENT_POD.into();
+    doc["spec"]["replicas"] = 1.into();
+    let template = &mut doc["spec"]["template"];
+    let annotations = template["metadata"]["annotations"]
+        .as_mapping()
+        .cloned()
+        .unwrap_or_default();
+    let spec = template["spec"]
+        .as_mapping_mut()
+        .context("the shipped deployment has no pod spec")?;
+    spec.insert("restartPolicy".into(), "Never".into());
+
+    let mut init_containers = Vec::new();
+    let mut containers = Vec::new();
+    for mut container in sequence(spec, "initContainers") {
+        let native_sidecar = container.get("restartPolicy") == Some(&"Always".into());
+        if let Value::Mapping(fields) = &mut container {
+            fields.remove("restartPolicy");
+        }
+        if native_sidecar {
+            containers.push(container);
+        } else {
+            init_containers.push(container);
+        }
+    }
+    containers.extend(sequence(spec, "containers"));
+    for container in init_containers.iter_mut().chain(containers.iter_mut()) {
+        if let Value::Mapping(fields) = container {
+            fields.remove("ports");
+            set_namespace_env(fields);
+        }
+    }
+    spec.insert("initContainers".into(), Value::Sequence(init_containers));
+    spec.insert("containers".into(), Value::Sequence(containers));
+
+    let mut volumes = sequence(spec, "volumes");
+    for volume in &mut volumes {
+        let Value::Mapping(fields) = volume else {
+            continue;
+        };
+        let stand_in = if fields.contains_key("secret") {
+            fields.remove("secret");
+            write_certs(work, sidecar)?
+        } else if fields.contains_key("configMap") {
+            fields.remove("configMap");
+            write_mesh_config(mesh_config, work)?
+        } else if fields.contains_key("downwardAPI") {
+            fields.remove("downwardAPI");
+            write_annotations(&annotations, work)?
+        } else {
+            continue;
+        };
+        let mut host_path = Mapping::new();
+        host_path.insert("path".into(), stand_in.display().to_string().into());
+        host_path.insert("type".into(), "Directory".into());
+        fields.insert("hostPath".into(), Value::Mapping(host_path));
+    }
+    spec.insert("volumes".into(), Value::Sequence(volumes));
+    Ok(serde_yaml::to_string(&doc)?)
+}
+
+/// podman has no namespaces: an env var from `fieldRef: metadata.namespace` becomes a value.
+fn set_namespace_env(container: &mut Mapping) {
+    let Some(Value::Sequence(env)) = container.get_mut("env") else {
+        return;
+    };
+    for var in env {
+        let from_namespace = var["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace";
+        if let (true, Value::Mapping(fields)) = (from_namespace, var) {
+            fields.remove("valueFrom");
+            fields.insert("value".into(), POD_NAMESPACE.into());
+        }
+    }
+}
+
+fn sequence(spec: &Mapping, key: &str) -> Vec<Value> {
+    spec.get(key)
+        .and_then(Value::as_sequence)
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn yaml_file(path: &Path) -> Result<Value> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_yaml::from_str(&text).with_context(|| format!("{} is not YAML", path.display()))
+}
+
+/// The Secret's stand-in: a lab CA and the workload's SPIFFE certificate, readable by 1337.
+fn write_certs(work: &Path, sidecar: &Path) -> Result<PathBuf> {
+    let (ca, certs) = (work.join("ca"), work.join("certs"));
+    run(Command::new(sidecar)
+        .args(["certs", "ca", "--out"])
+        .arg(&ca))?;
+    run(Command::new(sidecar)
+        .args(["certs", "workload", "--ns", POD_NAMESPACE, "--sa", "demo"])
+        .args(["--owner", "1337:1337", "--ca"])
+        .arg(&ca)
+        .arg("--out")
+        .arg(&certs))?;
+    Ok(certs)
+}
+
+/// The ConfigMap's stand-in: its `mesh.yaml` key as a file.
+fn write_mesh_config(config_map: &Path, work: &Path) -> Result<PathBuf> {
+    let doc = yaml_file(config_map)?;
+    let mesh = doc["data"]["mesh.yaml"]
+        .as_str()
+        .context("the mesh ConfigMap has no mesh.yaml")?;
+    let dir = work.join("config");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("mesh.yaml"), mesh)?;
+    Ok(dir)
+}
+
+/// The downward API's stand-in: `key="value"` lines, sorted and quoted as the kubelet does.
+fn write_annotations(annotations: &Mapping, work: &Path) -> Result<PathBuf> {
+    let mut lines: Vec<String> = annotations
+        .iter()
+        .filter_map(|(key, value)| Some((key.as_str()?, value.as_str()?)))
+        .map(|(key, value)| format!("{key}={value:?}"))
+        .collect();
+    lines.sort();
+    let dir = work.join("podinfo");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("annotations"), lines.join("\n") + "\n")?;
+    Ok(dir)
+}
+
+/// podman with the harness's containers.conf.
+struct Podman {
+    conf: PathBuf,
+}
+
+impl Podman {
+    fn output(&self, args: &[&str]) -> Result<Output> {
+        checked(
+            Command::new("podman")
+                .env("CONTAINERS_CONF", &self.conf)
+                .args(args),
+        )
+    }
+
+    fn text(&self, args: &[&str]) -> Result<String> {
+        Ok(String::from_utf8_lossy(&self.output(args)?.stdout)
+            .trim()
+            .to_string())
+    }
+
+    /// `kube play`. Every pod it
+    /// created is recorded in `pods` even when it fails, so that teardown finds it.
+    fn play(&self, yaml: &Path, pods: &mut Vec<PlayedPod>) -> Result<()> {
+        let before = self.pod_ids()?;
+        let played = self.output(&["kube", "play", yaml.to_str().context("non-UTF-8 path")?]);
+        for id in self.pod_ids()? {
+            if !before.contains(&id) {
+                let cgroup = self.text(&["pod", "inspect", "--format", "{{.CgroupPath}}", &id])?;
+                println!("pod {id} (cgroup {cgroup})");
+                pods.push(PlayedPod {
+                    id,
+                    cgroup: PathBuf::from(cgroup),
+                });
+            }
+        }
+        played.map(|_| ())
+    }
+
+    fn pod_ids(&self) -> Result<Vec<String>> {
+        Ok(self
+            .text(&["pod", "ps", "--quiet", "--no-trunc"])?
+            .lines()
+            .map(str::to_string)
+            .collect())
+    }
+
+    /// The container of the pod whose Kubernetes name is `name` (podman: `<pod>-<name>`).
+    fn container(&self, pod: &str, name: &str) -> Result<String> {
+        let names = self.text(&[
+            "ps",
+            "-a",
+            "--filter",
+            &format!("pod={pod}"),
+            "--format",
+            "{{.Names}}",
+        ])?;
+        names
+            .lines()
+            .find(|line| line.ends_with(&format!("-{name}")))
+            .map(str::to_string)
+            .with_context(|| format!("no container {name} in pod {pod}: {names}"))
+    }
+
+    fn pod_ip(&self, pod: &str) -> Result<std::net::IpAddr> {
+        let infra = self.text(&["pod", "inspect", "--format", "{{.InfraContainerID}}", pod])?;
+        let ip = self.text(&[
+            "inspect",
+            "--format",
+            "{{range .NetworkSettings.Networks}}{{.IPAddress}}{{end}}",
+            &infra,
+        ])?;
+        ip.parse()
+            .with_context(|| format!("pod {pod} has no IP address ({ip:?})"))
+    }
+
+    fn logs(&self, container: &str) -> Result<String> {
+        let out = self.output(&["logs", container])?;
+        Ok(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+
+    /// GET from inside a container (its cgroup, so its netns and its capture): status, body.
+    fn http_get(&self, container: &str, url: &str) -> Result<(u16, String)> {
+        let answer = self.text(&["exec", container, "/labtool", "http-get", url])?;
+        let response: sidecar_tests::HttpResponse = serde_json::from_str(&answer)
+            .with_context(|| format!("labtool http-get {url} answered {answer:?}"))?;
+        Ok((response.status, response.body))
+    }
+}
+
+fn checked(cmd: &mut Command) -> Result<Output> {
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot start {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed with {}: {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(out)
+}

@@ -1,0 +1,83 @@
+//! The executables the VM runs: the sidecar-tests package's integration tests, compiled (not
+//! run) by cargo, the labtool helper they call, and the sidecar binary under test.
+use std::{path::PathBuf, process::Command};
+
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+
+use crate::{
+    build::{self, BuildOptions},
+    util::workspace_root,
+};
+
+pub struct TestBinaries {
+    /// One executable per file in tests/tests/.
+    pub tests: Vec<PathBuf>,
+    pub labtool: PathBuf,
+    pub sidecar: PathBuf,
+}
+
+/// The part of cargo's `--message-format=json` output we read.
+#[derive(Deserialize)]
+struct Message {
+    reason: String,
+    target: Option<Target>,
+    profile: Option<Profile>,
+    executable: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+struct Profile {
+    /// Set for test harnesses, including the unit tests of a binary.
+    test: bool,
+}
+
+#[derive(Deserialize)]
+struct Target {
+    name: String,
+    kind: Vec<String>,
+}
+
+/// Builds the BPF object, the binaries and the integration tests.
+pub fn build() -> Result<TestBinaries> {
+    let profile_dir = build::build_all(&BuildOptions::default())?;
+    println!("vm: cargo test --no-run (the integration tests, for the VM)");
+    let output = Command::new("cargo")
+        .current_dir(workspace_root())
+        .args(["test", "--no-run", "--package", "sidecar-tests", "--tests"])
+        .args(["--message-format", "json"])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("cannot run cargo")?;
+    if !output.status.success() {
+        bail!("cargo test --no-run failed with {}", output.status);
+    }
+    let mut tests = Vec::new();
+    let mut labtool = None;
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let message: Message = serde_json::from_str(line)
+            .with_context(|| format!("unexpected cargo output {line}"))?;
+        let (Some(target), Some(profile), Some(executable)) =
+            (message.target, message.profile, message.executable)
+        else {
+            continue;
+        };
+        if message.reason != "compiler-artifact" {
+            continue;
+        }
+        if target.kind.iter().any(|kind| kind == "test") {
+            tests.push(executable);
+        } else if target.name == "labtool" && !profile.test {
+            labtool = Some(executable);
+        }
+    }
+    if tests.is_empty() {
+        bail!("cargo built no integration test for sidecar-tests");
+    }
+    tests.sort();
+    Ok(TestBinaries {
+        tests,
+        labtool: labtool.context("cargo did not report the labtool binary")?,
+        sidecar: profile_dir.join("sidecar"),
+    })
+}
