@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
+use sidecar_tests::tools::load::{self, LoadSpec};
 use sidecar_tests::tools::{bind_and_announce, echo, http};
 
 #[derive(Parser)]
@@ -48,6 +49,21 @@ enum Tool {
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
     },
+    /// The benchmark's server: HTTP with fixed-size bodies, echo and bulk on one port.
+    LoadServer {
+        #[arg(long = "listen", required = true, value_name = "ADDR")]
+        listen: Vec<SocketAddr>,
+        #[arg(long, default_value_t = 1024)]
+        body_bytes: usize,
+        /// Connections served at once (one thread each, started up front).
+        #[arg(long, default_value_t = 128)]
+        threads: usize,
+    },
+    /// The benchmark's load generator: runs a JSON `LoadSpec`, prints one JSON `LoadReport`.
+    LoadClient {
+        #[arg(long, value_parser = parse_spec)]
+        spec: LoadSpec,
+    },
 }
 
 fn main() -> ExitCode {
@@ -70,6 +86,17 @@ fn main() -> ExitCode {
             "http-get",
             http_get(&url, Duration::from_millis(timeout_ms)),
         ),
+        Tool::LoadServer {
+            listen,
+            body_bytes,
+            threads,
+        } => (
+            "load-server",
+            serve_all(&listen, move |listener| {
+                load::server::serve(listener, body_bytes, threads)
+            }),
+        ),
+        Tool::LoadClient { spec } => ("load-client", load_client(&spec)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -116,5 +143,17 @@ fn connect(addr: SocketAddr, payload_bytes: usize, timeout: Duration) -> Result<
 fn http_get(url: &str, timeout: Duration) -> Result<()> {
     let response = http::get(&http::HttpTarget::parse(url)?, timeout)?;
     println!("{}", serde_json::to_string(&response)?);
+    Ok(())
+}
+
+fn parse_spec(text: &str) -> Result<LoadSpec, String> {
+    serde_json::from_str(text).map_err(|error| error.to_string())
+}
+
+/// Errors inside the run are reported in the JSON line (the caller's gates read them); only a
+/// run that could not produce a report fails the command.
+fn load_client(spec: &LoadSpec) -> Result<()> {
+    let report = load::client::run(spec, &mut io::stdout())?;
+    println!("{}", serde_json::to_string(&report)?);
     Ok(())
 }

@@ -3,6 +3,7 @@
 
 pub mod echo;
 pub mod http;
+pub mod load;
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener};
