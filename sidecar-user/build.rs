@@ -5,8 +5,7 @@ fn main() {
     let object = std::env::var_os("SIDECAR_BPF_OBJECT")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../target/bpf/sidecar-ebpf.o")
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/bpf/sidecar-ebpf.o")
         });
     println!("cargo:rerun-if-env-changed=SIDECAR_BPF_OBJECT");
     println!("cargo:rerun-if-changed={}", object.display());
