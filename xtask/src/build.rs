@@ -13,9 +13,16 @@ pub struct BuildOptions {
     pub release: bool,
 }
 
+/// The BPF crate builds in its own target directory: `RUSTC_BOOTSTRAP=1` changes what build
+/// scripts such as proc-macro2's detect, and sharing `target/` made every later host build
+/// rebuild them (and everything after them).
+fn bpf_target_dir() -> PathBuf {
+    workspace_root().join("target/ebpf")
+}
+
 /// Where cargo leaves the BPF object.
 fn cargo_ebpf_object() -> PathBuf {
-    workspace_root().join("target/bpfel-unknown-none/release/sidecar-ebpf")
+    bpf_target_dir().join("bpfel-unknown-none/release/sidecar-ebpf")
 }
 
 /// Where `build-ebpf` publishes the object; sidecar-user's build script embeds it from here.
@@ -56,6 +63,8 @@ pub fn bpf_cargo(subcommand: &str) -> Command {
         .env("CARGO_ENCODED_RUSTFLAGS", rustflags.join("\x1f"))
         .env_remove("RUSTFLAGS")
         .args([subcommand, "--package", "sidecar-ebpf", "--release"])
+        .arg("--target-dir")
+        .arg(bpf_target_dir())
         .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core"]);
     cmd
 }
