@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask <setup|build-ebpf|build|test|lab|bench|image|pod-test|validate-manifests>`.
+//! Project tasks: `cargo xtask <setup|build-ebpf|build|test|lab|bench|image|pod-test|validate-manifests|vm-test|vm-shell>`.
 mod bench;
 mod build;
 mod image;
