@@ -305,10 +305,10 @@ impl TryFrom<RawWorkload> for Workload {
     }
 }
 
-/// An IP address (a host) or a CIDR.
+/// An IP address (a host) or a CIDR (shared with the HTTP routing config).
 #[derive(Deserialize)]
 #[serde(try_from = "String")]
-struct Address(IpNet);
+pub(crate) struct Address(pub(crate) IpNet);
 
 impl TryFrom<String> for Address {
     type Error = String;

@@ -6,12 +6,14 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     num::NonZeroU16,
     time::Duration,
 };
 
 use ipnet::IpNet;
+
+use crate::proxy::mesh_config::Address;
 use regex::Regex;
 use serde::{Deserialize, Serialize, Serializer};
 
@@ -532,28 +534,6 @@ impl TryFrom<RawService> for ServiceConfig {
             retry_budget: raw.retry_budget,
             name: raw.name,
         })
-    }
-}
-
-/// An IP address (a host) or a CIDR.
-#[derive(Deserialize)]
-#[serde(try_from = "String")]
-struct Address(IpNet);
-
-impl TryFrom<String> for Address {
-    type Error = String;
-
-    fn try_from(text: String) -> Result<Self, String> {
-        let parsed = if text.contains('/') {
-            text.parse::<IpNet>().map_err(|e| e.to_string())
-        } else {
-            text.parse::<IpAddr>()
-                .map(|ip| IpNet::from(ip.to_canonical()))
-                .map_err(|e| e.to_string())
-        };
-        parsed
-            .map(|net| Address(net.trunc()))
-            .map_err(|error| format!("invalid address {text:?} (an IP or a CIDR): {error}"))
     }
 }
 
