@@ -83,6 +83,8 @@ fn color(scenario: Scenario) -> RGBColor {
     match scenario {
         Scenario::B0 => RGBColor(120, 120, 120),
         Scenario::P0 => RGBColor(31, 119, 180),
+        Scenario::B0Ct => RGBColor(170, 170, 170),
+        Scenario::P0Ct => RGBColor(120, 170, 220),
         Scenario::I1 => RGBColor(255, 127, 14),
         Scenario::E1 => RGBColor(44, 160, 44),
         Scenario::H1 => RGBColor(148, 103, 189),

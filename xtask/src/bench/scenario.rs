@@ -47,6 +47,14 @@ pub enum Scenario {
     B0,
     #[value(name = "P0")]
     P0,
+    /// B0 with conntrack switched on in both pods.
+    #[value(name = "B0-ct")]
+    #[serde(rename = "B0-ct")]
+    B0Ct,
+    /// P0 with conntrack switched on in both pods.
+    #[value(name = "P0-ct")]
+    #[serde(rename = "P0-ct")]
+    P0Ct,
     #[value(name = "I1")]
     I1,
     #[value(name = "E1")]
@@ -66,9 +74,11 @@ pub enum Scenario {
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 9] = [
+    pub const ALL: [Scenario; 11] = [
         Scenario::B0,
         Scenario::P0,
+        Scenario::B0Ct,
+        Scenario::P0Ct,
         Scenario::I1,
         Scenario::E1,
         Scenario::H1,
@@ -82,6 +92,8 @@ impl Scenario {
         match self {
             Scenario::B0 => "B0",
             Scenario::P0 => "P0",
+            Scenario::B0Ct => "B0-ct",
+            Scenario::P0Ct => "P0-ct",
             Scenario::I1 => "I1",
             Scenario::E1 => "E1",
             Scenario::H1 => "H1",
@@ -96,6 +108,12 @@ impl Scenario {
         match self {
             Scenario::B0 => "no proxy: the client dials the server",
             Scenario::P0 => "the client dials its proxy explicitly (--orig-dst explicit)",
+            Scenario::B0Ct => {
+                "B0 with conntrack on in both pods (a nat rule that rewrites nothing)"
+            }
+            Scenario::P0Ct => {
+                "P0 with conntrack on in both pods (a nat rule that rewrites nothing)"
+            }
             Scenario::I1 => "iptables REDIRECT (istio-init rules) to the client's proxy",
             Scenario::E1 => "eBPF connect-time redirect to the client's proxy",
             Scenario::H1 => "iptables REDIRECT to HAProxy (mode tcp, transparent)",
@@ -111,6 +129,7 @@ impl Scenario {
     fn capture(self) -> Capture {
         match self {
             Scenario::B0 | Scenario::P0 => Capture::None,
+            Scenario::B0Ct | Scenario::P0Ct => Capture::ConntrackOnly,
             Scenario::I1 | Scenario::H1 | Scenario::I2 | Scenario::I2Mtls => Capture::Iptables,
             Scenario::E1 | Scenario::E2 | Scenario::E2Mtls => Capture::Ebpf,
         }
@@ -118,8 +137,8 @@ impl Scenario {
 
     fn proxy(self) -> ProxyKind {
         match self {
-            Scenario::B0 => ProxyKind::None,
-            Scenario::P0 => ProxyKind::SidecarExplicit,
+            Scenario::B0 | Scenario::B0Ct => ProxyKind::None,
+            Scenario::P0 | Scenario::P0Ct => ProxyKind::SidecarExplicit,
             Scenario::H1 => ProxyKind::Haproxy,
             _ => ProxyKind::Sidecar,
         }
@@ -152,6 +171,8 @@ impl fmt::Display for Scenario {
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Capture {
     None,
+    /// No redirect, but conntrack tracks every connection, as under any nat rule.
+    ConntrackOnly,
     Iptables,
     Ebpf,
 }
@@ -464,6 +485,12 @@ impl ScenarioLab {
         if self.scenario.capture() == Capture::None {
             return Ok(());
         }
+        if self.scenario.capture() == Capture::ConntrackOnly {
+            for pod in [&self.client.pod, &self.server.pod] {
+                switch_conntrack_on(pod)?;
+            }
+            return Ok(());
+        }
         self.capture_pod(&self.client.pod)?;
         if self.scenario.two_sidecars() {
             self.capture_pod(&self.server.pod)?;
@@ -476,7 +503,7 @@ impl ScenarioLab {
     fn capture_pod(&self, pod: &Pod) -> Result<()> {
         let both_directions = self.scenario.two_sidecars();
         let output = match self.scenario.capture() {
-            Capture::None => return Ok(()),
+            Capture::None | Capture::ConntrackOnly => return Ok(()),
             Capture::Iptables => {
                 let mut command = pod
                     .command(&self.sidecar)
@@ -588,6 +615,23 @@ fn check_init(output: Output, scenario: Scenario, pod: &Pod) -> Result<()> {
             pod.name(),
             String::from_utf8_lossy(&output.stderr)
         );
+    }
+    Ok(())
+}
+
+/// Makes conntrack track every connection of `pod` without rewriting any: a nat table rule
+/// registers the nat hooks, which need conntrack (as istio-init's rules do), and RETURN
+/// changes nothing. bench.md: B0/P0 with and without conntrack.
+fn switch_conntrack_on(pod: &Pod) -> Result<()> {
+    for table_rule in [
+        ["-t", "nat", "-A", "OUTPUT"],
+        ["-t", "nat", "-A", "PREROUTING"],
+    ] {
+        pod.command("iptables")
+            .arg("-w")
+            .args(table_rule)
+            .args(["-p", "tcp", "-j", "RETURN"])
+            .run_success()?;
     }
     Ok(())
 }
