@@ -40,6 +40,8 @@ pub mod map_names {
     pub const EXCLUDED_CIDR6: &str = "EXCLUDED_CIDR6";
     pub const ORIG_DST: &str = "ORIG_DST";
     pub const ORIG_DST_BY_PEER: &str = "ORIG_DST_BY_PEER";
+    pub const SHORTCUT_SOCKETS: &str = "SHORTCUT_SOCKETS";
+    pub const SHORTCUT_FALLBACK: &str = "SHORTCUT_FALLBACK";
 }
 
 /// Capture settings written by `sidecar init` into a one-entry array map.
@@ -55,6 +57,13 @@ pub struct CaptureConfig {
     /// Port of the proxy's inbound listener, host byte order: a socket that starts listening
     /// on it in the pod is registered as the target of inbound capture.
     pub inbound_port: u32,
+    /// [`CaptureConfig::SOCKMAP_SHORTCUT`] and future switches.
+    pub flags: u32,
+}
+
+impl CaptureConfig {
+    /// The app-proxy loopback hop is short-circuited with sockmap (`init --sockmap`).
+    pub const SOCKMAP_SHORTCUT: u32 = 1;
 }
 
 /// An IPv4 or IPv6 endpoint as the kernel sees it.
@@ -139,10 +148,17 @@ pub enum Counter {
     InboundFromLoopback = 10,
     /// An inbound connection was dropped: no proxy inbound listener (fail closed).
     InboundNoProxy = 11,
+    /// A socket of the app-proxy loopback hop entered the sockmap shortcut.
+    ShortcutSockets = 12,
+    /// A message crossed the app-proxy hop through the sockmap shortcut, not TCP/IP.
+    ShortcutMessages = 13,
+    /// An end of the hop sent before its peer was in the shortcut: the connection stays on
+    /// TCP in both directions (switching later could reorder bytes).
+    ShortcutFallback = 14,
 }
 
 impl Counter {
-    pub const COUNT: usize = 12;
+    pub const COUNT: usize = 15;
     pub const ALL: [Counter; Self::COUNT] = [
         Counter::Redirected,
         Counter::BypassedUidGid,
@@ -156,6 +172,9 @@ impl Counter {
         Counter::InboundExcludedPort,
         Counter::InboundFromLoopback,
         Counter::InboundNoProxy,
+        Counter::ShortcutSockets,
+        Counter::ShortcutMessages,
+        Counter::ShortcutFallback,
     ];
 
     /// Stable snake_case name, used by `sidecar status` and metrics.
@@ -173,6 +192,9 @@ impl Counter {
             Counter::InboundExcludedPort => "inbound_excluded_port",
             Counter::InboundFromLoopback => "inbound_from_loopback",
             Counter::InboundNoProxy => "inbound_no_proxy",
+            Counter::ShortcutSockets => "shortcut_sockets",
+            Counter::ShortcutMessages => "shortcut_messages",
+            Counter::ShortcutFallback => "shortcut_fallback",
         }
     }
 }

@@ -12,10 +12,11 @@ mod inbound;
 mod maps;
 mod orig_dst;
 mod outbound;
+mod shortcut;
 
 use aya_ebpf::{
-    macros::{cgroup_sock_addr, cgroup_sockopt, sk_lookup, sock_ops},
-    programs::{SkLookupContext, SockAddrContext, SockOpsContext, SockoptContext},
+    macros::{cgroup_sock_addr, cgroup_sockopt, sk_lookup, sk_msg, sock_ops},
+    programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext, SockoptContext},
 };
 
 const ALLOW: i32 = 1;
@@ -61,6 +62,12 @@ pub fn getsockopt_orig_dst(ctx: SockoptContext) -> i32 {
 #[sk_lookup]
 pub fn steer_inbound(ctx: SkLookupContext) -> u32 {
     inbound::on_sk_lookup(&ctx)
+}
+
+/// Attached to the sockmap shortcut's socket hash (`init --sockmap`), not to a cgroup.
+#[sk_msg]
+pub fn shortcut_loopback(ctx: SkMsgContext) -> u32 {
+    shortcut::on_msg(&ctx)
 }
 
 #[cfg(not(test))]

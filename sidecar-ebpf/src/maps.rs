@@ -1,12 +1,14 @@
 //! Every map the programs use. The loader writes the configuration maps and pins them all.
 use aya_ebpf::{
-    btf_maps::{Array, HashMap, LpmTrie, PerCpuArray, SkStorage, SockMap},
+    btf_maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SkStorage, SockHash, SockMap},
     macros::btf_map,
 };
 use sidecar_common::{
     CaptureConfig, Counter, Endpoint, MAX_EXCLUDED_CIDRS, MAX_TRACKED_CONNECTIONS,
     PORT_BITMAP_WORDS,
 };
+
+use crate::shortcut::SocketPair;
 
 #[btf_map]
 pub static CAPTURE_CONFIG: Array<CaptureConfig, 1> = Array::new();
@@ -43,3 +45,16 @@ pub static EXCLUDED_INBOUND_PORTS: Array<u64, { PORT_BITMAP_WORDS as usize }> = 
 /// sock_ops when the proxy calls listen(), so the proxy needs no BPF privilege.
 #[btf_map]
 pub static INBOUND_LISTENERS: SockMap<2> = SockMap::new();
+
+/// Both ends of each app-proxy loopback connection, keyed by their own (local, remote)
+/// addresses, when the sockmap shortcut is on. The kernel removes a socket when it closes.
+#[btf_map]
+pub static SHORTCUT_SOCKETS: SockHash<SocketPair, { MAX_TRACKED_CONNECTIONS as usize * 2 }> =
+    SockHash::new();
+
+/// Connections whose hop left the shortcut (an end sent before its peer was in it), by the
+/// keys of both ends: neither end may take the shortcut afterwards. LRU: a stale entry only
+/// keeps a later connection on the same address pair on TCP.
+#[btf_map]
+pub static SHORTCUT_FALLBACK: LruHashMap<SocketPair, u8, { MAX_TRACKED_CONNECTIONS as usize }> =
+    LruHashMap::new();

@@ -6,8 +6,8 @@ use core::ptr::{self, read_volatile, write_volatile};
 
 use aya_ebpf::{
     bindings::{
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
-        BPF_SOCK_OPS_TCP_LISTEN_CB, bpf_sock,
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_LISTEN_CB, bpf_sock,
     },
     helpers::generated::bpf_sk_storage_get,
     programs::{SockAddrContext, SockOpsContext, SockoptContext},
@@ -18,6 +18,7 @@ use sidecar_common::{Counter, Endpoint, SO_ORIGINAL_DST, SOL_IP, SOL_IPV6};
 use crate::{
     counters::bump,
     maps::{ORIG_DST, ORIG_DST_BY_PEER},
+    shortcut::{self, Side},
 };
 
 const AF_INET: u32 = 2;
@@ -81,10 +82,15 @@ pub fn on_getpeername6(ctx: &SockAddrContext) {
 
 /// Indexes a redirected socket by its local address once established, and drops the entry
 /// when the socket closes (the STATE_CB callback is enabled only on redirected sockets).
-/// Also registers the proxy's inbound listener when it starts listening.
+/// Also registers the proxy's inbound listener when it starts listening, and enters the ends
+/// of the app-proxy hop in the sockmap shortcut when that is on.
 pub fn on_sock_ops(ctx: &SockOpsContext) {
     match ctx.op() {
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => index_established(ctx),
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
+            let redirected = index_established(ctx);
+            shortcut::on_established(ctx, Side::Active { redirected });
+        }
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => shortcut::on_established(ctx, Side::Passive),
         BPF_SOCK_OPS_TCP_LISTEN_CB => crate::inbound::register_listener(ctx),
         BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => {
             if let Some(local) = local_endpoint(ctx) {
@@ -95,19 +101,20 @@ pub fn on_sock_ops(ctx: &SockOpsContext) {
     }
 }
 
+/// Returns whether the socket is one connect4/6 redirected.
 #[inline(always)]
-fn index_established(ctx: &SockOpsContext) {
+fn index_established(ctx: &SockOpsContext) -> bool {
     // SAFETY: reading the socket pointer from a valid sock_ops context.
     let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
     if sk.is_null() {
-        return;
+        return false;
     }
     let slot = storage_of(sk as *mut _, 0);
     if slot.is_null() {
-        return; // not a socket we redirected
+        return false; // not a socket we redirected
     }
     let Some(local) = local_endpoint(ctx) else {
-        return;
+        return true;
     };
     // SAFETY: slot points at this socket's storage.
     let orig = unsafe { *slot };
@@ -117,12 +124,13 @@ fn index_established(ctx: &SockOpsContext) {
             ctx,
             "original-destination index full; the proxy cannot route this connection"
         );
-        return;
+        return true;
     }
     let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG;
     if ctx.set_cb_flags(flags as i32).is_err() {
         bump(Counter::Errors);
     }
+    true
 }
 
 /// The socket's local address in the shared IPv4-mapped form.

@@ -12,18 +12,19 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use aya::{
     Ebpf, EbpfLoader,
     maps::{
         Array, MapData, PerCpuArray,
         lpm_trie::{Key, LpmTrie},
     },
-    programs::{CgroupSockAddr, CgroupSockopt, SkLookup, SockOps},
+    programs::{CgroupSockAddr, CgroupSockopt, SkLookup, SkMsg, SockOps},
 };
 use aya_obj::generated::bpf_attach_type::{
     self, BPF_CGROUP_GETSOCKOPT, BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_INET4_GETPEERNAME,
     BPF_CGROUP_INET6_CONNECT, BPF_CGROUP_INET6_GETPEERNAME, BPF_CGROUP_SOCK_OPS, BPF_SK_LOOKUP,
+    BPF_SK_MSG_VERDICT,
 };
 use ipnet::IpNet;
 use sidecar_common::{CaptureConfig, Counter, NO_ID, map_names};
@@ -85,6 +86,13 @@ pub const NETNS_HOOK: &Hook = &Hook {
     feature: "sk_lookup (Linux 5.9+)",
 };
 
+/// The sockmap shortcut's verdict program, attached to `SHORTCUT_SOCKETS` (`init --sockmap`).
+pub const SHORTCUT_HOOK: &Hook = &Hook {
+    program: "shortcut_loopback",
+    attach_type: BPF_SK_MSG_VERDICT,
+    feature: "sk_msg (Linux 4.17+)",
+};
+
 /// Maps that are pinned (and reused by a later init).
 const PINNED_MAPS: &[&str] = &[
     map_names::CONFIG,
@@ -96,6 +104,10 @@ const PINNED_MAPS: &[&str] = &[
     map_names::EXCLUDED_CIDR6,
     map_names::ORIG_DST,
     map_names::ORIG_DST_BY_PEER,
+    // Reused, never replaced: freeing the socket hash would drop the bytes still queued on
+    // its sockets.
+    map_names::SHORTCUT_SOCKETS,
+    map_names::SHORTCUT_FALLBACK,
 ];
 
 /// Where a hook is attached, which also names its link pin.
@@ -129,6 +141,8 @@ pub struct EbpfTarget<'a> {
     /// The pod's network namespace (an open `/proc/<pid>/ns/net` or `/run/netns/<name>`),
     /// for inbound capture; `None` when inbound capture is off.
     pub netns: Option<(&'a std::fs::File, &'a Path)>,
+    /// Short-circuit the app-proxy loopback hop with sockmap.
+    pub sockmap_shortcut: bool,
 }
 
 /// Installs (or replaces) the capture for `cgroup`. On failure nothing new stays attached
@@ -153,11 +167,15 @@ fn install_inner(
         proxy_cgroup,
         max_tracked_connections,
         netns,
+        sockmap_shortcut,
     } = *target;
     std::fs::create_dir_all(pin_dir)
         .with_context(|| format!("cannot create pin directory {}", pin_dir.display()))?;
     let mut ebpf = load(pin_dir, max_tracked_connections)?;
-    configure(&mut ebpf, settings)?;
+    if sockmap_shortcut {
+        attach_shortcut(&mut ebpf)?;
+    }
+    configure(&mut ebpf, settings, sockmap_shortcut)?;
 
     let mut links: Vec<(String, OwnedFd)> = Vec::new();
     let cgroup_fd = cgroup.open()?;
@@ -207,6 +225,7 @@ fn load_program(ebpf: &mut Ebpf, hook: &Hook) -> Result<()> {
         BPF_CGROUP_SOCK_OPS => <&mut SockOps>::try_from(program)?.load(),
         BPF_CGROUP_GETSOCKOPT => <&mut CgroupSockopt>::try_from(program)?.load(),
         BPF_SK_LOOKUP => <&mut SkLookup>::try_from(program)?.load(),
+        BPF_SK_MSG_VERDICT => <&mut SkMsg>::try_from(program)?.load(),
         _ => <&mut CgroupSockAddr>::try_from(program)?.load(),
     };
     loaded.map_err(|e| {
@@ -237,6 +256,27 @@ fn attach(
             hook.feature
         )
     })
+}
+
+/// Loads the shortcut's verdict program and attaches it to the (pinned) socket hash, before
+/// the configuration turns the shortcut on: sockets entering the hash take the program the
+/// hash has at that moment.
+fn attach_shortcut(ebpf: &mut Ebpf) -> Result<()> {
+    load_program(ebpf, SHORTCUT_HOOK)?;
+    let prog_fd = ebpf
+        .program(SHORTCUT_HOOK.program)
+        .ok_or_else(|| anyhow!("program {} missing", SHORTCUT_HOOK.program))?
+        .fd()?
+        .try_clone()?;
+    let aya::maps::Map::SockHash(sockets) = map(ebpf, map_names::SHORTCUT_SOCKETS)? else {
+        bail!("map {} is not a sockhash", map_names::SHORTCUT_SOCKETS);
+    };
+    sys::prog_attach(
+        prog_fd.as_fd(),
+        sockets.fd().as_fd(),
+        SHORTCUT_HOOK.attach_type as u32,
+    )
+    .context("cannot attach the sockmap shortcut's sk_msg program to its socket hash")
 }
 
 /// Pins every new link under a temporary name, then renames each over the live one. The
@@ -271,13 +311,18 @@ fn swap_in_links(pin_dir: &Path, links: Vec<(String, OwnedFd)>) -> Result<()> {
 }
 
 /// Writes the settings into the (possibly reused) configuration maps.
-fn configure(ebpf: &mut Ebpf, settings: &CaptureSettings) -> Result<()> {
+fn configure(ebpf: &mut Ebpf, settings: &CaptureSettings, sockmap_shortcut: bool) -> Result<()> {
     let config = CaptureConfig {
         outbound_port: settings.outbound_port as u32,
         proxy_uid: settings.proxy_uid.unwrap_or(NO_ID),
         proxy_gid: settings.proxy_gid.unwrap_or(NO_ID),
         // 0: no inbound listener is registered (inbound capture off).
         inbound_port: settings.inbound_port.map_or(0, u32::from),
+        flags: if sockmap_shortcut {
+            CaptureConfig::SOCKMAP_SHORTCUT
+        } else {
+            0
+        },
     };
     let mut config_map: Array<&mut MapData, CaptureConfig> =
         Array::try_from(map(ebpf, map_names::CONFIG)?)?;

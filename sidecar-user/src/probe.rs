@@ -64,12 +64,41 @@ pub const REQUIRED_FOR_INBOUND: &[(Feature, &str)] = &[
     (Feature::Map(MapType::SockMap), "sockmap maps (Linux 4.14+)"),
 ];
 
+/// What the sockmap shortcut (`init --sockmap`) needs on top of `REQUIRED`.
+pub const REQUIRED_FOR_SOCKMAP: &[(Feature, &str)] = &[
+    (
+        Feature::Program(ProgramType::SkMsg),
+        "sk_msg programs (the sockmap shortcut, Linux 4.17+)",
+    ),
+    (
+        Feature::Map(MapType::SockHash),
+        "sockhash maps (the sockmap shortcut, Linux 4.18+)",
+    ),
+];
+
+/// The optional parts of the eBPF capture that were asked for.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Options {
+    pub inbound: bool,
+    pub sockmap: bool,
+}
+
 /// Fails naming every required feature `has` reports missing.
-pub fn check_features(inbound: bool, has: impl Fn(Feature) -> bool) -> Result<()> {
-    let inbound_features = if inbound { REQUIRED_FOR_INBOUND } else { &[] };
+pub fn check_features(options: Options, has: impl Fn(Feature) -> bool) -> Result<()> {
+    let inbound_features = if options.inbound {
+        REQUIRED_FOR_INBOUND
+    } else {
+        &[]
+    };
+    let sockmap_features = if options.sockmap {
+        REQUIRED_FOR_SOCKMAP
+    } else {
+        &[]
+    };
     let missing: Vec<&str> = REQUIRED
         .iter()
         .chain(inbound_features)
+        .chain(sockmap_features)
         .filter(|(feature, _)| !has(*feature))
         .map(|(_, name)| *name)
         .collect();
@@ -80,8 +109,8 @@ pub fn check_features(inbound: bool, has: impl Fn(Feature) -> bool) -> Result<()
 }
 
 /// Probes the running kernel for everything the eBPF capture needs.
-pub fn require_ebpf_capture_support(inbound: bool) -> Result<()> {
-    check_features(inbound, kernel_has)
+pub fn require_ebpf_capture_support(options: Options) -> Result<()> {
+    check_features(options, kernel_has)
 }
 
 #[cfg(test)]
@@ -90,7 +119,11 @@ mod tests {
 
     #[test]
     fn names_each_missing_feature() {
-        let err = check_features(true, |f| {
+        let all = Options {
+            inbound: true,
+            sockmap: true,
+        };
+        let err = check_features(all, |f| {
             !matches!(
                 f,
                 Feature::Map(MapType::SkStorage) | Feature::Program(ProgramType::CgroupSockopt)
@@ -106,15 +139,36 @@ mod tests {
 
     #[test]
     fn a_complete_kernel_passes() {
-        assert!(check_features(true, |_| true).is_ok());
+        let inbound = Options {
+            inbound: true,
+            sockmap: false,
+        };
+        assert!(check_features(inbound, |_| true).is_ok());
         let no_sk_lookup = |f| !matches!(f, Feature::Program(ProgramType::SkLookup));
         assert!(
-            check_features(false, no_sk_lookup).is_ok(),
+            check_features(Options::default(), no_sk_lookup).is_ok(),
             "outbound-only needs no sk_lookup"
         );
-        let err = check_features(true, no_sk_lookup).unwrap_err().to_string();
+        let err = check_features(inbound, no_sk_lookup)
+            .unwrap_err()
+            .to_string();
         assert!(
             err.contains("sk_lookup programs (inbound capture, Linux 5.9+)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_sockmap_shortcut_is_probed_only_when_asked_for() {
+        let no_sk_msg = |f| !matches!(f, Feature::Program(ProgramType::SkMsg));
+        assert!(check_features(Options::default(), no_sk_msg).is_ok());
+        let sockmap = Options {
+            inbound: false,
+            sockmap: true,
+        };
+        let err = check_features(sockmap, no_sk_msg).unwrap_err().to_string();
+        assert!(
+            err.contains("sk_msg programs (the sockmap shortcut"),
             "{err}"
         );
     }

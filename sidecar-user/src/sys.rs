@@ -3,7 +3,8 @@
 //! aya cannot turn a cgroup_sockopt attachment into a pinnable link, and it has no query of
 //! what a cgroup has attached. Rather than mixing two attach paths, every cgroup program is
 //! attached here with `BPF_LINK_CREATE`, pinned with `BPF_OBJ_PIN`, and listed with
-//! `BPF_PROG_QUERY`.
+//! `BPF_PROG_QUERY`. The sockmap shortcut's sk_msg program is attached to its map with
+//! `BPF_PROG_ATTACH`: aya would detach it when the loader exits.
 use std::{
     ffi::CString,
     io,
@@ -12,6 +13,7 @@ use std::{
     path::Path,
 };
 
+const BPF_PROG_ATTACH: libc::c_long = 8;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_PROG_QUERY: libc::c_long = 16;
 const BPF_LINK_CREATE: libc::c_long = 28;
@@ -25,6 +27,18 @@ struct LinkCreateAttr {
     attach_type: u32,
     flags: u32,
     reserved: [u64; 4],
+}
+
+/// `bpf_attr` for `BPF_PROG_ATTACH`.
+#[repr(C)]
+#[derive(Default)]
+struct ProgAttachAttr {
+    target_fd: u32,
+    attach_bpf_fd: u32,
+    attach_type: u32,
+    attach_flags: u32,
+    replace_bpf_fd: u32,
+    reserved: [u32; 11],
 }
 
 /// `bpf_attr` for `BPF_OBJ_PIN`.
@@ -84,6 +98,22 @@ pub fn link_create(
     let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
     // SAFETY: on success BPF_LINK_CREATE returns a new file descriptor that we now own.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// Attaches a loaded program to a sockmap or sockhash (`target`). The attachment lives as
+/// long as the map (a pinned map outlives the loader), and a later attach replaces it.
+pub fn prog_attach(
+    prog: BorrowedFd<'_>,
+    target: BorrowedFd<'_>,
+    attach_type: u32,
+) -> io::Result<()> {
+    let mut attr = ProgAttachAttr {
+        target_fd: target.as_raw_fd() as u32,
+        attach_bpf_fd: prog.as_raw_fd() as u32,
+        attach_type,
+        ..Default::default()
+    };
+    bpf(BPF_PROG_ATTACH, &mut attr).map(|_| ())
 }
 
 /// Pins a BPF object (here: a link) at `path` on a bpffs.

@@ -50,6 +50,8 @@ pub struct CgroupCapture {
     /// Including the proxy's own ports, which are always excluded.
     pub excluded_inbound_ports: String,
     pub excluded_cidrs: Vec<String>,
+    /// The app-proxy loopback hop is short-circuited with sockmap (`init --sockmap`).
+    pub sockmap_shortcut: bool,
     /// Pinned link name -> attached program IDs the kernel reports for that hook.
     pub links: Vec<LinkStatus>,
     pub counters: std::collections::BTreeMap<String, u64>,
@@ -161,6 +163,7 @@ fn describe_cgroup(cgroup_id: u64, pin_dir: &Path) -> Result<CgroupCapture> {
             .iter()
             .map(|n| n.to_string())
             .collect(),
+        sockmap_shortcut: config.flags & sidecar_common::CaptureConfig::SOCKMAP_SHORTCUT != 0,
         links,
         counters,
         tracked_connections: ebpf_capture::read_tracked_connections(pin_dir)?,
@@ -209,6 +212,12 @@ fn print_text(status: &Status) {
             "  excluded cidrs: {}",
             or_none(&capture.excluded_cidrs.join(","))
         );
+        let shortcut = if capture.sockmap_shortcut {
+            "on"
+        } else {
+            "off"
+        };
+        println!("  sockmap shortcut: {shortcut}");
         for link in &capture.links {
             println!(
                 "  {:<20} link {:<4} program {:<4} on {}",

@@ -8,6 +8,8 @@
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+
+use super::polled::PolledStream;
 use std::process::Output;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -97,8 +99,7 @@ impl std::error::Error for EchoClientError {}
 
 fn error_kind_text(error: &io::Error) -> String {
     match error.kind() {
-        // A socket read timeout surfaces as WouldBlock.
-        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => "timed out".to_owned(),
+        io::ErrorKind::TimedOut => "timed out".to_owned(),
         kind => kind.to_string(),
     }
 }
@@ -129,7 +130,8 @@ pub fn serve(listener: TcpListener) {
     }
 }
 
-fn answer(mut stream: TcpStream) -> Result<()> {
+fn answer(stream: TcpStream) -> Result<()> {
+    let mut stream = PolledStream::new(stream, None)?;
     let local = stream.local_addr()?;
     let peer = stream.peer_addr()?;
     let mut received = Vec::new();
@@ -171,8 +173,7 @@ pub fn connect_and_echo(
             error,
         }
     };
-    let mut stream =
-        TcpStream::connect_timeout(&addr, timeout).map_err(io_error("connecting to"))?;
+    let mut stream = PolledStream::connect(addr, timeout).map_err(io_error("connecting to"))?;
     let local = stream
         .local_addr()
         .map_err(io_error("reading local address of"))?;
@@ -180,9 +181,6 @@ pub fn connect_and_echo(
         .peer_addr()
         .map_err(io_error("reading peer address of"))?;
     let sent = payload(payload_bytes);
-    stream
-        .set_write_timeout(Some(timeout))
-        .map_err(io_error("configuring"))?;
     stream.write_all(&sent).map_err(io_error("sending to"))?;
     stream
         .shutdown(Shutdown::Write)
@@ -210,7 +208,7 @@ pub fn connect_and_echo(
     })
 }
 
-fn read_until_eof(stream: &mut TcpStream, deadline: Instant) -> io::Result<Vec<u8>> {
+fn read_until_eof(stream: &mut PolledStream, deadline: Instant) -> io::Result<Vec<u8>> {
     let mut reply = Vec::new();
     let mut chunk = [0u8; 16 * 1024];
     loop {
@@ -218,7 +216,7 @@ fn read_until_eof(stream: &mut TcpStream, deadline: Instant) -> io::Result<Vec<u
         if remaining.is_zero() {
             return Err(io::ErrorKind::TimedOut.into());
         }
-        stream.set_read_timeout(Some(remaining))?;
+        stream.set_timeout(Some(remaining));
         match stream.read(&mut chunk) {
             Ok(0) => return Ok(reply),
             Ok(read) => reply.extend_from_slice(&chunk[..read]),

@@ -4,6 +4,7 @@
 pub mod echo;
 pub mod http;
 pub mod load;
+pub mod polled;
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpListener};

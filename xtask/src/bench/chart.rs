@@ -90,6 +90,7 @@ fn color(scenario: Scenario) -> RGBColor {
         Scenario::H1 => RGBColor(148, 103, 189),
         Scenario::I2 => RGBColor(214, 39, 40),
         Scenario::E2 => RGBColor(23, 190, 207),
+        Scenario::E2s => RGBColor(0, 128, 128),
         Scenario::I2Mtls => RGBColor(140, 86, 75),
         Scenario::E2Mtls => RGBColor(188, 189, 34),
     }

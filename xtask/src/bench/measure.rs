@@ -154,7 +154,7 @@ fn measure_cell(
         bpf,
         gate_failures: Vec::new(),
     };
-    measurement.gate_failures = gate_failures(&measurement);
+    measurement.gate_failures = gate_failures(&measurement, lab.scenario.sockmap_shortcut());
     Ok(measurement)
 }
 
@@ -196,8 +196,9 @@ fn counters_delta(
 
 /// Everything that makes a measurement untrustworthy: errors (the load generator also fails
 /// any connection whose server saw another destination than the one dialled), and proxy or
-/// kernel counters that disagree with the connections the load generator opened.
-fn gate_failures(measurement: &Measurement) -> Vec<String> {
+/// kernel counters that disagree with the connections the load generator opened (with the
+/// sockmap shortcut: both ends of each loopback hop must have entered it).
+fn gate_failures(measurement: &Measurement, shortcut: bool) -> Vec<String> {
     let report = &measurement.report;
     let connections = report.connections;
     let mut failures = Vec::new();
@@ -232,6 +233,12 @@ fn gate_failures(measurement: &Measurement) -> Vec<String> {
                 failures.push(format!(
                     "{pod} kernel counter {name} = {}, the load generator opened {connections}",
                     counter(name)
+                ));
+            }
+            let ends = counter("shortcut_sockets");
+            if shortcut && ends != 2 * connections {
+                failures.push(format!(
+                    "{pod}: {ends} sockets entered the sockmap shortcut, expected 2 per connection ({connections} connections)"
                 ));
             }
             for name in zero.iter().filter(|name| counter(name) != 0) {

@@ -65,6 +65,8 @@ pub enum Scenario {
     I2,
     #[value(name = "E2")]
     E2,
+    #[value(name = "E2s")]
+    E2s,
     #[value(name = "I2-mTLS")]
     #[serde(rename = "I2-mTLS")]
     I2Mtls,
@@ -74,7 +76,7 @@ pub enum Scenario {
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 11] = [
+    pub const ALL: [Scenario; 12] = [
         Scenario::B0,
         Scenario::P0,
         Scenario::B0Ct,
@@ -84,6 +86,7 @@ impl Scenario {
         Scenario::H1,
         Scenario::I2,
         Scenario::E2,
+        Scenario::E2s,
         Scenario::I2Mtls,
         Scenario::E2Mtls,
     ];
@@ -99,6 +102,7 @@ impl Scenario {
             Scenario::H1 => "H1",
             Scenario::I2 => "I2",
             Scenario::E2 => "E2",
+            Scenario::E2s => "E2s",
             Scenario::I2Mtls => "I2-mTLS",
             Scenario::E2Mtls => "E2-mTLS",
         }
@@ -121,6 +125,7 @@ impl Scenario {
             Scenario::E2 => {
                 "eBPF in both pods (connect redirect, sk_lookup), two sidecars, plaintext"
             }
+            Scenario::E2s => "E2 with the sockmap shortcut of both app-proxy hops (init --sockmap)",
             Scenario::I2Mtls => "I2 with mTLS between the sidecars (STRICT inbound)",
             Scenario::E2Mtls => "E2 with mTLS between the sidecars (STRICT inbound)",
         }
@@ -131,7 +136,7 @@ impl Scenario {
             Scenario::B0 | Scenario::P0 => Capture::None,
             Scenario::B0Ct | Scenario::P0Ct => Capture::ConntrackOnly,
             Scenario::I1 | Scenario::H1 | Scenario::I2 | Scenario::I2Mtls => Capture::Iptables,
-            Scenario::E1 | Scenario::E2 | Scenario::E2Mtls => Capture::Ebpf,
+            Scenario::E1 | Scenario::E2 | Scenario::E2s | Scenario::E2Mtls => Capture::Ebpf,
         }
     }
 
@@ -148,8 +153,13 @@ impl Scenario {
     fn two_sidecars(self) -> bool {
         matches!(
             self,
-            Scenario::I2 | Scenario::E2 | Scenario::I2Mtls | Scenario::E2Mtls
+            Scenario::I2 | Scenario::E2 | Scenario::E2s | Scenario::I2Mtls | Scenario::E2Mtls
         )
+    }
+
+    /// Both pods' app-proxy hops short-circuited with sockmap.
+    pub fn sockmap_shortcut(self) -> bool {
+        self == Scenario::E2s
     }
 
     fn mtls(self) -> bool {
@@ -530,6 +540,9 @@ impl ScenarioLab {
                     args.extend(["--netns".into(), pod.netns_path().into()]);
                 } else {
                     args.push("--no-inbound-capture".into());
+                }
+                if self.scenario.sockmap_shortcut() {
+                    args.push("--sockmap".into());
                 }
                 Command::new(&self.sidecar).args(args).output()?
             }

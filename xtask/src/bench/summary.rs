@@ -19,7 +19,7 @@ use super::{
 /// The comparisons every run reports, `(a, b)` as the ratio a/b: eBPF against iptables, each
 /// redirect against the explicitly dialled proxy (the redirect's own overhead), what
 /// conntrack alone costs, HAProxy against the sidecar under the same rules, and what mTLS adds.
-pub const COMPARISONS: [(Scenario, Scenario); 10] = [
+pub const COMPARISONS: [(Scenario, Scenario); 11] = [
     (Scenario::E1, Scenario::I1),
     (Scenario::E1, Scenario::P0),
     (Scenario::I1, Scenario::P0),
@@ -28,6 +28,7 @@ pub const COMPARISONS: [(Scenario, Scenario); 10] = [
     (Scenario::P0Ct, Scenario::P0),
     (Scenario::H1, Scenario::I1),
     (Scenario::E2, Scenario::I2),
+    (Scenario::E2s, Scenario::E2),
     (Scenario::E2Mtls, Scenario::I2Mtls),
     (Scenario::E2Mtls, Scenario::E2),
 ];

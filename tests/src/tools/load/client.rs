@@ -6,7 +6,7 @@
 //! measure from one common start instant.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::num::NonZeroU64;
 use std::path::Path;
 use std::sync::{Barrier, OnceLock};
@@ -21,6 +21,7 @@ use super::{
     BULK_PREFACE, ECHO_PREFACE, LoadReport, LoadSpec, SERVER_LOCAL_HEADER, WARM_LINE, Workload,
     histogram,
 };
+use crate::tools::polled::PolledStream;
 
 /// Bounds every connect, read and write: a stalled path fails the run instead of hanging it.
 const IO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -344,7 +345,7 @@ fn drive<S>(
 }
 
 /// Connects, sends `preface`, reads the server's address line and checks it.
-fn open_checked(spec: &LoadSpec, preface: &[u8; 4], tally: &mut Tally) -> Result<TcpStream> {
+fn open_checked(spec: &LoadSpec, preface: &[u8; 4], tally: &mut Tally) -> Result<PolledStream> {
     let mut stream = connect(spec.connect_to, tally)?;
     stream.write_all(preface).context("sending the preface")?;
     let mut line = Vec::new();
@@ -360,17 +361,15 @@ fn open_checked(spec: &LoadSpec, preface: &[u8; 4], tally: &mut Tally) -> Result
     Ok(stream)
 }
 
-fn connect(addr: SocketAddr, tally: &mut Tally) -> Result<TcpStream> {
+fn connect(addr: SocketAddr, tally: &mut Tally) -> Result<PolledStream> {
     let began = Instant::now();
-    let stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
-        .with_context(|| format!("connecting to {addr}"))?;
+    let stream =
+        PolledStream::connect(addr, IO_TIMEOUT).with_context(|| format!("connecting to {addr}"))?;
     tally
         .connect_latency
         .saturating_record(began.elapsed().as_nanos() as u64);
     tally.connections += 1;
     stream.set_nodelay(true)?;
-    stream.set_read_timeout(Some(IO_TIMEOUT))?;
-    stream.set_write_timeout(Some(IO_TIMEOUT))?;
     Ok(stream)
 }
 
@@ -389,7 +388,7 @@ fn check_server(reported: &str, expected: SocketAddr) -> Result<()> {
 
 /// One HTTP/1.1 connection; responses are framed by Content-Length.
 struct HttpConnection {
-    stream: TcpStream,
+    stream: PolledStream,
     received: Vec<u8>,
     destination_checked: bool,
 }

@@ -5,6 +5,8 @@
 
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
+
+use crate::tools::polled::PolledStream;
 use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
@@ -49,8 +51,9 @@ fn accept_loop(listener: &TcpListener, body_bytes: usize) {
     }
 }
 
-fn serve_connection(mut stream: TcpStream, body_bytes: usize) -> Result<()> {
+fn serve_connection(stream: TcpStream, body_bytes: usize) -> Result<()> {
     stream.set_nodelay(true)?;
+    let mut stream = PolledStream::new(stream, None)?;
     let local = stream.local_addr()?;
     let mut preface = [0u8; 4];
     match stream.read_exact(&mut preface) {
@@ -75,7 +78,7 @@ fn serve_connection(mut stream: TcpStream, body_bytes: usize) -> Result<()> {
     }
 }
 
-fn echo(mut stream: TcpStream) -> Result<()> {
+fn echo(mut stream: PolledStream) -> Result<()> {
     let mut buffer = vec![0u8; IO_CHUNK];
     loop {
         let read = stream.read(&mut buffer).context("reading")?;
@@ -89,7 +92,7 @@ fn echo(mut stream: TcpStream) -> Result<()> {
 /// Answers GETs (pipelined or not) until the client closes or asks to close; each response
 /// is written with one `write` call, preformatted once per connection.
 fn serve_http(
-    mut stream: TcpStream,
+    mut stream: PolledStream,
     preface: [u8; 4],
     local: &str,
     body_bytes: usize,

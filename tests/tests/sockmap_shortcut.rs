@@ -1,0 +1,272 @@
+//! The optional sockmap shortcut (`sidecar init --sockmap`) on the real kernel (root): two pods
+//! with eBPF capture and the real proxy each, so a connection crosses the client's outbound
+//! hop (app -> proxy) and the server's inbound hop (proxy -> app) through the shortcut. What
+//! must hold: bytes arrive exact in both directions for small and large transfers, half-close
+//! still ends the stream, nothing stalls, and the kernel counters show the shortcut was taken.
+//! The lab's tools do their I/O like event-loop programs (see `tools::polled`): the kernel's
+//! sockmap receive path can hand a blocking reader EAGAIN, so the shortcut is for them.
+mod common;
+
+use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
+
+use common::*;
+use sidecar_tests::{
+    ConnectReport, Lab, LabProcess, Pod, require_root,
+    tools::load::{LoadSpec, Workload, client::report_from_output},
+    wait_for_http_ok, wait_for_tcp,
+};
+
+const ECHO: u16 = 8080;
+const PING: u16 = 7070;
+const READY: Duration = Duration::from_secs(10);
+/// Bounds every exchange: a stalled transfer fails the test instead of hanging it.
+const EXCHANGE_TIMEOUT_MS: &str = "20000";
+
+struct ShortcutLab {
+    _lab: Lab,
+    client: Pod,
+    server: Pod,
+    _processes: Vec<LabProcess>,
+}
+
+impl ShortcutLab {
+    /// Both pods captured with `init_extra`, each with its proxy; the server's app serves the
+    /// echo protocol on 8080 and ping-pong on 7070.
+    fn new(test: &str, init_extra: &[&str]) -> ShortcutLab {
+        require_root();
+        sidecar_bin();
+        let lab = Lab::new(test).expect("lab");
+        let client = lab.add_pod("client").expect("client pod");
+        let server = lab.add_pod("server").expect("server pod");
+        let app = server.cgroup_child("app").expect("app cgroup");
+        let mut processes = vec![
+            server
+                .command(labtool())
+                .in_cgroup(&app)
+                .args(["echo-server", "--listen", &format!("[::]:{ECHO}")])
+                .spawn()
+                .expect("echo server"),
+            server
+                .command(labtool())
+                .in_cgroup(&app)
+                .args(["load-server", "--listen", &format!("[::]:{PING}")])
+                .spawn()
+                .expect("ping-pong server"),
+        ];
+        for port in [ECHO, PING] {
+            wait_for_tcp(&server, SocketAddr::new(server.ipv4().into(), port), READY)
+                .expect("server app listening");
+        }
+        for pod in [&client, &server] {
+            let cgroup = pod.cgroup().to_string_lossy().into_owned();
+            let netns = pod.netns_path().to_string_lossy().into_owned();
+            let mut args = vec!["init", "--cgroup", &cgroup, "--netns", &netns];
+            args.extend_from_slice(init_extra);
+            let out = sidecar(&args);
+            assert!(out.status.success(), "init {}: {}", pod.name(), text(&out));
+            lab.on_teardown(move || {
+                let _ = sidecar(&["cleanup", "--cgroup", &cgroup]);
+            });
+        }
+        // After init: the proxy's inbound listener is registered when it listens.
+        for pod in [&client, &server] {
+            let proxy = pod
+                .command(sidecar_bin())
+                .in_cgroup(pod.cgroup_child("proxy").expect("proxy cgroup"))
+                .as_user(PROXY_ID, PROXY_ID)
+                .args(["proxy", "--workload-name", pod.name()])
+                .spawn()
+                .expect("proxy");
+            let ready = wait_for_http_ok(pod, "http://127.0.0.1:15021/healthz/ready", READY);
+            assert!(ready.is_ok(), "{} proxy not ready: {ready:?}", pod.name());
+            processes.push(proxy);
+        }
+        ShortcutLab {
+            _lab: lab,
+            client,
+            server,
+            _processes: processes,
+        }
+    }
+
+    fn app_cgroup(&self) -> std::path::PathBuf {
+        self.client.cgroup_child("app").expect("client app cgroup")
+    }
+
+    /// The echo exchange from the client's app: send `bytes`, half-close, read the echo.
+    fn echo(&self, target: SocketAddr, bytes: usize) -> ConnectReport {
+        let out = self
+            .client
+            .command(labtool())
+            .in_cgroup(self.app_cgroup())
+            .args(["connect", &target.to_string()])
+            .args(["--payload-bytes", &bytes.to_string()])
+            .args(["--timeout-ms", EXCHANGE_TIMEOUT_MS])
+            .run()
+            .expect("run labtool connect");
+        ConnectReport::from_output(&out).unwrap_or_else(|e| {
+            panic!(
+                "{bytes} bytes to {target}: {e:#}\nclient pod counters: {:?}\nserver pod counters: {:?}",
+                self.counters(&self.client),
+                self.counters(&self.server)
+            )
+        })
+    }
+
+    /// Kernel counters of `pod`'s capture, from `sidecar status --json`.
+    fn counters(&self, pod: &Pod) -> BTreeMap<String, u64> {
+        let out = sidecar(&["status", "--json"]);
+        assert!(out.status.success(), "status: {}", text(&out));
+        let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+        let cgroup = pod.cgroup().to_string_lossy().into_owned();
+        let capture = status["ebpf"]
+            .as_array()
+            .expect("ebpf list")
+            .iter()
+            .find(|c| c["cgroup"].as_str() == Some(cgroup.as_str()))
+            .cloned()
+            .expect("capture of the pod");
+        serde_json::from_value(capture["counters"].clone()).expect("counters")
+    }
+
+    fn server_v4(&self, port: u16) -> SocketAddr {
+        SocketAddr::new(self.server.ipv4().into(), port)
+    }
+}
+
+fn delta(after: &BTreeMap<String, u64>, before: &BTreeMap<String, u64>, name: &str) -> u64 {
+    after[name] - before.get(name).copied().unwrap_or(0)
+}
+
+#[test]
+fn transfers_are_byte_exact_both_ways_through_the_shortcut() {
+    let mesh = ShortcutLab::new("shortcut-exact", &["--sockmap"]);
+    let client_before = mesh.counters(&mesh.client);
+    let server_before = mesh.counters(&mesh.server);
+    // Small messages, one segment, a window's worth, and far more than any socket buffer.
+    let sizes = [0, 1, 100, 65_536, 1_000_003, 16 * 1024 * 1024];
+    for bytes in sizes {
+        let target = mesh.server_v4(ECHO);
+        let report = mesh.echo(target, bytes);
+        assert!(report.echo_ok, "{bytes} bytes: the echo differs");
+        assert_eq!(report.server.received, bytes as u64, "{bytes} bytes");
+        assert_eq!(report.peer, target, "{bytes} bytes: getpeername");
+    }
+    let client = mesh.counters(&mesh.client);
+    let server = mesh.counters(&mesh.server);
+    let connections = sizes.len() as u64;
+    // Two ends per hop and connection: the app's and the proxy's.
+    assert_eq!(
+        delta(&client, &client_before, "shortcut_sockets"),
+        2 * connections,
+        "client pod (outbound hop): {client:?}"
+    );
+    assert_eq!(
+        delta(&server, &server_before, "shortcut_sockets"),
+        2 * connections,
+        "server pod (inbound hop): {server:?}"
+    );
+    for (pod, after, before) in [
+        ("client", &client, &client_before),
+        ("server", &server, &server_before),
+    ] {
+        assert!(
+            delta(after, before, "shortcut_messages") >= connections,
+            "{pod}: the bytes did not take the shortcut: {after:?}"
+        );
+        assert_eq!(delta(after, before, "errors"), 0, "{pod}: {after:?}");
+    }
+}
+
+#[test]
+fn the_ipv6_outbound_hop_takes_the_shortcut_too() {
+    let mesh = ShortcutLab::new("shortcut-v6", &["--sockmap"]);
+    let before = mesh.counters(&mesh.client);
+    let target = SocketAddr::new(mesh.server.ipv6().into(), ECHO);
+    for bytes in [1, 300_000] {
+        let report = mesh.echo(target, bytes);
+        assert!(report.echo_ok, "{bytes} bytes over IPv6");
+    }
+    let after = mesh.counters(&mesh.client);
+    assert_eq!(delta(&after, &before, "shortcut_sockets"), 4, "{after:?}");
+    assert!(
+        delta(&after, &before, "shortcut_messages") >= 2,
+        "{after:?}"
+    );
+}
+
+#[test]
+fn many_small_round_trips_neither_stall_nor_corrupt() {
+    let mesh = ShortcutLab::new("shortcut-pingpong", &["--sockmap"]);
+    let before = mesh.counters(&mesh.client);
+    // Up to more than a socket buffer: writes end partially and must resume when drained.
+    for message_bytes in [1, 64, 4096, 262_144] {
+        let target = mesh.server_v4(PING);
+        let spec = LoadSpec {
+            workload: Workload::PingPong { message_bytes },
+            connect_to: target,
+            expect_server: target,
+            warmup_ms: 0,
+            duration_ms: 1500,
+            start_file: None,
+        };
+        let out = mesh
+            .client
+            .command(labtool())
+            .in_cgroup(mesh.app_cgroup())
+            .args([
+                "load-client",
+                "--spec",
+                &serde_json::to_string(&spec).unwrap(),
+            ])
+            .run()
+            .expect("run the load client");
+        assert!(out.status.success(), "{message_bytes} B: {}", text(&out));
+        let report = report_from_output(&String::from_utf8_lossy(&out.stdout)).expect("report");
+        // The load client checks every echo and fails on a timeout: an error is a stall or a
+        // corrupted reply.
+        assert_eq!(
+            report.errors, 0,
+            "{message_bytes} B: {:?}",
+            report.first_error
+        );
+        assert!(
+            report.operations > 100,
+            "{message_bytes} B: only {} round trips in 1.5 s: stalled?",
+            report.operations
+        );
+    }
+    let after = mesh.counters(&mesh.client);
+    assert!(
+        delta(&after, &before, "shortcut_messages") > 300,
+        "round trips did not take the shortcut: {after:?}"
+    );
+}
+
+#[test]
+fn the_shortcut_is_off_unless_asked_for() {
+    let mesh = ShortcutLab::new("shortcut-off", &[]);
+    let report = mesh.echo(mesh.server_v4(ECHO), 100_000);
+    assert!(report.echo_ok);
+    for pod in [&mesh.client, &mesh.server] {
+        let counters = mesh.counters(pod);
+        assert_eq!(
+            counters["shortcut_sockets"],
+            0,
+            "{}: {counters:?}",
+            pod.name()
+        );
+        assert_eq!(
+            counters["shortcut_messages"],
+            0,
+            "{}: {counters:?}",
+            pod.name()
+        );
+    }
+    let out = sidecar(&["status"]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("sockmap shortcut: off"),
+        "{}",
+        text(&out)
+    );
+}
