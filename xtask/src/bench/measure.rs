@@ -4,6 +4,7 @@
 //! Per cell: the load generator warms up, then pauses while the CPU counters (and BPF run
 //! statistics in the profiling pass) are read, then measures; the counters are read again once
 //! it has exited. So the costs cover exactly the measured phase and the connections' teardown.
+//! In the perf pass, `perf record -a` covers the measured phase the same way.
 
 use std::{
     collections::BTreeMap,
@@ -16,10 +17,22 @@ use sidecar_tests::tools::load::{LoadSpec, WARM_LINE, client::report_from_output
 
 use super::{
     metrics::{self, BpfRunStats},
+    profile,
     results::{Measurement, ScenarioRun},
-    scenario::{Binaries, Scenario, ScenarioLab},
+    scenario::{Binaries, CLIENT_CPU, SERVER_CPU, Scenario, ScenarioLab},
     workload::Cell,
 };
+
+/// What a scenario run measures besides the load generator's report and the CPU counters.
+/// Each profiler costs time, so it runs in a pass of its own, never in a timed run.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Profiling {
+    None,
+    /// Per-program run counts and times (`kernel.bpf_stats_enabled=1`).
+    BpfStats,
+    /// `perf record -a` of both pods' CPUs, by kernel subsystem.
+    Perf,
+}
 
 /// Slack on top of a cell's own warm-up and duration before the load generator is killed.
 const LOAD_CLIENT_SLACK: Duration = Duration::from_secs(30);
@@ -41,7 +54,7 @@ pub fn run_scenario(
     slot: Slot,
     bins: &Binaries,
     cells: &[Cell],
-    profile_bpf: bool,
+    profiling: Profiling,
     mut progress: impl FnMut(&Cell, &Measurement),
 ) -> ScenarioRun {
     let mut run = ScenarioRun {
@@ -55,7 +68,7 @@ pub fn run_scenario(
     let result = (|| -> Result<()> {
         let lab = ScenarioLab::start(scenario, bins)?;
         for (index, cell) in cells.iter().enumerate() {
-            let measurement = measure_cell(&lab, index, cell, profile_bpf)
+            let measurement = measure_cell(&lab, index, cell, profiling)
                 .with_context(|| format!("{scenario} {}", cell.id))?;
             progress(cell, &measurement);
             run.measurements.push(measurement);
@@ -73,7 +86,7 @@ fn measure_cell(
     lab: &ScenarioLab,
     index: usize,
     cell: &Cell,
-    profile_bpf: bool,
+    profiling: Profiling,
 ) -> Result<Measurement> {
     let start_file = lab.dir().join(format!("start-{index}"));
     let spec = LoadSpec {
@@ -89,6 +102,7 @@ fn measure_cell(
     let kernel_before = lab.capture_counters()?;
     let server_kernel_before = lab.server_capture_counters()?;
     let index_before = lab.orig_dst_index_entries()?;
+    let profile_bpf = profiling == Profiling::BpfStats;
     let programs = if profile_bpf {
         lab.bpf_programs()?
     } else {
@@ -107,9 +121,23 @@ fn measure_cell(
     } else {
         BTreeMap::new()
     };
+    let perf_data = lab.dir().join(format!("perf-{index}.data"));
+    let recording = match profiling {
+        Profiling::Perf => Some(profile::Recording::start(&perf_data)?),
+        _ => None,
+    };
     fs::write(&start_file, b"")?;
     let status = client.wait(Duration::from_millis(cell.duration_ms) + LOAD_CLIENT_SLACK)?;
     let cpu_usec = lab.cpu_usage()?.since(cpu_before);
+    let perf = match recording {
+        Some(recording) => {
+            recording.stop()?;
+            let profile = profile::summarize(&perf_data, &[CLIENT_CPU, SERVER_CPU])?;
+            let _ = fs::remove_file(&perf_data);
+            Some(profile)
+        }
+        None => None,
+    };
     let bpf_after = if profile_bpf {
         metrics::bpf_run_stats()?
     } else {
@@ -152,6 +180,7 @@ fn measure_cell(
         server_kernel_counters,
         orig_dst_index_growth,
         bpf,
+        perf,
         gate_failures: Vec::new(),
     };
     measurement.gate_failures = gate_failures(&measurement, lab.scenario.sockmap_shortcut());
@@ -226,25 +255,27 @@ fn gate_failures(measurement: &Measurement, shortcut: bool) -> Vec<String> {
             "the server's proxy counted {proxied} connections, the load generator opened {connections}"
         ));
     }
-    let mut check_counters =
-        |pod: &str, counters: &BTreeMap<String, u64>, equal: &[&str], zero: &[&str]| {
-            let counter = |name: &str| counters.get(name).copied().unwrap_or(0);
-            for name in equal.iter().filter(|name| counter(name) != connections) {
-                failures.push(format!(
-                    "{pod} kernel counter {name} = {}, the load generator opened {connections}",
-                    counter(name)
-                ));
-            }
-            let ends = counter("shortcut_sockets");
-            if shortcut && ends != 2 * connections {
-                failures.push(format!(
+    let mut check_counters = |pod: &str,
+                              counters: &BTreeMap<String, u64>,
+                              equal: &[&str],
+                              zero: &[&str]| {
+        let counter = |name: &str| counters.get(name).copied().unwrap_or(0);
+        for name in equal.iter().filter(|name| counter(name) != connections) {
+            failures.push(format!(
+                "{pod} kernel counter {name} = {}, the load generator opened {connections}",
+                counter(name)
+            ));
+        }
+        let ends = counter("shortcut_sockets");
+        if shortcut && ends != 2 * connections {
+            failures.push(format!(
                     "{pod}: {ends} sockets entered the sockmap shortcut, expected 2 per connection ({connections} connections)"
                 ));
-            }
-            for name in zero.iter().filter(|name| counter(name) != 0) {
-                failures.push(format!("{pod} kernel counter {name} = {}", counter(name)));
-            }
-        };
+        }
+        for name in zero.iter().filter(|name| counter(name) != 0) {
+            failures.push(format!("{pod} kernel counter {name} = {}", counter(name)));
+        }
+    };
     if let Some(counters) = &measurement.kernel_counters {
         let equal = ["redirected", "orig_dst_served"];
         check_counters("client", counters, &equal, &["errors", "orig_dst_missing"]);

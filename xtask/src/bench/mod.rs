@@ -9,18 +9,22 @@
 //! - `metrics`: CPU time, RSS, Prometheus and BPF statistics read from the kernel;
 //! - `haproxy`: the peer proxy's configuration and counters;
 //! - `summary`: from measurements to medians, percentiles and ratios;
+//! - `profile`: perf recordings summarised by kernel subsystem (the "why" of the ratios);
 //! - `report`, `chart`: the Markdown table and the SVG chart;
+//! - `targets`: the performance targets, checked in every results file;
 //! - `system`: root, packages, sysctls, facts about the host.
 mod chart;
 mod haproxy;
 mod measure;
 mod mesh;
 mod metrics;
+mod profile;
 mod report;
 mod results;
 mod scenario;
 mod summary;
 mod system;
+mod targets;
 mod workload;
 
 use std::{
@@ -35,7 +39,7 @@ use clap::Args;
 use rand::{SeedableRng, rngs::StdRng, seq::SliceRandom};
 
 use self::{
-    measure::{Slot, run_scenario},
+    measure::{Profiling, Slot, run_scenario},
     results::{BenchRun, Meta, ScenarioRun},
     scenario::{Binaries, CLIENT_CPU, SERVER_CPU, Scenario},
     workload::{Cell, Timing, WorkloadKind},
@@ -143,6 +147,8 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
     setup::run()?;
     system::require_root()?;
     let settings = Settings::from(opts);
+    // perf: where the CPU time goes, by kernel subsystem (`profile`).
+    system::install_debian_packages(&["linux-perf"])?;
     if settings.scenarios.contains(&Scenario::H1) {
         system::install_debian_packages(&["haproxy"])?;
     }
@@ -203,7 +209,7 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
                 slot,
                 &bins,
                 &cells,
-                false,
+                Profiling::None,
                 |cell, m| println!("{}", report::progress_line(&label, cell, m)),
             ));
             print_run_error(runs.last());
@@ -242,7 +248,7 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
                 slot,
                 &bins,
                 &first_of_each_kind,
-                true,
+                Profiling::BpfStats,
                 |cell, m| println!("{}", report::progress_line(&label, cell, m)),
             ));
             print_run_error(bpf_profile_runs.last());
@@ -250,7 +256,35 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
     }
     drop(bpf_stats);
 
-    let summary = summary::summarize(&settings.scenarios, &cells, &runs, &bpf_profile_runs)?;
+    // Where each scenario's CPU time goes per new connection: the explanation of the ratios.
+    let mut perf_profile_runs = Vec::new();
+    if let Some(crr) = cells.iter().find(|cell| cell.kind == WorkloadKind::Crr) {
+        println!("\nbench: CPU time by kernel subsystem (perf record -a, not timed)");
+        for &scenario in &settings.scenarios {
+            let slot = Slot {
+                rep: None,
+                position: 0,
+            };
+            let label = format!("[perf] {scenario}");
+            perf_profile_runs.push(run_scenario(
+                scenario,
+                slot,
+                &bins,
+                std::slice::from_ref(crr),
+                Profiling::Perf,
+                |cell, m| println!("{}", report::progress_line(&label, cell, m)),
+            ));
+            print_run_error(perf_profile_runs.last());
+        }
+    }
+
+    let summary = summary::summarize(
+        &settings.scenarios,
+        &cells,
+        &runs,
+        &bpf_profile_runs,
+        &perf_profile_runs,
+    )?;
     let bench = BenchRun {
         meta: Meta {
             started_utc: started_utc.clone(),
@@ -287,6 +321,7 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
         calibration_run,
         runs,
         bpf_profile_runs,
+        perf_profile_runs,
         summary,
     };
     let written = write_results(&bench, opts, &started_utc, &kernel)?;
@@ -319,9 +354,14 @@ fn calibrate(
         rep: None,
         position: 0,
     };
-    let run = run_scenario(Scenario::B0, slot, bins, &cells, false, |cell, m| {
-        println!("{}", report::progress_line("[calibration] B0", cell, m))
-    });
+    let run = run_scenario(
+        Scenario::B0,
+        slot,
+        bins,
+        &cells,
+        Profiling::None,
+        |cell, m| println!("{}", report::progress_line("[calibration] B0", cell, m)),
+    );
     if let Some(error) = &run.error {
         bail!("calibration failed: {error}");
     }

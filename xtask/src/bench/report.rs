@@ -1,14 +1,16 @@
 //! What a person reads: one progress line per measurement while the bench runs, the Markdown
 //! report of a run, and the headline table the README carries.
 
-use std::fmt::Write;
+use std::{collections::BTreeMap, fmt::Write};
 
 use sidecar_tests::tools::load::{Workload, histogram};
 
 use super::{
+    profile,
     results::{BenchRun, Measurement},
     scenario::Scenario,
-    summary::{COMPARISONS, CellSummary, Metric, Percentiles, Spread},
+    summary::{COMPARISONS, CellSummary, Metric, Percentiles, Spread, SubsystemCost},
+    targets,
     workload::{CRR_CONCURRENCY, Cell, PING_PONG_BYTES, WorkloadKind},
 };
 
@@ -147,6 +149,7 @@ pub fn markdown(bench: &BenchRun) -> String {
     }
     out.push_str("\nTimes in µs; a value with brackets is the median of the repetitions [min–max]; percentiles come from the histograms of all repetitions merged.\n\n## Summary\n\n");
     out.push_str(&headline_table(bench));
+    out.push_str(&targets::section(bench));
 
     for cell in &bench.cells {
         let rows: Vec<&CellSummary> = bench
@@ -302,6 +305,8 @@ pub fn markdown(bench: &BenchRun) -> String {
         }
     }
 
+    subsystems_section(&mut out, &summary.subsystems);
+
     out.push_str("\n## Validity\n\n");
     let measured: usize = bench.runs.iter().map(|run| run.measurements.len()).sum();
     if summary.failures.is_empty() {
@@ -368,6 +373,57 @@ pub fn num(value: f64) -> String {
         format!("{value:.1}")
     } else {
         format!("{value:.2}")
+    }
+}
+
+/// Columns of the subsystem table beyond which categories are summed into "rest".
+const SUBSYSTEM_COLUMNS: usize = 8;
+
+/// CPU µs per new connection by kernel subsystem, one row per scenario.
+fn subsystems_section(out: &mut String, costs: &[SubsystemCost]) {
+    if costs.is_empty() {
+        return;
+    }
+    let mut largest: BTreeMap<&str, f64> = BTreeMap::new();
+    for cost in costs {
+        for (category, us) in &cost.us_per_op {
+            let entry = largest.entry(category.as_str()).or_default();
+            *entry = entry.max(*us);
+        }
+    }
+    // The two subsystems a redirect lives in always show; then the largest others.
+    let mut columns = vec![profile::NETFILTER, profile::BPF];
+    let mut others: Vec<&str> = largest
+        .keys()
+        .copied()
+        .filter(|category| !columns.contains(category))
+        .collect();
+    others.sort_by(|a, b| largest[b].total_cmp(&largest[a]));
+    columns.extend(others.into_iter().take(SUBSYSTEM_COLUMNS - columns.len()));
+    out.push_str("\n## Where the CPU time goes (separate run under `perf record -a`)\n\nCPU µs per operation of every cgroup (`cpu.stat`), split by where `perf` (cpu-clock, 999 Hz, call chains) found both CPUs busy: each sample goes to the first kernel subsystem on its call chain from the leaf up (locks, copies and allocations count for their caller), or to the user-space program it was in. The differences between scenarios in one column are what each redirect costs.\n\n");
+    let _ = writeln!(
+        out,
+        "| scenario | cell | samples | total | {} | rest |",
+        columns.join(" | ")
+    );
+    let _ = writeln!(out, "|---|---|---|---|{}---|", "---|".repeat(columns.len()));
+    for cost in costs {
+        let shown: Vec<f64> = columns
+            .iter()
+            .map(|column| cost.us_per_op.get(*column).copied().unwrap_or(0.0))
+            .collect();
+        let rest = cost.cpu_us_per_op - shown.iter().sum::<f64>();
+        let cells: Vec<String> = shown.iter().map(|us| num(*us)).collect();
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} |",
+            cost.scenario,
+            cost.cell,
+            cost.samples,
+            num(cost.cpu_us_per_op),
+            cells.join(" | "),
+            num(rest.max(0.0))
+        );
     }
 }
 

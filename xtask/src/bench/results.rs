@@ -8,6 +8,7 @@ use sidecar_tests::tools::load::LoadReport;
 
 use super::{
     metrics::BpfRunStats,
+    profile::Profile,
     scenario::{CpuUsage, Scenario},
     summary::Summary,
     workload::{Cell, Timing},
@@ -27,6 +28,10 @@ pub struct BenchRun {
     /// Extra runs of the eBPF scenarios with `kernel.bpf_stats_enabled=1`, kept out of the
     /// timed runs because the statistics cost time on every program run.
     pub bpf_profile_runs: Vec<ScenarioRun>,
+    /// Extra runs of every scenario's new-connection cell under `perf record -a`, also kept
+    /// out of the timed runs.
+    #[serde(default)]
+    pub perf_profile_runs: Vec<ScenarioRun>,
     pub summary: Summary,
 }
 
@@ -86,6 +91,9 @@ pub struct Measurement {
     pub orig_dst_index_growth: Option<u64>,
     /// Profiling runs: per-program BPF run statistics over the measured phase.
     pub bpf: Option<BTreeMap<String, BpfRunStats>>,
+    /// perf runs: where the CPU time of both pods' CPUs went, by kernel subsystem.
+    #[serde(default)]
+    pub perf: Option<Profile>,
     /// Why this measurement does not count; empty when it passed every gate.
     pub gate_failures: Vec<String>,
 }

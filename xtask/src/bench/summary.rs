@@ -150,12 +150,27 @@ pub struct ProgramCost {
     pub ns_per_op: f64,
 }
 
+/// Where one scenario's CPU time went per operation of a cell: the measured CPU time of every
+/// cgroup per operation, split by the shares of the perf samples on the pods' CPUs.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SubsystemCost {
+    pub scenario: Scenario,
+    pub cell: String,
+    pub samples: u64,
+    pub cpu_us_per_op: f64,
+    /// Category (see `profile`) -> µs per operation.
+    pub us_per_op: BTreeMap<String, f64>,
+}
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Summary {
     pub cells: Vec<CellSummary>,
     pub comparisons: Vec<Comparison>,
     pub proxy_peak_rss_kib: BTreeMap<Scenario, Spread>,
     pub bpf_programs: Vec<ProgramCost>,
+    /// CPU time per operation by kernel subsystem, from the perf runs.
+    #[serde(default)]
+    pub subsystems: Vec<SubsystemCost>,
     /// One line per run or measurement that failed, with the reason.
     pub failures: Vec<String>,
 }
@@ -234,9 +249,10 @@ pub fn summarize(
     cells: &[Cell],
     runs: &[ScenarioRun],
     profile_runs: &[ScenarioRun],
+    perf_runs: &[ScenarioRun],
 ) -> Result<Summary> {
     let mut summary = Summary::default();
-    for run in runs.iter().chain(profile_runs) {
+    for run in runs.iter().chain(profile_runs).chain(perf_runs) {
         let rep = run
             .rep
             .map_or("profile".to_owned(), |rep| format!("rep {}", rep + 1));
@@ -344,6 +360,34 @@ pub fn summarize(
                     ns_per_op: stats.run_time_ns as f64 / operations,
                 });
             }
+        }
+    }
+    for run in perf_runs {
+        for measurement in run.measurements.iter().filter(|m| m.is_valid()) {
+            let Some(profile) = &measurement.perf else {
+                continue;
+            };
+            let operations = measurement.report.operations.max(1) as f64;
+            let cpu_us_per_op = measurement.cpu_usec.total() as f64 / operations;
+            // cpu.stat counts busy time only: split it by the busy samples' shares.
+            let idle = profile
+                .shares
+                .get(super::profile::IDLE)
+                .copied()
+                .unwrap_or(0.0);
+            let busy = (1.0 - idle).max(f64::EPSILON);
+            summary.subsystems.push(SubsystemCost {
+                scenario: run.scenario,
+                cell: measurement.cell.clone(),
+                samples: profile.samples,
+                cpu_us_per_op,
+                us_per_op: profile
+                    .shares
+                    .iter()
+                    .filter(|(category, _)| category.as_str() != super::profile::IDLE)
+                    .map(|(category, share)| (category.clone(), share / busy * cpu_us_per_op))
+                    .collect(),
+            });
         }
     }
     Ok(summary)
