@@ -23,6 +23,7 @@ mod lab;
 mod netns;
 mod preconditions;
 mod process;
+pub mod prometheus;
 pub mod tools;
 mod wait;
 

@@ -160,16 +160,7 @@ impl RoutingLab {
         )
         .expect("scrape proxy metrics")
         .body;
-        let lines: Vec<&str> = body
-            .lines()
-            .filter(|line| line.starts_with(&format!("{name}{{")))
-            .filter(|line| {
-                labels
-                    .iter()
-                    .all(|(l, v)| line.contains(&format!("{l}=\"{v}\"")))
-            })
-            .collect();
-        metric_sum(&lines.join("\n"), name)
+        metric_sum(&body, name, labels)
     }
 
     fn wait_for_metric(&self, name: &str, labels: &[(&str, &str)], expected: u64) {

@@ -187,16 +187,7 @@ impl MtlsLab {
         let body = wait_for_http_ok(pod, "http://127.0.0.1:15020/stats/prometheus", READY)
             .expect("scrape proxy metrics")
             .body;
-        let lines: Vec<&str> = body
-            .lines()
-            .filter(|line| line.starts_with(&format!("{name}{{")))
-            .filter(|line| {
-                labels
-                    .iter()
-                    .all(|(label, value)| line.contains(&format!("{label}=\"{value}\"")))
-            })
-            .collect();
-        metric_sum(&lines.join("\n"), name)
+        metric_sum(&body, name, labels)
     }
 
     fn wait_for_metric(&self, pod: &Pod, name: &str, labels: &[(&str, &str)], at_least: u64) {

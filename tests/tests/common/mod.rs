@@ -223,7 +223,7 @@ impl MeshLab {
         )
         .expect("scrape proxy metrics")
         .body;
-        metric_sum(&body, name)
+        metric_sum(&body, name, &[])
     }
 
     pub fn proxy_log(&self) -> String {
@@ -265,17 +265,11 @@ impl MeshLab {
     }
 }
 
-/// Sum of every sample of `name` in a Prometheus text exposition.
-pub fn metric_sum(body: &str, name: &str) -> u64 {
-    body.lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter(|line| {
-            line.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-        })
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .map(|v| v as u64)
-        .sum()
+/// Sum of the samples of `name` having every `label="value"` in the proxy's metrics `body`
+/// (which must be a valid exposition).
+pub fn metric_sum(body: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
+    sidecar_tests::prometheus::sum(body, name, labels)
+        .unwrap_or_else(|error| panic!("the proxy's metrics do not parse: {error}")) as u64
 }
 
 /// IPv4-mapped addresses as plain IPv4, so dual-stack servers' reports compare equal.

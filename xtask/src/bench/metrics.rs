@@ -1,4 +1,4 @@
-//! Reading costs from the kernel: cgroup CPU time, peak RSS, Prometheus text, BPF run times.
+//! Reading costs from the kernel: cgroup CPU time, peak RSS, BPF run times.
 
 use std::{collections::BTreeMap, fs, path::Path, process::Command};
 
@@ -25,19 +25,6 @@ fn field(text: &str, name: &str) -> Option<u64> {
         let mut words = line.split_whitespace();
         (words.next()? == name).then(|| words.next()?.parse().ok())?
     })
-}
-
-/// Sum of every sample of `name` in a Prometheus text exposition.
-pub fn prometheus_sum(body: &str, name: &str) -> u64 {
-    body.lines()
-        .filter(|line| !line.starts_with('#'))
-        .filter(|line| {
-            line.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-        })
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .map(|value| value as u64)
-        .sum()
 }
 
 /// Cumulative run time and count of one BPF program (kept while `kernel.bpf_stats_enabled`).
@@ -128,12 +115,6 @@ mod tests {
             Some(812)
         );
         assert_eq!(field("usage_usec_x 1\n", "usage_usec"), None);
-    }
-
-    #[test]
-    fn sums_prometheus_samples_of_one_metric() {
-        let body = "# TYPE a counter\na{x=\"1\"} 2\na{x=\"2\"} 3\nab 100\na 1\n";
-        assert_eq!(prometheus_sum(body, "a"), 6);
     }
 
     #[test]

@@ -16,10 +16,10 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context, Result, bail, ensure};
+use anyhow::{Context, Result, anyhow, bail, ensure};
 use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
-use sidecar_tests::{Lab, LabProcess, Pod, PodCommand, wait_for_http_ok, wait_for_tcp};
+use sidecar_tests::{Lab, LabProcess, Pod, PodCommand, prometheus, wait_for_http_ok, wait_for_tcp};
 
 use super::{haproxy, mesh, metrics};
 
@@ -290,10 +290,9 @@ impl Side {
     fn scrape_connections_opened(&self) -> Result<u64> {
         let url = "http://127.0.0.1:15020/stats/prometheus";
         let body = wait_for_http_ok(&self.pod, url, READY)?.body;
-        Ok(metrics::prometheus_sum(
-            &body,
-            "istio_tcp_connections_opened_total",
-        ))
+        let opened = prometheus::sum(&body, "istio_tcp_connections_opened_total", &[])
+            .map_err(|error| anyhow!("the proxy's metrics do not parse: {error}"))?;
+        Ok(opened as u64)
     }
 }
 

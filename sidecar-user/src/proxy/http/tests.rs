@@ -14,6 +14,7 @@ use http::{HeaderMap, Request, Response, StatusCode, header::HOST};
 use http_body_util::{BodyExt, Full};
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
+use sidecar_tests::prometheus;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
@@ -138,127 +139,9 @@ fn get(host: &str, path: &str) -> Request<Full<Bytes>> {
         .expect("a valid request")
 }
 
-/// A strict parser of the Prometheus text format (0.0.4): every sample belongs to a family
-/// declared by `# TYPE`, names and label names are valid, values are escaped correctly, each
-/// series appears once.
-mod exposition {
-    use std::collections::{BTreeMap, BTreeSet};
-
-    #[derive(Debug, Clone, PartialEq)]
-    pub struct Sample {
-        pub name: String,
-        pub labels: BTreeMap<String, String>,
-        pub value: f64,
-    }
-
-    fn valid_name(name: &str) -> bool {
-        let mut chars = name.chars();
-        chars
-            .next()
-            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
-            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
-    }
-
-    pub fn parse(text: &str) -> Result<Vec<Sample>, String> {
-        let mut families: BTreeMap<String, String> = BTreeMap::new();
-        let mut seen = BTreeSet::new();
-        let mut samples = Vec::new();
-        for (number, line) in text.lines().enumerate() {
-            let fail = |why: &str| format!("line {}: {why}: {line:?}", number + 1);
-            if line.is_empty() {
-                continue;
-            }
-            if let Some(comment) = line.strip_prefix("# ") {
-                let mut words = comment.splitn(3, ' ');
-                match (words.next(), words.next(), words.next()) {
-                    (Some("TYPE"), Some(name), Some(kind)) => {
-                        if !valid_name(name)
-                            || !["counter", "gauge", "histogram", "summary", "untyped"]
-                                .contains(&kind)
-                        {
-                            return Err(fail("bad TYPE"));
-                        }
-                        if families.insert(name.to_owned(), kind.to_owned()).is_some() {
-                            return Err(fail("family declared twice"));
-                        }
-                    }
-                    (Some("HELP"), Some(name), _) if valid_name(name) => {}
-                    _ => return Err(fail("bad comment")),
-                }
-                continue;
-            }
-            let (series, value) = line.rsplit_once(' ').ok_or_else(|| fail("no value"))?;
-            let value: f64 = match value {
-                "+Inf" => f64::INFINITY,
-                "-Inf" => f64::NEG_INFINITY,
-                other => other.parse().map_err(|_| fail("bad value"))?,
-            };
-            let (name, labels) = match series.split_once('{') {
-                None => (series, BTreeMap::new()),
-                Some((name, rest)) => {
-                    let body = rest
-                        .strip_suffix('}')
-                        .ok_or_else(|| fail("unclosed labels"))?;
-                    (name, parse_labels(body).map_err(|why| fail(&why))?)
-                }
-            };
-            if !valid_name(name) {
-                return Err(fail("bad metric name"));
-            }
-            let family = ["_bucket", "_sum", "_count"]
-                .iter()
-                .find_map(|suffix| name.strip_suffix(suffix))
-                .filter(|base| families.get(*base).is_some_and(|kind| kind == "histogram"))
-                .unwrap_or(name);
-            if !families.contains_key(family) {
-                return Err(fail("sample without a TYPE line"));
-            }
-            if !seen.insert(series.to_owned()) {
-                return Err(fail("series repeated"));
-            }
-            samples.push(Sample {
-                name: name.to_owned(),
-                labels,
-                value,
-            });
-        }
-        Ok(samples)
-    }
-
-    fn parse_labels(mut body: &str) -> Result<BTreeMap<String, String>, String> {
-        let mut labels = BTreeMap::new();
-        while !body.is_empty() {
-            let (name, rest) = body.split_once("=\"").ok_or("label without =\"")?;
-            if !valid_name(name) || name.contains(':') {
-                return Err(format!("bad label name {name:?}"));
-            }
-            let mut value = String::new();
-            let mut chars = rest.char_indices();
-            let end = loop {
-                match chars.next().ok_or("unterminated label value")? {
-                    (_, '\\') => match chars.next().ok_or("dangling escape")?.1 {
-                        'n' => value.push('\n'),
-                        '\\' => value.push('\\'),
-                        '"' => value.push('"'),
-                        other => return Err(format!("bad escape \\{other}")),
-                    },
-                    (at, '"') => break at,
-                    (_, c) => value.push(c),
-                }
-            };
-            if labels.insert(name.to_owned(), value).is_some() {
-                return Err(format!("label {name} repeated"));
-            }
-            body = &rest[end + 1..];
-            body = body.strip_prefix(',').unwrap_or(body);
-        }
-        Ok(labels)
-    }
-}
-
 /// The value of the one sample named `name` whose labels include `labels`.
 fn sample(metrics: &Metrics, name: &str, labels: &[(&str, &str)]) -> anyhow::Result<f64> {
-    let samples = exposition::parse(&metrics.render()?).map_err(anyhow::Error::msg)?;
+    let samples = prometheus::parse(&metrics.render()?).map_err(anyhow::Error::msg)?;
     let matching: Vec<_> = samples
         .iter()
         .filter(|s| {
@@ -536,7 +419,7 @@ services:
         ("connection_security_policy", "none"),
     ];
     wait_for_requests(&proxy.metrics, &labels, f64::from(n)).await;
-    let samples = exposition::parse(&proxy.metrics.render()?).map_err(anyhow::Error::msg)?;
+    let samples = prometheus::parse(&proxy.metrics.render()?).map_err(anyhow::Error::msg)?;
     let requests: Vec<_> = samples
         .iter()
         .filter(|s| s.name == "istio_requests_total")
