@@ -237,22 +237,13 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
             .filter_map(|kind| cells.iter().find(|cell| cell.kind == *kind).cloned())
             .collect();
         println!("\nbench: BPF program costs (kernel.bpf_stats_enabled=1, not timed)");
-        for scenario in profiled {
-            let slot = Slot {
-                rep: None,
-                position: 0,
-            };
-            let label = format!("[profile] {scenario}");
-            bpf_profile_runs.push(run_scenario(
-                scenario,
-                slot,
-                &bins,
-                &first_of_each_kind,
-                Profiling::BpfStats,
-                |cell, m| println!("{}", report::progress_line(&label, cell, m)),
-            ));
-            print_run_error(bpf_profile_runs.last());
-        }
+        bpf_profile_runs = profiling_pass(
+            &profiled,
+            &bins,
+            &first_of_each_kind,
+            Profiling::BpfStats,
+            "profile",
+        );
     }
     drop(bpf_stats);
 
@@ -260,22 +251,13 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
     let mut perf_profile_runs = Vec::new();
     if let Some(crr) = cells.iter().find(|cell| cell.kind == WorkloadKind::Crr) {
         println!("\nbench: CPU time by kernel subsystem (perf record -a, not timed)");
-        for &scenario in &settings.scenarios {
-            let slot = Slot {
-                rep: None,
-                position: 0,
-            };
-            let label = format!("[perf] {scenario}");
-            perf_profile_runs.push(run_scenario(
-                scenario,
-                slot,
-                &bins,
-                std::slice::from_ref(crr),
-                Profiling::Perf,
-                |cell, m| println!("{}", report::progress_line(&label, cell, m)),
-            ));
-            print_run_error(perf_profile_runs.last());
-        }
+        perf_profile_runs = profiling_pass(
+            &settings.scenarios,
+            &bins,
+            std::slice::from_ref(crr),
+            Profiling::Perf,
+            "perf",
+        );
     }
 
     let summary = summary::summarize(
@@ -382,6 +364,31 @@ fn calibrate(
         saturation.insert(connections, rate);
     }
     Ok((saturation, Some(run)))
+}
+
+/// One untimed run of each scenario with a profiler on, its progress labelled `[label]`.
+fn profiling_pass(
+    scenarios: &[Scenario],
+    bins: &Binaries,
+    cells: &[Cell],
+    profiling: Profiling,
+    label: &str,
+) -> Vec<ScenarioRun> {
+    let slot = Slot {
+        rep: None,
+        position: 0,
+    };
+    scenarios
+        .iter()
+        .map(|&scenario| {
+            let label = format!("[{label}] {scenario}");
+            let run = run_scenario(scenario, slot, bins, cells, profiling, |cell, m| {
+                println!("{}", report::progress_line(&label, cell, m))
+            });
+            print_run_error(Some(&run));
+            run
+        })
+        .collect()
 }
 
 fn print_run_error(run: Option<&ScenarioRun>) {
