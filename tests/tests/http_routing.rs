@@ -153,14 +153,7 @@ impl RoutingLab {
 
     /// Samples of `name` having every `label="value"`, summed.
     fn metric(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
-        let body = wait_for_http_ok(
-            &self.client,
-            "http://127.0.0.1:15020/stats/prometheus",
-            READY,
-        )
-        .expect("scrape proxy metrics")
-        .body;
-        metric_sum(&body, name, labels)
+        proxy_metric(&self.client, name, labels)
     }
 
     fn wait_for_metric(&self, name: &str, labels: &[(&str, &str)], expected: u64) {

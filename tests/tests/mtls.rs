@@ -182,17 +182,9 @@ impl MtlsLab {
         report
     }
 
-    /// Samples of `name` in `pod`'s proxy metrics having every `label="value"`, summed.
-    fn metric(&self, pod: &Pod, name: &str, labels: &[(&str, &str)]) -> u64 {
-        let body = wait_for_http_ok(pod, "http://127.0.0.1:15020/stats/prometheus", READY)
-            .expect("scrape proxy metrics")
-            .body;
-        metric_sum(&body, name, labels)
-    }
-
     fn wait_for_metric(&self, pod: &Pod, name: &str, labels: &[(&str, &str)], at_least: u64) {
         let deadline = Instant::now() + PATIENCE;
-        while self.metric(pod, name, labels) < at_least {
+        while proxy_metric(pod, name, labels) < at_least {
             assert!(
                 Instant::now() < deadline,
                 "{name}{labels:?} in {} never reached {at_least}\n{}",
@@ -204,7 +196,7 @@ impl MtlsLab {
     }
 
     fn failures(&self, pod: &Pod, direction: &str, reason: &str) -> u64 {
-        self.metric(
+        proxy_metric(
             pod,
             &format!("sidecar_{direction}_failures_total"),
             &[("reason", reason)],
@@ -223,7 +215,7 @@ impl MtlsLab {
     /// Re-issues a certificate in place and waits until `pod`'s proxy has reloaded it.
     fn rotate(&self, pod: &Pod, dir: &str, sa: &str, extra: &[&str]) {
         let reloads = || {
-            self.metric(
+            proxy_metric(
                 pod,
                 "sidecar_certificate_reloads_total",
                 &[("result", "success")],
@@ -556,7 +548,7 @@ fn certificates_rotate_and_bad_ones_are_refused(capture: Capture, test: &str) {
         .join("ca-cert.pem")
         .to_string_lossy()
         .into_owned();
-    let before = mesh.metric(
+    let before = proxy_metric(
         &mesh.client,
         "sidecar_certificate_reloads_total",
         &[("result", "success")],

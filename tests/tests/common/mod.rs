@@ -216,14 +216,7 @@ impl MeshLab {
 
     /// Sum of a proxy metric over all its label sets.
     pub fn proxy_metric(&self, name: &str) -> u64 {
-        let body = wait_for_http_ok(
-            &self.client,
-            "http://127.0.0.1:15020/stats/prometheus",
-            READY,
-        )
-        .expect("scrape proxy metrics")
-        .body;
-        metric_sum(&body, name, &[])
+        proxy_metric(&self.client, name, &[])
     }
 
     pub fn proxy_log(&self) -> String {
@@ -265,10 +258,13 @@ impl MeshLab {
     }
 }
 
-/// Sum of the samples of `name` having every `label="value"` in the proxy's metrics `body`
+/// Sum of the samples of `name` having every `label="value"` in the metrics of `pod`'s proxy
 /// (which must be a valid exposition).
-pub fn metric_sum(body: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
-    sidecar_tests::prometheus::sum(body, name, labels)
+pub fn proxy_metric(pod: &Pod, name: &str, labels: &[(&str, &str)]) -> u64 {
+    let body = wait_for_http_ok(pod, "http://127.0.0.1:15020/stats/prometheus", READY)
+        .expect("scrape proxy metrics")
+        .body;
+    sidecar_tests::prometheus::sum(&body, name, labels)
         .unwrap_or_else(|error| panic!("the proxy's metrics do not parse: {error}")) as u64
 }
 
