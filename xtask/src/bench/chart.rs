@@ -8,11 +8,10 @@ use anyhow::Result;
 use plotters::{coord::Shift, prelude::*};
 
 use super::{
-    report::{HEADLINE_HTTP_CELL, num},
+    report::{self, num},
     results::BenchRun,
     scenario::Scenario,
     summary::{Percentiles, Spread},
-    workload::WorkloadKind,
 };
 
 const SIZE: (u32, u32) = (1400, 900);
@@ -44,16 +43,7 @@ pub fn draw(bench: &BenchRun, path: &Path) -> Result<()> {
             .filter_map(|&s| Some((s, summary.cell(s, cell)?.throughput?)))
             .collect()
     };
-    let http_cell = bench
-        .cells
-        .iter()
-        .find(|cell| cell.id == HEADLINE_HTTP_CELL)
-        .or_else(|| {
-            bench
-                .cells
-                .iter()
-                .find(|cell| cell.kind == WorkloadKind::Http)
-        });
+    let http_cell = report::headline_http_cell(bench);
     percentile_panel(
         &panels[0],
         "Ping-pong round trip, µs (log scale)",

@@ -15,7 +15,7 @@ use super::{
 };
 
 /// The HTTP cell the headline table shows, when it was run.
-pub const HEADLINE_HTTP_CELL: &str = "http-c16-25pct";
+const HEADLINE_HTTP_CELL: &str = "http-c16-25pct";
 /// Below this share of the offered rate, an open-loop cell measured a queue, not a latency.
 const SATURATED: f64 = 0.97;
 
@@ -61,19 +61,21 @@ pub fn progress_line(label: &str, cell: &Cell, measurement: &Measurement) -> Str
     line
 }
 
+/// The HTTP cell the summary and the chart show: 16 connections at 25% if it ran, else the
+/// first HTTP cell.
+pub fn headline_http_cell(bench: &BenchRun) -> Option<&Cell> {
+    let mut http = bench
+        .cells
+        .iter()
+        .filter(|cell| cell.kind == WorkloadKind::Http);
+    let first = http.clone().next();
+    http.find(|cell| cell.id == HEADLINE_HTTP_CELL).or(first)
+}
+
 /// The README's summary: one row per scenario, the key number of each workload.
 pub fn headline_table(bench: &BenchRun) -> String {
     let summary = &bench.summary;
-    let http_cell = bench
-        .cells
-        .iter()
-        .find(|cell| cell.id == HEADLINE_HTTP_CELL)
-        .or_else(|| {
-            bench
-                .cells
-                .iter()
-                .find(|cell| cell.kind == WorkloadKind::Http)
-        });
+    let http_cell = headline_http_cell(bench);
     let mut out = String::new();
     let http_title = http_cell.map_or_else(String::new, |cell| {
         format!(" {} p50 / p99 µs |", http_label(cell))
