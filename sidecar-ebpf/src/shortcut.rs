@@ -149,67 +149,47 @@ fn endpoint(family: u32, ip4: u32, ip6: [u32; 4], port: u32) -> Option<Endpoint>
     }
 }
 
-/// Every field is loaded up front, before branching on the family (see
-/// `orig_dst::local_endpoint` for why the verifier needs that).
-#[inline(always)]
-fn sock_ops_pair(ctx: &SockOpsContext) -> Option<SocketPair> {
-    let ops = ctx.ops;
-    // SAFETY: scalar fields of a valid sock_ops context, readable for any family.
-    let (family, local_port, remote_port, local4, remote4, local6, remote6) = unsafe {
-        (
-            read_volatile(&(*ops).family),
-            read_volatile(&(*ops).local_port),
-            read_volatile(&(*ops).remote_port),
-            read_volatile(&(*ops).local_ip4),
-            read_volatile(&(*ops).remote_ip4),
-            [
-                read_volatile(&(*ops).local_ip6[0]),
-                read_volatile(&(*ops).local_ip6[1]),
-                read_volatile(&(*ops).local_ip6[2]),
-                read_volatile(&(*ops).local_ip6[3]),
-            ],
-            [
-                read_volatile(&(*ops).remote_ip6[0]),
-                read_volatile(&(*ops).remote_ip6[1]),
-                read_volatile(&(*ops).remote_ip6[2]),
-                read_volatile(&(*ops).remote_ip6[3]),
-            ],
-        )
-    };
-    Some(SocketPair {
-        local: endpoint(family, local4, local6, local_port)?,
-        remote: endpoint(family, remote4, remote6, port_of_be_field(remote_port))?,
-    })
+/// The socket pair of a sock_ops or sk_msg context: both have the same address fields with
+/// the same byte orders, but no common type. Every field is loaded up front, before branching
+/// on the family (see `orig_dst::local_endpoint` for why the verifier needs that).
+macro_rules! socket_pair_of {
+    ($ctx:expr) => {{
+        let ctx = $ctx;
+        // SAFETY: scalar fields of a valid sock_ops or sk_msg context, readable for any family.
+        let (family, local_port, remote_port, local4, remote4, local6, remote6) = unsafe {
+            (
+                read_volatile(&(*ctx).family),
+                read_volatile(&(*ctx).local_port),
+                read_volatile(&(*ctx).remote_port),
+                read_volatile(&(*ctx).local_ip4),
+                read_volatile(&(*ctx).remote_ip4),
+                [
+                    read_volatile(&(*ctx).local_ip6[0]),
+                    read_volatile(&(*ctx).local_ip6[1]),
+                    read_volatile(&(*ctx).local_ip6[2]),
+                    read_volatile(&(*ctx).local_ip6[3]),
+                ],
+                [
+                    read_volatile(&(*ctx).remote_ip6[0]),
+                    read_volatile(&(*ctx).remote_ip6[1]),
+                    read_volatile(&(*ctx).remote_ip6[2]),
+                    read_volatile(&(*ctx).remote_ip6[3]),
+                ],
+            )
+        };
+        Some(SocketPair {
+            local: endpoint(family, local4, local6, local_port)?,
+            remote: endpoint(family, remote4, remote6, port_of_be_field(remote_port))?,
+        })
+    }};
 }
 
-/// As `sock_ops_pair`, from an sk_msg context (same field layout and byte orders).
+#[inline(always)]
+fn sock_ops_pair(ctx: &SockOpsContext) -> Option<SocketPair> {
+    socket_pair_of!(ctx.ops)
+}
+
 #[inline(always)]
 fn sk_msg_pair(ctx: &SkMsgContext) -> Option<SocketPair> {
-    let msg = ctx.msg;
-    // SAFETY: scalar fields of a valid sk_msg context, readable for any family.
-    let (family, local_port, remote_port, local4, remote4, local6, remote6) = unsafe {
-        (
-            read_volatile(&(*msg).family),
-            read_volatile(&(*msg).local_port),
-            read_volatile(&(*msg).remote_port),
-            read_volatile(&(*msg).local_ip4),
-            read_volatile(&(*msg).remote_ip4),
-            [
-                read_volatile(&(*msg).local_ip6[0]),
-                read_volatile(&(*msg).local_ip6[1]),
-                read_volatile(&(*msg).local_ip6[2]),
-                read_volatile(&(*msg).local_ip6[3]),
-            ],
-            [
-                read_volatile(&(*msg).remote_ip6[0]),
-                read_volatile(&(*msg).remote_ip6[1]),
-                read_volatile(&(*msg).remote_ip6[2]),
-                read_volatile(&(*msg).remote_ip6[3]),
-            ],
-        )
-    };
-    Some(SocketPair {
-        local: endpoint(family, local4, local6, local_port)?,
-        remote: endpoint(family, remote4, remote6, port_of_be_field(remote_port))?,
-    })
+    socket_pair_of!(ctx.msg)
 }
