@@ -20,7 +20,7 @@ const ECHO: u16 = 8080;
 const PING: u16 = 7070;
 const READY: Duration = Duration::from_secs(10);
 /// Bounds every exchange: a stalled transfer fails the test instead of hanging it.
-const EXCHANGE_TIMEOUT_MS: &str = "20000";
+const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(20);
 /// No round trip may take this long: far beyond a slow one, far below a lost wake-up.
 const STALL: Duration = Duration::from_secs(1);
 
@@ -103,7 +103,10 @@ impl ShortcutLab {
             .in_cgroup(self.app_cgroup())
             .args(["connect", &target.to_string()])
             .args(["--payload-bytes", &bytes.to_string()])
-            .args(["--timeout-ms", EXCHANGE_TIMEOUT_MS])
+            .args(["--timeout-ms", &EXCHANGE_TIMEOUT.as_millis().to_string()])
+            // The exchange's own bound decides, not the runner's default (16 MiB each way
+            // takes seconds in a qemu guest without KVM).
+            .timeout(EXCHANGE_TIMEOUT + Duration::from_secs(5))
             .run()
             .expect("run labtool connect");
         ConnectReport::from_output(&out).unwrap_or_else(|e| {
