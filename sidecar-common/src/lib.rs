@@ -22,12 +22,17 @@ pub const SO_ORIGINAL_DST: i32 = 80;
 pub const SOL_IP: i32 = 0;
 pub const SOL_IPV6: i32 = 41;
 
-/// The excluded-port set is a bitmap of 65536 bits held in this many u64 words.
-pub const PORT_BITMAP_WORDS: u32 = 1024;
 /// Capacity of each excluded-CIDR trie (memory is allocated per entry, not up front).
 pub const MAX_EXCLUDED_CIDRS: u32 = 65536;
-/// Capacity of the peer-address -> original-destination index (live redirected connections).
-pub const MAX_TRACKED_CONNECTIONS: u32 = 65536;
+/// Capacity of each excluded-port trie (ranges are stored as prefixes of the 16-bit port).
+pub const MAX_EXCLUDED_PORT_PREFIXES: u32 = 65536;
+/// Original destinations handed from an app socket to the proxy's accepted socket, pending:
+/// an entry lives from the app's handshake to the proxy's (microseconds on loopback), so this
+/// bounds handshakes in flight, not open connections. Memory is per entry (a trie).
+pub const MAX_PENDING_HANDOFFS: u32 = 65536;
+/// Default capacity of the sockmap shortcut (`init --sockmap`), in connections (two sockets
+/// each). A connection beyond it stays on TCP.
+pub const DEFAULT_SHORTCUT_CONNECTIONS: u32 = 4096;
 
 /// Names of the maps, as the loader finds them in the object and pins them.
 pub mod map_names {
@@ -39,9 +44,12 @@ pub mod map_names {
     pub const EXCLUDED_CIDR4: &str = "EXCLUDED_CIDR4";
     pub const EXCLUDED_CIDR6: &str = "EXCLUDED_CIDR6";
     pub const ORIG_DST: &str = "ORIG_DST";
-    pub const ORIG_DST_BY_PEER: &str = "ORIG_DST_BY_PEER";
+    pub const ORIG_DST_HANDOFF: &str = "ORIG_DST_HANDOFF";
+    pub const ACCEPTED_ORIG_DST: &str = "ACCEPTED_ORIG_DST";
     pub const SHORTCUT_SOCKETS: &str = "SHORTCUT_SOCKETS";
     pub const SHORTCUT_FALLBACK: &str = "SHORTCUT_FALLBACK";
+    /// aya-log's ring buffer.
+    pub const KERNEL_LOGS: &str = "AYA_LOGS";
 }
 
 /// Capture settings written by `sidecar init` into a one-entry array map.
@@ -109,15 +117,6 @@ impl Endpoint {
         }
         out
     }
-
-    pub fn from_octets(octets: [u8; 16], port: u16) -> Self {
-        let word =
-            |i: usize| u32::from_ne_bytes([octets[i], octets[i + 1], octets[i + 2], octets[i + 3]]);
-        Endpoint {
-            addr: [word(0), word(4), word(8), word(12)],
-            port: port as u32,
-        }
-    }
 }
 
 /// Why a connection was (or was not) redirected; each reason has a per-CPU counter.
@@ -138,7 +137,7 @@ pub enum Counter {
     Errors = 5,
     /// `SO_ORIGINAL_DST` was answered for a redirected connection.
     OrigDstServed = 6,
-    /// `SO_ORIGINAL_DST` was asked for a connection we did not redirect.
+    /// `SO_ORIGINAL_DST` was asked on an accepted socket whose peer we did not redirect.
     OrigDstMissing = 7,
     /// An inbound connection was steered to the proxy's inbound listener.
     InboundRedirected = 8,

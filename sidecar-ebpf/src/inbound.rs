@@ -5,6 +5,7 @@ use core::ptr::read_volatile;
 
 use aya_ebpf::{
     bindings::{BPF_ANY, bpf_sock_ops},
+    btf_maps::lpm_trie::Key,
     programs::{SkLookupContext, SockOpsContext},
 };
 use sidecar_common::Counter;
@@ -93,10 +94,9 @@ pub fn on_sk_lookup(ctx: &SkLookupContext) -> u32 {
 
 #[inline(always)]
 fn inbound_port_excluded(port: u32) -> bool {
-    match EXCLUDED_INBOUND_PORTS.get(port >> 6) {
-        Some(word) => word & (1u64 << (port & 63)) != 0,
-        None => false,
-    }
+    EXCLUDED_INBOUND_PORTS
+        .get(&Key::new(16, (port as u16).to_be_bytes()))
+        .is_some()
 }
 
 /// sock_ops `TCP_LISTEN_CB`: a socket in the pod starting to listen on the inbound port is the

@@ -13,6 +13,7 @@ mod maps;
 mod orig_dst;
 mod outbound;
 mod shortcut;
+mod socket_pair;
 
 use aya_ebpf::{
     macros::{cgroup_sock_addr, cgroup_sockopt, sk_lookup, sk_msg, sock_ops},

@@ -1,14 +1,18 @@
 //! Where a redirected connection was going, for whoever asks:
 //! - the app, through getpeername (it sees the real peer, as under iptables NAT);
 //! - the proxy, through `getsockopt(SOL_IP/SOL_IPV6, SO_ORIGINAL_DST)` on the socket it
-//!   accepted, answered from an index that sock_ops keeps keyed by the app socket's address.
-use core::ptr::{self, read_volatile, write_volatile};
+//!   accepted. sock_ops hands the original destination from the app's socket to the proxy's
+//!   accepted socket during the loopback handshake, so the answer lives on the socket asked
+//!   about: it does not depend on the app's socket still existing (an app may connect, write
+//!   and close before the proxy even accepts), and it goes away with the proxy's socket.
+use core::ptr::{self, write_volatile};
 
 use aya_ebpf::{
     bindings::{
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_LISTEN_CB, bpf_sock,
+        BPF_ANY, BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_TCP_LISTEN_CB,
     },
+    btf_maps::lpm_trie::Key,
     helpers::generated::bpf_sk_storage_get,
     programs::{SockAddrContext, SockOpsContext, SockoptContext},
 };
@@ -17,30 +21,37 @@ use sidecar_common::{Counter, Endpoint, SO_ORIGINAL_DST, SOL_IP, SOL_IPV6};
 
 use crate::{
     counters::bump,
-    maps::{ORIG_DST, ORIG_DST_BY_PEER},
+    maps::{ACCEPTED_ORIG_DST, CAPTURE_CONFIG, ORIG_DST, ORIG_DST_HANDOFF},
     shortcut::{self, Side},
+    socket_pair::{SocketPair, sock_ops_pair},
 };
 
 const AF_INET: u32 = 2;
 const AF_INET6: u32 = 10;
-const TCP_CLOSE: u32 = 7;
 /// Large option values are not ours to look at: the kernel keeps the original when optlen is 0.
 const PAGE_SIZE: i32 = 4096;
 const SOCKADDR_IN_LEN: usize = 16;
 const SOCKADDR_IN6_LEN: usize = 28;
+/// The handoff trie is used for exact matches: every key has its full length.
+const ENDPOINT_BITS: u32 = (core::mem::size_of::<Endpoint>() * 8) as u32;
 
 /// The socket storage slot of a sock_addr context's socket (null when absent).
 #[inline(always)]
 pub fn storage_ptr(ctx: &SockAddrContext, flags: u64) -> *mut Endpoint {
     // SAFETY: the context is valid; `sk` is a full socket in every sock_addr hook.
     let sk = unsafe { (*ctx.sock_addr).__bindgen_anon_1.sk };
-    storage_of(sk as *mut _, flags)
+    storage_of(&ORIG_DST, sk as *mut _, flags)
 }
 
 #[inline(always)]
-fn storage_of(sk: *mut core::ffi::c_void, flags: u64) -> *mut Endpoint {
-    let map = ptr::from_ref(&ORIG_DST).cast_mut().cast();
-    // SAFETY: map is our SK_STORAGE map; the helper checks `sk` and returns null on failure.
+fn storage_of(
+    map: &aya_ebpf::btf_maps::SkStorage<Endpoint>,
+    sk: *mut core::ffi::c_void,
+    flags: u64,
+) -> *mut Endpoint {
+    let map = ptr::from_ref(map).cast_mut().cast();
+    // SAFETY: map is one of our SK_STORAGE maps; the helper checks `sk` and returns null on
+    // failure.
     unsafe { bpf_sk_storage_get(map, sk, ptr::null_mut(), flags) as *mut Endpoint }
 }
 
@@ -80,85 +91,97 @@ pub fn on_getpeername6(ctx: &SockAddrContext) {
     }
 }
 
-/// Indexes a redirected socket by its local address once established, and drops the entry
-/// when the socket closes (the STATE_CB callback is enabled only on redirected sockets).
-/// Also registers the proxy's inbound listener when it starts listening, and enters the ends
-/// of the app-proxy hop in the sockmap shortcut when that is on.
+/// The loopback handshake between an app socket and the proxy: the app's end completes first
+/// (its ACK is what creates the proxy's socket), so the app's end offers the original
+/// destination under its own address and the proxy's end takes it under its peer's. Also
+/// registers the proxy's inbound listener when it starts listening, and enters the ends of
+/// the app-proxy hop in the sockmap shortcut when that is on. No per-state callbacks: nothing
+/// here waits for a socket to close.
 pub fn on_sock_ops(ctx: &SockOpsContext) {
-    match ctx.op() {
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => {
-            let redirected = index_established(ctx);
-            shortcut::on_established(ctx, Side::Active { redirected });
+    let op = ctx.op();
+    if op == BPF_SOCK_OPS_TCP_LISTEN_CB {
+        crate::inbound::register_listener(ctx);
+        return;
+    }
+    if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+        return;
+    }
+    let Some(config) = CAPTURE_CONFIG.get(0) else {
+        return;
+    };
+    let Some(pair) = sock_ops_pair(ctx) else {
+        return;
+    };
+    if op == BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB {
+        let redirected = offer_handoff(ctx, &pair);
+        shortcut::on_established(ctx, config, pair, Side::Active { redirected });
+    } else {
+        if shortcut::is_outbound_listener(config, &pair.local) {
+            take_handoff(ctx, &pair);
         }
-        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => shortcut::on_established(ctx, Side::Passive),
-        BPF_SOCK_OPS_TCP_LISTEN_CB => crate::inbound::register_listener(ctx),
-        BPF_SOCK_OPS_STATE_CB if ctx.arg(1) == TCP_CLOSE => {
-            if let Some(local) = local_endpoint(ctx) {
-                let _ = ORIG_DST_BY_PEER.remove(local);
-            }
-        }
-        _ => {}
+        shortcut::on_established(ctx, config, pair, Side::Passive);
     }
 }
 
-/// Returns whether the socket is one connect4/6 redirected.
+/// The context's socket, as the storage helpers take it.
 #[inline(always)]
-fn index_established(ctx: &SockOpsContext) -> bool {
+fn context_socket(ctx: &SockOpsContext) -> *mut core::ffi::c_void {
     // SAFETY: reading the socket pointer from a valid sock_ops context.
-    let sk = unsafe { (*ctx.ops).__bindgen_anon_2.sk };
+    unsafe { (*ctx.ops).__bindgen_anon_2.sk as *mut _ }
+}
+
+/// App side: returns whether connect4/6 redirected this socket, and if so offers its original
+/// destination to the proxy's end of the handshake. An entry for the same address left by a
+/// handshake that never completed on the proxy's side is overwritten here.
+#[inline(always)]
+fn offer_handoff(ctx: &SockOpsContext, pair: &SocketPair) -> bool {
+    let sk = context_socket(ctx);
     if sk.is_null() {
         return false;
     }
-    let slot = storage_of(sk as *mut _, 0);
+    let slot = storage_of(&ORIG_DST, sk, 0);
     if slot.is_null() {
         return false; // not a socket we redirected
     }
-    let Some(local) = local_endpoint(ctx) else {
-        return true;
-    };
     // SAFETY: slot points at this socket's storage.
     let orig = unsafe { *slot };
-    if ORIG_DST_BY_PEER.insert(local, orig, 0).is_err() {
+    if ORIG_DST_HANDOFF
+        .insert(&Key::new(ENDPOINT_BITS, pair.local), orig, BPF_ANY as u64)
+        .is_err()
+    {
         bump(Counter::Errors);
         warn!(
             ctx,
-            "original-destination index full; the proxy cannot route this connection"
+            "original-destination handoff full; the proxy cannot route this connection"
         );
-        return true;
-    }
-    let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG;
-    if ctx.set_cb_flags(flags as i32).is_err() {
-        bump(Counter::Errors);
     }
     true
 }
 
-/// The socket's local address in the shared IPv4-mapped form.
-///
-/// Every field is loaded up front, before branching on the family: otherwise LLVM turns the
-/// per-family loads into one load at a computed context offset, which the verifier rejects.
+/// Proxy side (a socket accepted on the outbound port): moves the original destination its
+/// peer offered onto this socket.
 #[inline(always)]
-fn local_endpoint(ctx: &SockOpsContext) -> Option<Endpoint> {
-    let ops = ctx.ops;
-    // SAFETY: reading scalar fields of a valid sock_ops context (all readable for any family).
-    let (family, port, ip4, ip6) = unsafe {
-        (
-            read_volatile(&(*ops).family),
-            read_volatile(&(*ops).local_port),
-            read_volatile(&(*ops).local_ip4),
-            [
-                read_volatile(&(*ops).local_ip6[0]),
-                read_volatile(&(*ops).local_ip6[1]),
-                read_volatile(&(*ops).local_ip6[2]),
-                read_volatile(&(*ops).local_ip6[3]),
-            ],
-        )
+fn take_handoff(ctx: &SockOpsContext, pair: &SocketPair) {
+    let key = Key::new(ENDPOINT_BITS, pair.remote);
+    let Some(orig) = ORIG_DST_HANDOFF.get(&key).copied() else {
+        return; // a client we did not redirect (or the handoff was full: counted there)
     };
-    match family {
-        AF_INET => Some(Endpoint::v4(ip4, port)),
-        AF_INET6 => Some(Endpoint { addr: ip6, port }),
-        _ => None,
+    let _ = ORIG_DST_HANDOFF.remove(&key);
+    let sk = context_socket(ctx);
+    if sk.is_null() {
+        return;
     }
+    let slot = storage_of(&ACCEPTED_ORIG_DST, sk, BPF_SK_STORAGE_GET_F_CREATE as u64);
+    if slot.is_null() {
+        bump(Counter::Errors);
+        warn!(
+            ctx,
+            "no socket storage for the proxy's original destination; connection is reset"
+        );
+        return;
+    }
+    // SAFETY: the kernel returned a valid pointer to this socket's storage.
+    unsafe { *slot = orig };
 }
 
 /// Answers `SO_ORIGINAL_DST` for sockets whose peer we redirected; passes everything else
@@ -176,14 +199,13 @@ pub fn on_getsockopt(ctx: &SockoptContext) {
     if sk.is_null() {
         return;
     }
-    let Some(peer) = peer_endpoint(sk) else {
-        return;
-    };
-    // SAFETY: lookup result is only read, and copied before any map update.
-    let Some(orig) = (unsafe { ORIG_DST_BY_PEER.get(peer) }).copied() else {
+    let slot = storage_of(&ACCEPTED_ORIG_DST, sk.cast(), 0);
+    if slot.is_null() {
         bump(Counter::OrigDstMissing);
         return;
-    };
+    }
+    // SAFETY: slot points at this socket's storage.
+    let orig = unsafe { *slot };
     let written = if level == SOL_IP {
         write_sockaddr_in(ctx, &orig)
     } else {
@@ -199,32 +221,6 @@ fn pass_through(ctx: &SockoptContext, optlen: i32) {
     if optlen > PAGE_SIZE {
         // SAFETY: optlen is writable in getsockopt programs.
         unsafe { write_volatile(&mut (*ctx.sockopt).optlen, 0) };
-    }
-}
-
-/// The remote end of the proxy's accepted socket: the app socket's local address.
-/// Fields are loaded up front for the same reason as in `local_endpoint`.
-#[inline(always)]
-fn peer_endpoint(sk: *mut bpf_sock) -> Option<Endpoint> {
-    // SAFETY: `sk` was checked non-null and points at the context's socket.
-    let (family, port_be, ip4, ip6) = unsafe {
-        (
-            read_volatile(&(*sk).family),
-            read_volatile(&(*sk).dst_port),
-            read_volatile(&(*sk).dst_ip4),
-            [
-                read_volatile(&(*sk).dst_ip6[0]),
-                read_volatile(&(*sk).dst_ip6[1]),
-                read_volatile(&(*sk).dst_ip6[2]),
-                read_volatile(&(*sk).dst_ip6[3]),
-            ],
-        )
-    };
-    let port = u16::from_be(port_be) as u32;
-    match family {
-        AF_INET => Some(Endpoint::v4(ip4, port)),
-        AF_INET6 => Some(Endpoint { addr: ip6, port }),
-        _ => None,
     }
 }
 

@@ -80,6 +80,9 @@ fn should_redirect(sa: *mut bpf_sock_addr, dst: Endpoint) -> Option<u32> {
         return None;
     }
     let config = CAPTURE_CONFIG.get(0)?;
+    if config.outbound_port == 0 {
+        return None; // installed, not configured yet (a first init in progress)
+    }
     let uid_gid = bpf_get_current_uid_gid();
     let (uid, gid) = (uid_gid as u32, (uid_gid >> 32) as u32);
     if (config.proxy_uid != NO_ID && uid == config.proxy_uid)
@@ -134,10 +137,9 @@ fn is_loopback(dst: &Endpoint) -> bool {
 
 #[inline(always)]
 fn port_excluded(port: u32) -> bool {
-    match EXCLUDED_PORTS.get(port >> 6) {
-        Some(word) => word & (1u64 << (port & 63)) != 0,
-        None => false,
-    }
+    EXCLUDED_PORTS
+        .get(&Key::new(16, (port as u16).to_be_bytes()))
+        .is_some()
 }
 
 #[inline(always)]

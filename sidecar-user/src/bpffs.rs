@@ -32,3 +32,46 @@ pub fn pin_dir(root: &Path, cgroup_id: u64) -> PathBuf {
 pub fn sidecar_dir(root: &Path) -> PathBuf {
     root.join("sidecar")
 }
+
+/// Node-wide state shared by every capture: the kernel log ring.
+pub fn node_dir(root: &Path) -> PathBuf {
+    sidecar_dir(root).join("node")
+}
+
+/// An exclusive lock on this node's sidecar pins, held while a capture is installed or
+/// removed: two `init` of one pod (a restarted init container racing its predecessor, say)
+/// or an init and a cleanup never interleave. Released when dropped.
+pub struct PinLock {
+    _dir: std::os::fd::OwnedFd,
+}
+
+/// Takes the lock, waiting for whoever holds it (an install takes a fraction of a second).
+/// The directory may be removed by a cleanup that held the lock before us: then the lock is
+/// on a dead directory, so it is taken again on the current one.
+pub fn lock(root: &Path) -> Result<PinLock> {
+    use std::os::unix::fs::MetadataExt;
+
+    use rustix::fs::{FlockOperation, Mode, OFlags, flock, fstat, open};
+    let dir = sidecar_dir(root);
+    loop {
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        let fd = open(
+            &dir,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .with_context(|| format!("cannot open {}", dir.display()))?;
+        flock(&fd, FlockOperation::LockExclusive)
+            .with_context(|| format!("cannot lock {}", dir.display()))?;
+        let locked = fstat(&fd)?.st_ino;
+        if std::fs::metadata(&dir).is_ok_and(|now| now.ino() == locked) {
+            return Ok(PinLock { _dir: fd });
+        }
+    }
+}
+
+/// Removes the node's sidecar directory if it is empty (under the lock).
+pub fn remove_sidecar_dir_if_empty(root: &Path, _lock: &PinLock) {
+    let _ = std::fs::remove_dir(sidecar_dir(root));
+}

@@ -3,7 +3,7 @@ use std::{fmt, ops::RangeInclusive, str::FromStr};
 
 use ipnet::IpNet;
 use serde::Serialize;
-use sidecar_common::{PORT_BITMAP_WORDS, PROXY_PORTS};
+use sidecar_common::PROXY_PORTS;
 
 /// Settings shared by both capture modes, so eBPF and iptables capture exactly the same.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -30,8 +30,7 @@ impl CaptureSettings {
             .chain([self.outbound_port])
             .chain(self.inbound_port);
         ranges.extend(own.map(|port| port..=port));
-        // Through the bitmap and back: sorted, deduplicated, adjacent ports merged.
-        PortRanges::from_bitmap(&PortRanges(ranges).to_bitmap())
+        PortRanges(ranges).normalized()
     }
 }
 
@@ -108,37 +107,58 @@ pub fn parse_cidr(text: &str) -> Result<IpNet, ParseError> {
 }
 
 impl PortRanges {
-    /// The kernel-side representation: bit `p` set means port `p` is excluded.
-    pub fn to_bitmap(&self) -> Vec<u64> {
-        let mut words = vec![0u64; PORT_BITMAP_WORDS as usize];
-        for range in &self.0 {
-            for port in range.clone() {
-                words[(port >> 6) as usize] |= 1 << (port & 63);
+    /// Sorted, overlapping and adjacent ranges merged.
+    pub fn normalized(&self) -> PortRanges {
+        let mut sorted: Vec<(u32, u32)> = self
+            .0
+            .iter()
+            .map(|r| (u32::from(*r.start()), u32::from(*r.end())))
+            .collect();
+        sorted.sort_unstable();
+        let mut merged: Vec<(u32, u32)> = Vec::new();
+        for (first, last) in sorted {
+            match merged.last_mut() {
+                Some(previous) if first <= previous.1 + 1 => previous.1 = previous.1.max(last),
+                _ => merged.push((first, last)),
             }
         }
-        words
+        PortRanges(
+            merged
+                .into_iter()
+                .map(|(first, last)| first as u16..=last as u16)
+                .collect(),
+        )
     }
 
-    /// The ranges a kernel-side bitmap holds (the inverse of `to_bitmap`).
-    pub fn from_bitmap(words: &[u64]) -> PortRanges {
-        let is_set = |port: u32| {
-            words
-                .get((port >> 6) as usize)
-                .is_some_and(|w| w & (1 << (port & 63)) != 0)
-        };
-        let mut ranges = Vec::new();
-        let mut start: Option<u32> = None;
-        for port in 0..=65536u32 {
-            match (start, port < 65536 && is_set(port)) {
-                (None, true) => start = Some(port),
-                (Some(first), false) => {
-                    ranges.push(first as u16..=(port - 1) as u16);
-                    start = None;
+    /// The kernel-side representation: prefixes `(length, first port)` of the 16-bit port
+    /// that together cover exactly these ports (a range takes at most 30).
+    pub fn to_prefixes(&self) -> Vec<(u32, u16)> {
+        let mut prefixes = Vec::new();
+        for range in &self.normalized().0 {
+            let (mut start, end) = (u32::from(*range.start()), u32::from(*range.end()));
+            while start <= end {
+                // The largest aligned block starting at `start` that stays inside the range.
+                let mut bits = start.trailing_zeros().min(16);
+                while start + (1 << bits) - 1 > end {
+                    bits -= 1;
                 }
-                _ => {}
+                prefixes.push((16 - bits, start as u16));
+                start += 1 << bits;
             }
         }
-        PortRanges(ranges)
+        prefixes
+    }
+
+    /// The ranges kernel-side prefixes cover (the inverse of `to_prefixes`).
+    pub fn from_prefixes(prefixes: &[(u32, u16)]) -> PortRanges {
+        let ranges = prefixes
+            .iter()
+            .map(|&(len, first)| {
+                let size = 1u32 << (16 - len.min(16));
+                first..=(u32::from(first) + size - 1) as u16
+            })
+            .collect();
+        PortRanges(ranges).normalized()
     }
 
     /// `22,8000:8100` as iptables' multiport match wants it (ranges with a colon).
@@ -208,19 +228,29 @@ mod tests {
     }
 
     #[test]
-    fn bitmap_sets_exactly_the_excluded_ports() {
-        let bitmap = "1,63-65,65535".parse::<PortRanges>().unwrap().to_bitmap();
-        let is_set = |p: u16| bitmap[(p >> 6) as usize] & (1 << (p & 63)) != 0;
-        for p in [1, 63, 64, 65, 65535] {
-            assert!(is_set(p), "port {p}");
+    fn prefixes_cover_exactly_the_excluded_ports() {
+        let ranges: PortRanges = "1,63-65,65535,8000-8100,1-65535".parse().unwrap();
+        let all = PortRanges::from_prefixes(&ranges.to_prefixes());
+        assert_eq!(all.to_string(), "1-65535");
+        let ranges: PortRanges = "65535,1,63-65,8000-8100,64".parse().unwrap();
+        let prefixes = ranges.to_prefixes();
+        let covered = |p: u16| {
+            prefixes.iter().any(|&(len, first)| {
+                len <= 16 && (p ^ first).checked_shr(16 - len).unwrap_or(0) == 0
+            })
+        };
+        for p in [1, 63, 64, 65, 8000, 8050, 8100, 65535] {
+            assert!(covered(p), "port {p}");
         }
-        for p in [0, 2, 62, 66, 65534] {
-            assert!(!is_set(p), "port {p}");
+        for p in [0, 2, 62, 66, 7999, 8101, 65534] {
+            assert!(!covered(p), "port {p}");
         }
         assert_eq!(
-            PortRanges::from_bitmap(&bitmap).to_string(),
-            "1,63-65,65535"
+            PortRanges::from_prefixes(&prefixes).to_string(),
+            "1,63-65,8000-8100,65535"
         );
+        // A range costs at most 30 prefixes: 2 * 16 - 2.
+        assert!("1-65534".parse::<PortRanges>().unwrap().to_prefixes().len() <= 30);
     }
 
     #[test]

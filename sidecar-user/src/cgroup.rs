@@ -73,6 +73,17 @@ impl Cgroup {
     /// relative to the cgroup v2 root (`/kubepods/pod1` and `kubepods/pod1` both work).
     pub fn resolve(path: &Path) -> Result<Cgroup> {
         let root = cgroup2_root()?;
+        // A pod's cgroup is below the root: the root is every process of the node, and a path
+        // that climbs with `..` is not the one the caller named.
+        if path
+            .components()
+            .any(|c| c == std::path::Component::ParentDir)
+        {
+            bail!(
+                "cgroup path {} contains `..`: give the pod's cgroup itself",
+                path.display()
+            );
+        }
         let candidate = if path.starts_with(&root) {
             path.to_path_buf()
         } else {
@@ -87,6 +98,12 @@ impl Cgroup {
         })?;
         if !meta.is_dir() {
             bail!("cgroup path {} is not a directory", candidate.display());
+        }
+        if std::fs::metadata(&root).is_ok_and(|r| r.ino() == meta.ino() && r.dev() == meta.dev()) {
+            bail!(
+                "refusing the cgroup v2 root {}: that is every process of the node, not a pod",
+                candidate.display()
+            );
         }
         let fs = rustix::fs::statfs(&candidate)
             .with_context(|| format!("cannot statfs {}", candidate.display()))?;
@@ -103,14 +120,17 @@ impl Cgroup {
         })
     }
 
-    /// Finds the cgroup whose id is `id` by walking the cgroup v2 tree (for `status`).
-    pub fn find_by_id(id: u64) -> Option<PathBuf> {
-        let root = cgroup2_root().ok()?;
+    /// Every cgroup of the v2 tree by id, from one walk (for `status`, `cleanup` and the node
+    /// agent: a capture whose cgroup id is not here belongs to a deleted pod; cgroup ids are
+    /// 64-bit and never reused).
+    pub fn all_by_id() -> Result<std::collections::HashMap<u64, PathBuf>> {
+        let root = cgroup2_root()?;
+        let mut found = std::collections::HashMap::new();
         let mut pending = vec![root];
         while let Some(dir) = pending.pop() {
-            if std::fs::metadata(&dir).map(|m| m.ino()).ok() == Some(id) {
-                return Some(dir);
-            }
+            let Ok(meta) = std::fs::metadata(&dir) else {
+                continue; // removed while we walk
+            };
             if let Ok(entries) = std::fs::read_dir(&dir) {
                 pending.extend(
                     entries
@@ -119,8 +139,9 @@ impl Cgroup {
                         .map(|e| e.path()),
                 );
             }
+            found.insert(meta.ino(), dir);
         }
-        None
+        Ok(found)
     }
 
     /// `--cgroup auto`: the pod cgroup of the calling process, i.e. the parent of its own

@@ -27,9 +27,13 @@ use aya_obj::generated::bpf_attach_type::{
     BPF_SK_MSG_VERDICT,
 };
 use ipnet::IpNet;
-use sidecar_common::{CaptureConfig, Counter, NO_ID, map_names};
+use sidecar_common::{CaptureConfig, Counter, Endpoint, NO_ID, map_names};
 
-use crate::{capture_settings::CaptureSettings, cgroup::Cgroup, sys};
+use crate::{
+    capture_settings::{CaptureSettings, PortRanges},
+    cgroup::Cgroup,
+    sys,
+};
 
 static BPF_OBJECT: &[u8] = aya::include_bytes_aligned!(env!("SIDECAR_BPF_OBJECT"));
 
@@ -93,7 +97,7 @@ pub const SHORTCUT_HOOK: &Hook = &Hook {
     feature: "sk_msg (Linux 4.17+)",
 };
 
-/// Maps that are pinned (and reused by a later init).
+/// Maps that are pinned (and reused by a later init, so live connections keep their state).
 const PINNED_MAPS: &[&str] = &[
     map_names::CONFIG,
     map_names::COUNTERS,
@@ -103,9 +107,10 @@ const PINNED_MAPS: &[&str] = &[
     map_names::EXCLUDED_CIDR4,
     map_names::EXCLUDED_CIDR6,
     map_names::ORIG_DST,
-    map_names::ORIG_DST_BY_PEER,
-    // Reused, never replaced: freeing the socket hash would drop the bytes still queued on
-    // its sockets.
+    map_names::ORIG_DST_HANDOFF,
+    map_names::ACCEPTED_ORIG_DST,
+    // Reused, never replaced once it holds sockets: freeing the socket hash would drop the
+    // bytes still queued on them.
     map_names::SHORTCUT_SOCKETS,
     map_names::SHORTCUT_FALLBACK,
 ];
@@ -136,8 +141,8 @@ pub struct EbpfTarget<'a> {
     pub cgroup: &'a Cgroup,
     /// A proxy in a sibling cgroup gets the SO_ORIGINAL_DST answer there too.
     pub proxy_cgroup: Option<&'a Cgroup>,
-    /// Capacity of the original-destination index (concurrent redirected connections).
-    pub max_tracked_connections: u32,
+    /// Connections the sockmap shortcut holds at once (with `sockmap_shortcut`).
+    pub shortcut_connections: u32,
     /// The pod's network namespace (an open `/proc/<pid>/ns/net` or `/run/netns/<name>`),
     /// for inbound capture; `None` when inbound capture is off.
     pub netns: Option<(&'a std::fs::File, &'a Path)>,
@@ -165,17 +170,22 @@ fn install_inner(
     let EbpfTarget {
         cgroup,
         proxy_cgroup,
-        max_tracked_connections,
+        shortcut_connections,
         netns,
         sockmap_shortcut,
     } = *target;
     std::fs::create_dir_all(pin_dir)
         .with_context(|| format!("cannot create pin directory {}", pin_dir.display()))?;
-    let mut ebpf = load(pin_dir, max_tracked_connections)?;
+    let shortcut_capacity = if sockmap_shortcut {
+        shortcut_connections.saturating_mul(2)
+    } else {
+        1 // created (the programs reference it) but never used
+    };
+    drop_incompatible_pins(pin_dir, shortcut_capacity)?;
+    let mut ebpf = load(pin_dir, shortcut_capacity)?;
     if sockmap_shortcut {
         attach_shortcut(&mut ebpf)?;
     }
-    configure(&mut ebpf, settings, sockmap_shortcut)?;
 
     let mut links: Vec<(String, OwnedFd)> = Vec::new();
     let cgroup_fd = cgroup.open()?;
@@ -194,17 +204,29 @@ fn install_inner(
         let link = attach(&mut ebpf, NETNS_HOOK, netns_file.as_fd(), netns_path)?;
         links.push((link_pin_name(NETNS_HOOK.program, AttachPoint::Netns), link));
     }
-    swap_in_links(pin_dir, links)
+    swap_in_links(pin_dir, links)?;
+    // Last: until here a failure leaves the previous configuration in force (a re-init's new
+    // programs read the same maps), and a first install's programs do nothing until their
+    // configuration exists (outbound port 0 means "not configured": connects go direct).
+    configure(&mut ebpf, settings, sockmap_shortcut)
 }
 
-fn load(pin_dir: &Path, max_tracked_connections: u32) -> Result<Ebpf> {
+fn load(pin_dir: &Path, shortcut_capacity: u32) -> Result<Ebpf> {
     let paths: Vec<(&str, PathBuf)> = PINNED_MAPS
         .iter()
         .map(|name| (*name, map_pin_path(pin_dir, name)))
         .collect();
     let mut loader = EbpfLoader::new();
-    // Applies when the index is created; a reused pinned index keeps its capacity.
-    loader.map_max_entries(map_names::ORIG_DST_BY_PEER, max_tracked_connections);
+    // Applies when the hash is created: a reused pinned hash keeps its capacity (see
+    // drop_incompatible_pins).
+    loader.map_max_entries(map_names::SHORTCUT_SOCKETS, shortcut_capacity);
+    // One log ring per node, shared by every capture: a ring per pod would cost more kernel
+    // memory than all its other maps together.
+    let node_dir = node_dir_of(pin_dir)?;
+    std::fs::create_dir_all(&node_dir)
+        .with_context(|| format!("cannot create {}", node_dir.display()))?;
+    let ring = map_pin_path(&node_dir, map_names::KERNEL_LOGS);
+    loader.map_pin_path(map_names::KERNEL_LOGS, ring.as_path());
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
     }
@@ -215,6 +237,43 @@ fn load(pin_dir: &Path, max_tracked_connections: u32) -> Result<Ebpf> {
         load_program(&mut ebpf, hook)?;
     }
     Ok(ebpf)
+}
+
+/// Unpins maps a new load must not reuse, so it creates them afresh: a map of an older layout
+/// (another type or key/value size than this build's object), and the shortcut's socket hash
+/// when it is too small for the capacity asked (it was created for the shortcut off, so it
+/// holds no socket). Programs still attached keep the maps they have until they are replaced.
+fn drop_incompatible_pins(pin_dir: &Path, shortcut_capacity: u32) -> Result<()> {
+    let object = aya_obj::Object::parse(BPF_OBJECT)
+        .map_err(|e| anyhow!("cannot parse the BPF object: {e}"))?;
+    for name in PINNED_MAPS {
+        let path = map_pin_path(pin_dir, name);
+        let Ok(pinned) = aya::maps::MapInfo::from_pin(&path) else {
+            continue;
+        };
+        let wanted = object
+            .maps
+            .get(*name)
+            .ok_or_else(|| anyhow!("map {name} missing from the BPF object"))?;
+        let same_layout = pinned.key_size() == wanted.key_size()
+            && pinned.value_size() == wanted.value_size()
+            && pinned.map_type().ok().map(|t| t as u32) == Some(wanted.map_type());
+        let too_small =
+            *name == map_names::SHORTCUT_SOCKETS && pinned.max_entries() < shortcut_capacity;
+        if !same_layout || too_small {
+            std::fs::remove_file(&path)
+                .with_context(|| format!("cannot replace the pinned map {}", path.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// The node-wide directory beside a capture's pin directory.
+fn node_dir_of(pin_dir: &Path) -> Result<PathBuf> {
+    let sidecar_dir = pin_dir
+        .parent()
+        .ok_or_else(|| anyhow!("pin directory {} has no parent", pin_dir.display()))?;
+    Ok(sidecar_dir.join("node"))
 }
 
 fn load_program(ebpf: &mut Ebpf, hook: &Hook) -> Result<()> {
@@ -324,26 +383,23 @@ fn configure(ebpf: &mut Ebpf, settings: &CaptureSettings, sockmap_shortcut: bool
             0
         },
     };
-    let mut config_map: Array<&mut MapData, CaptureConfig> =
-        Array::try_from(map(ebpf, map_names::CONFIG)?)?;
-    config_map.set(0, config, 0)?;
-
-    let mut ports: Array<&mut MapData, u64> =
-        Array::try_from(map(ebpf, map_names::EXCLUDED_PORTS)?)?;
-    for (index, word) in settings.excluded_ports.to_bitmap().into_iter().enumerate() {
-        ports.set(index as u32, word, 0)?;
-    }
-
-    let mut inbound: Array<&mut MapData, u64> =
-        Array::try_from(map(ebpf, map_names::EXCLUDED_INBOUND_PORTS)?)?;
-    for (index, word) in settings
-        .inbound_exclusions()
-        .to_bitmap()
-        .into_iter()
-        .enumerate()
-    {
-        inbound.set(index as u32, word, 0)?;
-    }
+    let port_keys = |ranges: &PortRanges| -> Vec<Key<[u8; 2]>> {
+        ranges
+            .to_prefixes()
+            .into_iter()
+            .map(|(len, first)| Key::new(len, first.to_be_bytes()))
+            .collect()
+    };
+    replace_trie(
+        ebpf,
+        map_names::EXCLUDED_PORTS,
+        &port_keys(&settings.excluded_ports),
+    )?;
+    replace_trie(
+        ebpf,
+        map_names::EXCLUDED_INBOUND_PORTS,
+        &port_keys(&settings.inbound_exclusions()),
+    )?;
 
     let v4: Vec<Key<[u8; 4]>> = settings
         .excluded_cidrs
@@ -363,23 +419,41 @@ fn configure(ebpf: &mut Ebpf, settings: &CaptureSettings, sockmap_shortcut: bool
         .collect();
     replace_trie(ebpf, map_names::EXCLUDED_CIDR4, &v4)?;
     replace_trie(ebpf, map_names::EXCLUDED_CIDR6, &v6)?;
+    // The one-value configuration last, in a single update: it is what switches behaviour.
+    let mut config_map: Array<&mut MapData, CaptureConfig> =
+        Array::try_from(map(ebpf, map_names::CONFIG)?)?;
+    config_map.set(0, config, 0)?;
     Ok(())
 }
 
 /// Makes the trie hold exactly `keys`: new ones are inserted before stale ones are removed,
-/// so an address excluded before and after is never briefly captured.
+/// so an address excluded before and after is never briefly captured. If an insert fails,
+/// the ones it added are taken out again: the trie is left as it was.
 fn replace_trie<const N: usize>(ebpf: &mut Ebpf, name: &str, keys: &[Key<[u8; N]>]) -> Result<()> {
     let mut trie: LpmTrie<&mut MapData, [u8; N], u8> = LpmTrie::try_from(map(ebpf, name)?)?;
+    let before: BTreeSet<(u32, [u8; N])> = trie
+        .keys()
+        .filter_map(|k| k.ok())
+        .map(|k| (k.prefix_len(), k.data()))
+        .collect();
+    let mut added = Vec::new();
     for key in keys {
-        trie.insert(key, 1, 0)
-            .with_context(|| format!("cannot write {name}"))?;
+        if let Err(error) = trie.insert(key, 1, 0) {
+            for key in &added {
+                let _ = trie.remove(key);
+            }
+            return Err(error).with_context(|| format!("cannot write {name}"));
+        }
+        if !before.contains(&(key.prefix_len(), key.data())) {
+            added.push(Key::new(key.prefix_len(), key.data()));
+        }
     }
     let wanted: BTreeSet<(u32, [u8; N])> =
         keys.iter().map(|k| (k.prefix_len(), k.data())).collect();
-    let stale: Vec<Key<[u8; N]>> = trie
-        .keys()
-        .filter_map(|k| k.ok())
-        .filter(|k| !wanted.contains(&(k.prefix_len(), k.data())))
+    let stale: Vec<Key<[u8; N]>> = before
+        .iter()
+        .filter(|k| !wanted.contains(k))
+        .map(|&(len, data)| Key::new(len, data))
         .collect();
     for key in stale {
         trie.remove(&key)?;
@@ -434,13 +508,13 @@ pub fn read_counters(pin_dir: &Path) -> Result<Vec<(Counter, u64)>> {
         .collect()
 }
 
-/// How many redirected connections the original-destination index holds right now (each
-/// entry goes when its app socket closes).
-pub fn read_tracked_connections(pin_dir: &Path) -> Result<usize> {
-    let data = MapData::from_pin(map_pin_path(pin_dir, map_names::ORIG_DST_BY_PEER))?;
-    let index: aya::maps::HashMap<MapData, sidecar_common::Endpoint, sidecar_common::Endpoint> =
-        aya::maps::HashMap::try_from(aya::maps::Map::HashMap(data))?;
-    Ok(index.keys().filter(|key| key.is_ok()).count())
+/// How many original destinations wait for the proxy's end of their handshake right now: 0
+/// whenever no connect is in flight (each entry moves to the proxy's socket at once).
+pub fn read_pending_handoffs(pin_dir: &Path) -> Result<usize> {
+    let data = MapData::from_pin(map_pin_path(pin_dir, map_names::ORIG_DST_HANDOFF))?;
+    let handoffs: LpmTrie<MapData, Endpoint, Endpoint> =
+        LpmTrie::try_from(aya::maps::Map::LpmTrie(data))?;
+    Ok(handoffs.keys().filter(|key| key.is_ok()).count())
 }
 
 /// Reads back the configuration pinned in `pin_dir`.
@@ -450,12 +524,17 @@ pub fn read_config(pin_dir: &Path) -> Result<CaptureConfig> {
     Ok(config.get(&0, 0)?)
 }
 
-/// Reads back an excluded-port bitmap (`map_names::EXCLUDED_PORTS` or
-/// `EXCLUDED_INBOUND_PORTS`) pinned in `pin_dir`.
-pub fn read_port_bitmap(pin_dir: &Path, map: &str) -> Result<Vec<u64>> {
+/// Reads back an excluded-port set (`map_names::EXCLUDED_PORTS` or `EXCLUDED_INBOUND_PORTS`)
+/// pinned in `pin_dir`.
+pub fn read_port_ranges(pin_dir: &Path, map: &str) -> Result<PortRanges> {
     let data = MapData::from_pin(map_pin_path(pin_dir, map))?;
-    let ports: Array<MapData, u64> = Array::try_from(aya::maps::Map::Array(data))?;
-    Ok(ports.iter().collect::<Result<_, _>>()?)
+    let ports: LpmTrie<MapData, [u8; 2], u8> = LpmTrie::try_from(aya::maps::Map::LpmTrie(data))?;
+    let prefixes: Vec<(u32, u16)> = ports
+        .keys()
+        .flatten()
+        .map(|key| (key.prefix_len(), u16::from_be_bytes(key.data())))
+        .collect();
+    Ok(PortRanges::from_prefixes(&prefixes))
 }
 
 /// Reads back the excluded CIDRs pinned in `pin_dir`.

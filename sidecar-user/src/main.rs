@@ -6,10 +6,12 @@
 //! - `sidecar proxy`: the userspace proxy the captured connections are sent to.
 mod bpffs;
 mod capture_settings;
+mod captures;
 mod cgroup;
 mod commands;
 mod ebpf_capture;
 mod iptables_capture;
+mod kernel_memory;
 mod pod_annotations;
 mod probe;
 mod proxy;

@@ -78,6 +78,26 @@ fn bad_input_is_rejected_with_a_clear_error() {
         &sidecar(&["init", "--cgroup", &cgroup]),
         "refusing to capture inbound traffic of the host's network namespace",
     );
+    // Named explicitly, the host's namespace is refused all the same.
+    assert_fails_with(
+        &sidecar(&["init", "--cgroup", &cgroup, "--netns", "/proc/self/ns/net"]),
+        "refusing to capture inbound traffic of the host's network namespace",
+    );
+    // The cgroup root is the whole node; `..` climbs out of the path named.
+    let root = cgroup2_root().unwrap().to_string_lossy().into_owned();
+    assert_fails_with(
+        &sidecar(&["init", "--cgroup", &root, "--no-inbound-capture"]),
+        "refusing the cgroup v2 root",
+    );
+    assert_fails_with(
+        &sidecar(&["init", "--cgroup", "/", "--no-inbound-capture"]),
+        "refusing the cgroup v2 root",
+    );
+    let climbing = format!("{cgroup}/../..");
+    assert_fails_with(
+        &sidecar(&["init", "--cgroup", &climbing, "--no-inbound-capture"]),
+        "contains `..`",
+    );
     assert_fails_with(
         &sidecar(&["init", "--cgroup", &cgroup, "--netns", "/no/such/netns"]),
         "cannot open network namespace /no/such/netns",
@@ -87,6 +107,7 @@ fn bad_input_is_rejected_with_a_clear_error() {
         "invalid --inbound-port 15001",
     );
     assert_fails_with(&sidecar(&["cleanup"]), "say what to clean up");
+    assert_fails_with(&sidecar(&["cleanup", "--include-live"]), "--all");
     let no_owner = pod
         .command(sidecar_bin())
         .args([

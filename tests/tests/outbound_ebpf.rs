@@ -64,11 +64,11 @@ fn intercepts_ipv4_ipv6_and_mapped_with_the_proxy_in_the_pod() {
     assert_eq!(counters["bypassed_uid_gid"], 3, "{counters:?}");
     assert_eq!(counters["errors"], 0, "{counters:?}");
     assert_eq!(mesh.proxy_metric("sidecar_outbound_failures_total"), 0);
-    // Every connection has closed: the kernel's index holds nothing for them any more.
+    // Each original destination moved to the proxy's socket: nothing waits in the handoff.
     let status = mesh.ebpf_status().expect("status");
     assert_eq!(
-        status["tracked_connections"], 0,
-        "index entries left behind: {status}"
+        status["pending_handoffs"], 0,
+        "handoff entries left behind: {status}"
     );
 }
 
@@ -301,13 +301,13 @@ print("ok")
 }
 
 #[test]
-fn a_full_index_resets_the_connection_and_says_so() {
-    let mut mesh = MeshLab::new("ebpf-full", Layout::EbpfProxyInPod);
-    mesh.init(&["--max-tracked-connections", "1"]);
+fn long_lived_connections_hold_no_kernel_entry_and_kernel_logs_follow() {
+    let mut mesh = MeshLab::new("ebpf-held", Layout::EbpfProxyInPod);
+    mesh.init(&[]);
     mesh.start_proxy();
     let cgroup = mesh.client.cgroup().to_string_lossy().into_owned();
     let mut logs = std::process::Command::new(sidecar_bin())
-        .args(["kernel-logs", "--cgroup", &cgroup, "--duration", "4s"])
+        .args(["kernel-logs", "--cgroup", &cgroup, "--duration", "2s"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -322,39 +322,26 @@ fn a_full_index_resets_the_connection_and_says_so() {
         following.contains("following"),
         "kernel-logs did not start: {following}"
     );
-
-    // One connection holds the only slot of the index...
+    // Open connections keep their original destination on the proxy's socket only: no map
+    // entry per connection, so no capacity to exhaust with long-lived connections.
     let holder = mesh
         .client
         .command("python3")
         .in_cgroup(&mesh.app_cgroup)
-        .args(["-c", &format!("import socket,time; s=socket.create_connection(('{}', 8080)); print('held', flush=True); time.sleep(3)", mesh.server.ipv4())])
+        .args(["-c", &format!("import socket,time; c=[socket.create_connection(('{}', 8080)) for _ in range(20)]; print('held', flush=True); time.sleep(3)", mesh.server.ipv4())])
         .spawn()
         .expect("holder");
     holder
         .wait_for_stdout("held", std::time::Duration::from_secs(5))
         .expect("holder connected");
-    // ...so the next one cannot be routed: the app sees a reset, never a silent hang.
-    let refused = mesh
-        .connect_as(mesh.server_v4(ECHO_PORT), None)
-        .expect_err("second connection must fail");
-    assert!(
-        refused.contains("reset")
-            || refused.contains("closed")
-            // A reset that lands before the client's half-close surfaces as ENOTCONN (seen on
-            // slow, emulated kernels: cargo xtask vm-test).
-            || refused.contains("not connected"),
-        "{refused}"
-    );
+    let status = mesh.ebpf_status().expect("status");
+    assert_eq!(status["pending_handoffs"], 0, "{status}");
+    assert!(mesh.connect(mesh.server_v4(ECHO_PORT)).echo_ok);
     let counters = mesh.bpf_counters();
-    assert_eq!(counters["errors"], 1, "{counters:?}");
-    assert_eq!(mesh.proxy_metric("sidecar_outbound_failures_total"), 1);
+    assert_eq!(counters["errors"], 0, "{counters:?}");
+    assert_eq!(counters["orig_dst_served"], 21, "{counters:?}");
     let out = logs.wait_with_output().expect("kernel-logs output");
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        text.contains("index full"),
-        "kernel log line missing:\n{text}"
-    );
+    assert!(out.status.success(), "kernel-logs: {out:?}");
     drop(holder);
 }
 

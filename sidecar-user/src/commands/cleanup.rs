@@ -1,19 +1,29 @@
-//! `sidecar cleanup`: removes every program, link, pin and rule `sidecar init` created.
+//! `sidecar cleanup`: removes what `sidecar init` created, never a live pod's capture unless
+//! told so by name (`--cgroup`) or explicitly (`--all --include-live`).
 use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 use clap::Args;
 
-use crate::{bpffs, cgroup::Cgroup, ebpf_capture, iptables_capture};
+use crate::{bpffs, captures, cgroup::Cgroup, ebpf_capture, iptables_capture};
 
 #[derive(Args, Debug)]
 pub struct CleanupArgs {
-    /// The pod cgroup given to `sidecar init`: its pins are removed, detaching the programs.
+    /// The pod cgroup given to `sidecar init`: its capture is removed (its programs detach).
     #[arg(long)]
     pub cgroup: Option<PathBuf>,
-    /// Remove the pins of every captured cgroup, including ones whose cgroup is gone.
+    /// Remove exactly the captures whose cgroup is gone (deleted pods). Live pods' captures
+    /// are never touched: safe to run at any time on a node (`sidecar node-agent` does it).
     #[arg(long, conflicts_with = "cgroup")]
+    pub stale: bool,
+    /// Remove every capture on this node. Refused, with the live pods listed, while any pod
+    /// still exists, unless --include-live is given too.
+    #[arg(long, conflicts_with_all = ["cgroup", "stale"])]
     pub all: bool,
+    /// With --all: also remove the captures of live pods. Their traffic then goes direct,
+    /// uncaptured and in plaintext, until their capture is installed again.
+    #[arg(long, requires = "all")]
+    pub include_live: bool,
     /// Also remove the iptables-mode rules of the current network namespace.
     #[arg(long)]
     pub iptables: bool,
@@ -23,26 +33,48 @@ pub struct CleanupArgs {
 
 pub fn run(args: CleanupArgs) -> Result<()> {
     super::require_root("sidecar cleanup")?;
-    if args.cgroup.is_none() && !args.all && !args.iptables {
-        bail!("say what to clean up: --cgroup PATH, --all, and/or --iptables");
+    if args.cgroup.is_none() && !args.stale && !args.all && !args.iptables {
+        bail!("say what to clean up: --cgroup PATH, --stale, --all, and/or --iptables");
     }
     let mut removed = Vec::new();
-    let pin_dirs = if args.all {
-        std::fs::read_dir(bpffs::sidecar_dir(&args.bpffs))
-            .map(|entries| entries.flatten().map(|e| e.path()).collect())
-            .unwrap_or_default()
-    } else if let Some(path) = &args.cgroup {
-        vec![bpffs::pin_dir(&args.bpffs, Cgroup::resolve(path)?.id)]
-    } else {
-        Vec::new()
-    };
-    for dir in pin_dirs {
-        for pin in ebpf_capture::remove_pins(&dir)? {
-            removed.push(format!("{}/{pin}", dir.display()));
+    if args.cgroup.is_some() || args.stale || args.all {
+        let lock = bpffs::lock(&args.bpffs)?;
+        let pin_dirs = if let Some(path) = &args.cgroup {
+            vec![bpffs::pin_dir(&args.bpffs, Cgroup::resolve(path)?.id)]
+        } else {
+            let all = captures::list(&args.bpffs)?;
+            let live: Vec<String> = all
+                .iter()
+                .filter_map(|c| c.cgroup.as_ref().map(|p| p.display().to_string()))
+                .collect();
+            if args.all && !args.include_live && !live.is_empty() {
+                bail!(
+                    "refusing to remove the capture of {} live pod(s): their traffic would go \
+                     direct, uncaptured. Use --stale for deleted pods only, --cgroup PATH for one \
+                     pod, or --all --include-live to remove them anyway. Live: {}",
+                    live.len(),
+                    live.join(", ")
+                );
+            }
+            all.into_iter()
+                .filter(|c| args.all || c.is_stale())
+                .map(|c| c.pin_dir)
+                .collect()
+        };
+        for dir in pin_dirs {
+            for pin in ebpf_capture::remove_pins(&dir)? {
+                removed.push(format!("{}/{pin}", dir.display()));
+            }
+        }
+        // Node-wide state (the log ring) goes once no capture is left.
+        if captures::list(&args.bpffs)?.is_empty() {
+            let node = bpffs::node_dir(&args.bpffs);
+            for pin in ebpf_capture::remove_pins(&node)? {
+                removed.push(format!("{}/{pin}", node.display()));
+            }
+            bpffs::remove_sidecar_dir_if_empty(&args.bpffs, &lock);
         }
     }
-    // The parent directory goes too once no capture is left in it.
-    let _ = std::fs::remove_dir(bpffs::sidecar_dir(&args.bpffs));
     if args.iptables {
         removed.extend(iptables_capture::remove()?);
     }

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use ipnet::IpNet;
-use sidecar_common::{DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT, MAX_TRACKED_CONNECTIONS};
+use sidecar_common::{DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT, DEFAULT_SHORTCUT_CONNECTIONS};
 
 use crate::{
     bpffs,
@@ -73,19 +73,24 @@ pub struct InitArgs {
     #[arg(long, default_value = "")]
     pub exclude_inbound_ports: PortRanges,
     /// eBPF mode: the pod's network namespace for inbound capture, e.g. /run/netns/NAME or
-    /// /proc/PID/ns/net (default: this process's, unless that is PID 1's: see the docs).
+    /// /proc/PID/ns/net (default: this process's). The host's is refused, however named.
     #[arg(long)]
     pub netns: Option<PathBuf>,
-    /// eBPF mode: how many redirected connections can be open at once (the original-destination
-    /// index; a connection beyond it is reset and counted as an error). Set on first install.
-    #[arg(long, default_value_t = MAX_TRACKED_CONNECTIONS)]
-    pub max_tracked_connections: u32,
+    /// Capture inbound traffic even if the namespace is the host's (a node's own inbound
+    /// connections would all go to the proxy, or be refused without one).
+    #[arg(long)]
+    pub allow_host_netns: bool,
     /// eBPF mode: short-circuit the loopback hop between the app and its proxy with sockmap
     /// (sk_msg redirect on a sockhash): less CPU per message, a little more per connection.
     /// Only for apps with nonblocking sockets: the kernel can fail a blocking read with EAGAIN
     /// on a socket in a sockmap (docs/ARCHITECTURE.md).
     #[arg(long)]
     pub sockmap: bool,
+    /// With --sockmap: how many app-proxy connections the shortcut holds at once (its socket
+    /// hash is sized for this, 32 bytes of kernel memory per connection; a connection beyond it
+    /// stays on TCP). Raised by a later init, never lowered while sockets may be in it.
+    #[arg(long, default_value_t = DEFAULT_SHORTCUT_CONNECTIONS, requires = "sockmap")]
+    pub sockmap_max_connections: u32,
     /// Where bpffs is (mounted there if it is not).
     #[arg(long, default_value = bpffs::DEFAULT_BPFFS)]
     pub bpffs: PathBuf,
@@ -208,20 +213,17 @@ fn init_ebpf(args: &InitArgs, settings: &CaptureSettings) -> Result<()> {
         .as_deref()
         .map(Cgroup::resolve)
         .transpose()?;
-    probe::require_ebpf_capture_support(probe::Options {
-        inbound: settings.inbound_port.is_some(),
-        sockmap: args.sockmap,
-    })?;
-    bpffs::ensure_mounted(&args.bpffs)?;
-    let pin_dir = bpffs::pin_dir(&args.bpffs, cgroup.id);
-    if args.max_tracked_connections == 0 {
-        bail!("invalid --max-tracked-connections 0");
+    if args.sockmap_max_connections == 0 {
+        bail!("invalid --sockmap-max-connections 0");
     }
     let netns_path = match (&args.netns, settings.inbound_port) {
         (Some(path), _) => path.clone(),
-        (None, Some(_)) => default_netns()?,
+        (None, Some(_)) => PathBuf::from("/proc/self/ns/net"),
         (None, None) => PathBuf::new(),
     };
+    if settings.inbound_port.is_some() && !args.allow_host_netns {
+        refuse_host_netns(&netns_path)?;
+    }
     let netns = match settings.inbound_port {
         Some(_) => Some(std::fs::File::open(&netns_path).with_context(|| {
             format!(
@@ -231,10 +233,18 @@ fn init_ebpf(args: &InitArgs, settings: &CaptureSettings) -> Result<()> {
         })?),
         None => None,
     };
+    probe::require_ebpf_capture_support(probe::Options {
+        inbound: settings.inbound_port.is_some(),
+        sockmap: args.sockmap,
+    })?;
+    bpffs::ensure_mounted(&args.bpffs)?;
+    // Held until init exits: a concurrent init or cleanup waits for a complete capture.
+    let _lock = bpffs::lock(&args.bpffs)?;
+    let pin_dir = bpffs::pin_dir(&args.bpffs, cgroup.id);
     let target = ebpf_capture::EbpfTarget {
         cgroup: &cgroup,
         proxy_cgroup: proxy_cgroup.as_ref(),
-        max_tracked_connections: args.max_tracked_connections,
+        shortcut_connections: args.sockmap_max_connections,
         netns: netns.as_ref().map(|file| (file, netns_path.as_path())),
         sockmap_shortcut: args.sockmap,
     };
@@ -257,24 +267,26 @@ fn init_ebpf(args: &InitArgs, settings: &CaptureSettings) -> Result<()> {
 /// The initial ("host") network namespace has this inode on recent kernels.
 const INIT_NET_INODE: u64 = 0xEFFF_FFF9;
 
-/// The caller's network namespace, unless it is the host's: run outside a pod (on a node, in a
-/// lab), capturing the host's inbound traffic by accident would cut the node off. The host's
-/// is recognised by its fixed inode (recent kernels) or by being PID 1's. Inside a pod's init
-/// container, say `--netns /proc/self/ns/net` explicitly.
-fn default_netns() -> Result<PathBuf> {
+/// Refuses the host's ("initial") network namespace: run outside a pod (on a node, in a lab,
+/// or in a pod that ended up with hostNetwork), capturing the host's inbound traffic by
+/// accident would cut the node off. The host's is recognised by its fixed inode (every kernel
+/// since 3.8) or by being PID 1's.
+fn refuse_host_netns(path: &std::path::Path) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
-    let own = PathBuf::from("/proc/self/ns/net");
-    let identity = |path: &str| std::fs::metadata(path).map(|m| (m.dev(), m.ino()));
-    let own_id = identity("/proc/self/ns/net").context("cannot read /proc/self/ns/net")?;
-    let is_pid1s = identity("/proc/1/ns/net").is_ok_and(|init| init == own_id);
-    if own_id.1 == INIT_NET_INODE || is_pid1s {
+    let identity = |path: &std::path::Path| std::fs::metadata(path).map(|m| (m.dev(), m.ino()));
+    let target = identity(path)
+        .with_context(|| format!("cannot open network namespace {} (--netns)", path.display()))?;
+    let is_pid1s =
+        identity(std::path::Path::new("/proc/1/ns/net")).is_ok_and(|init| init == target);
+    if target.1 == INIT_NET_INODE || is_pid1s {
         bail!(
-            "refusing to capture inbound traffic of the host's network namespace by default: \
-             pass --netns PATH for the pod's namespace (--netns /proc/self/ns/net if this one \
-             is meant), or --no-inbound-capture"
+            "refusing to capture inbound traffic of the host's network namespace ({}): pass \
+             --netns PATH of the pod's namespace, --no-inbound-capture, or \
+             --allow-host-netns if the host's is really meant",
+            path.display()
         );
     }
-    Ok(own)
+    Ok(())
 }
 
 fn inbound_text(settings: &CaptureSettings) -> String {

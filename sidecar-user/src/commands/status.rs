@@ -12,11 +12,11 @@ use serde::Serialize;
 use sidecar_common::map_names;
 
 use crate::{
-    bpffs,
-    capture_settings::PortRanges,
-    cgroup::Cgroup,
+    bpffs, captures,
     ebpf_capture::{self, AttachPoint, Hook, NETNS_HOOK, POD_HOOKS, PROXY_HOOKS},
-    iptables_capture, sys,
+    iptables_capture,
+    kernel_memory::KernelMemory,
+    sys,
 };
 
 #[derive(Args, Debug)]
@@ -38,7 +38,8 @@ pub struct Status {
 #[derive(Serialize)]
 pub struct CgroupCapture {
     pub cgroup_id: u64,
-    /// None when the cgroup no longer exists (stale pins: run `sidecar cleanup --all`).
+    /// None when the cgroup no longer exists (a deleted pod's capture: `sidecar cleanup
+    /// --stale` removes it, and `sidecar node-agent` does so by itself).
     pub cgroup: Option<PathBuf>,
     pub pin_dir: PathBuf,
     pub outbound_port: u32,
@@ -55,8 +56,11 @@ pub struct CgroupCapture {
     /// Pinned link name -> attached program IDs the kernel reports for that hook.
     pub links: Vec<LinkStatus>,
     pub counters: std::collections::BTreeMap<String, u64>,
-    /// Redirected connections currently in the original-destination index.
-    pub tracked_connections: usize,
+    /// Original destinations waiting for the proxy's end of their handshake (0 at rest).
+    pub pending_handoffs: usize,
+    /// Kernel memory of this capture's programs and maps (their `memlock`), node-wide maps
+    /// excluded; socket storage is charged to each socket, not here.
+    pub kernel_memory_bytes: u64,
 }
 
 #[derive(Serialize)]
@@ -85,17 +89,15 @@ pub fn run(args: StatusArgs) -> Result<()> {
 
 fn collect(bpffs_root: &Path) -> Result<Status> {
     let mut ebpf = Vec::new();
-    if let Ok(entries) = std::fs::read_dir(bpffs::sidecar_dir(bpffs_root)) {
-        for entry in entries.flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let Some(id) = name.strip_prefix("cgroup-").and_then(|id| id.parse().ok()) else {
-                continue;
-            };
-            // A capture being installed or removed right now may be half there: say so and go on.
-            match describe_cgroup(id, &entry.path()) {
-                Ok(capture) => ebpf.push(capture),
-                Err(e) => eprintln!("sidecar status: skipping {}: {e:#}", entry.path().display()),
-            }
+    let memory = KernelMemory::scan(&bpffs::node_dir(bpffs_root))?;
+    for capture in captures::list(bpffs_root)? {
+        // A capture being installed or removed right now may be half there: say so and go on.
+        match describe_cgroup(&capture, &memory) {
+            Ok(described) => ebpf.push(described),
+            Err(e) => eprintln!(
+                "sidecar status: skipping {}: {e:#}",
+                capture.pin_dir.display()
+            ),
         }
     }
     let iptables = iptables_capture::describe()
@@ -105,14 +107,15 @@ fn collect(bpffs_root: &Path) -> Result<Status> {
     Ok(Status { ebpf, iptables })
 }
 
-fn describe_cgroup(cgroup_id: u64, pin_dir: &Path) -> Result<CgroupCapture> {
+fn describe_cgroup(capture: &captures::Capture, memory: &KernelMemory) -> Result<CgroupCapture> {
+    let (cgroup_id, pin_dir) = (capture.cgroup_id, capture.pin_dir.as_path());
     let config = ebpf_capture::read_config(pin_dir).with_context(|| {
         format!(
             "cannot read the configuration pinned in {}",
             pin_dir.display()
         )
     })?;
-    let cgroup = Cgroup::find_by_id(cgroup_id);
+    let cgroup = capture.cgroup.clone();
     let cgroup_file = cgroup.as_ref().and_then(|p| std::fs::File::open(p).ok());
     let mut links = Vec::new();
     for entry in std::fs::read_dir(pin_dir)?.flatten() {
@@ -145,10 +148,8 @@ fn describe_cgroup(cgroup_id: u64, pin_dir: &Path) -> Result<CgroupCapture> {
         .into_iter()
         .map(|(counter, value)| (counter.name().to_string(), value))
         .collect();
-    let ports = |map| -> Result<String> {
-        let bitmap = ebpf_capture::read_port_bitmap(pin_dir, map)?;
-        Ok(PortRanges::from_bitmap(&bitmap).to_string())
-    };
+    let ports =
+        |map| -> Result<String> { Ok(ebpf_capture::read_port_ranges(pin_dir, map)?.to_string()) };
     Ok(CgroupCapture {
         cgroup_id,
         cgroup,
@@ -166,7 +167,8 @@ fn describe_cgroup(cgroup_id: u64, pin_dir: &Path) -> Result<CgroupCapture> {
         sockmap_shortcut: config.flags & sidecar_common::CaptureConfig::SOCKMAP_SHORTCUT != 0,
         links,
         counters,
-        tracked_connections: ebpf_capture::read_tracked_connections(pin_dir)?,
+        pending_handoffs: ebpf_capture::read_pending_handoffs(pin_dir)?,
+        kernel_memory_bytes: memory.of_capture(pin_dir)?,
     })
 }
 
@@ -190,7 +192,10 @@ fn print_text(status: &Status) {
             .cgroup
             .as_ref()
             .map(|p| p.display().to_string())
-            .unwrap_or_else(|| "<cgroup gone: stale pins, run `sidecar cleanup --all`>".into());
+            .unwrap_or_else(|| {
+                "<cgroup gone: a deleted pod's capture, `sidecar cleanup --stale` removes it>"
+                    .into()
+            });
         println!("eBPF capture on {cgroup} (cgroup id {})", capture.cgroup_id);
         println!("  pins:           {}", capture.pin_dir.display());
         println!("  outbound port:  {}", capture.outbound_port);
@@ -230,7 +235,11 @@ fn print_text(status: &Status) {
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
         println!("  counters:       {}", counters.join(" "));
-        println!("  tracked connections: {}", capture.tracked_connections);
+        println!("  pending handoffs: {}", capture.pending_handoffs);
+        println!(
+            "  kernel memory:  {:.1} KiB (programs and maps, memlock)",
+            capture.kernel_memory_bytes as f64 / 1024.0
+        );
     }
     if status.iptables.is_empty() {
         println!("iptables capture (this netns): none installed");

@@ -56,10 +56,6 @@ pub struct ProxyArgs {
     #[arg(long, value_name = "HOST:PORT")]
     pub target: Option<String>,
 
-    /// Pinned BPF map indexing original destinations by peer (with `--orig-dst bpf-map` only).
-    #[arg(long, value_name = "PATH")]
-    pub bpf_map: Option<PathBuf>,
-
     /// Give up on an upstream connect after this long (e.g. `10s`, `500ms`).
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub connect_timeout: Duration,
@@ -102,7 +98,6 @@ pub struct ProxyArgs {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OrigDstSource {
     Sockopt,
-    BpfMap(PathBuf),
     Explicit(SocketAddr),
 }
 
@@ -144,15 +139,8 @@ impl TryFrom<&ProxyArgs> for ProxyConfig {
         if args.target.is_some() && args.orig_dst != OrigDstMode::Explicit {
             bail!("--target is only valid with --orig-dst explicit");
         }
-        if args.bpf_map.is_some() && args.orig_dst != OrigDstMode::BpfMap {
-            bail!("--bpf-map is only valid with --orig-dst bpf-map");
-        }
         let orig_dst = match args.orig_dst {
             OrigDstMode::Sockopt => OrigDstSource::Sockopt,
-            OrigDstMode::BpfMap => match &args.bpf_map {
-                Some(path) => OrigDstSource::BpfMap(path.clone()),
-                None => bail!("--orig-dst bpf-map requires --bpf-map PATH"),
-            },
             OrigDstMode::Explicit => match &args.target {
                 Some(target) => OrigDstSource::Explicit(resolve_target(target)?),
                 None => bail!("--orig-dst explicit requires --target HOST:PORT"),
@@ -243,9 +231,7 @@ mod tests {
     #[test]
     fn each_source_requires_its_argument_and_only_it() -> anyhow::Result<()> {
         assert!(config(&["--orig-dst", "explicit"]).is_err());
-        assert!(config(&["--orig-dst", "bpf-map"]).is_err());
         assert!(config(&["--target", "127.0.0.1:80"]).is_err());
-        assert!(config(&["--bpf-map", "/sys/fs/bpf/x"]).is_err());
         assert!(config(&["--orig-dst", "explicit", "--target", "no-port"]).is_err());
 
         let explicit = config(&["--orig-dst", "explicit", "--target", "127.0.0.1:8080"])?;
@@ -253,8 +239,6 @@ mod tests {
             explicit.orig_dst,
             OrigDstSource::Explicit("127.0.0.1:8080".parse()?)
         );
-        let map = config(&["--orig-dst", "bpf-map", "--bpf-map", "/sys/fs/bpf/m"])?;
-        assert_eq!(map.orig_dst, OrigDstSource::BpfMap("/sys/fs/bpf/m".into()));
         Ok(())
     }
 

@@ -73,7 +73,7 @@ use self::{
     mesh::{Mesh, MeshHandle},
     mesh_watch::MeshSource,
     metrics::{Direction, LocalWorkload, Metrics},
-    orig_dst::{BpfMapOrigDst, ExplicitOrigDst, InboundOrigDst, OriginalDst, SockoptOrigDst},
+    orig_dst::{ExplicitOrigDst, InboundOrigDst, OriginalDst, SockoptOrigDst},
     outbound::OutboundProxy,
 };
 
@@ -199,10 +199,6 @@ async fn serve(config: ProxyConfig, log_level: LogLevel) -> anyhow::Result<()> {
 fn original_dst(source: &OrigDstSource) -> anyhow::Result<Arc<dyn OriginalDst>> {
     Ok(match source {
         OrigDstSource::Sockopt => Arc::new(SockoptOrigDst),
-        OrigDstSource::BpfMap(path) => Arc::new(
-            BpfMapOrigDst::open(path)
-                .with_context(|| format!("cannot open the pinned BPF map {}", path.display()))?,
-        ),
         OrigDstSource::Explicit(target) => Arc::new(ExplicitOrigDst(*target)),
     })
 }

@@ -1,14 +1,11 @@
-//! Where an accepted connection was originally going: one interface, three sources.
+//! Where an accepted connection was originally going: one interface, several sources.
 use std::{
     io,
-    net::{IpAddr, Ipv6Addr, SocketAddr},
-    path::Path,
+    net::{IpAddr, SocketAddr},
 };
 
-use aya::maps::{HashMap, Map, MapData};
 use clap::ValueEnum;
 use rustix::net::sockopt;
-use sidecar_common::Endpoint;
 use tokio::net::TcpStream;
 
 /// The `--orig-dst` choices (outbound), also the `orig_dst_source` field of access logs.
@@ -16,8 +13,6 @@ use tokio::net::TcpStream;
 pub enum OrigDstMode {
     /// `SO_ORIGINAL_DST`, answered by iptables' conntrack or by the eBPF getsockopt shim.
     Sockopt,
-    /// A lookup by peer address in the pinned eBPF index.
-    BpfMap,
     /// A fixed target, for tests and a no-capture baseline.
     Explicit,
 }
@@ -26,7 +21,6 @@ impl OrigDstMode {
     pub const fn name(self) -> &'static str {
         match self {
             OrigDstMode::Sockopt => "sockopt",
-            OrigDstMode::BpfMap => "bpf-map",
             OrigDstMode::Explicit => "explicit",
         }
     }
@@ -71,35 +65,6 @@ impl OriginalDst for InboundOrigDst {
     }
 }
 
-/// Reads the pinned peer -> original-destination index the sock_ops program maintains.
-pub struct BpfMapOrigDst {
-    index: HashMap<MapData, Endpoint, Endpoint>,
-}
-
-impl BpfMapOrigDst {
-    pub fn open(path: &Path) -> anyhow::Result<Self> {
-        let map_data = MapData::from_pin(path)?;
-        let index = HashMap::try_from(Map::from_map_data(map_data)?)?;
-        Ok(BpfMapOrigDst { index })
-    }
-}
-
-impl OriginalDst for BpfMapOrigDst {
-    fn lookup(&self, accepted: &TcpStream) -> io::Result<(SocketAddr, &'static str)> {
-        // The index is keyed by the app socket's local address, i.e. our peer.
-        let peer = accepted.peer_addr()?;
-        let key = Endpoint::from_octets(ipv6_octets(peer.ip()), peer.port());
-        let orig = self.index.get(&key, 0).map_err(|error| match error {
-            aya::maps::MapError::KeyNotFound => io::Error::new(
-                io::ErrorKind::NotFound,
-                format!("no original destination indexed for peer {peer}"),
-            ),
-            other => io::Error::other(other),
-        })?;
-        Ok((endpoint_to_socket_addr(&orig)?, OrigDstMode::BpfMap.name()))
-    }
-}
-
 /// Every connection goes to one configured target.
 pub struct ExplicitOrigDst(pub SocketAddr);
 
@@ -121,28 +86,6 @@ fn unmap_v4(addr: SocketAddr) -> SocketAddr {
     }
 }
 
-/// The 16-byte form the BPF side stores: IPv4 as IPv4-mapped IPv6.
-fn ipv6_octets(ip: IpAddr) -> [u8; 16] {
-    match ip {
-        IpAddr::V4(v4) => v4.to_ipv6_mapped().octets(),
-        IpAddr::V6(v6) => v6.octets(),
-    }
-}
-
-fn endpoint_to_socket_addr(endpoint: &Endpoint) -> io::Result<SocketAddr> {
-    let port = u16::try_from(endpoint.port).map_err(|_| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!(
-                "indexed original destination has port {} out of range",
-                endpoint.port
-            ),
-        )
-    })?;
-    let ip = Ipv6Addr::from(endpoint.octets());
-    Ok(unmap_v4(SocketAddr::new(IpAddr::V6(ip), port)))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -153,20 +96,6 @@ mod tests {
         assert_eq!(unmap_v4(mapped), "10.1.2.3:8080".parse().unwrap());
         let v6: SocketAddr = "[2001:db8::1]:443".parse().unwrap();
         assert_eq!(unmap_v4(v6), v6);
-    }
-
-    #[test]
-    fn endpoints_round_trip_in_the_bpf_layout() {
-        for text in ["10.1.2.3:8080", "[2001:db8::1]:443", "[::1]:15001"] {
-            let addr: SocketAddr = text.parse().unwrap();
-            let endpoint = Endpoint::from_octets(ipv6_octets(addr.ip()), addr.port());
-            assert_eq!(endpoint.is_v4(), addr.is_ipv4());
-            assert_eq!(endpoint_to_socket_addr(&endpoint).unwrap(), addr);
-        }
-        // The kernel side builds IPv4 keys from a network-order u32; both must agree.
-        let from_kernel = Endpoint::v4(u32::from_ne_bytes([10, 1, 2, 3]), 8080);
-        let from_user = Endpoint::from_octets(ipv6_octets("10.1.2.3".parse().unwrap()), 8080);
-        assert_eq!(from_kernel, from_user);
     }
 
     #[tokio::test]
@@ -190,11 +119,5 @@ mod tests {
         };
         assert!(redirected.lookup(&accepted).is_err());
         Ok(())
-    }
-
-    #[test]
-    fn out_of_range_ports_are_rejected() {
-        let endpoint = Endpoint::v4(0, 70_000);
-        assert!(endpoint_to_socket_addr(&endpoint).is_err());
     }
 }

@@ -288,7 +288,7 @@ fn gate_failures(measurement: &Measurement, shortcut: bool) -> Vec<String> {
         && grown > 0
     {
         failures.push(format!(
-            "{grown} original-destination index entries outlived their connections"
+            "{grown} original-destination handoff entries outlived their handshakes"
         ));
     }
     failures

@@ -43,25 +43,6 @@ impl BpfRunStats {
     }
 }
 
-/// Number of entries in a pinned BPF map (`bpftool map dump`).
-pub fn bpf_map_entries(pin: &Path) -> Result<usize> {
-    let output = Command::new("bpftool")
-        .args(["map", "dump", "pinned"])
-        .arg(pin)
-        .arg("--json")
-        .output()
-        .context("running bpftool (installed by `cargo xtask setup`)")?;
-    ensure!(
-        output.status.success(),
-        "bpftool map dump {} failed: {}",
-        pin.display(),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let entries: Vec<serde_json::Value> =
-        serde_json::from_slice(&output.stdout).context("parsing bpftool map dump --json")?;
-    Ok(entries.len())
-}
-
 /// Run statistics of every loaded BPF program, by id (`bpftool prog show --json`).
 pub fn bpf_run_stats() -> Result<BTreeMap<u32, BpfRunStats>> {
     let output = Command::new("bpftool")

@@ -36,8 +36,6 @@ pub const POD_SYSCTLS: &[&str] = &[
     "net.ipv4.tcp_tw_reuse=1",
 ];
 const READY: Duration = Duration::from_secs(10);
-/// The pinned index of redirected connections' original destinations, by the app's address.
-const ORIG_DST_INDEX_PIN: &str = "map_ORIG_DST_BY_PEER";
 
 #[derive(
     Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, ValueEnum,
@@ -406,16 +404,17 @@ impl ScenarioLab {
         self.counters_of(&self.server.pod)
     }
 
-    /// Entries in the client pod's original-destination index (None for other scenarios).
+    /// Original destinations of the client pod waiting in the kernel's handoff for the proxy's
+    /// end of their handshake (None for other scenarios): 0 once connects have settled.
     pub fn orig_dst_index_entries(&self) -> Result<Option<usize>> {
         if self.scenario.capture() != Capture::Ebpf {
             return Ok(None);
         }
         let capture = self.ebpf_status(&self.client.pod)?;
-        let pin_dir = capture["pin_dir"]
-            .as_str()
-            .context("pin_dir in `sidecar status --json`")?;
-        metrics::bpf_map_entries(&Path::new(pin_dir).join(ORIG_DST_INDEX_PIN)).map(Some)
+        let pending = capture["pending_handoffs"]
+            .as_u64()
+            .context("pending_handoffs in `sidecar status --json`")?;
+        Ok(Some(pending as usize))
     }
 
     /// `(name, program id)` of every program attached for the pods; the server pod's programs

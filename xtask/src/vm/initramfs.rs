@@ -30,6 +30,7 @@ const SYSTEM_PATH: &[&str] = &["/usr/sbin", "/usr/bin", "/sbin", "/bin"];
 const HOST_PROGRAMS: &[&str] = &[
     "ip",
     "setpriv",
+    "taskset",
     "unshare",
     "bpftool",
     "tcpdump",
