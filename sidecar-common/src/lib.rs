@@ -22,14 +22,16 @@ pub const SO_ORIGINAL_DST: i32 = 80;
 pub const SOL_IP: i32 = 0;
 pub const SOL_IPV6: i32 = 41;
 
-/// Capacity of each excluded-CIDR trie (memory is allocated per entry, not up front).
-pub const MAX_EXCLUDED_CIDRS: u32 = 65536;
-/// Capacity of each excluded-port trie (ranges are stored as prefixes of the 16-bit port).
-pub const MAX_EXCLUDED_PORT_PREFIXES: u32 = 65536;
+/// Capacity of each excluded-CIDR trie. Memory is allocated per entry, but kernels before 6.4
+/// report (and before 5.11 charge) a map's memlock by its capacity: capacities stay modest.
+pub const MAX_EXCLUDED_CIDRS: u32 = 1024;
+/// Capacity of each excluded-port trie (ranges are stored as prefixes of the 16-bit port; a
+/// range takes at most 30).
+pub const MAX_EXCLUDED_PORT_PREFIXES: u32 = 1024;
 /// Original destinations handed from an app socket to the proxy's accepted socket, pending:
 /// an entry lives from the app's handshake to the proxy's (microseconds on loopback), so this
-/// bounds handshakes in flight, not open connections. Memory is per entry (a trie).
-pub const MAX_PENDING_HANDOFFS: u32 = 65536;
+/// bounds handshakes in flight in the pod (like a listen backlog), not open connections.
+pub const MAX_PENDING_HANDOFFS: u32 = 4096;
 /// Default capacity of the sockmap shortcut (`init --sockmap`), in connections (two sockets
 /// each). A connection beyond it stays on TCP.
 pub const DEFAULT_SHORTCUT_CONNECTIONS: u32 = 4096;

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 
-use crate::{bpffs, cgroup::Cgroup};
+use crate::{bpffs, cgroup::Cgroup, ebpf_capture};
 
 /// One pod's capture, as found under bpffs.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -54,4 +54,31 @@ fn pin_dirs(bpffs_root: &Path) -> Vec<(u64, PathBuf)> {
         .unwrap_or_default();
     found.sort();
     found
+}
+
+/// Removes one capture's pins, which detaches its programs and frees them with their maps;
+/// returns the pins removed. The caller holds the node's lock.
+pub fn remove(pin_dir: &Path, _lock: &bpffs::PinLock) -> Result<Vec<String>> {
+    Ok(ebpf_capture::remove_pins(pin_dir)?
+        .into_iter()
+        .map(|pin| format!("{}/{pin}", pin_dir.display()))
+        .collect())
+}
+
+/// Once no capture is left, removes the node-wide state (the log ring) and the directory.
+pub fn remove_node_state_if_unused(
+    bpffs_root: &Path,
+    lock: &bpffs::PinLock,
+) -> Result<Vec<String>> {
+    if !pin_dirs(bpffs_root).is_empty() {
+        return Ok(Vec::new());
+    }
+    let removed = remove(&bpffs::node_dir(bpffs_root), lock)?;
+    bpffs::remove_sidecar_dir_if_empty(bpffs_root, lock);
+    Ok(removed)
+}
+
+/// The cgroup ids of the captures under `bpffs_root` (no walk of the cgroup tree).
+pub fn ids(bpffs_root: &Path) -> Vec<u64> {
+    pin_dirs(bpffs_root).into_iter().map(|(id, _)| id).collect()
 }

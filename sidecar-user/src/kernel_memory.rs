@@ -48,6 +48,11 @@ impl KernelMemory {
         }
         Ok(total)
     }
+
+    /// Bytes held by the node-wide maps pinned in `node_dir` (the log ring).
+    pub fn of_node_state(&self, node_dir: &Path) -> Result<u64> {
+        pinned_map_ids(node_dir).into_iter().map(map_memlock).sum()
+    }
 }
 
 fn pinned_map_ids(dir: &Path) -> Vec<u32> {

@@ -34,6 +34,8 @@ enum Command {
     Cleanup(commands::cleanup::CleanupArgs),
     /// Show what is attached where, with the counters.
     Status(commands::status::StatusArgs),
+    /// Collect the capture of every deleted pod on this node, by itself (a DaemonSet).
+    NodeAgent(commands::node_agent::NodeAgentArgs),
     /// Follow what the pod's BPF programs log (aya-log).
     KernelLogs(commands::kernel_logs::KernelLogsArgs),
     /// Run the proxy.
@@ -49,6 +51,7 @@ fn main() {
         Command::Init(args) => commands::init::run(args),
         Command::Cleanup(args) => commands::cleanup::run(args),
         Command::Status(args) => commands::status::run(args),
+        Command::NodeAgent(args) => commands::node_agent::run(args),
         Command::KernelLogs(args) => commands::kernel_logs::run(args),
         Command::Proxy(args) => proxy::run(args),
         Command::Certs(args) => commands::certs::run(args),

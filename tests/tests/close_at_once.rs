@@ -114,18 +114,23 @@ fn send_and_close(mesh: &MeshLab, sink: &LabProcess, target: SocketAddr) -> Deli
         .collect();
     let (mut sent, mut failed) = (0, 0);
     for sender in &senders {
-        let status = sender.wait(Duration::from_secs(120)).expect("sender ends");
+        let status = sender.wait(Duration::from_secs(300)).expect("sender ends");
         assert!(status.success(), "sender failed: {}", sender.stderr_text());
         let out = sender.stdout_text();
         let words: Vec<&str> = out.split_whitespace().collect();
         sent += words[1].parse::<usize>().expect("sent count");
         failed += words[3].parse::<usize>().expect("failed count");
     }
-    // The sink sees each connection end once the proxy has relayed it; give stragglers time.
+    // The sink sees each connection end once the proxy has relayed it; stragglers get time
+    // as long as they keep arriving (an emulated kernel in the matrix is slow, not stalled).
     let expected = before + SENDERS.len() * MESSAGES_PER_SENDER;
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while lines_with(sink, "received").len() < expected && std::time::Instant::now() < deadline {
+    let (mut seen, mut last_progress) = (0, std::time::Instant::now());
+    while seen < expected && last_progress.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(100));
+        let now = lines_with(sink, "received").len();
+        if now > seen {
+            (seen, last_progress) = (now, std::time::Instant::now());
+        }
     }
     let counts: Vec<usize> = lines_with(sink, "received")[before..]
         .iter()

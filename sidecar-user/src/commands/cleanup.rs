@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use clap::Args;
 
-use crate::{bpffs, captures, cgroup::Cgroup, ebpf_capture, iptables_capture};
+use crate::{bpffs, captures, cgroup::Cgroup, iptables_capture};
 
 #[derive(Args, Debug)]
 pub struct CleanupArgs {
@@ -62,18 +62,9 @@ pub fn run(args: CleanupArgs) -> Result<()> {
                 .collect()
         };
         for dir in pin_dirs {
-            for pin in ebpf_capture::remove_pins(&dir)? {
-                removed.push(format!("{}/{pin}", dir.display()));
-            }
+            removed.extend(captures::remove(&dir, &lock)?);
         }
-        // Node-wide state (the log ring) goes once no capture is left.
-        if captures::list(&args.bpffs)?.is_empty() {
-            let node = bpffs::node_dir(&args.bpffs);
-            for pin in ebpf_capture::remove_pins(&node)? {
-                removed.push(format!("{}/{pin}", node.display()));
-            }
-            bpffs::remove_sidecar_dir_if_empty(&args.bpffs, &lock);
-        }
+        removed.extend(captures::remove_node_state_if_unused(&args.bpffs, &lock)?);
     }
     if args.iptables {
         removed.extend(iptables_capture::remove()?);

@@ -4,6 +4,7 @@ pub mod cleanup;
 pub mod init;
 pub mod inject;
 pub mod kernel_logs;
+pub mod node_agent;
 pub mod status;
 
 use anyhow::{Result, bail};
