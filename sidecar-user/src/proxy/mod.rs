@@ -59,7 +59,7 @@ use tokio::{
     signal::unix::{SignalKind, signal},
     sync::Notify,
 };
-use tracing::info;
+use tracing::{info, warn};
 
 pub use args::ProxyArgs;
 
@@ -101,7 +101,31 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
     runtime.block_on(serve(config, log_level))
 }
 
+/// Raises the soft limit on open files to the hard one, as Envoy and Go programs do: every
+/// proxied connection holds two descriptors, and the usual soft limit of 1024 would cap the
+/// proxy at about 500 connections while the hard limit allows far more.
+fn raise_open_file_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current == limit.maximum {
+        return;
+    }
+    let raised = rustix::process::Rlimit {
+        current: limit.maximum,
+        ..limit
+    };
+    match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => info!(
+            from = ?limit.current,
+            to = ?limit.maximum,
+            "raised the open file limit to its hard limit"
+        ),
+        Err(error) => warn!(%error, "cannot raise the open file limit"),
+    }
+}
+
 async fn serve(config: ProxyConfig, log_level: LogLevel) -> anyhow::Result<()> {
+    raise_open_file_limit();
     // Opened first: a missing or unreadable map is a configuration error to report at once.
     let orig_dst = original_dst(&config.orig_dst)?;
     let local = LocalWorkload {
