@@ -10,6 +10,7 @@
 //! - `haproxy`: the peer proxy's configuration and counters;
 //! - `summary`: from measurements to medians, percentiles and ratios;
 //! - `profile`: perf recordings summarised by kernel subsystem (the "why" of the ratios);
+//! - `node_cost`: kernel memory per captured pod at idle, eBPF against iptables;
 //! - `report`, `chart`: the Markdown table and the SVG chart;
 //! - `targets`: the performance targets, checked in every results file;
 //! - `system`: root, packages, sysctls, facts about the host.
@@ -18,6 +19,7 @@ mod haproxy;
 mod measure;
 mod mesh;
 mod metrics;
+mod node_cost;
 mod profile;
 mod report;
 mod results;
@@ -260,6 +262,9 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
         );
     }
 
+    println!("\nbench: kernel memory per captured pod at idle (not timed)");
+    let node_cost = node_cost::measure(&bins.sidecar).context("measuring kernel memory per pod")?;
+
     let summary = summary::summarize(
         &settings.scenarios,
         &cells,
@@ -304,6 +309,7 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
         runs,
         bpf_profile_runs,
         perf_profile_runs,
+        node_cost: Some(node_cost),
         summary,
     };
     let written = write_results(&bench, opts, &started_utc, &kernel)?;

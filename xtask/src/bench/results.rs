@@ -8,6 +8,7 @@ use sidecar_tests::tools::load::LoadReport;
 
 use super::{
     metrics::BpfRunStats,
+    node_cost::NodeCost,
     profile::Profile,
     scenario::{CpuUsage, Scenario},
     summary::Summary,
@@ -32,6 +33,9 @@ pub struct BenchRun {
     /// out of the timed runs.
     #[serde(default)]
     pub perf_profile_runs: Vec<ScenarioRun>,
+    /// Kernel memory per captured pod at idle, eBPF against iptables.
+    #[serde(default)]
+    pub node_cost: Option<NodeCost>,
     pub summary: Summary,
 }
 
