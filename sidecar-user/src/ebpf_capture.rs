@@ -244,10 +244,22 @@ fn load(pin_dir: &Path, shortcut_capacity: u32) -> Result<Ebpf> {
 /// Unpins maps a new load must not reuse, so it creates them afresh: a map of an older layout
 /// (another type or key/value size than this build's object), and the shortcut's socket hash
 /// when it is too small for the capacity asked (it was created for the shortcut off, so it
-/// holds no socket). Programs still attached keep the maps they have until they are replaced.
+/// holds no socket). Maps this build no longer has go too. Programs still attached keep the
+/// maps they have until they are replaced.
 fn drop_incompatible_pins(pin_dir: &Path, shortcut_capacity: u32) -> Result<()> {
     let object = aya_obj::Object::parse(BPF_OBJECT)
         .map_err(|e| anyhow!("cannot parse the BPF object: {e}"))?;
+    let ours: BTreeSet<String> = PINNED_MAPS
+        .iter()
+        .map(|name| format!("map_{name}"))
+        .collect();
+    for entry in std::fs::read_dir(pin_dir)?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("map_") && !ours.contains(&name) {
+            std::fs::remove_file(entry.path())
+                .with_context(|| format!("cannot remove the stale pin {name}"))?;
+        }
+    }
     for name in PINNED_MAPS {
         let path = map_pin_path(pin_dir, name);
         let Ok(pinned) = aya::maps::MapInfo::from_pin(&path) else {

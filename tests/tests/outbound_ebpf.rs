@@ -382,3 +382,41 @@ fn init_mounts_bpffs_where_it_is_missing() {
     assert!(out.status.success(), "{}", text(&out));
     assert!(!dir.join("sidecar").exists(), "pins left under {bpffs}");
 }
+
+#[test]
+fn reinit_over_an_older_layout_replaces_its_maps() {
+    let mesh = MeshLab::new("ebpf-upgrade", Layout::EbpfProxyInPod);
+    mesh.init(&[]);
+    let status = mesh.ebpf_status().expect("status");
+    let pin_dir = std::path::PathBuf::from(status["pin_dir"].as_str().unwrap());
+    // What an older build left: a map this build no longer has, and one of another type
+    // under a name this build uses (the port exclusions were an array before they were a trie).
+    for (pin, kind, key, value) in [
+        ("map_ORIG_DST_BY_PEER", "hash", "20", "20"),
+        ("map_EXCLUDED_PORTS", "array", "4", "8"),
+    ] {
+        let path = pin_dir.join(pin);
+        std::fs::remove_file(&path).ok();
+        let made = Command::new("bpftool")
+            .args(["map", "create"])
+            .arg(&path)
+            .args(["type", kind, "key", key, "value", value, "entries", "8"])
+            .args(["name", "old_layout"])
+            .output()
+            .expect("bpftool");
+        assert!(made.status.success(), "{made:?}");
+    }
+    mesh.init(&["--exclude-ports", "9000-9100"]);
+    assert!(!pin_dir.join("map_ORIG_DST_BY_PEER").exists());
+    let status = mesh.ebpf_status().expect("status");
+    assert_eq!(status["excluded_ports"], "9000-9100", "{status}");
+    let map = Command::new("bpftool")
+        .args(["map", "show", "pinned"])
+        .arg(pin_dir.join("map_EXCLUDED_PORTS"))
+        .output()
+        .expect("bpftool");
+    assert!(
+        String::from_utf8_lossy(&map.stdout).contains("lpm_trie"),
+        "{map:?}"
+    );
+}
