@@ -18,6 +18,7 @@
 //! assert_eq!(report.server.peer.ip().to_canonical(), client.ipv4());
 //! ```
 
+pub mod bpf_memory;
 mod cgroup;
 mod lab;
 mod netns;

@@ -5,7 +5,7 @@
 //! other tests' programs).
 mod common;
 
-use std::{path::Path, process::Command};
+use std::path::Path;
 
 use common::*;
 use sidecar_tests::{Lab, Pod, require_root};
@@ -28,36 +28,8 @@ fn memlock_is_usage() -> bool {
 }
 const PODS: usize = 20;
 
-/// Sum of `bytes_memlock` over every BPF program and map on the node, once the kernel has
-/// freed what was released (it frees replaced programs and maps a little later).
 fn node_bpf_memlock() -> u64 {
-    let mut last = node_bpf_memlock_now();
-    for _ in 0..50 {
-        std::thread::sleep(std::time::Duration::from_millis(100));
-        let now = node_bpf_memlock_now();
-        if now == last {
-            return now;
-        }
-        last = now;
-    }
-    panic!("the node's BPF memory did not settle: {last} bytes");
-}
-
-/// Sum of `bytes_memlock` over every BPF program and map on the node (`bpftool`).
-fn node_bpf_memlock_now() -> u64 {
-    let sum = |kind: &str| -> u64 {
-        let out = Command::new("bpftool")
-            .args([kind, "show", "--json"])
-            .output()
-            .expect("bpftool (installed by `cargo xtask setup`)");
-        assert!(out.status.success(), "bpftool {kind} show: {out:?}");
-        let items: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
-        items
-            .iter()
-            .map(|item| item["bytes_memlock"].as_u64().unwrap_or(0))
-            .sum()
-    };
-    sum("prog") + sum("map")
+    sidecar_tests::bpf_memory::settled_bpf_memlock().expect("the node's BPF memory")
 }
 
 /// Installs capture for `pod`, removed at teardown (also when the test fails).
@@ -71,32 +43,6 @@ fn init(lab: &Lab, pod: &Pod, extra: &[&str]) -> std::process::Output {
     let mut args = vec!["init", "--cgroup", &cgroup, "--netns", &netns];
     args.extend_from_slice(extra);
     sidecar(&args)
-}
-
-fn status_of(cgroup: &Path) -> Option<serde_json::Value> {
-    let out = sidecar(&["status", "--json"]);
-    assert!(out.status.success(), "{}", text(&out));
-    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    status["ebpf"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["cgroup"].as_str() == Some(&*cgroup.to_string_lossy()))
-        .cloned()
-}
-
-/// Every pod-cgroup hook of the capture has exactly its own program attached to the cgroup.
-fn assert_fully_attached(cgroup: &Path) {
-    let capture = status_of(cgroup).unwrap_or_else(|| panic!("no capture for {cgroup:?}"));
-    let links = capture["links"].as_array().unwrap();
-    assert_eq!(links.len(), 7, "{capture}");
-    for link in links.iter().filter(|l| l["attached_to"] == "PodCgroup") {
-        assert_eq!(
-            link["attached_program_ids"],
-            serde_json::json!([link["program_id"]]),
-            "{cgroup:?}: {link}"
-        );
-    }
 }
 
 fn pins_under(bpffs_dir: &Path) -> Vec<String> {

@@ -125,56 +125,8 @@ fn pin_dir_of(pod: &Pod) -> String {
     format!("cgroup-{id}")
 }
 
-/// Sum of `bytes_memlock` over the node's BPF programs and maps, once settled (the kernel
-/// frees released objects a little later).
 fn node_bpf_memlock() -> u64 {
-    let now = || -> u64 {
-        ["prog", "map"]
-            .iter()
-            .map(|kind| {
-                let out = Command::new("bpftool")
-                    .args([kind, "show", "--json"])
-                    .output()
-                    .expect("bpftool");
-                let items: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
-                items
-                    .iter()
-                    .map(|i| i["bytes_memlock"].as_u64().unwrap_or(0))
-                    .sum::<u64>()
-            })
-            .sum()
-    };
-    let mut last = now();
-    for _ in 0..50 {
-        std::thread::sleep(Duration::from_millis(100));
-        let current = now();
-        if current == last {
-            return current;
-        }
-        last = current;
-    }
-    panic!("the node's BPF memory did not settle");
-}
-
-fn assert_attached(pod: &Pod) {
-    let out = sidecar(&["status", "--json"]);
-    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let cgroup = pod.cgroup().to_string_lossy();
-    let capture = status["ebpf"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["cgroup"].as_str() == Some(&*cgroup))
-        .unwrap_or_else(|| panic!("the live pod's capture is gone: {status}"));
-    let links = capture["links"].as_array().unwrap();
-    assert_eq!(links.len(), 7, "{capture}");
-    for link in links.iter().filter(|l| l["attached_to"] == "PodCgroup") {
-        assert_eq!(
-            link["attached_program_ids"],
-            serde_json::json!([link["program_id"]]),
-            "{link}"
-        );
-    }
+    sidecar_tests::bpf_memory::settled_bpf_memlock().expect("the node's BPF memory")
 }
 
 #[test]
@@ -227,7 +179,7 @@ fn the_node_agent_collects_500_deleted_pods_and_nothing_live() {
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        assert_attached(&keeper);
+        assert_fully_attached(keeper.cgroup());
         lab.teardown().expect("teardown");
     }
 
@@ -251,7 +203,7 @@ fn the_node_agent_collects_500_deleted_pods_and_nothing_live() {
         end.abs_diff(start) <= TOLERANCE_BYTES,
         "kernel memory moved from {start} to {end} bytes"
     );
-    assert_attached(&keeper);
+    assert_fully_attached(keeper.cgroup());
     drop(agent);
     home.teardown().expect("teardown");
 }

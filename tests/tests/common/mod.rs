@@ -234,16 +234,7 @@ impl MeshLab {
 
     /// The client pod's entry in `sidecar status --json`, if any.
     pub fn ebpf_status(&self) -> Option<serde_json::Value> {
-        let out = sidecar(&["status", "--json"]);
-        assert!(out.status.success(), "status failed:\n{}", text(&out));
-        let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
-        let cgroup = self.client.cgroup().to_string_lossy().into_owned();
-        status["ebpf"]
-            .as_array()
-            .expect("ebpf list")
-            .iter()
-            .find(|c| c["cgroup"].as_str() == Some(cgroup.as_str()))
-            .cloned()
+        status_of(self.client.cgroup())
     }
 
     /// `iptables`/`ip6tables -t nat -S` inside the client pod.
@@ -255,6 +246,35 @@ impl MeshLab {
             .run_success()
             .expect("list rules");
         String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+/// The entry of the capture of `cgroup` in `sidecar status --json`, if any.
+pub fn status_of(cgroup: &Path) -> Option<serde_json::Value> {
+    let out = sidecar(&["status", "--json"]);
+    assert!(out.status.success(), "status failed:\n{}", text(&out));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    let cgroup = cgroup.to_string_lossy();
+    status["ebpf"]
+        .as_array()
+        .expect("ebpf list")
+        .iter()
+        .find(|c| c["cgroup"].as_str() == Some(&*cgroup))
+        .cloned()
+}
+
+/// The capture of `cgroup` has its seven links, and each pod-cgroup hook has exactly its
+/// own program attached to the cgroup.
+pub fn assert_fully_attached(cgroup: &Path) {
+    let capture = status_of(cgroup).unwrap_or_else(|| panic!("no capture for {cgroup:?}"));
+    let links = capture["links"].as_array().unwrap();
+    assert_eq!(links.len(), 7, "{capture}");
+    for link in links.iter().filter(|l| l["attached_to"] == "PodCgroup") {
+        assert_eq!(
+            link["attached_program_ids"],
+            serde_json::json!([link["program_id"]]),
+            "{cgroup:?}: {link}"
+        );
     }
 }
 

@@ -8,7 +8,7 @@ use std::{path::Path, process::Command, thread, time::Duration};
 
 use anyhow::{Context, Result, ensure};
 use serde::{Deserialize, Serialize};
-use sidecar_tests::{Lab, Pod};
+use sidecar_tests::{Lab, Pod, bpf_memory::settled_bpf_memlock};
 
 /// Pods per measurement: enough to average out the allocators' noise.
 const PODS: usize = 20;
@@ -52,11 +52,11 @@ fn per_pod(sidecar: &Path, mode: &str, capture: impl Fn(&Pod) -> Result<()>) -> 
     let pods: Vec<Pod> = (0..PODS)
         .map(|i| lab.add_pod(&format!("p{i}")))
         .collect::<Result<_>>()?;
-    let (kernel_before, memlock_before) = (settled_kernel_bytes()?, bpf_memlock()?);
+    let (kernel_before, memlock_before) = (settled_kernel_bytes()?, settled_bpf_memlock()?);
     for pod in &pods {
         capture(pod)?;
     }
-    let (kernel_after, memlock_after) = (settled_kernel_bytes()?, bpf_memlock()?);
+    let (kernel_after, memlock_after) = (settled_kernel_bytes()?, settled_bpf_memlock()?);
     if mode == "ebpf" {
         for pod in &pods {
             cleanup(sidecar, pod)?;
@@ -126,24 +126,6 @@ fn kernel_bytes() -> Result<i64> {
         Ok(kib * 1024)
     };
     Ok(field("Slab")? + field("VmallocUsed")? + field("Percpu")?)
-}
-
-/// Sum of `bytes_memlock` over every BPF program and map (`bpftool`).
-fn bpf_memlock() -> Result<u64> {
-    let mut total = 0;
-    for kind in ["prog", "map"] {
-        let out = Command::new("bpftool")
-            .args([kind, "show", "--json"])
-            .output()
-            .context("running bpftool")?;
-        ensure!(out.status.success(), "bpftool {kind} show failed");
-        let items: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout)?;
-        total += items
-            .iter()
-            .filter_map(|item| item["bytes_memlock"].as_u64())
-            .sum::<u64>();
-    }
-    Ok(total)
 }
 
 /// The object size of a slab cache (`/proc/slabinfo`), if the cache exists.
