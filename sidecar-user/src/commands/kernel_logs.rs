@@ -1,7 +1,9 @@
 //! `sidecar kernel-logs`: prints what the pod's BPF programs log (aya-log), live.
 //!
-//! The programs log only what needs attention (a socket storage or index failure), never per
-//! connection; records written while no reader is attached are dropped by the kernel.
+//! The programs log only what needs attention (a socket storage or handoff failure), never per
+//! connection; records written while no reader is attached are dropped by the kernel. The log
+//! ring is one per node (a ring per pod would cost more kernel memory than all its other
+//! maps), so the records of every capture on the node come out here.
 use std::{
     path::PathBuf,
     time::{Duration, Instant},
@@ -51,7 +53,7 @@ pub fn run(args: KernelLogsArgs) -> Result<()> {
     super::require_root("sidecar kernel-logs")?;
     let cgroup = Cgroup::resolve(&args.cgroup)?;
     let pin_dir = bpffs::pin_dir(&args.bpffs, cgroup.id);
-    // Every program of the object shares one log ring buffer: any attached program finds it.
+    // Every program shares the node's log ring: any of the pod's attached programs finds it.
     let link_pin = pin_dir.join(ebpf_capture::link_pin_name(
         ebpf_capture::POD_HOOKS[0].program,
         ebpf_capture::AttachPoint::PodCgroup,
