@@ -8,10 +8,12 @@
 pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
 /// Istio's inbound capture port: the proxy's inbound listener.
 pub const DEFAULT_INBOUND_PORT: u16 = 15006;
-/// Ports of the proxy itself (Istio's numbering), never captured inbound.
-pub const PROXY_PORTS: [u16; 9] = [
-    15000, 15001, 15004, 15006, 15008, 15020, 15021, 15053, 15090,
-];
+/// Ports the proxy serves on the pod's own addresses besides its inbound port: metrics
+/// (15020) and readiness (15021), which the kubelet and Prometheus reach directly. Never
+/// captured inbound. Only these: a port Istio reserves that nothing serves here (15004, 15008,
+/// 15053, 15090) would be a way in past the proxy for an app listening on it. The admin port
+/// (15000) and the outbound port (15001) listen on loopback, where inbound capture never applies.
+pub const PROXY_PORTS: [u16; 2] = [15020, 15021];
 /// Istio's proxy UID and GID, exempt from capture by default.
 pub const DEFAULT_PROXY_ID: u32 = 1337;
 /// "No UID/GID exemption configured": no real process runs with id `(uid_t)-1`.

@@ -229,3 +229,36 @@ fn inbound_capture_can_be_turned_off() {
     let links = entry["links"].to_string();
     assert!(!links.contains("steer_inbound"), "{links}");
 }
+
+#[test]
+fn ports_istio_reserves_but_the_proxy_does_not_serve_are_captured() {
+    let mesh = InboundLab::new("in-unserved", &[]);
+    let listener = mesh.start_listener();
+    // An app listening where Envoy would serve (15090: Prometheus, 15008: HBONE) must not be
+    // reachable past the proxy: nothing of ours listens there.
+    let squatter = mesh
+        .server
+        .command(labtool())
+        .in_cgroup(mesh.server.cgroup_child("app").unwrap())
+        .args([
+            "echo-server",
+            "--listen",
+            "[::]:15090",
+            "--listen",
+            "[::]:15008",
+        ])
+        .spawn()
+        .expect("app on reserved ports");
+    squatter
+        .wait_for_stdout("listening", Duration::from_secs(5))
+        .unwrap();
+    for port in [15090, 15008] {
+        let target = SocketAddr::new(mesh.server.ipv4().into(), port);
+        let report = mesh
+            .connect(target)
+            .unwrap_or_else(|e| panic!("{port}: {e}"));
+        assert!(report.echo_ok);
+    }
+    assert_eq!(served(&squatter), 0, "reached past the proxy");
+    assert_eq!(served(&listener), 2);
+}

@@ -69,7 +69,7 @@ pub struct InitArgs {
     #[arg(long)]
     pub no_inbound_capture: bool,
     /// Local ports whose inbound connections go straight to the app: `22,8000-8100`
-    /// (the proxy's own ports 15000-15090 are always excluded).
+    /// (the ports the proxy serves on the pod's addresses, 15020 and 15021, always are).
     #[arg(long, default_value = "")]
     pub exclude_inbound_ports: PortRanges,
     /// eBPF mode: the pod's network namespace for inbound capture, e.g. /run/netns/NAME or
@@ -320,10 +320,7 @@ mod tests {
         assert_eq!(cli.init.mode, Mode::Ebpf);
         assert_eq!(settings.inbound_port, Some(15006));
         let inbound = settings.inbound_exclusions().to_string();
-        assert_eq!(
-            inbound,
-            "15000-15001,15004,15006,15008,15020-15021,15053,15090"
-        );
+        assert_eq!(inbound, "15001,15006,15020-15021");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `sidecar inject`: adds the capture init container and the proxy (a native sidecar) to
 //! workload YAML, like `istioctl kube-inject`. Every document is transformed before anything
 //! is written, so a refusal leaves no half-injected output behind.
+use sidecar_common::DEFAULT_PROXY_ID;
 use std::{
     io::{Read, Write},
     path::PathBuf,
@@ -213,6 +214,7 @@ fn inject_pod(pod: &mut Value, injection: &Injection) -> Result<()> {
     if !matches!(spec.get("containers"), Some(Value::Sequence(c)) if !c.is_empty()) {
         bail!("the pod spec has no containers");
     }
+    refuse_proxy_identity(spec)?;
     for (field, ours) in [
         ("containers", &injection.init_containers),
         ("initContainers", &injection.init_containers),
@@ -250,6 +252,36 @@ fn inject_pod(pod: &mut Value, injection: &Injection) -> Result<()> {
         .as_mapping_mut()
         .context("the pod's annotations are not a mapping")?
         .insert(STATUS_ANNOTATION.into(), STATUS_VALUE.into());
+    Ok(())
+}
+
+/// Sockets of the proxy's UID or GID are never captured: a container of the app running as
+/// either would bypass the mesh entirely (no mTLS, no policy), so such a pod is refused.
+fn refuse_proxy_identity(spec: &Mapping) -> Result<()> {
+    let id = |context: Option<&Value>, key: &str| {
+        context
+            .and_then(|context| context.get(key))
+            .and_then(Value::as_u64)
+    };
+    let pod = spec.get("securityContext");
+    for field in ["containers", "initContainers"] {
+        for container in list(spec, field)? {
+            let own = container.get("securityContext");
+            let uid = id(own, "runAsUser").or(id(pod, "runAsUser"));
+            let gid = id(own, "runAsGroup").or(id(pod, "runAsGroup"));
+            let proxy = u64::from(DEFAULT_PROXY_ID);
+            if uid == Some(proxy) || gid == Some(proxy) {
+                let name = container
+                    .get("name")
+                    .and_then(Value::as_str)
+                    .unwrap_or("<unnamed>");
+                bail!(
+                    "container {name:?} runs as UID or GID {proxy}, the proxy's: its traffic \
+                     would never be captured (no mTLS, no policy); run it as another user"
+                );
+            }
+        }
+    }
     Ok(())
 }
 
@@ -436,6 +468,16 @@ spec:
         assert!(error(&clash).contains("\"sidecar-proxy\" but no sidecar.ebpf/status"));
         let volume = DEPLOYMENT.replace("name: data", "name: sidecar-certs");
         assert!(error(&volume).contains("volumes entry \"sidecar-certs\""));
+        let as_proxy = DEPLOYMENT.replace(
+            "name: migrate",
+            "name: migrate\n        securityContext:\n          runAsUser: 1337",
+        );
+        assert!(error(&as_proxy).contains("container \"migrate\" runs as UID or GID 1337"));
+        let pod_wide = DEPLOYMENT.replace(
+            "    spec:\n      init",
+            "    spec:\n      securityContext:\n        runAsGroup: 1337\n      init",
+        );
+        assert!(error(&pod_wide).contains("runs as UID or GID 1337"));
         let empty = "kind: Pod\nmetadata:\n  name: e\nspec:\n  containers: []\n";
         assert!(error(empty).contains("no containers"));
         assert!(error("kind: Deployment\nspec: {}\n").contains("without spec.template"));
