@@ -264,21 +264,19 @@ fn init_ebpf(args: &InitArgs, settings: &CaptureSettings) -> Result<()> {
     Ok(())
 }
 
-/// The initial ("host") network namespace has this inode on recent kernels.
+/// The initial ("host") network namespace has this fixed inode (`PROC_NET_INIT_INO`).
 const INIT_NET_INODE: u64 = 0xEFFF_FFF9;
 
 /// Refuses the host's ("initial") network namespace: run outside a pod (on a node, in a lab,
 /// or in a pod that ended up with hostNetwork), capturing the host's inbound traffic by
 /// accident would cut the node off. The host's is recognised by its fixed inode (every kernel
-/// since 3.8) or by being PID 1's.
+/// since 3.8), not by being PID 1's: in a container, PID 1 is the pod's own.
 fn refuse_host_netns(path: &std::path::Path) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
-    let identity = |path: &std::path::Path| std::fs::metadata(path).map(|m| (m.dev(), m.ino()));
-    let target = identity(path)
+    let inode = std::fs::metadata(path)
+        .map(|meta| meta.ino())
         .with_context(|| format!("cannot open network namespace {} (--netns)", path.display()))?;
-    let is_pid1s =
-        identity(std::path::Path::new("/proc/1/ns/net")).is_ok_and(|init| init == target);
-    if target.1 == INIT_NET_INODE || is_pid1s {
+    if inode == INIT_NET_INODE {
         bail!(
             "refusing to capture inbound traffic of the host's network namespace ({}): pass \
              --netns PATH of the pod's namespace, --no-inbound-capture, or \
