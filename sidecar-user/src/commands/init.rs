@@ -264,19 +264,26 @@ fn init_ebpf(args: &InitArgs, settings: &CaptureSettings) -> Result<()> {
     Ok(())
 }
 
-/// The initial ("host") network namespace has this fixed inode (`PROC_NET_INIT_INO`).
+/// The initial ("host") network namespace's fixed inode (`PROC_NET_INIT_INO`, recent kernels).
 const INIT_NET_INODE: u64 = 0xEFFF_FFF9;
+/// The initial PID namespace's fixed inode (`PROC_PID_INIT_INO`, every kernel since 3.8).
+const INIT_PID_NS_INODE: u64 = 0xEFFF_FFFC;
 
 /// Refuses the host's ("initial") network namespace: run outside a pod (on a node, in a lab,
 /// or in a pod that ended up with hostNetwork), capturing the host's inbound traffic by
-/// accident would cut the node off. The host's is recognised by its fixed inode (every kernel
-/// since 3.8), not by being PID 1's: in a container, PID 1 is the pod's own.
+/// accident would cut the node off. The host's is recognised by its fixed inode (kernels from
+/// 6.x give the initial namespace one), or, on older kernels, by being PID 1's when PID 1 is
+/// the host's: in a container's own PID namespace, PID 1 is the pod's and proves nothing.
 fn refuse_host_netns(path: &std::path::Path) -> Result<()> {
     use std::os::unix::fs::MetadataExt;
-    let inode = std::fs::metadata(path)
-        .map(|meta| meta.ino())
+    let identity = |path: &std::path::Path| std::fs::metadata(path).map(|m| (m.dev(), m.ino()));
+    let target = identity(path)
         .with_context(|| format!("cannot open network namespace {} (--netns)", path.display()))?;
-    if inode == INIT_NET_INODE {
+    let in_initial_pid_ns = identity(std::path::Path::new("/proc/self/ns/pid"))
+        .is_ok_and(|(_, inode)| inode == INIT_PID_NS_INODE);
+    let is_pid1s = in_initial_pid_ns
+        && identity(std::path::Path::new("/proc/1/ns/net")).is_ok_and(|init| init == target);
+    if target.1 == INIT_NET_INODE || is_pid1s {
         bail!(
             "refusing to capture inbound traffic of the host's network namespace ({}): pass \
              --netns PATH of the pod's namespace, --no-inbound-capture, or \
