@@ -237,7 +237,15 @@ fn build_tests(work: &Path, binaries: &TestBinaries, test_args: &[String]) -> Re
     if test_args.iter().any(|arg| arg.contains('\n')) {
         bail!("test arguments cannot contain newlines");
     }
-    let args: String = test_args.iter().map(|arg| format!("{arg}\n")).collect();
+    let skips = super::test_build::HOST_ONLY_TEST_CASES
+        .iter()
+        .flat_map(|case| ["--skip".to_owned(), (*case).to_owned()]);
+    let args: String = test_args
+        .iter()
+        .cloned()
+        .chain(skips)
+        .map(|arg| format!("{arg}\n"))
+        .collect();
     rootfs.file(Path::new("/vm/test-args"), 0o644, args.as_bytes())?;
     let env = format!(
         "export SIDECAR_BIN={}\n",

@@ -43,6 +43,13 @@ struct Target {
 /// stale captures collected) is what `capture_lifecycle` checks on every kernel.
 const HOST_ONLY_TESTS: &[&str] = &["node_agent"];
 
+/// Single tests the VMs skip, and why: the iptables control of close_at_once. Under emulation
+/// (one vCPU), conntrack itself loses the original destination of 4-7% of the IPv6
+/// write-and-close connections (seen on 5.10 and 7.2: `orig_dst_unknown` from
+/// `IP6T_SO_ORIGINAL_DST`), which is iptables' behaviour, not ours; the eBPF cases, the
+/// subject of the test, run everywhere. docs/KERNELS.md.
+pub const HOST_ONLY_TEST_CASES: &[&str] = &["write_and_close_at_once_loses_nothing_under_iptables"];
+
 /// Builds the BPF object, the binaries and the integration tests.
 pub fn build() -> Result<TestBinaries> {
     let profile_dir = build::build_all(&BuildOptions::default())?;
