@@ -3,7 +3,7 @@ use std::{fmt, ops::RangeInclusive, str::FromStr};
 
 use ipnet::IpNet;
 use serde::Serialize;
-use sidecar_common::PROXY_PORTS;
+use sidecar_common::{MAX_EXCLUDED_CIDRS, MAX_EXCLUDED_PORT_PREFIXES, PROXY_PORTS};
 
 /// Settings shared by both capture modes, so eBPF and iptables capture exactly the same.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -31,6 +31,36 @@ impl CaptureSettings {
             .chain(self.inbound_port);
         ranges.extend(own.map(|port| port..=port));
         PortRanges(ranges).normalized()
+    }
+
+    /// Checks the settings fit the eBPF capture's tries, before anything is touched: port sets
+    /// as 16-bit prefixes, CIDRs per family.
+    pub fn check_ebpf_capacities(&self) -> Result<(), String> {
+        for (what, ranges) in [
+            ("excluded ports", &self.excluded_ports),
+            ("excluded inbound ports", &self.inbound_exclusions()),
+        ] {
+            let prefixes = ranges.to_prefixes().len();
+            if prefixes > MAX_EXCLUDED_PORT_PREFIXES as usize {
+                return Err(format!(
+                    "too many {what}: {ranges} takes {prefixes} prefixes in the kernel, at most \
+                     {MAX_EXCLUDED_PORT_PREFIXES} (merge ranges, or exclude fewer ports)"
+                ));
+            }
+        }
+        let v4 = self
+            .excluded_cidrs
+            .iter()
+            .filter(|net| net.addr().is_ipv4())
+            .count();
+        let v6 = self.excluded_cidrs.len() - v4;
+        if v4.max(v6) > MAX_EXCLUDED_CIDRS as usize {
+            return Err(format!(
+                "too many excluded CIDRs: {v4} IPv4 and {v6} IPv6, at most {MAX_EXCLUDED_CIDRS} \
+                 per family"
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -225,6 +255,38 @@ mod tests {
         assert!(err("9000-8000").contains("9000 is greater than 8000"));
         assert!(err("http").contains("expected a number"));
         assert!(err("1-").contains("'1-'"));
+    }
+
+    #[test]
+    fn settings_beyond_the_kernel_capacities_are_refused() {
+        let mut settings = CaptureSettings {
+            outbound_port: 15001,
+            proxy_uid: None,
+            proxy_gid: None,
+            excluded_ports: PortRanges::default(),
+            excluded_cidrs: Vec::new(),
+            inbound_port: Some(15006),
+            excluded_inbound_ports: PortRanges::default(),
+        };
+        assert_eq!(settings.check_ebpf_capacities(), Ok(()));
+        // Every odd port is its own prefix: 32768 of them.
+        settings.excluded_ports = PortRanges((1..=65535).step_by(2).map(|p| p..=p).collect());
+        assert!(
+            settings
+                .check_ebpf_capacities()
+                .unwrap_err()
+                .contains("too many excluded ports")
+        );
+        settings.excluded_ports = PortRanges::default();
+        settings.excluded_cidrs = (0..=1024u32)
+            .map(|i| IpNet::new(std::net::Ipv4Addr::from(i << 8).into(), 24).unwrap())
+            .collect();
+        assert!(
+            settings
+                .check_ebpf_capacities()
+                .unwrap_err()
+                .contains("1025 IPv4")
+        );
     }
 
     #[test]

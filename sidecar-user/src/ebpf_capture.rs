@@ -27,9 +27,7 @@ use aya_obj::generated::bpf_attach_type::{
     BPF_SK_MSG_VERDICT,
 };
 use ipnet::IpNet;
-use sidecar_common::{
-    CaptureConfig, Counter, Endpoint, MAX_EXCLUDED_PORT_PREFIXES, NO_ID, map_names,
-};
+use sidecar_common::{CaptureConfig, Counter, Endpoint, NO_ID, map_names};
 
 use crate::{
     capture_settings::{CaptureSettings, PortRanges},
@@ -397,30 +395,23 @@ fn configure(ebpf: &mut Ebpf, settings: &CaptureSettings, sockmap_shortcut: bool
             0
         },
     };
-    let port_keys = |ranges: &PortRanges| -> Result<Vec<Key<[u8; 2]>>> {
-        let prefixes = ranges.to_prefixes();
-        if prefixes.len() > MAX_EXCLUDED_PORT_PREFIXES as usize {
-            bail!(
-                "too many excluded ports: {ranges} takes {} prefixes in the kernel, at most {} \
-                 (merge ranges, or exclude fewer ports)",
-                prefixes.len(),
-                MAX_EXCLUDED_PORT_PREFIXES
-            );
-        }
-        Ok(prefixes
+    // Within the tries' capacities: `CaptureSettings::check_ebpf_capacities` ran before.
+    let port_keys = |ranges: &PortRanges| -> Vec<Key<[u8; 2]>> {
+        ranges
+            .to_prefixes()
             .into_iter()
             .map(|(len, first)| Key::new(len, first.to_be_bytes()))
-            .collect())
+            .collect()
     };
     replace_trie(
         ebpf,
         map_names::EXCLUDED_PORTS,
-        &port_keys(&settings.excluded_ports)?,
+        &port_keys(&settings.excluded_ports),
     )?;
     replace_trie(
         ebpf,
         map_names::EXCLUDED_INBOUND_PORTS,
-        &port_keys(&settings.inbound_exclusions())?,
+        &port_keys(&settings.inbound_exclusions()),
     )?;
 
     let v4: Vec<Key<[u8; 4]>> = settings

@@ -185,7 +185,12 @@ fn install(args: &InitArgs) -> Result<()> {
     }
     let settings = args.settings();
     match args.mode {
-        Mode::Ebpf => init_ebpf(args, &settings),
+        Mode::Ebpf => {
+            settings
+                .check_ebpf_capacities()
+                .map_err(anyhow::Error::msg)?;
+            init_ebpf(args, &settings)
+        }
         Mode::Iptables => {
             iptables_capture::install(&settings)?;
             println!(
