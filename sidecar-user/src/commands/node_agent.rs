@@ -84,6 +84,7 @@ async fn agent(args: NodeAgentArgs) -> Result<()> {
         watcher,
         watched: HashMap::new(),
         parents: HashMap::new(),
+        gauges_stale: true,
         metrics,
     };
     let mut rescan = tokio::time::interval(args.rescan_interval);
@@ -109,6 +110,9 @@ struct Agent {
     watched: HashMap<u64, PathBuf>,
     /// Watched parent directories, with how many watched cgroups each has.
     parents: HashMap<PathBuf, usize>,
+    /// Something changed since the gauges were last computed (they walk every loaded program,
+    /// so a burst of collections refreshes them once, at the next rescan).
+    gauges_stale: bool,
     metrics: Arc<AgentMetrics>,
 }
 
@@ -128,6 +132,9 @@ impl Agent {
         }
         if present.iter().any(|id| !self.watched.contains_key(id)) {
             self.sweep();
+        }
+        if self.gauges_stale {
+            self.update_gauges();
         }
     }
 
@@ -164,7 +171,6 @@ impl Agent {
             return;
         }
         self.collect(id, &bpffs::pin_dir(&self.bpffs, id));
-        self.update_gauges();
     }
 
     fn collect(&mut self, id: u64, pin_dir: &Path) {
@@ -208,9 +214,11 @@ impl Agent {
         }
         *watchers += 1;
         self.watched.insert(id, cgroup.to_path_buf());
+        self.gauges_stale = true;
     }
 
     fn forget(&mut self, id: u64) {
+        self.gauges_stale = true;
         let Some(cgroup) = self.watched.remove(&id) else {
             return;
         };
@@ -226,9 +234,11 @@ impl Agent {
         }
     }
 
-    fn update_gauges(&self) {
+    fn update_gauges(&mut self) {
+        self.gauges_stale = false;
+        let ids = captures::ids(&self.bpffs);
         let live = self.watched.len() as i64;
-        let all = captures::ids(&self.bpffs).len() as i64;
+        let all = ids.len() as i64;
         self.metrics.captures.with_label_values(&["live"]).set(live);
         self.metrics
             .captures
@@ -237,7 +247,7 @@ impl Agent {
         let node_dir = bpffs::node_dir(&self.bpffs);
         let memory = KernelMemory::scan(&node_dir).and_then(|memory| {
             let mut total = memory.of_node_state(&node_dir)?;
-            for id in captures::ids(&self.bpffs) {
+            for id in ids {
                 total += memory.of_capture(&bpffs::pin_dir(&self.bpffs, id))?;
             }
             Ok(total)
