@@ -165,10 +165,11 @@ fn failures_by_reason(mesh: &MeshLab) -> Vec<String> {
     )
     .expect("scrape the proxy")
     .body;
-    body.lines()
-        .filter(|line| line.starts_with("sidecar_outbound_failures_total{"))
-        .filter(|line| !line.ends_with(" 0"))
-        .map(str::to_owned)
+    sidecar_tests::prometheus::parse(&body)
+        .expect("the proxy's metrics parse")
+        .into_iter()
+        .filter(|sample| sample.name == "sidecar_outbound_failures_total" && sample.value > 0.0)
+        .map(|sample| format!("{:?} {}", sample.labels, sample.value))
         .collect()
 }
 
