@@ -14,6 +14,13 @@ pub const DEFAULT_INBOUND_PORT: u16 = 15006;
 /// 15053, 15090) would be a way in past the proxy for an app listening on it. The admin port
 /// (15000) and the outbound port (15001) listen on loopback, where inbound capture never applies.
 pub const PROXY_PORTS: [u16; 2] = [15020, 15021];
+/// Source address of the proxy's connections to the app, inbound (Istio's 127.0.0.6 and ::6):
+/// the one source inbound capture lets through. `init` adds ::6 to the pod's `lo` (127.0.0.6
+/// is in 127/8, always there). Not ::1 or 127.0.0.1: an app that trusts localhost would give
+/// every remote peer local rights, and a connection from them inside the pod must still meet
+/// the proxy's policy.
+pub const PASSTHROUGH_SOURCE_V4: [u8; 4] = [127, 0, 0, 6];
+pub const PASSTHROUGH_SOURCE_V6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 6];
 /// Istio's proxy UID and GID, exempt from capture by default.
 pub const DEFAULT_PROXY_ID: u32 = 1337;
 /// "No UID/GID exemption configured": no real process runs with id `(uid_t)-1`.
@@ -103,6 +110,20 @@ impl Endpoint {
         }
     }
 
+    /// An endpoint for an IPv6 address given as its 16 network-order bytes.
+    pub const fn v6(bytes: [u8; 16], port: u32) -> Self {
+        let b = bytes;
+        Endpoint {
+            addr: [
+                u32::from_ne_bytes([b[0], b[1], b[2], b[3]]),
+                u32::from_ne_bytes([b[4], b[5], b[6], b[7]]),
+                u32::from_ne_bytes([b[8], b[9], b[10], b[11]]),
+                u32::from_ne_bytes([b[12], b[13], b[14], b[15]]),
+            ],
+            port,
+        }
+    }
+
     pub const fn is_v4(&self) -> bool {
         self.addr[0] == 0 && self.addr[1] == 0 && self.addr[2] == Self::V4_MAPPED_WORD
     }
@@ -147,8 +168,8 @@ pub enum Counter {
     InboundRedirected = 8,
     /// An inbound connection to an excluded port (or a proxy port) went to the app directly.
     InboundExcludedPort = 9,
-    /// An inbound connection from a loopback source (the proxy's own passthrough) went direct.
-    InboundFromLoopback = 10,
+    /// An inbound connection from the proxy's passthrough source (127.0.0.6, ::6) went direct.
+    InboundPassthrough = 10,
     /// An inbound connection was dropped: no proxy inbound listener (fail closed).
     InboundNoProxy = 11,
     /// A socket of the app-proxy loopback hop entered the sockmap shortcut.
@@ -158,10 +179,12 @@ pub enum Counter {
     /// An end of the hop sent before its peer was in the shortcut: the connection stays on
     /// TCP in both directions (switching later could reorder bytes).
     ShortcutFallback = 14,
+    /// A process other than the proxy tried to bind the inbound or outbound port: refused.
+    ProxyPortBindRefused = 15,
 }
 
 impl Counter {
-    pub const COUNT: usize = 15;
+    pub const COUNT: usize = 16;
     pub const ALL: [Counter; Self::COUNT] = [
         Counter::Redirected,
         Counter::BypassedUidGid,
@@ -173,11 +196,12 @@ impl Counter {
         Counter::OrigDstMissing,
         Counter::InboundRedirected,
         Counter::InboundExcludedPort,
-        Counter::InboundFromLoopback,
+        Counter::InboundPassthrough,
         Counter::InboundNoProxy,
         Counter::ShortcutSockets,
         Counter::ShortcutMessages,
         Counter::ShortcutFallback,
+        Counter::ProxyPortBindRefused,
     ];
 
     /// Stable snake_case name, used by `sidecar status` and metrics.
@@ -193,11 +217,12 @@ impl Counter {
             Counter::OrigDstMissing => "orig_dst_missing",
             Counter::InboundRedirected => "inbound_redirected",
             Counter::InboundExcludedPort => "inbound_excluded_port",
-            Counter::InboundFromLoopback => "inbound_from_loopback",
+            Counter::InboundPassthrough => "inbound_passthrough",
             Counter::InboundNoProxy => "inbound_no_proxy",
             Counter::ShortcutSockets => "shortcut_sockets",
             Counter::ShortcutMessages => "shortcut_messages",
             Counter::ShortcutFallback => "shortcut_fallback",
+            Counter::ProxyPortBindRefused => "proxy_port_bind_refused",
         }
     }
 }

@@ -8,7 +8,7 @@ use aya_ebpf::{
     btf_maps::lpm_trie::Key,
     programs::{SkLookupContext, SockOpsContext},
 };
-use sidecar_common::Counter;
+use sidecar_common::{Counter, Endpoint, PASSTHROUGH_SOURCE_V4, PASSTHROUGH_SOURCE_V6};
 
 use crate::{
     counters::bump,
@@ -21,7 +21,10 @@ const SK_PASS: u32 = 1;
 const SK_DROP: u32 = 0;
 const LISTENER_V4: u32 = 0;
 const LISTENER_V6: u32 = 1;
-const LOOPBACK_V6_LAST_WORD: u32 = u32::from_ne_bytes([0, 0, 0, 1]);
+/// Addresses as the context holds them: network-order bytes read as native words.
+const LOOPBACK_V6: [u32; 4] = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
+const PASSTHROUGH_V4: u32 = u32::from_ne_bytes(PASSTHROUGH_SOURCE_V4);
+const PASSTHROUGH_V6: [u32; 4] = Endpoint::v6(PASSTHROUGH_SOURCE_V6, 0).addr;
 
 pub fn on_sk_lookup(ctx: &SkLookupContext) -> u32 {
     let lookup = ctx.lookup;
@@ -51,20 +54,25 @@ pub fn on_sk_lookup(ctx: &SkLookupContext) -> u32 {
         return SK_PASS;
     }
     let v4 = family == AF_INET;
-    let is_loopback = |ip4: u32, ip6: [u32; 4]| {
-        if v4 {
-            ip4.to_ne_bytes()[0] == 127
-        } else {
-            ip6[0] == 0 && ip6[1] == 0 && ip6[2] == 0 && ip6[3] == LOOPBACK_V6_LAST_WORD
-        }
-    };
     // Pod-local traffic on loopback is not inbound traffic.
-    if is_loopback(local4, local6) {
+    let local_is_loopback = if v4 {
+        local4.to_ne_bytes()[0] == 127
+    } else {
+        local6 == LOOPBACK_V6
+    };
+    if local_is_loopback {
         return SK_PASS;
     }
-    // The proxy forwards to the app from a loopback source (127.0.0.6, ::1): let it through.
-    if is_loopback(remote4, remote6) {
-        bump(Counter::InboundFromLoopback);
+    // The proxy forwards to the app from its passthrough source: let that one through, and
+    // only that one. Any other source, 127.0.0.1 and ::1 included, meets the proxy's policy.
+    // A remote peer cannot complete a handshake from it: the answer would go to this pod's lo.
+    let from_passthrough = if v4 {
+        remote4 == PASSTHROUGH_V4
+    } else {
+        remote6 == PASSTHROUGH_V6
+    };
+    if from_passthrough {
+        bump(Counter::InboundPassthrough);
         return SK_PASS;
     }
     if inbound_port_excluded(local_port) {

@@ -2,8 +2,8 @@
 //! connects to the local proxy and tell the proxy where each connection was going, and one
 //! attached to the pod's network namespace that hands inbound connections to the proxy.
 //!
-//! Every program returns "allow" (1): a failure inside a program is counted and the connect
-//! goes direct (fail open) rather than failing the app's syscall with EPERM.
+//! Every program but the port guard returns "allow" (1): a failure inside a program is counted
+//! and the connect goes direct (fail open) rather than failing the app's syscall with EPERM.
 #![no_std]
 #![no_main]
 
@@ -12,12 +12,16 @@ mod inbound;
 mod maps;
 mod orig_dst;
 mod outbound;
+mod port_guard;
+mod proxy_identity;
 mod shortcut;
 mod socket_pair;
 
 use aya_ebpf::{
-    macros::{cgroup_sock_addr, cgroup_sockopt, sk_lookup, sk_msg, sock_ops},
-    programs::{SkLookupContext, SkMsgContext, SockAddrContext, SockOpsContext, SockoptContext},
+    macros::{cgroup_sock, cgroup_sock_addr, cgroup_sockopt, sk_lookup, sk_msg, sock_ops},
+    programs::{
+        SkLookupContext, SkMsgContext, SockAddrContext, SockContext, SockOpsContext, SockoptContext,
+    },
 };
 
 const ALLOW: i32 = 1;
@@ -57,6 +61,18 @@ pub fn track_sockets(ctx: SockOpsContext) -> u32 {
 pub fn getsockopt_orig_dst(ctx: SockoptContext) -> i32 {
     orig_dst::on_getsockopt(&ctx);
     ALLOW
+}
+
+/// Refuses binds of the proxy's ports by anyone but the proxy (the one program that may
+/// return "refuse": that bind is the attack it stops).
+#[cgroup_sock(post_bind4)]
+pub fn guard_proxy_ports4(ctx: SockContext) -> i32 {
+    port_guard::on_post_bind(&ctx)
+}
+
+#[cgroup_sock(post_bind6)]
+pub fn guard_proxy_ports6(ctx: SockContext) -> i32 {
+    port_guard::on_post_bind(&ctx)
 }
 
 /// Attached to the pod's network namespace, not its cgroup.

@@ -5,16 +5,16 @@ use core::ptr::write_volatile;
 use aya_ebpf::{
     bindings::{BPF_SK_STORAGE_GET_F_CREATE, bpf_sock_addr},
     btf_maps::lpm_trie::Key,
-    helpers::bpf_get_current_uid_gid,
     programs::SockAddrContext,
 };
 use aya_log_ebpf::warn;
-use sidecar_common::{Counter, Endpoint, NO_ID};
+use sidecar_common::{Counter, Endpoint};
 
 use crate::{
     counters::bump,
     maps::{CAPTURE_CONFIG, EXCLUDED_CIDR4, EXCLUDED_CIDR6, EXCLUDED_PORTS},
     orig_dst::storage_ptr,
+    proxy_identity::current_is_proxy,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -83,11 +83,7 @@ fn should_redirect(sa: *mut bpf_sock_addr, dst: Endpoint) -> Option<u32> {
     if config.outbound_port == 0 {
         return None; // installed, not configured yet (a first init in progress)
     }
-    let uid_gid = bpf_get_current_uid_gid();
-    let (uid, gid) = (uid_gid as u32, (uid_gid >> 32) as u32);
-    if (config.proxy_uid != NO_ID && uid == config.proxy_uid)
-        || (config.proxy_gid != NO_ID && gid == config.proxy_gid)
-    {
+    if current_is_proxy(config) {
         bump(Counter::BypassedUidGid);
         return None;
     }

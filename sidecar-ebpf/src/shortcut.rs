@@ -8,9 +8,8 @@
 //! Which sockets are the hop's ends:
 //! - outbound: the app's redirected socket (active side) and the proxy's socket accepted on
 //!   the outbound port on loopback (passive side);
-//! - inbound (IPv4): the proxy's socket to the app from 127.0.0.6 (active side) and the
-//!   app's socket accepted from 127.0.0.6 (passive side). IPv6 inbound is left on TCP: its
-//!   passthrough source `::1` cannot tell the proxy from any other local client.
+//! - inbound: the proxy's socket to the app from its passthrough source, 127.0.0.6 or ::6
+//!   (active side), and the app's socket accepted from it (passive side).
 //!
 //! If one end sends before its peer is in the shortcut, that message goes through TCP, and so
 //! does everything that end sends afterwards (a per-socket marker): within each direction,
@@ -26,7 +25,9 @@ use aya_ebpf::{
     helpers::generated::bpf_sk_storage_get,
     programs::{SkMsgContext, SockOpsContext},
 };
-use sidecar_common::{CaptureConfig, Counter, Endpoint};
+use sidecar_common::{
+    CaptureConfig, Counter, Endpoint, PASSTHROUGH_SOURCE_V4, PASSTHROUGH_SOURCE_V6,
+};
 
 use crate::{
     counters::bump,
@@ -34,7 +35,8 @@ use crate::{
     socket_pair::{SocketPair, sk_msg_pair},
 };
 
-const PASSTHROUGH_SOURCE_V4: u32 = u32::from_ne_bytes([127, 0, 0, 6]);
+const PASSTHROUGH_V4: u32 = u32::from_ne_bytes(PASSTHROUGH_SOURCE_V4);
+const PASSTHROUGH_V6: [u32; 4] = Endpoint::v6(PASSTHROUGH_SOURCE_V6, 0).addr;
 const LOOPBACK_V4: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
 const LOOPBACK_V6: [u32; 4] = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
 
@@ -121,7 +123,11 @@ fn fallback_marker(sk: *mut core::ffi::c_void, flags: u64) -> *mut u8 {
 
 #[inline(always)]
 fn is_passthrough(endpoint: &Endpoint) -> bool {
-    endpoint.is_v4() && endpoint.addr[3] == PASSTHROUGH_SOURCE_V4
+    if endpoint.is_v4() {
+        endpoint.addr[3] == PASSTHROUGH_V4
+    } else {
+        endpoint.addr == PASSTHROUGH_V6
+    }
 }
 
 #[inline(always)]

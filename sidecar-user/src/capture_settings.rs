@@ -20,6 +20,14 @@ pub struct CaptureSettings {
 }
 
 impl CaptureSettings {
+    /// The ports capture sends traffic to, which only the proxy may bind.
+    pub fn proxy_ports(&self) -> Vec<u16> {
+        [Some(self.outbound_port), self.inbound_port]
+            .into_iter()
+            .flatten()
+            .collect()
+    }
+
     /// The inbound ports never captured: the user's, the proxy's own ports (Istio's
     /// numbering) and this configuration's outbound and inbound ports.
     pub fn inbound_exclusions(&self) -> PortRanges {

@@ -19,12 +19,12 @@ use aya::{
         Array, MapData, PerCpuArray,
         lpm_trie::{Key, LpmTrie},
     },
-    programs::{CgroupSockAddr, CgroupSockopt, SkLookup, SkMsg, SockOps},
+    programs::{CgroupSock, CgroupSockAddr, CgroupSockopt, SkLookup, SkMsg, SockOps},
 };
 use aya_obj::generated::bpf_attach_type::{
     self, BPF_CGROUP_GETSOCKOPT, BPF_CGROUP_INET4_CONNECT, BPF_CGROUP_INET4_GETPEERNAME,
-    BPF_CGROUP_INET6_CONNECT, BPF_CGROUP_INET6_GETPEERNAME, BPF_CGROUP_SOCK_OPS, BPF_SK_LOOKUP,
-    BPF_SK_MSG_VERDICT,
+    BPF_CGROUP_INET4_POST_BIND, BPF_CGROUP_INET6_CONNECT, BPF_CGROUP_INET6_GETPEERNAME,
+    BPF_CGROUP_INET6_POST_BIND, BPF_CGROUP_SOCK_OPS, BPF_SK_LOOKUP, BPF_SK_MSG_VERDICT,
 };
 use ipnet::IpNet;
 use sidecar_common::{CaptureConfig, Counter, Endpoint, NO_ID, map_names};
@@ -76,6 +76,17 @@ pub const POD_HOOKS: &[Hook] = &[
         program: "getsockopt_orig_dst",
         attach_type: BPF_CGROUP_GETSOCKOPT,
         feature: "cgroup/getsockopt (Linux 5.3+)",
+    },
+    // Not on a proxy's sibling cgroup: the proxy there may bind its ports whatever its UID.
+    Hook {
+        program: "guard_proxy_ports4",
+        attach_type: BPF_CGROUP_INET4_POST_BIND,
+        feature: "cgroup/post_bind4 (Linux 4.17+)",
+    },
+    Hook {
+        program: "guard_proxy_ports6",
+        attach_type: BPF_CGROUP_INET6_POST_BIND,
+        feature: "cgroup/post_bind6 (Linux 4.17+)",
     },
 ];
 
@@ -295,6 +306,9 @@ fn load_program(ebpf: &mut Ebpf, hook: &Hook) -> Result<()> {
     let loaded = match hook.attach_type {
         BPF_CGROUP_SOCK_OPS => <&mut SockOps>::try_from(program)?.load(),
         BPF_CGROUP_GETSOCKOPT => <&mut CgroupSockopt>::try_from(program)?.load(),
+        BPF_CGROUP_INET4_POST_BIND | BPF_CGROUP_INET6_POST_BIND => {
+            <&mut CgroupSock>::try_from(program)?.load()
+        }
         BPF_SK_LOOKUP => <&mut SkLookup>::try_from(program)?.load(),
         BPF_SK_MSG_VERDICT => <&mut SkMsg>::try_from(program)?.load(),
         _ => <&mut CgroupSockAddr>::try_from(program)?.load(),
@@ -507,18 +521,34 @@ pub fn remove_pins(pin_dir: &Path) -> Result<Vec<String>> {
     Ok(removed)
 }
 
-/// Sums the per-CPU counters pinned in `pin_dir`.
+/// Sums the per-CPU counters pinned in `pin_dir`. A capture installed by an older build has
+/// fewer counters: the ones it lacks are left out.
 pub fn read_counters(pin_dir: &Path) -> Result<Vec<(Counter, u64)>> {
-    let data = MapData::from_pin(map_pin_path(pin_dir, map_names::COUNTERS))?;
-    let counters: PerCpuArray<MapData, u64> =
-        PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))?;
+    let counters = open_counters(pin_dir)?;
+    let present = counters.len();
     Counter::ALL
         .iter()
-        .map(|&counter| {
-            let per_cpu = counters.get(&(counter as u32), 0)?;
-            Ok((counter, per_cpu.iter().sum()))
-        })
+        .filter(|&&counter| (counter as u32) < present)
+        .map(|&counter| Ok((counter, sum_counter(&counters, counter)?)))
         .collect()
+}
+
+/// One counter of the capture in `pin_dir`, summed over CPUs (0 when its layout lacks it).
+pub fn read_counter(pin_dir: &Path, counter: Counter) -> Result<u64> {
+    let counters = open_counters(pin_dir)?;
+    if counter as u32 >= counters.len() {
+        return Ok(0);
+    }
+    sum_counter(&counters, counter)
+}
+
+fn open_counters(pin_dir: &Path) -> Result<PerCpuArray<MapData, u64>> {
+    let data = MapData::from_pin(map_pin_path(pin_dir, map_names::COUNTERS))?;
+    Ok(PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))?)
+}
+
+fn sum_counter(counters: &PerCpuArray<MapData, u64>, counter: Counter) -> Result<u64> {
+    Ok(counters.get(&(counter as u32), 0)?.iter().sum())
 }
 
 /// How many original destinations wait for the proxy's end of their handshake right now: 0

@@ -63,11 +63,12 @@ impl Family {
         }
     }
 
-    /// The source the proxy uses to hand inbound connections to the app (Istio's 127.0.0.6).
+    /// The source the proxy uses to hand inbound connections to the app (Istio's 127.0.0.6
+    /// and ::6, see `sidecar_common::PASSTHROUGH_SOURCE_V4`).
     fn passthrough_source(self) -> &'static str {
         match self {
             Family::V4 => "127.0.0.6/32",
-            Family::V6 => "::1/128",
+            Family::V6 => "::6/128",
         }
     }
 }

@@ -13,6 +13,7 @@ mod ebpf_capture;
 mod iptables_capture;
 mod kernel_memory;
 mod pod_annotations;
+mod pod_netns;
 mod probe;
 mod proxy;
 mod sys;

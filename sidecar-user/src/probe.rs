@@ -29,6 +29,10 @@ pub const REQUIRED: &[(Feature, &str)] = &[
         "sock_ops programs (Linux 4.13+)",
     ),
     (
+        Feature::Program(ProgramType::CgroupSock),
+        "cgroup sock programs (post_bind4/6, the proxy ports' guard, Linux 4.17+)",
+    ),
+    (
         Feature::Map(MapType::SkStorage),
         "socket storage maps (BPF_MAP_TYPE_SK_STORAGE, Linux 5.2+)",
     ),

@@ -89,6 +89,33 @@ impl InboundLab {
         sidecar_tests::ConnectReport::from_output(&out).map_err(|e| e.to_string())
     }
 
+    /// Connects from inside the server pod to its own pod IP, port 8080, from each source
+    /// address given (with the family of the pod IP: "v4" or "v6"), and echoes a byte. Run from
+    /// a cgroup outside the pod, so the outbound hooks leave it alone, as they leave the proxy
+    /// alone.
+    fn connect_inside_the_pod(&self, sources: &[(&str, &str)]) -> std::process::Output {
+        let pairs: Vec<String> = sources
+            .iter()
+            .map(|(source, family)| match *family {
+                "v4" => format!("(socket.AF_INET, '{source}', '{}')", self.server.ipv4()),
+                _ => format!("(socket.AF_INET6, '{source}', '{}')", self.server.ipv6()),
+            })
+            .collect();
+        let script = format!(
+            "import socket\n\
+             for fam, src, dst in ({},):\n\
+             \x20   s = socket.socket(fam); s.bind((src, 0)); s.settimeout(2); s.connect((dst, 8080))\n\
+             \x20   s.sendall(b'x'); s.shutdown(socket.SHUT_WR); assert s.recv(4096)\n",
+            pairs.join(", ")
+        );
+        self.server
+            .command("python3")
+            .in_cgroup(self.lab.sibling_cgroup("unhooked").unwrap())
+            .args(["-c", &script])
+            .run()
+            .unwrap()
+    }
+
     fn counters(&self) -> std::collections::BTreeMap<String, u64> {
         let out = sidecar(&["status", "--json"]);
         let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -153,31 +180,15 @@ fn inbound_connections_reach_the_listener_with_their_original_destination() {
     assert!(report.echo_ok);
     assert_eq!(served(&mesh.app), 1);
 
-    // The proxy's passthrough (from 127.0.0.6 / ::1 inside the pod) reaches the app.
-    let script = format!(
-        "import socket\n\
-         for fam, src, dst in ((socket.AF_INET, '127.0.0.6', '{v4}'), (socket.AF_INET6, '::1', '{v6}')):\n\
-         \x20   s = socket.socket(fam); s.bind((src, 0)); s.settimeout(2); s.connect((dst, 8080))\n\
-         \x20   s.sendall(b'x'); s.shutdown(socket.SHUT_WR); assert s.recv(4096)\n",
-        v4 = mesh.server.ipv4(),
-        v6 = mesh.server.ipv6()
-    );
-    // Run from a cgroup outside the pod, so the outbound hooks leave it alone, as they leave
-    // the proxy alone.
-    let out = mesh
-        .server
-        .command("python3")
-        .in_cgroup(mesh.lab.sibling_cgroup("unhooked").unwrap())
-        .args(["-c", &script])
-        .run()
-        .unwrap();
+    // The proxy's passthrough (from 127.0.0.6 / ::6 inside the pod) reaches the app.
+    let out = mesh.connect_inside_the_pod(&[("127.0.0.6", "v4"), ("::6", "v6")]);
     assert!(out.status.success(), "{}", text(&out));
     assert_eq!(served(&mesh.app), 3);
 
     let counters = mesh.counters();
     assert_eq!(counters["inbound_redirected"], 2, "{counters:?}");
     assert_eq!(counters["inbound_excluded_port"], 1, "{counters:?}");
-    assert_eq!(counters["inbound_from_loopback"], 2, "{counters:?}");
+    assert_eq!(counters["inbound_passthrough"], 2, "{counters:?}");
     assert_eq!(counters["inbound_no_proxy"], 0, "{counters:?}");
 }
 
@@ -261,4 +272,99 @@ fn ports_istio_reserves_but_the_proxy_does_not_serve_are_captured() {
     }
     assert_eq!(served(&squatter), 0, "reached past the proxy");
     assert_eq!(served(&listener), 2);
+}
+
+/// Only the proxy's passthrough source is let through: a connection from the real localhost
+/// (127.0.0.1, ::1) to the pod's address is inbound traffic like any other and meets the
+/// proxy, so its policy applies (an exemption of all of loopback would skip it).
+#[test]
+fn connections_from_localhost_to_the_pod_address_are_captured() {
+    let mesh = InboundLab::new("in-localhost", &[]);
+    let listener = mesh.start_listener();
+    let out = mesh.connect_inside_the_pod(&[("127.0.0.1", "v4"), ("::1", "v6")]);
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(served(&mesh.app), 0, "localhost skipped the proxy");
+    assert_eq!(served(&listener), 2, "{}", listener.stdout_text());
+    let counters = mesh.counters();
+    assert_eq!(counters["inbound_passthrough"], 0, "{counters:?}");
+    assert_eq!(counters["inbound_redirected"], 2, "{counters:?}");
+}
+
+/// The attack: while the proxy is down (restarting, or killed), a process of the app's user
+/// listens on the inbound port (it would be registered as the inbound listener and receive
+/// every inbound connection in plaintext, past mTLS and authorization) or on the outbound port
+/// (the pod's outbound connections). Its explicit binds are refused, and the automatic port of
+/// a listen() without bind never lands on them even when the pod's port range covers them.
+#[test]
+fn only_the_proxy_may_listen_on_the_capture_ports() {
+    const APP_USER: u32 = 1000;
+    let mesh = InboundLab::new("in-squat", &[]);
+    let script = "import socket, errno\n\
+        for fam, addr in ((socket.AF_INET6, '::'), (socket.AF_INET, '0.0.0.0'),\n\
+        \x20                 (socket.AF_INET, '127.0.0.1'), (socket.AF_INET6, '::1')):\n\
+        \x20   for port in (15006, 15001):\n\
+        \x20       s = socket.socket(fam)\n\
+        \x20       try:\n\
+        \x20           s.bind((addr, port)); s.listen(); print('LISTENING', addr, port)\n\
+        \x20       except PermissionError:\n\
+        \x20           print('REFUSED', addr, port)\n\
+        held, ports = [], set()\n\
+        while True:\n\
+        \x20   s = socket.socket(socket.AF_INET6)\n\
+        \x20   try:\n\
+        \x20       s.listen()\n\
+        \x20   except OSError as e:\n\
+        \x20       assert e.errno == errno.EADDRINUSE, e; break\n\
+        \x20   held.append(s); ports.add(s.getsockname()[1])\n\
+        print('AUTOBOUND', sorted(ports))\n";
+    // The pod's own automatic port range, narrowed onto the proxy's ports (a pod may set it).
+    let out = mesh
+        .server
+        .command("sysctl")
+        .args(["-w", "net.ipv4.ip_local_port_range=15000 15010"])
+        .run()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+    let out = mesh
+        .server
+        .command(SYSTEM_PYTHON)
+        .in_cgroup(mesh.server.cgroup_child("app").unwrap())
+        .as_user(APP_USER, APP_USER)
+        .args(["-c", script])
+        .run()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        !stdout.contains("LISTENING"),
+        "the app's user listens on a capture port:\n{stdout}"
+    );
+    assert_eq!(stdout.matches("REFUSED").count(), 8, "{stdout}");
+    let autobound: Vec<u16> = stdout
+        .lines()
+        .find_map(|line| line.strip_prefix("AUTOBOUND "))
+        .map(|list| {
+            list.trim_matches(['[', ']'])
+                .split(", ")
+                .map(|port| port.parse().unwrap())
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        autobound.len() >= 5 && autobound.iter().all(|port| (15000..=15010).contains(port)),
+        "the narrowed range was not in force: {autobound:?}"
+    );
+    assert!(
+        !autobound.contains(&15001) && !autobound.contains(&15006),
+        "listen() without bind got a capture port: {autobound:?}"
+    );
+    assert_eq!(mesh.counters()["proxy_port_bind_refused"], 8);
+
+    // Inbound still fails closed, and the real proxy's listener (its UID) registers.
+    let target = SocketAddr::new(mesh.server.ipv4().into(), 8080);
+    assert!(mesh.connect(target).is_err());
+    assert_eq!(served(&mesh.app), 0);
+    let listener = mesh.start_listener();
+    assert!(mesh.connect(target).unwrap().echo_ok);
+    assert_eq!(served(&listener), 1);
 }

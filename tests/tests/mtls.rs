@@ -363,6 +363,11 @@ fn mesh_traffic_is_mutual_tls(capture: Capture, test: &str) {
 
     let report = mesh.through_mesh(server_v6);
     assert_eq!(canonical(report.server.local), server_v6);
+    assert_eq!(
+        report.server.peer.ip().to_string(),
+        "::6",
+        "a remote peer must not reach the app from the real localhost (::1)"
+    );
 
     let client_id = spiffe("client");
     let server_id = spiffe("server");

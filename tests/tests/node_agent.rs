@@ -8,6 +8,7 @@ mod common;
 use std::{
     io::{BufRead, BufReader},
     process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -49,6 +50,8 @@ print("ok")
 struct NodeAgent {
     child: Child,
     metrics_url: String,
+    /// Its warnings and errors so far.
+    stderr: Arc<Mutex<String>>,
 }
 
 impl NodeAgent {
@@ -64,8 +67,19 @@ impl NodeAgent {
                 "10min",
             ])
             .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("node-agent");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut errors = BufReader::new(child.stderr.take().unwrap());
+        let collected = stderr.clone();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            while errors.read_line(&mut line).is_ok_and(|n| n > 0) {
+                collected.lock().unwrap().push_str(&line);
+                line.clear();
+            }
+        });
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
         let mut first = String::new();
         stdout.read_line(&mut first).unwrap();
@@ -80,6 +94,7 @@ impl NodeAgent {
         NodeAgent {
             child,
             metrics_url: format!("http://{addr}/stats/prometheus"),
+            stderr,
         }
     }
 
@@ -206,4 +221,55 @@ fn the_node_agent_collects_500_deleted_pods_and_nothing_live() {
     assert_fully_attached(keeper.cgroup());
     drop(agent);
     home.teardown().expect("teardown");
+}
+
+/// A process of the app's user binding the proxy's inbound port is refused by the kernel,
+/// which only counts it; the agent logs it with the pod's cgroup and counts it.
+#[test]
+fn the_node_agent_reports_refused_binds_of_the_proxy_ports() {
+    require_root();
+    sidecar_bin();
+    let lab = Lab::new("agent-binds").expect("lab");
+    let pod = lab.add_pod("squatted").expect("pod");
+    init(&pod);
+    let cgroup = pod.cgroup().to_string_lossy().into_owned();
+    let removal = cgroup.clone();
+    lab.on_teardown(move || {
+        let _ = sidecar(&["cleanup", "--cgroup", &removal]);
+    });
+    let agent = NodeAgent::start();
+    let out = pod
+        .command(SYSTEM_PYTHON)
+        .in_cgroup(pod.cgroup_child("app").unwrap())
+        .as_user(1000, 1000)
+        .args([
+            "-c",
+            "import socket\ntry:\n    socket.socket(socket.AF_INET6).bind(('::', 15006))\nexcept PermissionError:\n    print('refused')\n",
+        ])
+        .run()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "refused",
+        "{}",
+        text(&out)
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while agent.metric("sidecar_node_proxy_port_binds_refused_total", &[]) < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "not counted: {}",
+            agent.stderr.lock().unwrap()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let log = agent.stderr.lock().unwrap().clone();
+    assert!(
+        log.contains(&format!(
+            "pod cgroup {cgroup}: 1 bind(s) of the proxy's ports"
+        )),
+        "{log}"
+    );
+    drop(agent);
+    lab.teardown().expect("teardown");
 }

@@ -174,8 +174,8 @@ fn init_twice_replaces_and_cleanup_leaves_nothing() {
     let second = attached_ids(&mesh);
     assert_eq!(
         second.len(),
-        7,
-        "six cgroup hooks and the netns one: {second:?}"
+        9,
+        "eight cgroup hooks and the netns one: {second:?}"
     );
     // The kernel is asked about the cgroup hooks (the netns link is checked by behaviour).
     for (pin, ids) in second.iter().filter(|(pin, _)| pin != "link_steer_inbound") {
@@ -193,7 +193,7 @@ fn init_twice_replaces_and_cleanup_leaves_nothing() {
             .lines()
             .filter(|l| l.trim_start().starts_with(char::is_numeric))
             .count(),
-        6,
+        8,
         "{listed}"
     );
     // Counters and live state survive the replacement; capture still works.
@@ -207,7 +207,7 @@ fn init_twice_replaces_and_cleanup_leaves_nothing() {
         .iter()
         .map(|l| l["program_id"].as_u64().unwrap())
         .collect();
-    assert_eq!(loaded.len(), 7);
+    assert_eq!(loaded.len(), 9);
     let pin_dir = mesh.ebpf_status().unwrap()["pin_dir"]
         .as_str()
         .unwrap()

@@ -183,21 +183,31 @@ fn transfers_are_byte_exact_both_ways_through_the_shortcut() {
     }
 }
 
+/// Both IPv6 hops too: the inbound one since its source is the proxy's own `::6`.
 #[test]
-fn the_ipv6_outbound_hop_takes_the_shortcut_too() {
+fn the_ipv6_hops_take_the_shortcut_too() {
     let mesh = ShortcutLab::new("shortcut-v6", &["--sockmap"]);
-    let before = mesh.counters(&mesh.client);
+    let client_before = mesh.counters(&mesh.client);
+    let server_before = mesh.counters(&mesh.server);
     let target = SocketAddr::new(mesh.server.ipv6().into(), ECHO);
     for bytes in [1, 300_000] {
         let report = mesh.echo(target, bytes);
         assert!(report.echo_ok, "{bytes} bytes over IPv6");
     }
-    let after = mesh.counters(&mesh.client);
-    assert_eq!(delta(&after, &before, "shortcut_sockets"), 4, "{after:?}");
-    assert!(
-        delta(&after, &before, "shortcut_messages") >= 2,
-        "{after:?}"
-    );
+    for (pod, after, before) in [
+        ("client", mesh.counters(&mesh.client), &client_before),
+        ("server", mesh.counters(&mesh.server), &server_before),
+    ] {
+        assert_eq!(
+            delta(&after, before, "shortcut_sockets"),
+            4,
+            "{pod}: {after:?}"
+        );
+        assert!(
+            delta(&after, before, "shortcut_messages") >= 2,
+            "{pod}: {after:?}"
+        );
+    }
 }
 
 #[test]

@@ -12,7 +12,7 @@ use crate::{
     cgroup::Cgroup,
     ebpf_capture, iptables_capture,
     pod_annotations::{self, FailPolicy},
-    probe,
+    pod_netns, probe,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -192,6 +192,8 @@ fn install(args: &InitArgs) -> Result<()> {
             init_ebpf(args, &settings)
         }
         Mode::Iptables => {
+            // init runs inside the pod's network namespace in this mode.
+            pod_netns::prepare(None, &settings.proxy_ports())?;
             iptables_capture::install(&settings)?;
             println!(
                 "sidecar init: iptables capture installed in this network namespace \
@@ -242,6 +244,9 @@ fn init_ebpf(args: &InitArgs, settings: &CaptureSettings) -> Result<()> {
         inbound: settings.inbound_port.is_some(),
         sockmap: args.sockmap,
     })?;
+    if let Some(netns) = &netns {
+        pod_netns::prepare(Some(netns), &settings.proxy_ports())?;
+    }
     bpffs::ensure_mounted(&args.bpffs)?;
     // Held until init exits: a concurrent init or cleanup waits for a complete capture.
     let _lock = bpffs::lock(&args.bpffs)?;

@@ -7,6 +7,10 @@
 //! every `--rescan-interval`; a full sweep (one walk of the cgroup tree) every
 //! `--sweep-interval` is the backstop for anything the watch missed (a capture installed and
 //! deleted between two rescans, an agent restart).
+//!
+//! Each rescan also reads every live capture's count of refused binds of the proxy's ports
+//! (the kernel only counts them: a log call would double the guard programs' size in every
+//! pod) and logs the pods where it grew: a process of the app tried to take the proxy's place.
 use std::{
     collections::{BTreeSet, HashMap},
     convert::Infallible,
@@ -29,7 +33,9 @@ use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 use prometheus::{IntCounter, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 use tokio::{net::TcpListener, signal::unix::SignalKind, sync::mpsc};
 
-use crate::{bpffs, captures, kernel_memory::KernelMemory};
+use sidecar_common::Counter;
+
+use crate::{bpffs, captures, ebpf_capture, kernel_memory::KernelMemory};
 
 #[derive(Args, Debug)]
 pub struct NodeAgentArgs {
@@ -84,6 +90,7 @@ async fn agent(args: NodeAgentArgs) -> Result<()> {
         watcher,
         watched: HashMap::new(),
         parents: HashMap::new(),
+        refused_binds: HashMap::new(),
         gauges_stale: true,
         metrics,
     };
@@ -110,6 +117,8 @@ struct Agent {
     watched: HashMap<u64, PathBuf>,
     /// Watched parent directories, with how many watched cgroups each has.
     parents: HashMap<PathBuf, usize>,
+    /// Refused binds of the proxy's ports last seen, per capture.
+    refused_binds: HashMap<u64, u64>,
     /// Something changed since the gauges were last computed (they walk every loaded program,
     /// so a burst of collections refreshes them once, at the next rescan).
     gauges_stale: bool,
@@ -135,6 +144,30 @@ impl Agent {
         }
         if self.gauges_stale {
             self.update_gauges();
+        }
+        self.report_refused_binds();
+    }
+
+    /// Logs and counts the binds of a proxy port refused in each pod since the last look.
+    fn report_refused_binds(&mut self) {
+        for (id, cgroup) in &self.watched {
+            let pin_dir = bpffs::pin_dir(&self.bpffs, *id);
+            let Ok(now) = ebpf_capture::read_counter(&pin_dir, Counter::ProxyPortBindRefused)
+            else {
+                continue; // removed meanwhile: the next rescan forgets it
+            };
+            let seen = self.refused_binds.entry(*id).or_insert(0);
+            if now > *seen {
+                eprintln!(
+                    "sidecar node-agent: pod cgroup {}: {} bind(s) of the proxy's ports by \
+                     another process than the proxy refused (a process of the app tried to \
+                     take the proxy's place)",
+                    cgroup.display(),
+                    now - *seen
+                );
+                self.metrics.refused_binds.inc_by(now - *seen);
+                *seen = now;
+            }
         }
     }
 
@@ -219,6 +252,7 @@ impl Agent {
 
     fn forget(&mut self, id: u64) {
         self.gauges_stale = true;
+        self.refused_binds.remove(&id);
         let Some(cgroup) = self.watched.remove(&id) else {
             return;
         };
@@ -266,6 +300,7 @@ struct AgentMetrics {
     collected: IntCounter,
     errors: IntCounter,
     kernel_memory: IntGauge,
+    refused_binds: IntCounter,
 }
 
 impl AgentMetrics {
@@ -295,7 +330,13 @@ impl AgentMetrics {
         registry.register(Box::new(captures.clone()))?;
         registry.register(Box::new(collected.clone()))?;
         registry.register(Box::new(errors.clone()))?;
+        let refused_binds = IntCounter::new(
+            "sidecar_node_proxy_port_binds_refused_total",
+            "Binds of a proxy port (inbound, outbound) by another process than the proxy, \
+             refused by the kernel, in the pods the agent watches (each counted from its install).",
+        )?;
         registry.register(Box::new(kernel_memory.clone()))?;
+        registry.register(Box::new(refused_binds.clone()))?;
         for state in ["live", "stale"] {
             captures.with_label_values(&[state]);
         }
@@ -305,6 +346,7 @@ impl AgentMetrics {
             collected,
             errors,
             kernel_memory,
+            refused_binds,
         })
     }
 }

@@ -1,5 +1,5 @@
 //! Dialling the upstream: a bounded connect, classified failures, and for inbound the reserved
-//! loopback source address that capture lets through (Istio's 127.0.0.6; ::1 for IPv6).
+//! source address that capture lets through (Istio's 127.0.0.6 and ::6).
 use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -18,11 +18,13 @@ use tracing::debug;
 
 use super::{Timeouts, identity::SpiffeId, mesh::Mesh, metrics::FailureReason, tls};
 
-/// Source of the inbound proxy's connections to the app; both capture modes skip it.
-pub const PASSTHROUGH_SOURCE_V4: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
-/// The IPv6 counterpart: loopback (which both capture modes skip) reaches the pod's own
-/// addresses without needing an extra address on `lo` (Istio adds ::6 for this).
-pub const PASSTHROUGH_SOURCE_V6: Ipv6Addr = Ipv6Addr::LOCALHOST;
+/// Source of the inbound proxy's connections to the app; both capture modes skip it, and only
+/// it: never the real localhost, which apps trust.
+pub const PASSTHROUGH_SOURCE_V4: Ipv4Addr =
+    Ipv4Addr::from_octets(sidecar_common::PASSTHROUGH_SOURCE_V4);
+/// The IPv6 counterpart, `::6`, which `sidecar init` adds to the pod's `lo`.
+pub const PASSTHROUGH_SOURCE_V6: Ipv6Addr =
+    Ipv6Addr::from_octets(sidecar_common::PASSTHROUGH_SOURCE_V6);
 
 /// Where upstream connections come from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -176,7 +178,19 @@ fn passthrough_socket(addr: SocketAddr) -> io::Result<TcpSocket> {
         SocketAddr::V4(_) => IpAddr::V4(PASSTHROUGH_SOURCE_V4),
         SocketAddr::V6(_) => IpAddr::V6(PASSTHROUGH_SOURCE_V6),
     };
-    socket.bind(SocketAddr::new(source, 0))?;
+    socket.bind(SocketAddr::new(source, 0)).map_err(|error| {
+        if error.raw_os_error() == Some(libc::EADDRNOTAVAIL) {
+            io::Error::new(
+                error.kind(),
+                format!(
+                    "passthrough source {source} is not an address of this pod's lo \
+                     (`sidecar init` adds ::6): {error}"
+                ),
+            )
+        } else {
+            error
+        }
+    })?;
     Ok(socket)
 }
 

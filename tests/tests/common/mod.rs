@@ -37,6 +37,10 @@ pub fn labtool() -> &'static str {
 }
 
 /// Runs `sidecar ARGS` on the host (outside any pod: init needs the host's bpffs and cgroup tree).
+/// The distribution's Python, for scripts run as another user than root: a version manager's
+/// shim under /root is not readable by them. `cargo xtask setup` installs it.
+pub const SYSTEM_PYTHON: &str = "/usr/bin/python3";
+
 pub fn sidecar(args: &[&str]) -> Output {
     Command::new(sidecar_bin())
         .args(args)
@@ -263,12 +267,12 @@ pub fn status_of(cgroup: &Path) -> Option<serde_json::Value> {
         .cloned()
 }
 
-/// The capture of `cgroup` has its seven links, and each pod-cgroup hook has exactly its
+/// The capture of `cgroup` has its nine links, and each pod-cgroup hook has exactly its
 /// own program attached to the cgroup.
 pub fn assert_fully_attached(cgroup: &Path) {
     let capture = status_of(cgroup).unwrap_or_else(|| panic!("no capture for {cgroup:?}"));
     let links = capture["links"].as_array().unwrap();
-    assert_eq!(links.len(), 7, "{capture}");
+    assert_eq!(links.len(), 9, "{capture}");
     for link in links.iter().filter(|l| l["attached_to"] == "PodCgroup") {
         assert_eq!(
             link["attached_program_ids"],
