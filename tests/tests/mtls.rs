@@ -20,6 +20,8 @@ const STRICT_PORT: u16 = 8080;
 const PERMISSIVE_PORT: u16 = 9090;
 /// STRICT, and only `sa/admin` may connect.
 const ADMIN_ONLY_PORT: u16 = 7070;
+/// An HTTP server, for the tests that start one.
+const HTTP_PORT: u16 = 8081;
 const TRUST_DOMAIN: &str = "cluster.local";
 /// A partner mesh's trust domain, federated with ours.
 const PARTNER_DOMAIN: &str = "partner.example";
@@ -769,6 +771,99 @@ fn a_partner_ca_is_trusted_for_its_trust_domain_only(capture: Capture, test: &st
     );
 }
 
+/// The client proxy pools its upstream HTTP connections across the app's requests; a reload of
+/// its mesh config decides how the next request goes: a destination newly listed in
+/// `workloads` gets mTLS at once (the pooled plaintext connection is closed, not reused), and
+/// one removed has its pooled mTLS connection closed at the reload.
+fn pooled_connections_follow_mesh_config_reloads(capture: Capture, test: &str) {
+    let mesh = MtlsLab::new(test, capture);
+    let _http_server = mesh
+        .server
+        .command(labtool())
+        .in_cgroup(mesh.server.cgroup_child("app").expect("app cgroup"))
+        .args(["http-server", "--listen", &format!("[::]:{HTTP_PORT}")])
+        .args(["--name", "server"])
+        .spawn()
+        .expect("http server");
+    wait_for_tcp(
+        &mesh.server,
+        SocketAddr::new(mesh.server.ipv4().into(), HTTP_PORT),
+        READY,
+    )
+    .expect("http server listening");
+    // The HTTP port takes plaintext too, so that both kinds of connection reach the app.
+    let server_config = format!(
+        "{}    - port: {HTTP_PORT}\n      mode: PERMISSIVE\n",
+        mesh.server_config
+    );
+    mesh.reloading(&mesh.server, "sidecar_mesh_config_reloads_total", || {
+        mesh.write_mesh_config("server", &server_config);
+    });
+    let list_server = |listed: bool| {
+        let workloads = if listed { &mesh.client_config } else { "" };
+        mesh.reloading(&mesh.client, "sidecar_mesh_config_reloads_total", || {
+            mesh.write_mesh_config("client", workloads);
+        });
+    };
+    let url = format!("http://{}:{HTTP_PORT}/", mesh.server.ipv4());
+    let get = || {
+        let out = mesh
+            .client
+            .command(labtool())
+            .in_cgroup(mesh.client.cgroup_child("app").expect("app cgroup"))
+            .args(["http-get", &url])
+            .run()
+            .expect("run labtool http-get");
+        assert!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains("hello from"),
+            "GET {url}:\n{}\n{}",
+            text(&out),
+            mesh.logs()
+        );
+    };
+    // Waits until the server proxy has `count` inbound connections of `policy` `opened` (or
+    // `closed`), and not more.
+    let wait_for = |which: &str, policy: &str, count: u64| {
+        let name = format!("istio_tcp_connections_{which}_total");
+        let labels = [
+            ("reporter", "destination"),
+            ("connection_security_policy", policy),
+        ];
+        mesh.wait_for_metric(&mesh.server, &name, &labels, count);
+        assert_eq!(
+            proxy_metric(&mesh.server, &name, &labels),
+            count,
+            "{name}{labels:?}\n{}",
+            mesh.logs()
+        );
+    };
+
+    list_server(false);
+    get();
+    wait_for("opened", "none", 1);
+
+    list_server(true);
+    get();
+    wait_for("opened", "mutual_tls", 1);
+    wait_for("closed", "none", 1);
+    wait_for("opened", "none", 1);
+    mesh.wait_for_metric(
+        &mesh.client,
+        "istio_requests_total",
+        &[
+            ("connection_security_policy", "mutual_tls"),
+            ("destination_principal", &spiffe("server")),
+        ],
+        1,
+    );
+
+    list_server(false);
+    wait_for("closed", "mutual_tls", 1);
+    get();
+    wait_for("opened", "none", 2);
+    wait_for("opened", "mutual_tls", 1);
+}
+
 /// Connects, sends half a request, waits for the file named by the third argument, sends the
 /// rest, half-closes and prints the echo.
 const LONG_LIVED_CLIENT: &str = r#"
@@ -811,4 +906,9 @@ fn iptables_certificates_rotate_and_bad_ones_are_refused() {
 #[test]
 fn ebpf_a_partner_ca_is_trusted_for_its_trust_domain_only() {
     a_partner_ca_is_trusted_for_its_trust_domain_only(Capture::Ebpf, "partner-ebpf");
+}
+
+#[test]
+fn ebpf_pooled_connections_follow_mesh_config_reloads() {
+    pooled_connections_follow_mesh_config_reloads(Capture::Ebpf, "pool-ebpf");
 }

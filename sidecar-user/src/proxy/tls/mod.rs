@@ -19,6 +19,7 @@ use rustls::{
 use self::verify::{IdentityError, SpiffeClientVerifier, SpiffeServerVerifier, TrustError};
 pub use self::{
     certs::{WorkloadCertificate, rfc3339},
+    trust::TrustBundles,
     verify::spiffe_id_of,
 };
 use super::{identity::SpiffeId, metrics::FailureReason};
