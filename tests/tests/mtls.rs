@@ -20,7 +20,11 @@ const STRICT_PORT: u16 = 8080;
 const PERMISSIVE_PORT: u16 = 9090;
 /// STRICT, and only `sa/admin` may connect.
 const ADMIN_ONLY_PORT: u16 = 7070;
+/// An HTTP server, for the tests that start one.
+const HTTP_PORT: u16 = 8081;
 const TRUST_DOMAIN: &str = "cluster.local";
+/// A partner mesh's trust domain, federated with ours.
+const PARTNER_DOMAIN: &str = "partner.example";
 const READY: Duration = Duration::from_secs(10);
 const PATIENCE: Duration = Duration::from_secs(10);
 
@@ -42,6 +46,9 @@ struct MtlsLab {
     pki: PathBuf,
     app: LabProcess,
     proxies: Vec<LabProcess>,
+    /// What the client's and the server's mesh configs say after the identity block.
+    client_config: String,
+    server_config: String,
 }
 
 impl MtlsLab {
@@ -68,6 +75,16 @@ impl MtlsLab {
             wait_for_tcp(&server, SocketAddr::new(server.ipv4().into(), port), READY)
                 .expect("server app listening");
         }
+        let client_config = format!(
+            "workloads:\n  - name: server\n    addresses: [{}, '{}']\n    identities: [{}]\n",
+            server.ipv4(),
+            server.ipv6(),
+            spiffe("server")
+        );
+        let server_config = format!(
+            "inbound:\n  mode: STRICT\n  ports:\n    - port: {PERMISSIVE_PORT}\n      mode: PERMISSIVE\n    - port: {ADMIN_ONLY_PORT}\n      allow:\n        - principal: {}\n",
+            spiffe("admin")
+        );
         let mut mesh = MtlsLab {
             lab,
             client,
@@ -76,6 +93,8 @@ impl MtlsLab {
             pki,
             app,
             proxies: Vec::new(),
+            client_config,
+            server_config,
         };
 
         mesh.certs(&[
@@ -88,18 +107,8 @@ impl MtlsLab {
         mesh.certs(&["ca", "--out", &mesh.pki_path("other-ca")]);
         mesh.issue("client", "client", &[]);
         mesh.issue("server", "server", &[]);
-        let client_config = format!(
-            "workloads:\n  - name: server\n    addresses: [{}, '{}']\n    identities: [{}]\n",
-            mesh.server.ipv4(),
-            mesh.server.ipv6(),
-            spiffe("server")
-        );
-        let server_config = format!(
-            "inbound:\n  mode: STRICT\n  ports:\n    - port: {PERMISSIVE_PORT}\n      mode: PERMISSIVE\n    - port: {ADMIN_ONLY_PORT}\n      allow:\n        - principal: {}\n",
-            spiffe("admin")
-        );
-        mesh.write_mesh_config("client", &client_config);
-        mesh.write_mesh_config("server", &server_config);
+        mesh.write_mesh_config("client", &mesh.client_config);
+        mesh.write_mesh_config("server", &mesh.server_config);
 
         for pod in [&mesh.client, &mesh.server] {
             install_capture(&mesh.lab, pod, capture);
@@ -147,9 +156,28 @@ impl MtlsLab {
     }
 
     fn write_mesh_config(&self, dir: &str, rest: &str) {
-        let text = format!(
-            "trustDomain: {TRUST_DOMAIN}\nidentity:\n  certificateChain: cert-chain.pem\n  privateKey: key.pem\n  trustBundle: root-cert.pem\n{rest}"
+        self.write_federated_mesh_config(dir, TRUST_DOMAIN, &[], rest);
+    }
+
+    /// A mesh config in `pki/<dir>/` for `trust_domain`, trusting each `(trust domain, bundle
+    /// file in that directory)` of `federated` for that trust domain.
+    fn write_federated_mesh_config(
+        &self,
+        dir: &str,
+        trust_domain: &str,
+        federated: &[(&str, &str)],
+        rest: &str,
+    ) {
+        let mut text = format!(
+            "trustDomain: {trust_domain}\nidentity:\n  certificateChain: cert-chain.pem\n  privateKey: key.pem\n  trustBundle: root-cert.pem\n"
         );
+        if !federated.is_empty() {
+            text.push_str("  federatedTrustBundles:\n");
+            for (domain, file) in federated {
+                text.push_str(&format!("    {domain}: {file}\n"));
+            }
+        }
+        text.push_str(rest);
         let path = self.pki.join(dir).join("mesh.yaml");
         let temporary = path.with_extension("tmp");
         fs::write(&temporary, text).expect("write mesh config");
@@ -214,24 +242,17 @@ impl MtlsLab {
 
     /// Re-issues a certificate in place and waits until `pod`'s proxy has reloaded it.
     fn rotate(&self, pod: &Pod, dir: &str, sa: &str, extra: &[&str]) {
-        let reloads = || {
-            proxy_metric(
-                pod,
-                "sidecar_certificate_reloads_total",
-                &[("result", "success")],
-            )
-        };
-        let before = reloads();
-        self.issue(dir, sa, extra);
-        let deadline = Instant::now() + PATIENCE;
-        while reloads() <= before {
-            assert!(
-                Instant::now() < deadline,
-                "no certificate reload\n{}",
-                self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.reloading(pod, "sidecar_certificate_reloads_total", || {
+            self.issue(dir, sa, extra)
+        });
+    }
+
+    /// Runs `change` and waits until `pod`'s proxy counts one more successful reload in
+    /// `counter` (`sidecar_certificate_reloads_total` or `sidecar_mesh_config_reloads_total`).
+    fn reloading(&self, pod: &Pod, counter: &str, change: impl FnOnce()) {
+        let before = proxy_metric(pod, counter, &[("result", "success")]);
+        change();
+        self.wait_for_metric(pod, counter, &[("result", "success")], before + 1);
     }
 }
 
@@ -603,6 +624,251 @@ fn certificates_rotate_and_bad_ones_are_refused(capture: Capture, test: &str) {
     );
 }
 
+/// A partner's CA, trusted for the partner's trust domain, can neither mint one of our identities
+/// (refused inbound and outbound) nor is it needed for ours; it does vouch for its own.
+fn a_partner_ca_is_trusted_for_its_trust_domain_only(capture: Capture, test: &str) {
+    let mesh = MtlsLab::new(test, capture);
+    let server_v4 = SocketAddr::new(mesh.server.ipv4().into(), STRICT_PORT);
+    mesh.certs(&[
+        "ca",
+        "--out",
+        &mesh.pki_path("partner-ca"),
+        "--trust-domain",
+        PARTNER_DOMAIN,
+    ]);
+    let partner_root = mesh.pki.join("partner-ca").join("ca-cert.pem");
+    let our_root = mesh.pki.join("ca").join("ca-cert.pem");
+
+    // Both pods federate with the partner: its root, for its trust domain.
+    for (pod, dir, rest) in [
+        (&mesh.client, "client", &mesh.client_config),
+        (&mesh.server, "server", &mesh.server_config),
+    ] {
+        fs::copy(&partner_root, mesh.pki.join(dir).join("partner-root.pem"))
+            .expect("copy the partner's root");
+        mesh.reloading(pod, "sidecar_mesh_config_reloads_total", || {
+            mesh.write_federated_mesh_config(
+                dir,
+                TRUST_DOMAIN,
+                &[(PARTNER_DOMAIN, "partner-root.pem")],
+                rest,
+            );
+        });
+    }
+    mesh.through_mesh(server_v4);
+
+    // A certificate from the partner's CA in `pki/<dir>/` claiming our `sa`, with our root
+    // as the bundle (the forger's proxy must trust us to get as far as the handshake).
+    let our_root_path = our_root.to_string_lossy().into_owned();
+    let forge = |pod: &Pod, dir: &str, sa: &str| {
+        let out = mesh.pki_path(dir);
+        let partner_ca = mesh.pki_path("partner-ca");
+        mesh.reloading(pod, "sidecar_certificate_reloads_total", || {
+            mesh.certs(&[
+                "workload",
+                "--ca",
+                &partner_ca,
+                "--trust-domain",
+                TRUST_DOMAIN,
+                "--ns",
+                "default",
+                "--sa",
+                sa,
+                "--out",
+                &out,
+                "--bundle",
+                &our_root_path,
+                "--owner",
+                "1337:1337",
+            ]);
+        });
+    };
+    let refused = |what: &str, side: &Pod, direction: &str, forged: &str| {
+        let before = mesh.failures(side, direction, "peer_cert_unknown_ca");
+        let result = mesh.connect(&mesh.client, server_v4);
+        assert!(result.is_err(), "{what} was accepted: {result:?}");
+        mesh.wait_for_metric(
+            side,
+            &format!("sidecar_{direction}_failures_total"),
+            &[("reason", "peer_cert_unknown_ca")],
+            before + 1,
+        );
+        let reason = format!(
+            "the peer claims {forged}, but its chain leads to no root of the trust bundle of {TRUST_DOMAIN}"
+        );
+        assert!(
+            mesh.logs().contains(&reason),
+            "no log line saying {reason:?}:\n{}",
+            mesh.logs()
+        );
+    };
+
+    // Inbound: the client presents a partner-made `sa/client`.
+    forge(&mesh.client, "client", "client");
+    refused(
+        "a partner-made local identity (inbound)",
+        &mesh.server,
+        "inbound",
+        &spiffe("client"),
+    );
+    mesh.rotate(&mesh.client, "client", "client", &[]);
+    mesh.through_mesh(server_v4);
+
+    // Outbound: the server presents a partner-made `sa/server`, the identity expected there.
+    forge(&mesh.server, "server", "server");
+    refused(
+        "a partner-made local identity (outbound)",
+        &mesh.client,
+        "outbound",
+        &spiffe("server"),
+    );
+    mesh.rotate(&mesh.server, "server", "server", &[]);
+    mesh.through_mesh(server_v4);
+
+    // A pod of the partner's mesh (the outsider, given a sidecar): its own identity, from its
+    // CA, is accepted by our server, and it accepts our server's, from ours.
+    let partner_id = format!("spiffe://{PARTNER_DOMAIN}/ns/default/sa/client");
+    let partner_ca = mesh.pki_path("partner-ca");
+    let partner_dir = mesh.pki_path("partner");
+    mesh.certs(&[
+        "workload",
+        "--ca",
+        &partner_ca,
+        "--ns",
+        "default",
+        "--sa",
+        "client",
+        "--out",
+        &partner_dir,
+        "--owner",
+        "1337:1337",
+    ]);
+    fs::copy(&our_root, mesh.pki.join("partner").join("our-root.pem")).expect("copy our root");
+    mesh.write_federated_mesh_config(
+        "partner",
+        PARTNER_DOMAIN,
+        &[(TRUST_DOMAIN, "our-root.pem")],
+        &mesh.client_config,
+    );
+    install_capture(&mesh.lab, &mesh.outsider, capture);
+    let partner_proxy = start_proxy(&mesh.outsider, &mesh.pki.join("partner"));
+    let report = mesh
+        .connect(&mesh.outsider, server_v4)
+        .unwrap_or_else(|error| {
+            panic!(
+                "the partner's workload was refused: {error}\n{}{}\n{}",
+                partner_proxy.stdout_text(),
+                partner_proxy.stderr_text(),
+                mesh.logs()
+            )
+        });
+    assert!(report.echo_ok);
+    mesh.wait_for_metric(
+        &mesh.server,
+        "istio_tcp_connections_opened_total",
+        &[
+            ("reporter", "destination"),
+            ("connection_security_policy", "mutual_tls"),
+            ("source_principal", &partner_id),
+            ("destination_principal", &spiffe("server")),
+        ],
+        1,
+    );
+}
+
+/// The client proxy pools its upstream HTTP connections across the app's requests; a reload of
+/// its mesh config decides how the next request goes: a destination newly listed in
+/// `workloads` gets mTLS at once (the pooled plaintext connection is closed, not reused), and
+/// one removed has its pooled mTLS connection closed at the reload.
+fn pooled_connections_follow_mesh_config_reloads(capture: Capture, test: &str) {
+    let mesh = MtlsLab::new(test, capture);
+    let _http_server = mesh
+        .server
+        .command(labtool())
+        .in_cgroup(mesh.server.cgroup_child("app").expect("app cgroup"))
+        .args(["http-server", "--listen", &format!("[::]:{HTTP_PORT}")])
+        .args(["--name", "server"])
+        .spawn()
+        .expect("http server");
+    wait_for_tcp(
+        &mesh.server,
+        SocketAddr::new(mesh.server.ipv4().into(), HTTP_PORT),
+        READY,
+    )
+    .expect("http server listening");
+    // The HTTP port takes plaintext too, so that both kinds of connection reach the app.
+    let server_config = format!(
+        "{}    - port: {HTTP_PORT}\n      mode: PERMISSIVE\n",
+        mesh.server_config
+    );
+    mesh.reloading(&mesh.server, "sidecar_mesh_config_reloads_total", || {
+        mesh.write_mesh_config("server", &server_config);
+    });
+    let list_server = |listed: bool| {
+        let workloads = if listed { &mesh.client_config } else { "" };
+        mesh.reloading(&mesh.client, "sidecar_mesh_config_reloads_total", || {
+            mesh.write_mesh_config("client", workloads);
+        });
+    };
+    let url = format!("http://{}:{HTTP_PORT}/", mesh.server.ipv4());
+    let get = || {
+        let out = mesh
+            .client
+            .command(labtool())
+            .in_cgroup(mesh.client.cgroup_child("app").expect("app cgroup"))
+            .args(["http-get", &url])
+            .run()
+            .expect("run labtool http-get");
+        assert!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains("hello from"),
+            "GET {url}:\n{}\n{}",
+            text(&out),
+            mesh.logs()
+        );
+    };
+    // Waits until the server proxy has `count` inbound connections of `policy` `opened` (or
+    // `closed`), and not more.
+    let wait_for = |which: &str, policy: &str, count: u64| {
+        let name = format!("istio_tcp_connections_{which}_total");
+        let labels = [
+            ("reporter", "destination"),
+            ("connection_security_policy", policy),
+        ];
+        mesh.wait_for_metric(&mesh.server, &name, &labels, count);
+        assert_eq!(
+            proxy_metric(&mesh.server, &name, &labels),
+            count,
+            "{name}{labels:?}\n{}",
+            mesh.logs()
+        );
+    };
+
+    list_server(false);
+    get();
+    wait_for("opened", "none", 1);
+
+    list_server(true);
+    get();
+    wait_for("opened", "mutual_tls", 1);
+    wait_for("closed", "none", 1);
+    wait_for("opened", "none", 1);
+    mesh.wait_for_metric(
+        &mesh.client,
+        "istio_requests_total",
+        &[
+            ("connection_security_policy", "mutual_tls"),
+            ("destination_principal", &spiffe("server")),
+        ],
+        1,
+    );
+
+    list_server(false);
+    wait_for("closed", "mutual_tls", 1);
+    get();
+    wait_for("opened", "none", 2);
+    wait_for("opened", "mutual_tls", 1);
+}
+
 /// Connects, sends half a request, waits for the file named by the third argument, sends the
 /// rest, half-closes and prints the echo.
 const LONG_LIVED_CLIENT: &str = r#"
@@ -640,4 +906,14 @@ fn ebpf_certificates_rotate_and_bad_ones_are_refused() {
 #[test]
 fn iptables_certificates_rotate_and_bad_ones_are_refused() {
     certificates_rotate_and_bad_ones_are_refused(Capture::Iptables, "certs-ipt");
+}
+
+#[test]
+fn ebpf_a_partner_ca_is_trusted_for_its_trust_domain_only() {
+    a_partner_ca_is_trusted_for_its_trust_domain_only(Capture::Ebpf, "partner-ebpf");
+}
+
+#[test]
+fn ebpf_pooled_connections_follow_mesh_config_reloads() {
+    pooled_connections_follow_mesh_config_reloads(Capture::Ebpf, "pool-ebpf");
 }

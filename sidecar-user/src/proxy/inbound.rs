@@ -134,7 +134,7 @@ impl InboundProxy {
                     &self.metrics,
                     &log,
                     reason,
-                    error,
+                    tls::describe(&error),
                     downstream,
                     Close::Graceful,
                 );

@@ -1,23 +1,34 @@
 //! The mesh as the data path sees it: the mesh config compiled together with this workload's
 //! certificate into ready-to-use TLS configs. Each connection takes one snapshot, so a reload
-//! never changes a connection midway; new connections get the new snapshot.
-use std::{
-    net::SocketAddr,
-    sync::{Arc, PoisonError, RwLock},
-};
+//! never changes a connection midway; new connections get the new snapshot, and pooled
+//! connections made under a policy the new snapshot no longer has are not reused.
+use std::{net::SocketAddr, sync::Arc};
 
 use rustls::{ClientConfig, ServerConfig, crypto::CryptoProvider};
+use tokio::sync::watch;
 
 use super::{
     http::{HttpConfig, router::RouteTable},
     identity::SpiffeId,
     mesh_config::{InboundPolicy, MeshConfig, PortPolicy, Workload},
-    tls::{self, WorkloadCertificate},
+    tls::{self, TrustBundles, WorkloadCertificate},
 };
+
+/// What connections to a mesh destination are made under. A pooled connection serves a new
+/// request only while the snapshot in force says the same for its destination.
+#[derive(Debug, PartialEq, Eq)]
+pub struct MeshPolicy {
+    /// The identities the server must prove, and its name in metrics.
+    pub workload: Workload,
+    /// Who we present.
+    pub local: SpiffeId,
+    /// The roots the server's chain was verified against.
+    pub trust: Arc<TrustBundles>,
+}
 
 /// A mesh destination with the TLS config that checks its identity.
 pub struct MeshDestination {
-    pub workload: Workload,
+    pub policy: Arc<MeshPolicy>,
     pub client_config: Arc<ClientConfig>,
 }
 
@@ -31,7 +42,9 @@ pub struct MeshTls {
 impl MeshTls {
     /// The first mesh workload that `addr` belongs to, if any.
     pub fn destination(&self, addr: SocketAddr) -> Option<&MeshDestination> {
-        self.destinations.iter().find(|d| d.workload.matches(addr))
+        self.destinations
+            .iter()
+            .find(|d| d.policy.workload.matches(addr))
     }
 }
 
@@ -78,7 +91,11 @@ impl Mesh {
             .map(|workload| {
                 Ok(MeshDestination {
                     client_config: tls::client_config(cert, workload.identities.clone(), provider)?,
-                    workload: workload.clone(),
+                    policy: Arc::new(MeshPolicy {
+                        workload: workload.clone(),
+                        local: cert.identity.clone(),
+                        trust: cert.trust.clone(),
+                    }),
                 })
             })
             .collect::<Result<_, rustls::Error>>()?;
@@ -106,25 +123,31 @@ impl Mesh {
     pub fn tls(&self) -> Option<&MeshTls> {
         self.tls.as_ref()
     }
+
+    /// The policy of connections to `addr`: `None` is plaintext.
+    pub fn upstream_policy(&self, addr: SocketAddr) -> Option<&Arc<MeshPolicy>> {
+        Some(&self.tls.as_ref()?.destination(addr)?.policy)
+    }
 }
 
-/// The current snapshot, replaced whole by reloads.
-pub struct MeshHandle(RwLock<Arc<Mesh>>);
+/// The current snapshot, replaced whole by reloads, which subscribers are told about.
+pub struct MeshHandle(watch::Sender<Arc<Mesh>>);
 
 impl MeshHandle {
     pub fn new(mesh: Mesh) -> Self {
-        MeshHandle(RwLock::new(Arc::new(mesh)))
+        MeshHandle(watch::Sender::new(Arc::new(mesh)))
     }
 
     pub fn current(&self) -> Arc<Mesh> {
-        // A panic while holding the lock cannot leave a half-written Arc behind.
-        self.0
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.0.borrow().clone()
     }
 
     pub fn replace(&self, mesh: Mesh) {
-        *self.0.write().unwrap_or_else(PoisonError::into_inner) = Arc::new(mesh);
+        self.0.send_replace(Arc::new(mesh));
+    }
+
+    /// Sees each snapshot that replaces the current one.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<Mesh>> {
+        self.0.subscribe()
     }
 }

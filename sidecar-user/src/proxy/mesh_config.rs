@@ -45,26 +45,33 @@ pub struct MeshConfig {
     pub http: HttpConfig,
 }
 
-/// This workload's certificate, key and trust bundle, as absolute paths (relative paths in the
+/// This workload's certificate, key and trust bundles, as absolute paths (relative paths in the
 /// file are taken from the file's directory).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IdentityFiles {
     /// PEM: the workload certificate first, then any intermediates.
     pub certificate_chain: PathBuf,
     /// PEM: the private key (PKCS#8, SEC1 or PKCS#1).
     pub private_key: PathBuf,
-    /// PEM: every trusted root; several during a CA rotation.
+    /// PEM: the roots of the mesh's trust domain; several during a CA rotation.
     pub trust_bundle: PathBuf,
+    /// PEM: the roots of each federated trust domain, trusted for that domain's identities only.
+    pub federated_trust_bundles: BTreeMap<String, PathBuf>,
 }
 
 impl IdentityFiles {
-    pub fn paths(&self) -> [&Path; 3] {
+    /// Every file: the chain, the key, our trust bundle, then the federated bundles in the
+    /// order of their trust domains.
+    pub fn paths(&self) -> Vec<&Path> {
         [
             &self.certificate_chain,
             &self.private_key,
             &self.trust_bundle,
         ]
+        .into_iter()
+        .chain(self.federated_trust_bundles.values())
+        .map(PathBuf::as_path)
+        .collect()
     }
 }
 
@@ -181,6 +188,15 @@ impl MeshConfig {
             }
             (None, Some(_)) => return Err(whole_file("`identity` needs `trustDomain`")),
         };
+        if let (Some(trust_domain), Some(identity)) = (&trust_domain, &identity)
+            && identity
+                .federated_trust_bundles
+                .contains_key(&TrustDomain(trust_domain.clone()))
+        {
+            return Err(whole_file(&format!(
+                "`identity.federatedTrustBundles` lists the mesh's own trust domain {trust_domain}: its roots are `identity.trustBundle`"
+            )));
+        }
         if identity.is_none() {
             let strict = raw.inbound.mode == InboundMode::Strict
                 || raw
@@ -235,6 +251,11 @@ impl MeshConfig {
                 certificate_chain: base.join(files.certificate_chain),
                 private_key: base.join(files.private_key),
                 trust_bundle: base.join(files.trust_bundle),
+                federated_trust_bundles: files
+                    .federated_trust_bundles
+                    .into_iter()
+                    .map(|(trust_domain, path)| (trust_domain.0, base.join(path)))
+                    .collect(),
             }),
             trust_domain,
             workloads: raw.workloads,
@@ -248,7 +269,7 @@ impl MeshConfig {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct RawMeshConfig {
     trust_domain: Option<TrustDomain>,
-    identity: Option<IdentityFiles>,
+    identity: Option<RawIdentityFiles>,
     #[serde(default)]
     workloads: Vec<Workload>,
     #[serde(default)]
@@ -258,6 +279,16 @@ struct RawMeshConfig {
 }
 
 #[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawIdentityFiles {
+    certificate_chain: PathBuf,
+    private_key: PathBuf,
+    trust_bundle: PathBuf,
+    #[serde(default)]
+    federated_trust_bundles: BTreeMap<TrustDomain, PathBuf>,
+}
+
+#[derive(Deserialize, PartialEq, Eq, PartialOrd, Ord)]
 #[serde(try_from = "String")]
 struct TrustDomain(String);
 
@@ -454,6 +485,9 @@ identity:
   certificateChain: certs/cert-chain.pem
   privateKey: /secret/key.pem
   trustBundle: certs/root-cert.pem
+  federatedTrustBundles:
+    partner.example: certs/partner-root.pem
+    other.example: /bundles/other.pem
 workloads:
   - name: server
     addresses: [198.18.0.2, 'fd18::2', 10.96.0.0/16]
@@ -490,6 +524,21 @@ inbound:
             Path::new("/etc/sidecar/certs/cert-chain.pem")
         );
         assert_eq!(identity.private_key, Path::new("/secret/key.pem"));
+        assert_eq!(
+            identity.federated_trust_bundles,
+            BTreeMap::from([
+                ("other.example".into(), PathBuf::from("/bundles/other.pem")),
+                (
+                    "partner.example".into(),
+                    PathBuf::from("/etc/sidecar/certs/partner-root.pem")
+                ),
+            ])
+        );
+        assert_eq!(
+            identity.paths().last(),
+            Some(&Path::new("/etc/sidecar/certs/partner-root.pem")),
+            "the federated bundles are watched and loaded too"
+        );
         assert_eq!(config.workloads.len(), 2);
         assert_eq!(config.workloads[0].addresses.len(), 3);
 
@@ -597,6 +646,11 @@ inbound:
                 "invalid address \"198.18.0.300\"",
             ),
             ("10.96.0.0/16", "10.96.0.0/33", "invalid address"),
+            (
+                "partner.example: certs",
+                "Partner.Example: certs",
+                "invalid trust domain \"Partner.Example\"",
+            ),
             ("ports: [8080]", "ports: [0]", "nonzero"),
             ("ports: [8080]", "ports: [70000]", "70000"),
             (
@@ -670,6 +724,16 @@ inbound:
             assert!(error.to_string().contains(reason), "{error}");
         }
         Ok(())
+    }
+
+    #[test]
+    fn the_own_trust_domain_is_not_federated() {
+        let text = FULL.replacen("partner.example: certs", "cluster.local: certs", 1);
+        let error = parse(&text).expect_err("own trust domain federated");
+        assert_eq!(
+            error.to_string(),
+            "mesh config /etc/sidecar/mesh.yaml: `identity.federatedTrustBundles` lists the mesh's own trust domain cluster.local: its roots are `identity.trustBundle`"
+        );
     }
 
     #[test]

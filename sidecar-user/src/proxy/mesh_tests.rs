@@ -24,6 +24,8 @@ struct Hop {
     client: Running,
     server: Running,
     server_config: PathBuf,
+    /// Where the client side sends the server's traffic (through the tap).
+    tap: SocketAddr,
     wire: Arc<Mutex<Vec<u8>>>,
 }
 
@@ -43,16 +45,7 @@ async fn start_hop(
     let server = start_inbound(app, server_mesh, server_metrics)?;
 
     let (tap, wire) = start_tap(server.addr).await?;
-    let identities = expected
-        .iter()
-        .map(|sa| Pki::id(sa).to_string())
-        .collect::<Vec<_>>()
-        .join(", ");
-    let workloads = format!(
-        "workloads:\n  - name: server\n    addresses: [127.0.0.1]\n    ports: [{}]\n    identities: [{identities}]\n",
-        tap.port()
-    );
-    let client_config = write_mesh_config(client_dir, &workloads)?;
+    let client_config = write_mesh_config(client_dir, &server_workload(tap, expected))?;
     let client_metrics = Arc::new(Metrics::new(&local("client"))?);
     let client_mesh = watched_mesh(&client_config, &client_metrics)?;
     let client = start_outbound(|_| tap, client_mesh, client_metrics, timeouts())?;
@@ -60,8 +53,22 @@ async fn start_hop(
         client,
         server,
         server_config,
+        tap,
         wire,
     })
+}
+
+/// The client's `workloads` section: `tap` is the server, one of the service accounts `expected`.
+fn server_workload(tap: SocketAddr, expected: &[&str]) -> String {
+    let identities = expected
+        .iter()
+        .map(|sa| Pki::id(sa).to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "workloads:\n  - name: server\n    addresses: [127.0.0.1]\n    ports: [{}]\n    identities: [{identities}]\n",
+        tap.port()
+    )
 }
 
 /// Forwards to `to`, recording what the client side sends.
@@ -519,6 +526,22 @@ async fn start_http_app() -> anyhow::Result<SocketAddr> {
     Ok(addr)
 }
 
+/// Sends `GET path` on a kept-alive connection and expects the app's `200 ok`.
+async fn get_ok(client: &mut TcpStream, path: &str) -> anyhow::Result<()> {
+    client
+        .write_all(format!("GET {path} HTTP/1.1\r\nHost: server\r\n\r\n").as_bytes())
+        .await?;
+    // The head (hyper adds a `date`), then the 2-byte body.
+    let mut response = Vec::new();
+    let mut byte = [0u8; 1];
+    while !response.ends_with(b"\r\n\r\nok") {
+        tokio::time::timeout(PATIENCE, client.read_exact(&mut byte)).await??;
+        response.push(byte[0]);
+    }
+    assert!(response.starts_with(b"HTTP/1.1 200 OK\r\n"), "{response:?}");
+    Ok(())
+}
+
 #[tokio::test]
 async fn http_requests_to_a_mesh_workload_go_over_mutual_tls() -> anyhow::Result<()> {
     let pki = Pki::new()?;
@@ -529,17 +552,7 @@ async fn http_requests_to_a_mesh_workload_go_over_mutual_tls() -> anyhow::Result
 
     let mut client = TcpStream::connect(hop.client.addr).await?;
     for _ in 0..2 {
-        client
-            .write_all(b"GET /secret-path HTTP/1.1\r\nHost: server\r\n\r\n")
-            .await?;
-        // The head (hyper adds a `date`), then the 2-byte body.
-        let mut response = Vec::new();
-        let mut byte = [0u8; 1];
-        while !response.ends_with(b"\r\n\r\nok") {
-            tokio::time::timeout(PATIENCE, client.read_exact(&mut byte)).await??;
-            response.push(byte[0]);
-        }
-        assert!(response.starts_with(b"HTTP/1.1 200 OK\r\n"), "{response:?}");
+        get_ok(&mut client, "/secret-path").await?;
     }
 
     let client_id = Pki::id("client").to_string();
@@ -566,5 +579,119 @@ async fn http_requests_to_a_mesh_workload_go_over_mutual_tls() -> anyhow::Result
         !wire.windows(12).any(|w| w == b"/secret-path"),
         "the request crossed the wire in clear"
     );
+    Ok(())
+}
+
+/// A PERMISSIVE server and a client whose mesh config lists it or not, with the metrics a
+/// test of pooled connections across reloads reads.
+struct ReloadingHop {
+    hop: Hop,
+    client_dir: PathBuf,
+    _pki: Pki,
+}
+
+impl ReloadingHop {
+    async fn start() -> anyhow::Result<Self> {
+        let pki = Pki::new()?;
+        let server_dir = pki.workload("server", "server", valid(), None)?;
+        let client_dir = pki.workload("client", "client", valid(), None)?;
+        let app = start_http_app().await?;
+        let permissive = |_| "inbound:\n  mode: PERMISSIVE\n".to_owned();
+        let hop = start_hop(&server_dir, &client_dir, permissive, &["server"], app).await?;
+        Ok(ReloadingHop {
+            hop,
+            client_dir,
+            _pki: pki,
+        })
+    }
+
+    /// Rewrites the client's mesh config, the server listed as a mesh workload or not, and
+    /// waits for the reload.
+    async fn list_server(&self, listed: bool) -> anyhow::Result<()> {
+        let reloads = || {
+            self.hop
+                .client
+                .metrics
+                .reload_count(ReloadKind::MeshConfig, true)
+        };
+        let before = reloads();
+        let workloads = if listed {
+            server_workload(self.hop.tap, &["server"])
+        } else {
+            String::new()
+        };
+        write_mesh_config(&self.client_dir, &workloads)?;
+        wait_until("the client reloaded its config", || reloads() == before + 1).await;
+        Ok(())
+    }
+
+    /// The server side's `istio_tcp_connections_{opened,closed}_total` of `policy`.
+    fn server_connections(&self, which: &str, policy: &str) -> u64 {
+        metric(
+            &self.hop.server.metrics,
+            &format!("istio_tcp_connections_{which}_total"),
+            &[
+                ("reporter", "destination"),
+                ("connection_security_policy", policy),
+            ],
+        )
+    }
+
+    async fn wait_for_server_connections(&self, which: &str, policy: &str, count: u64) {
+        wait_until(&format!("{count} {policy} connections {which}"), || {
+            self.server_connections(which, policy) == count
+        })
+        .await;
+    }
+}
+
+#[tokio::test]
+async fn a_destination_listed_by_a_reload_gets_mutual_tls_from_the_next_request()
+-> anyhow::Result<()> {
+    let rig = ReloadingHop::start().await?;
+    rig.list_server(false).await?;
+    let mut app = TcpStream::connect(rig.hop.client.addr).await?;
+    get_ok(&mut app, "/one").await?;
+    rig.wait_for_server_connections("opened", "none", 1).await;
+
+    // The request after the reload does not ride the pooled plaintext connection, which is
+    // closed.
+    rig.list_server(true).await?;
+    get_ok(&mut app, "/two").await?;
+    rig.wait_for_server_connections("opened", "mutual_tls", 1)
+        .await;
+    rig.wait_for_server_connections("closed", "none", 1).await;
+    assert_eq!(rig.server_connections("opened", "none"), 1);
+    let client_id = Pki::id("client").to_string();
+    assert_eq!(
+        metric(
+            &rig.hop.client.metrics,
+            "istio_requests_total",
+            &[
+                ("connection_security_policy", "mutual_tls"),
+                ("source_principal", client_id.as_str())
+            ]
+        ),
+        1
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_destination_removed_by_a_reload_has_its_pooled_mutual_tls_connection_closed()
+-> anyhow::Result<()> {
+    let rig = ReloadingHop::start().await?;
+    let mut app = TcpStream::connect(rig.hop.client.addr).await?;
+    get_ok(&mut app, "/one").await?;
+    rig.wait_for_server_connections("opened", "mutual_tls", 1)
+        .await;
+
+    // Closed by the reload itself, before any request could reuse it.
+    rig.list_server(false).await?;
+    rig.wait_for_server_connections("closed", "mutual_tls", 1)
+        .await;
+    get_ok(&mut app, "/two").await?;
+    rig.wait_for_server_connections("opened", "none", 1).await;
+    assert_eq!(rig.server_connections("opened", "mutual_tls"), 1);
     Ok(())
 }

@@ -295,7 +295,7 @@ fn read_certificate_files(files: Option<&IdentityFiles>) -> Result<Vec<Vec<u8>>,
 }
 
 /// Reads and checks the certificate files `config` names, and that the certificate belongs to
-/// the mesh's trust domain.
+/// the mesh's trust domain, whose roots are `trustBundle`.
 fn load_certificate(
     config: &MeshConfig,
     provider: &CryptoProvider,
@@ -303,17 +303,26 @@ fn load_certificate(
     let Some(files) = &config.identity else {
         return Ok((Vec::new(), None));
     };
+    let trust_domain = config.trust_domain.as_deref().unwrap_or_default();
     let bytes = read_certificate_files(Some(files))?;
-    let certificate = WorkloadCertificate::from_pem(&bytes[0], &bytes[1], &bytes[2], provider)
+    // In the order of `IdentityFiles::paths`.
+    let bundles = std::iter::once(trust_domain)
+        .chain(files.federated_trust_bundles.keys().map(String::as_str))
+        .zip(bytes[2..].iter().map(Vec::as_slice));
+    let certificate = WorkloadCertificate::from_pem(&bytes[0], &bytes[1], bundles, provider)
         .map_err(|error| {
+            let federated: String = files
+                .federated_trust_bundles
+                .iter()
+                .map(|(domain, path)| format!(", {domain} trust bundle {}", path.display()))
+                .collect();
             format!(
-                "{error} (certificate chain {}, private key {}, trust bundle {})",
+                "{error} (certificate chain {}, private key {}, trust bundle {}{federated})",
                 files.certificate_chain.display(),
                 files.private_key.display(),
                 files.trust_bundle.display()
             )
         })?;
-    let trust_domain = config.trust_domain.as_deref().unwrap_or_default();
     if certificate.identity.trust_domain() != trust_domain {
         return Err(format!(
             "the certificate {} is for {}, outside the mesh's trust domain {trust_domain}",
@@ -330,13 +339,14 @@ fn log_certificate(message: &str, certificate: &WorkloadCertificate) {
     if expired {
         warn!(identity = %certificate.identity, %not_after, "{message}, but it has EXPIRED: peers will refuse it");
     } else {
-        info!(identity = %certificate.identity, %not_after, roots = certificate.roots.len(), "{message}");
+        info!(identity = %certificate.identity, %not_after, trust = %certificate.trust, "{message}");
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::commands::certs::issue_ca;
     use crate::proxy::{
         mesh_config::InboundMode,
         metrics::LocalWorkload,
@@ -434,6 +444,67 @@ mod tests {
                 .metrics
                 .render()?
                 .contains("sidecar_certificate_expiration_seconds")
+        );
+        Ok(())
+    }
+
+    fn trust(source: &MeshSource) -> String {
+        source
+            .loaded
+            .certificate
+            .as_ref()
+            .map(|certificate| certificate.trust.to_string())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn federated_trust_bundles_are_watched_and_a_bad_one_keeps_the_old() -> anyhow::Result<()> {
+        let pki = Pki::new()?;
+        let dir = pki.workload("w", "w", valid(), None)?;
+        let partner_dir = dir.join("partner");
+        fs::create_dir(&partner_dir)?;
+        let partner_bundle = partner_dir.join("root.pem");
+        let partner_ca = || issue_ca("partner.example", valid());
+        replace(&partner_bundle, &partner_ca()?.cert_pem)?;
+        let config = write_mesh_config(&dir, "")?;
+        let text = fs::read_to_string(&config)?.replace(
+            "  trustBundle: root-cert.pem\n",
+            "  trustBundle: root-cert.pem\n  federatedTrustBundles:\n    partner.example: partner/root.pem\n",
+        );
+        replace(&config, &text)?;
+        let mut source = source(&config)?;
+        assert_eq!(
+            trust(&source),
+            "cluster.local (1 root), partner.example (1 root)"
+        );
+        assert!(
+            source.directories().contains(&partner_dir),
+            "the federated bundle's directory is watched"
+        );
+
+        replace(&partner_bundle, "not PEM")?;
+        source.reload();
+        assert_eq!(
+            source.metrics.reload_count(ReloadKind::Certificates, false),
+            1
+        );
+        assert_eq!(
+            trust(&source),
+            "cluster.local (1 root), partner.example (1 root)",
+            "the old bundles stay"
+        );
+
+        // A second partner root (their CA rotation): taken.
+        let two_roots = format!("{}{}", partner_ca()?.cert_pem, partner_ca()?.cert_pem);
+        replace(&partner_bundle, &two_roots)?;
+        source.reload();
+        assert_eq!(
+            source.metrics.reload_count(ReloadKind::Certificates, true),
+            1
+        );
+        assert_eq!(
+            trust(&source),
+            "cluster.local (1 root), partner.example (2 roots)"
         );
         Ok(())
     }

@@ -60,7 +60,7 @@ pub struct LocalWorkload {
 /// Label values of the Istio TCP metrics. Missing values are `unknown`, never dropped, so
 /// Istio dashboards keep matching. Nothing per connection (client IP/port, original
 /// destination) belongs here: it would make series unbounded. Principals are bounded by the
-/// identities the trust bundle's CAs issue.
+/// identities the trusted CAs issue.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TcpLabels {
     reporter: &'static str,
@@ -149,7 +149,8 @@ pub enum FailureReason {
     ConnectTimeout,
     PeerCertExpired,
     PeerCertNotYetValid,
-    /// The peer's chain does not lead to a root of the trust bundle (a wrong CA).
+    /// The peer's chain does not lead to a root of its trust domain's bundle (a wrong CA), or
+    /// its trust domain has no bundle.
     PeerCertUnknownCa,
     /// The peer's SPIFFE ID is missing, malformed, or not the one the mesh config expects.
     PeerIdentityMismatch,

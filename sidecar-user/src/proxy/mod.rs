@@ -180,7 +180,7 @@ async fn serve(config: ProxyConfig, log_level: LogLevel) -> anyhow::Result<()> {
         &config.inbound_bind,
         config.inbound_port,
     )?;
-    let outbound = OutboundProxy {
+    let outbound = Arc::new(OutboundProxy {
         listen_addrs: local_addrs(&outbound_listeners)?,
         orig_dst,
         mesh: mesh.clone(),
@@ -188,7 +188,8 @@ async fn serve(config: ProxyConfig, log_level: LogLevel) -> anyhow::Result<()> {
         local: local.clone(),
         timeouts: config.timeouts,
         upstreams: Upstreams::default(),
-    };
+    });
+    tokio::spawn(outbound.clone().close_stale_connections());
     let inbound = InboundProxy {
         listen_addrs: local_addrs(&inbound_listeners)?,
         orig_dst: Arc::new(InboundOrigDst {
@@ -200,7 +201,7 @@ async fn serve(config: ProxyConfig, log_level: LogLevel) -> anyhow::Result<()> {
         timeouts: config.timeouts,
     };
     let mut accept_loops = AcceptLoops::default();
-    accept_loops.add(outbound_listeners, Arc::new(outbound));
+    accept_loops.add(outbound_listeners, outbound);
     accept_loops.add(inbound_listeners, Arc::new(inbound));
     ready.store(true, Ordering::Release);
     info!(

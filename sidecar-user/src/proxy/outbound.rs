@@ -121,6 +121,17 @@ impl Handler for OutboundProxy {
 }
 
 impl OutboundProxy {
+    /// Closes, at each reload, the pooled upstream connections made under a mesh policy the
+    /// new snapshot no longer gives their destination. (A request never reuses one anyway;
+    /// this closes them at once instead of at their idle timeout.) Runs while the proxy does.
+    pub async fn close_stale_connections(self: Arc<Self>) {
+        let mut reloads = self.mesh.subscribe();
+        while reloads.changed().await.is_ok() {
+            let mesh = reloads.borrow_and_update().clone();
+            self.upstreams.close_stale(&mesh);
+        }
+    }
+
     /// Detects the client's protocol, connecting upstream in parallel once the client has been
     /// silent for [`CLIENT_FIRST_GRACE`], so detection ends as soon as either the client's
     /// first bytes tell, or the server speaks first (MySQL, SMTP: the client waits for a

@@ -71,7 +71,7 @@ pub fn start_outbound(
 ) -> anyhow::Result<Running> {
     let listeners = bind_listeners(Direction::Outbound, &[LOCALHOST], 0)?;
     let addr = listeners[0].local_addr()?;
-    let proxy = OutboundProxy {
+    let proxy = Arc::new(OutboundProxy {
         orig_dst: Arc::new(ExplicitOrigDst(target(addr))),
         mesh,
         metrics: metrics.clone(),
@@ -79,9 +79,10 @@ pub fn start_outbound(
         timeouts,
         listen_addrs: local_addrs(&listeners)?,
         upstreams: Upstreams::default(),
-    };
+    });
+    tokio::spawn(proxy.clone().close_stale_connections());
     let mut loops = AcceptLoops::default();
-    loops.add(listeners, Arc::new(proxy));
+    loops.add(listeners, proxy);
     tokio::spawn(loops.run_until(std::future::pending()));
     Ok(Running { addr, metrics })
 }

@@ -3,6 +3,7 @@
 use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    sync::Arc,
     time::Duration,
 };
 
@@ -16,7 +17,13 @@ use tokio::{
 use tokio_rustls::TlsConnector;
 use tracing::debug;
 
-use super::{Timeouts, identity::SpiffeId, mesh::Mesh, metrics::FailureReason, tls};
+use super::{
+    Timeouts,
+    identity::SpiffeId,
+    mesh::{Mesh, MeshPolicy},
+    metrics::FailureReason,
+    tls,
+};
 
 /// Source of the inbound proxy's connections to the app; both capture modes skip it, and only
 /// it: never the real localhost, which apps trust.
@@ -74,6 +81,8 @@ pub struct Established {
     pub io: Box<dyn UpstreamIo>,
     /// `None`: plaintext (the destination is not a mesh workload).
     pub mtls: Option<MutualTls>,
+    /// What it was made under (`None`: plaintext), for pools to tell when a reload changed it.
+    pub policy: Option<Arc<MeshPolicy>>,
 }
 
 /// Connects to `addr` and, when the mesh config says it is a mesh workload, originates mTLS and
@@ -91,6 +100,7 @@ pub async fn establish(
         return Ok(Established {
             io: Box::new(stream),
             mtls: None,
+            policy: None,
         });
     };
     // Mesh peers are checked by SPIFFE ID; the IP only satisfies the API (no SNI is sent).
@@ -125,8 +135,9 @@ pub async fn establish(
         mtls: Some(MutualTls {
             local: local_tls.identity.clone(),
             peer,
-            workload: destination.workload.name.clone(),
+            workload: destination.policy.workload.name.clone(),
         }),
+        policy: Some(destination.policy.clone()),
     })
 }
 

@@ -20,6 +20,7 @@ use super::{
     pool::EndpointPool,
     random::random_below,
 };
+use crate::proxy::mesh::Mesh;
 
 /// Past this many entries, states nobody uses any more are dropped (passthrough destinations
 /// come and go with the app's traffic).
@@ -52,6 +53,17 @@ impl Upstreams {
         let state = Arc::new(ServiceState::new(config.clone(), orig_dst));
         services.insert(key, state.clone());
         state
+    }
+
+    /// Closes the pooled connections that `mesh`, a reloaded snapshot, no longer makes as they
+    /// were made: to a destination newly listed in `workloads`, removed from it, or changed.
+    pub fn close_stale(&self, mesh: &Mesh) {
+        let services = self.services.lock().unwrap_or_else(PoisonError::into_inner);
+        for endpoint in services.values().flat_map(|state| &state.endpoints) {
+            endpoint
+                .pool
+                .close_stale(mesh.upstream_policy(endpoint.addr));
+        }
     }
 }
 

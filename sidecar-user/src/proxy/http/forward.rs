@@ -349,7 +349,12 @@ async fn try_once(
             } else {
                 endpoint.record_success();
             }
-            pool::release(connection, service.clone(), index);
+            pool::release(
+                connection,
+                service.clone(),
+                index,
+                forward.proxy.mesh.clone(),
+            );
             Ok(response)
         }
         Err(mut failed) => Err(TryFailure::Reset {

@@ -2,7 +2,9 @@
 //! `maxConnections` open (one semaphore permit each, held by the connection's task), at most
 //! `maxPendingRequests` waiting for one (beyond: overflow, 503 UO). Idle HTTP/1 connections are
 //! closed after `idleTimeout`, below the apps' own keep-alive timeouts, so the proxy is not the
-//! one reusing a connection the app is closing; HTTP/2 connections are shared.
+//! one reusing a connection the app is closing; HTTP/2 connections are shared. A connection
+//! serves a request only under the mesh policy it was made under: after a reload that changes
+//! its destination's (listed in `workloads` or not, other identities or roots), it is closed.
 use std::{
     sync::{
         Arc, Mutex, PoisonError,
@@ -23,7 +25,7 @@ use super::{
 };
 use crate::proxy::{
     Timeouts,
-    mesh::Mesh,
+    mesh::{Mesh, MeshHandle, MeshPolicy},
     metrics::FailureReason,
     upstream::{self, ConnectFailure, MutualTls},
 };
@@ -40,6 +42,8 @@ pub struct Connection {
     pub reused: bool,
     requests: u32,
     pub mtls: Option<MutualTls>,
+    /// The mesh policy it was made under; `None`: plaintext.
+    policy: Option<Arc<MeshPolicy>>,
 }
 
 struct Idle {
@@ -47,12 +51,41 @@ struct Idle {
     since: Instant,
 }
 
+/// The multiplexed HTTP/2 connection of an endpoint.
+struct SharedHttp2 {
+    sender: http2::SendRequest<ProxyBody>,
+    mtls: Option<MutualTls>,
+    policy: Option<Arc<MeshPolicy>>,
+}
+
 #[derive(Default)]
 pub struct EndpointPool {
     idle: Mutex<Vec<Idle>>,
-    shared_http2: Mutex<Option<(http2::SendRequest<ProxyBody>, Option<MutualTls>)>>,
+    shared_http2: Mutex<Option<SharedHttp2>>,
     /// A task is closing this pool's idle connections at their timeout.
     reaper_running: AtomicBool,
+}
+
+impl EndpointPool {
+    /// Closes the idle connections made under another policy than `current`, the one the
+    /// reloaded config gives their destination; the shared HTTP/2 connection, no longer handed
+    /// out, closes once its requests in flight are done.
+    pub fn close_stale(&self, current: Option<&Arc<MeshPolicy>>) {
+        self.idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|entry| entry.connection.policy.as_ref() == current);
+        let mut shared = self
+            .shared_http2
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if shared
+            .as_ref()
+            .is_some_and(|shared| shared.policy.as_ref() != current)
+        {
+            *shared = None;
+        }
+    }
 }
 
 pub enum AcquireError {
@@ -91,8 +124,9 @@ pub async fn acquire(
     mesh: &Mesh,
     timeouts: &Timeouts,
 ) -> Result<Connection, AcquireError> {
+    let policy = mesh.upstream_policy(endpoint.addr);
     loop {
-        if let Some(connection) = reusable(service, endpoint, protocol) {
+        if let Some(connection) = reusable(service, endpoint, protocol, policy) {
             return Ok(connection);
         }
         if let Ok(permit) = service.connection_permits.clone().try_acquire_owned() {
@@ -111,10 +145,13 @@ pub async fn acquire(
     }
 }
 
+/// A pooled connection to `endpoint` made under `policy` (the one in force); the idle ones
+/// passed over are closed.
 fn reusable(
     service: &ServiceState,
     endpoint: &Endpoint,
     protocol: AppProtocol,
+    policy: Option<&Arc<MeshPolicy>>,
 ) -> Option<Connection> {
     let pool = &endpoint.pool;
     if protocol == AppProtocol::Http2 {
@@ -122,12 +159,15 @@ fn reusable(
             .shared_http2
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let (sender, mtls) = shared.as_ref().filter(|(sender, _)| !sender.is_closed())?;
+        let shared = shared
+            .as_ref()
+            .filter(|shared| !shared.sender.is_closed() && shared.policy.as_ref() == policy)?;
         return Some(Connection {
-            sender: Sender::Http2(sender.clone()),
+            sender: Sender::Http2(shared.sender.clone()),
             reused: true,
             requests: 0,
-            mtls: mtls.clone(),
+            mtls: shared.mtls.clone(),
+            policy: shared.policy.clone(),
         });
     }
     let idle_timeout = service.config.connection_pool.idle_timeout;
@@ -138,7 +178,10 @@ fn reusable(
             Sender::Http1(sender) => sender.is_ready(),
             Sender::Http2(sender) => !sender.is_closed(),
         };
-        if open && entry.since.elapsed() < idle_timeout {
+        if open
+            && entry.since.elapsed() < idle_timeout
+            && entry.connection.policy.as_ref() == policy
+        {
             return Some(entry.connection);
         }
     }
@@ -178,8 +221,11 @@ async fn open(
             .pool
             .shared_http2
             .lock()
-            .unwrap_or_else(PoisonError::into_inner) =
-            Some((sender.clone(), established.mtls.clone()));
+            .unwrap_or_else(PoisonError::into_inner) = Some(SharedHttp2 {
+            sender: sender.clone(),
+            mtls: established.mtls.clone(),
+            policy: established.policy.clone(),
+        });
         Sender::Http2(sender)
     } else {
         let (sender, connection) = http1::Builder::new()
@@ -201,12 +247,19 @@ async fn open(
         reused: false,
         requests: 0,
         mtls: established.mtls,
+        policy: established.policy,
     })
 }
 
 /// Puts an HTTP/1 connection back once its response is fully read (hyper says it is ready),
-/// unless it reached `maxRequestsPerConnection`. HTTP/2 connections stay shared in the pool.
-pub fn release(mut connection: Connection, service: Arc<ServiceState>, endpoint: usize) {
+/// unless it reached `maxRequestsPerConnection` or a reload changed its policy meanwhile.
+/// HTTP/2 connections stay shared in the pool.
+pub fn release(
+    mut connection: Connection,
+    service: Arc<ServiceState>,
+    endpoint: usize,
+    mesh: Arc<MeshHandle>,
+) {
     if matches!(connection.sender, Sender::Http2(_)) {
         return;
     }
@@ -226,15 +279,22 @@ pub fn release(mut connection: Connection, service: Arc<ServiceState>, endpoint:
             return;
         };
         connection.reused = true;
-        target
-            .pool
-            .idle
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(Idle {
+        {
+            let mut idle = target
+                .pool
+                .idle
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            // Read under the lock: a reload either shows here, or its sweep of the pool comes
+            // after this push.
+            if mesh.current().upstream_policy(target.addr) != connection.policy.as_ref() {
+                return;
+            }
+            idle.push(Idle {
                 connection,
                 since: Instant::now(),
             });
+        }
         service.connection_returned.notify_one();
         if !target.pool.reaper_running.swap(true, Ordering::AcqRel) {
             reap_idle(&service, target).await;

@@ -1,16 +1,18 @@
-//! This workload's certificate, key and trust bundle, parsed from PEM and checked together.
+//! This workload's certificate, key and trust bundles, parsed from PEM and checked together.
 use std::sync::Arc;
 
 use rustls::{
-    RootCertStore,
     crypto::CryptoProvider,
-    pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
+    pki_types::{PrivateKeyDer, pem::PemObject},
     sign::CertifiedKey,
 };
 use thiserror::Error;
 use x509_parser::{certificate::X509Certificate, prelude::FromDer};
 
-use super::verify::{IdentityError, spiffe_id_of};
+use super::{
+    trust::{TrustBundles, certificates},
+    verify::{IdentityError, spiffe_id_of},
+};
 use crate::proxy::identity::SpiffeId;
 
 #[derive(Debug, Error)]
@@ -21,7 +23,7 @@ pub enum CertificateError {
     Key(String),
     #[error("the private key does not match the certificate: {0}")]
     KeyMismatch(rustls::Error),
-    #[error("trust bundle: {0}")]
+    #[error("{0}")]
     Bundle(String),
     #[error("certificate identity: {0}")]
     Identity(#[from] IdentityError),
@@ -34,14 +36,16 @@ pub struct WorkloadCertificate {
     /// The certificate's notAfter, in Unix seconds.
     pub not_after: i64,
     pub certified_key: Arc<CertifiedKey>,
-    pub roots: Arc<RootCertStore>,
+    /// The roots of each trust domain whose peers are accepted (ours and federated ones).
+    pub trust: Arc<TrustBundles>,
 }
 
 impl WorkloadCertificate {
-    pub fn from_pem(
+    /// `bundles`: PEM roots per trust domain.
+    pub fn from_pem<'a>(
         chain_pem: &[u8],
         key_pem: &[u8],
-        bundle_pem: &[u8],
+        bundles: impl IntoIterator<Item = (&'a str, &'a [u8])>,
         provider: &CryptoProvider,
     ) -> Result<Self, CertificateError> {
         let chain = certificates(chain_pem).map_err(CertificateError::Chain)?;
@@ -57,24 +61,12 @@ impl WorkloadCertificate {
             .map_err(|error| CertificateError::Chain(error.to_string()))?;
         let not_after = parsed.validity().not_after.timestamp();
 
-        let mut roots = RootCertStore::empty();
-        for (index, root) in certificates(bundle_pem)
-            .map_err(CertificateError::Bundle)?
-            .into_iter()
-            .enumerate()
-        {
-            roots.add(root).map_err(|error| {
-                CertificateError::Bundle(format!(
-                    "certificate {} is not a usable root: {error}",
-                    index + 1
-                ))
-            })?;
-        }
+        let trust = TrustBundles::from_pem(bundles).map_err(CertificateError::Bundle)?;
         Ok(WorkloadCertificate {
             identity,
             not_after,
             certified_key: Arc::new(certified_key),
-            roots: Arc::new(roots),
+            trust: Arc::new(trust),
         })
     }
 }
@@ -88,15 +80,4 @@ pub fn rfc3339(unix_seconds: i64) -> String {
         .to_string(),
         Err(_) => format!("{unix_seconds} (Unix time)"),
     }
-}
-
-/// Every PEM certificate in `pem`, in order; at least one.
-fn certificates(pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs = CertificateDer::pem_slice_iter(pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|error| format!("invalid PEM: {error}"))?;
-    if certs.is_empty() {
-        return Err("no PEM certificate found".into());
-    }
-    Ok(certs)
 }

@@ -1,9 +1,12 @@
 //! Mesh mTLS with rustls: TLS 1.3 only, ring, SPIFFE identities, and an ALPN value that marks a
 //! connection as mesh traffic (so a PERMISSIVE port can tell it from the app's own TLS).
 //!
-//! - `certs`: this workload's certificate, key and trust bundle;
-//! - `verify`: chain and SPIFFE ID checks on both sides.
+//! - `certs`: this workload's certificate, key and trust bundles;
+//! - `trust`: the roots of each trust domain (ours and federated ones);
+//! - `verify`: SPIFFE ID and chain checks on both sides, each chain against the roots of the
+//!   trust domain its SPIFFE ID names.
 mod certs;
+mod trust;
 mod verify;
 
 use std::{io, sync::Arc};
@@ -13,9 +16,10 @@ use rustls::{
     client::Resumption, crypto::CryptoProvider, sign::SingleCertAndKey, version::TLS13,
 };
 
-use self::verify::{IdentityError, SpiffeClientVerifier, SpiffeServerVerifier};
+use self::verify::{IdentityError, SpiffeClientVerifier, SpiffeServerVerifier, TrustError};
 pub use self::{
     certs::{WorkloadCertificate, rfc3339},
+    trust::TrustBundles,
     verify::spiffe_id_of,
 };
 use super::{identity::SpiffeId, metrics::FailureReason};
@@ -33,7 +37,7 @@ pub fn server_config(
     cert: &WorkloadCertificate,
     provider: &Arc<CryptoProvider>,
 ) -> Result<Arc<ServerConfig>, rustls::Error> {
-    let verifier = SpiffeClientVerifier::new(cert.roots.clone(), provider.clone())
+    let verifier = SpiffeClientVerifier::new(&cert.trust, provider.clone())
         .map_err(|error| rustls::Error::General(format!("client verifier: {error}")))?;
     let mut config = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&TLS13])?
@@ -46,13 +50,13 @@ pub fn server_config(
 }
 
 /// The outbound side towards one destination: present our certificate, and accept only a
-/// server that chains to the trust bundle and is one of `expected`.
+/// server that chains to the trust bundle of its trust domain and is one of `expected`.
 pub fn client_config(
     cert: &WorkloadCertificate,
     expected: Vec<SpiffeId>,
     provider: &Arc<CryptoProvider>,
 ) -> Result<Arc<ClientConfig>, rustls::Error> {
-    let verifier = SpiffeServerVerifier::new(cert.roots.clone(), expected, provider);
+    let verifier = SpiffeServerVerifier::new(cert.trust.clone(), expected, provider);
     let mut config = ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&TLS13])?
         .dangerous()
@@ -88,7 +92,7 @@ pub fn failure_reason(error: &io::Error) -> FailureReason {
             RustlsCertError::NotValidYet | RustlsCertError::NotValidYetContext { .. } => {
                 FailureReason::PeerCertNotYetValid
             }
-            RustlsCertError::UnknownIssuer | RustlsCertError::BadSignature => {
+            RustlsCertError::Other(other) if other.0.downcast_ref::<TrustError>().is_some() => {
                 FailureReason::PeerCertUnknownCa
             }
             RustlsCertError::Other(other) if other.0.downcast_ref::<IdentityError>().is_some() => {
@@ -113,9 +117,6 @@ pub fn describe(error: &io::Error) -> String {
     match tls {
         rustls::Error::InvalidCertificate(RustlsCertError::Other(other)) => {
             format!("invalid peer certificate: {}", other.0)
-        }
-        rustls::Error::InvalidCertificate(RustlsCertError::UnknownIssuer) => {
-            "invalid peer certificate: not issued by a CA of the trust bundle".to_owned()
         }
         rustls::Error::AlertReceived(alert) => {
             format!("the peer refused the connection with the TLS alert {alert:?}")

@@ -1,10 +1,10 @@
-//! Certificate verification for mesh mTLS: the chain against the trust bundle (webpki, through
-//! rustls), then the SPIFFE ID in the URI SAN.
-use std::sync::Arc;
+//! Certificate verification for mesh mTLS: the SPIFFE ID in the URI SAN first, which names the
+//! peer's trust domain, then the chain against that trust domain's roots only (webpki, through
+//! rustls).
+use std::{collections::BTreeMap, sync::Arc};
 
 use rustls::{
-    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, RootCertStore,
-    SignatureScheme,
+    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, SignatureScheme,
     client::{
         danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier},
         verify_server_cert_signed_by_trust_anchor,
@@ -14,13 +14,14 @@ use rustls::{
     },
     pki_types::{CertificateDer, ServerName, UnixTime},
     server::{
-        ParsedCertificate, WebPkiClientVerifier,
+        ParsedCertificate, VerifierBuilderError, WebPkiClientVerifier,
         danger::{ClientCertVerified, ClientCertVerifier},
     },
 };
 use thiserror::Error;
 use x509_parser::{certificate::X509Certificate, extensions::GeneralName, prelude::FromDer};
 
+use super::trust::TrustBundles;
 use crate::proxy::identity::{SpiffeId, SpiffeIdError};
 
 /// Why a certificate's identity is not acceptable.
@@ -44,6 +45,41 @@ pub enum IdentityError {
 impl From<IdentityError> for rustls::Error {
     fn from(error: IdentityError) -> Self {
         rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(error))))
+    }
+}
+
+/// Why a certificate's chain is not trusted for the identity it carries.
+#[derive(Debug, Error)]
+pub enum TrustError {
+    #[error(
+        "the peer is {presented}, of the trust domain {}, which has no trust bundle here",
+        .presented.trust_domain()
+    )]
+    UnknownTrustDomain { presented: SpiffeId },
+    #[error(
+        "the peer claims {presented}, but its chain leads to no root of the trust bundle of {}",
+        .presented.trust_domain()
+    )]
+    NotIssuedInTrustDomain { presented: SpiffeId },
+}
+
+impl From<TrustError> for rustls::Error {
+    fn from(error: TrustError) -> Self {
+        rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(error))))
+    }
+}
+
+/// A chain that leads to no root of `presented`'s trust domain says so in words; other chain
+/// errors (expired, not yet valid...) stay as they are.
+fn untrusted(error: rustls::Error, presented: &SpiffeId) -> rustls::Error {
+    match error {
+        rustls::Error::InvalidCertificate(
+            CertificateError::UnknownIssuer | CertificateError::BadSignature,
+        ) => TrustError::NotIssuedInTrustDomain {
+            presented: presented.clone(),
+        }
+        .into(),
+        other => other,
     }
 }
 
@@ -71,23 +107,23 @@ pub fn spiffe_id_of(der: &CertificateDer<'_>) -> Result<SpiffeId, IdentityError>
     }
 }
 
-/// The client side: the server must chain to the trust bundle and be one of the identities the
-/// mesh config expects at that destination.
+/// The client side: the server must chain to a root of its own trust domain and be one of the
+/// identities the mesh config expects at that destination.
 #[derive(Debug)]
 pub struct SpiffeServerVerifier {
-    roots: Arc<RootCertStore>,
+    trust: Arc<TrustBundles>,
     expected: Vec<SpiffeId>,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
 impl SpiffeServerVerifier {
     pub fn new(
-        roots: Arc<RootCertStore>,
+        trust: Arc<TrustBundles>,
         expected: Vec<SpiffeId>,
         provider: &CryptoProvider,
     ) -> Self {
         SpiffeServerVerifier {
-            roots,
+            trust,
             expected,
             algorithms: provider.signature_verification_algorithms,
         }
@@ -104,15 +140,21 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        let presented = spiffe_id_of(end_entity)?;
+        let roots = self.trust.roots(presented.trust_domain()).ok_or_else(|| {
+            TrustError::UnknownTrustDomain {
+                presented: presented.clone(),
+            }
+        })?;
         let cert = ParsedCertificate::try_from(end_entity)?;
         verify_server_cert_signed_by_trust_anchor(
             &cert,
-            &self.roots,
+            roots,
             intermediates,
             now,
             self.algorithms.all,
-        )?;
-        let presented = spiffe_id_of(end_entity)?;
+        )
+        .map_err(|error| untrusted(error, &presented))?;
         if !self.expected.contains(&presented) {
             let expected = self
                 .expected
@@ -152,26 +194,46 @@ impl ServerCertVerifier for SpiffeServerVerifier {
     }
 }
 
-/// The server side: a client certificate is mandatory, must chain to the trust bundle and carry
-/// a SPIFFE ID (which authorization then looks at).
+/// The server side: a client certificate is mandatory, must carry a SPIFFE ID (which
+/// authorization then looks at) and chain to a root of that ID's trust domain: one webpki
+/// verifier per trust domain.
 #[derive(Debug)]
 pub struct SpiffeClientVerifier {
-    chain: Arc<dyn ClientCertVerifier>,
+    by_trust_domain: BTreeMap<String, Arc<dyn ClientCertVerifier>>,
+    /// The subjects of every root, sent in the CertificateRequest.
+    root_hints: Vec<DistinguishedName>,
+    algorithms: WebPkiSupportedAlgorithms,
 }
 
 impl SpiffeClientVerifier {
     pub fn new(
-        roots: Arc<RootCertStore>,
+        trust: &TrustBundles,
         provider: Arc<CryptoProvider>,
-    ) -> Result<Self, rustls::server::VerifierBuilderError> {
-        let chain = WebPkiClientVerifier::builder_with_provider(roots, provider).build()?;
-        Ok(SpiffeClientVerifier { chain })
+    ) -> Result<Self, VerifierBuilderError> {
+        let by_trust_domain = trust
+            .iter()
+            .map(|(trust_domain, roots)| {
+                let verifier =
+                    WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+                        .build()?;
+                Ok((trust_domain.to_owned(), verifier))
+            })
+            .collect::<Result<BTreeMap<_, _>, VerifierBuilderError>>()?;
+        let root_hints = by_trust_domain
+            .values()
+            .flat_map(|verifier| verifier.root_hint_subjects().iter().cloned())
+            .collect();
+        Ok(SpiffeClientVerifier {
+            by_trust_domain,
+            root_hints,
+            algorithms: provider.signature_verification_algorithms,
+        })
     }
 }
 
 impl ClientCertVerifier for SpiffeClientVerifier {
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.chain.root_hint_subjects()
+        &self.root_hints
     }
 
     fn verify_client_cert(
@@ -180,11 +242,16 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let verified = self
-            .chain
-            .verify_client_cert(end_entity, intermediates, now)?;
-        spiffe_id_of(end_entity)?;
-        Ok(verified)
+        let presented = spiffe_id_of(end_entity)?;
+        let verifier = self
+            .by_trust_domain
+            .get(presented.trust_domain())
+            .ok_or_else(|| TrustError::UnknownTrustDomain {
+                presented: presented.clone(),
+            })?;
+        verifier
+            .verify_client_cert(end_entity, intermediates, now)
+            .map_err(|error| untrusted(error, &presented))
     }
 
     fn verify_tls12_signature(
@@ -193,7 +260,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.chain.verify_tls12_signature(message, cert, dss)
+        verify_tls12_signature(message, cert, dss, &self.algorithms)
     }
 
     fn verify_tls13_signature(
@@ -202,19 +269,23 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.chain.verify_tls13_signature(message, cert, dss)
+        verify_tls13_signature(message, cert, dss, &self.algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.chain.supported_verify_schemes()
+        self.algorithms.supported_schemes()
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use rcgen::{CertificateParams, KeyPair, SanType};
+    use rustls::pki_types::pem::PemObject;
 
     use super::*;
+    use crate::commands::certs::{Issued, Validity, issue_ca, issue_workload};
 
     fn certificate(sans: Vec<SanType>) -> CertificateDer<'static> {
         let key = KeyPair::generate().expect("key");
@@ -255,5 +326,120 @@ mod tests {
             spiffe_id_of(&garbage),
             Err(IdentityError::Parse(_))
         ));
+    }
+
+    fn validity() -> Validity {
+        Validity::starting_now(Duration::from_secs(3600))
+    }
+
+    /// A certificate for `id`, issued by `ca`.
+    fn issued_by(ca: &Issued, id: &str) -> CertificateDer<'static> {
+        let id: SpiffeId = id.parse().expect("SPIFFE ID");
+        let issued = issue_workload(ca, &id, validity()).expect("certificate");
+        CertificateDer::from_pem_slice(issued.cert_pem.as_bytes()).expect("PEM")
+    }
+
+    /// Our CA for cluster.local, a partner's for partner.example, trusted each for its own.
+    struct Federation {
+        local: Issued,
+        partner: Issued,
+        trust: Arc<TrustBundles>,
+    }
+
+    fn federation() -> Federation {
+        let local = issue_ca("cluster.local", validity()).expect("CA");
+        let partner = issue_ca("partner.example", validity()).expect("CA");
+        let trust = TrustBundles::from_pem([
+            ("cluster.local", local.cert_pem.as_bytes()),
+            ("partner.example", partner.cert_pem.as_bytes()),
+        ])
+        .expect("bundles");
+        Federation {
+            local,
+            partner,
+            trust: Arc::new(trust),
+        }
+    }
+
+    const LOCAL_ID: &str = "spiffe://cluster.local/ns/x/sa/y";
+    const PARTNER_ID: &str = "spiffe://partner.example/ns/x/sa/y";
+
+    /// The chain error of a refused certificate, in words.
+    fn refusal(result: Result<(), rustls::Error>) -> String {
+        match result.expect_err("refused") {
+            rustls::Error::InvalidCertificate(CertificateError::Other(other)) => {
+                assert!(other.0.downcast_ref::<TrustError>().is_some(), "{other:?}");
+                other.0.to_string()
+            }
+            other => panic!("not a trust error: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_client_chain_is_verified_against_its_own_trust_domain_only() {
+        let federation = federation();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier = SpiffeClientVerifier::new(&federation.trust, provider).expect("verifier");
+        let verify = |cert: CertificateDer<'_>| {
+            verifier
+                .verify_client_cert(&cert, &[], UnixTime::now())
+                .map(drop)
+        };
+
+        verify(issued_by(&federation.local, LOCAL_ID)).expect("ours, by our CA");
+        verify(issued_by(&federation.partner, PARTNER_ID)).expect("theirs, by their CA");
+        assert_eq!(
+            refusal(verify(issued_by(&federation.partner, LOCAL_ID))),
+            "the peer claims spiffe://cluster.local/ns/x/sa/y, but its chain leads to no root of the trust bundle of cluster.local"
+        );
+        assert_eq!(
+            refusal(verify(issued_by(&federation.local, PARTNER_ID))),
+            "the peer claims spiffe://partner.example/ns/x/sa/y, but its chain leads to no root of the trust bundle of partner.example"
+        );
+        assert_eq!(
+            refusal(verify(issued_by(
+                &federation.partner,
+                "spiffe://other.example/ns/x/sa/y"
+            ))),
+            "the peer is spiffe://other.example/ns/x/sa/y, of the trust domain other.example, which has no trust bundle here"
+        );
+        assert_eq!(
+            verifier.root_hint_subjects().len(),
+            2,
+            "both domains' roots are hinted"
+        );
+    }
+
+    #[test]
+    fn a_server_chain_is_verified_against_its_own_trust_domain_only() {
+        let federation = federation();
+        let provider = rustls::crypto::ring::default_provider();
+        let expected = [LOCAL_ID, PARTNER_ID].map(|id| id.parse().expect("SPIFFE ID"));
+        let verifier =
+            SpiffeServerVerifier::new(federation.trust.clone(), expected.to_vec(), &provider);
+        let server_name = ServerName::IpAddress(std::net::Ipv4Addr::LOCALHOST.into());
+        let verify = |cert: CertificateDer<'_>| {
+            verifier
+                .verify_server_cert(&cert, &[], &server_name, &[], UnixTime::now())
+                .map(drop)
+        };
+
+        verify(issued_by(&federation.local, LOCAL_ID)).expect("ours, by our CA");
+        verify(issued_by(&federation.partner, PARTNER_ID)).expect("theirs, by their CA");
+        assert!(
+            refusal(verify(issued_by(&federation.partner, LOCAL_ID)))
+                .ends_with("no root of the trust bundle of cluster.local")
+        );
+        assert!(
+            refusal(verify(issued_by(&federation.local, PARTNER_ID)))
+                .ends_with("no root of the trust bundle of partner.example")
+        );
+        assert!(
+            refusal(verify(issued_by(
+                &federation.local,
+                "spiffe://other.example/ns/x/sa/y"
+            )))
+            .ends_with("which has no trust bundle here")
+        );
     }
 }
