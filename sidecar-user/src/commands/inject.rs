@@ -12,10 +12,14 @@ use clap::Args;
 use serde::Deserialize;
 use serde_yaml::{Mapping, Value};
 
+use super::inject_probes;
+
 /// Pod template annotation that marks a pod as injected (and makes injection idempotent).
 pub const STATUS_ANNOTATION: &str = "sidecar.ebpf/status";
 const STATUS_VALUE: &str = "injected";
 pub const DEFAULT_IMAGE: &str = "localhost/sidecar:dev";
+/// The proxy's container in the template.
+const PROXY_CONTAINER: &str = "sidecar-proxy";
 
 /// The init container and the proxy; `IMAGE`, `CERTS_SECRET` and `MESH_CONFIG_MAP` are
 /// placeholders replaced by the command line's values (as whole YAML scalars, never spliced).
@@ -201,6 +205,10 @@ fn inject_pod(pod: &mut Value, injection: &Injection) -> Result<()> {
     {
         return Ok(()); // injected before: injecting again changes nothing
     }
+    let rewrite_probes = annotations
+        .and_then(|annotations| annotations.get(inject_probes::REWRITE_ANNOTATION))
+        .and_then(Value::as_str)
+        != Some("false");
     let spec = pod
         .get_mut("spec")
         .and_then(Value::as_mapping_mut)
@@ -232,7 +240,15 @@ fn inject_pod(pod: &mut Value, injection: &Injection) -> Result<()> {
     }
     // Ours first: capture is in place and the proxy ready before the app's own init
     // containers run (they may dial out too).
+    let probes = if rewrite_probes {
+        inject_probes::rewrite(spec)?
+    } else {
+        None
+    };
     let mut init_containers = injection.init_containers.clone();
+    if let Some(probes) = &probes {
+        give_proxy_the_probes(&mut init_containers, &probes.probers)?;
+    }
     init_containers.extend(list(spec, "initContainers")?);
     spec.insert("initContainers".into(), Value::Sequence(init_containers));
     let mut volumes = list(spec, "volumes")?;
@@ -248,10 +264,37 @@ fn inject_pod(pod: &mut Value, injection: &Injection) -> Result<()> {
     let annotations = metadata
         .entry("annotations".into())
         .or_insert_with(|| Value::Mapping(Mapping::new()));
-    annotations
+    let annotations = annotations
         .as_mapping_mut()
-        .context("the pod's annotations are not a mapping")?
-        .insert(STATUS_ANNOTATION.into(), STATUS_VALUE.into());
+        .context("the pod's annotations are not a mapping")?;
+    annotations.insert(STATUS_ANNOTATION.into(), STATUS_VALUE.into());
+    if let Some(probes) = probes {
+        annotations.insert(
+            inject_probes::ORIGINAL_PROBES_ANNOTATION.into(),
+            probes.originals.into(),
+        );
+    }
+    Ok(())
+}
+
+/// Sets the proxy container's `SIDECAR_APP_PROBERS`: the probes it performs for the kubelet.
+fn give_proxy_the_probes(containers: &mut [Value], probers: &str) -> Result<()> {
+    let proxy = containers
+        .iter_mut()
+        .find(|container| container.get("name").and_then(Value::as_str) == Some(PROXY_CONTAINER))
+        .expect("the template has the proxy container");
+    let env = proxy
+        .as_mapping_mut()
+        .context("the proxy container is not a mapping")?
+        .entry("env".into())
+        .or_insert_with(|| Value::Sequence(Vec::new()));
+    let Value::Sequence(env) = env else {
+        bail!("the proxy container's env is not a list");
+    };
+    let mut variable = Mapping::new();
+    variable.insert("name".into(), inject_probes::APP_PROBERS_ENV.into());
+    variable.insert("value".into(), probers.into());
+    env.push(Value::Mapping(variable));
     Ok(())
 }
 

@@ -3,6 +3,7 @@ pub mod certs;
 pub mod cleanup;
 pub mod init;
 pub mod inject;
+mod inject_probes;
 pub mod kernel_logs;
 pub mod node_agent;
 pub mod status;

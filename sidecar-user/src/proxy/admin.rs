@@ -1,4 +1,4 @@
-//! `/stats/prometheus` (15020), `/healthz/ready` (15021) and the admin endpoints (localhost
+//! `/stats/prometheus` and the app's kubelet probes `/app-health/...` (15020), `/healthz/ready` (15021) and the admin endpoints (localhost
 //! 15000: `/config_dump`, `/logging`, `/quitquitquit`, `/stats`, `/ready`), served from a thread
 //! of their own so scrapes never compete with the data path (as ztunnel keeps its admin runtime
 //! apart).
@@ -29,7 +29,12 @@ use prometheus::TEXT_FORMAT;
 use tokio::{net::TcpListener, sync::Notify};
 use tracing::{debug, error, info, warn};
 
-use super::{logging::LogLevel, mesh::MeshHandle, metrics::Metrics};
+use super::{
+    app_health::{APP_HEALTH_PREFIX, AppProbers},
+    logging::LogLevel,
+    mesh::MeshHandle,
+    metrics::Metrics,
+};
 use crate::{bpffs, ebpf_capture};
 
 pub const METRICS_PATH: &str = "/stats/prometheus";
@@ -74,6 +79,8 @@ pub struct AdminState {
     pub quit: Arc<Notify>,
     /// Where the capture's pinned maps are, for the BPF counters in `/stats`.
     pub bpffs: PathBuf,
+    /// The app's kubelet probes, answered on the metrics port (`/app-health/...`).
+    pub app_probers: Option<Arc<AppProbers>>,
 }
 
 /// Binds the admin addresses now, so a port conflict fails startup, then serves them on a
@@ -144,10 +151,24 @@ async fn serve(listener: TcpListener, routes: Routes, state: Arc<AdminState>) {
             }
         };
         let state = state.clone();
+        // The address the client dialled (unmapped from a dual-stack listener's form): for
+        // the kubelet's app probes, the pod's own.
+        let local_ip = stream
+            .local_addr()
+            .map(|addr| addr.ip().to_canonical())
+            .ok();
         tokio::spawn(async move {
             let service = service_fn(move |request: Request<Incoming>| {
-                let response = respond(request.method(), request.uri(), routes, &state);
-                async move { Ok::<_, Infallible>(response) }
+                let state = state.clone();
+                async move {
+                    let path = request.uri().path();
+                    let app_probe = routes.metrics && path.starts_with(APP_HEALTH_PREFIX);
+                    let response = match (app_probe, &state.app_probers, local_ip) {
+                        (true, Some(probers), Some(pod_ip)) => probers.check(path, pod_ip).await,
+                        _ => respond(request.method(), request.uri(), routes, &state),
+                    };
+                    Ok::<_, Infallible>(response)
+                }
             });
             if let Err(error) = http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
@@ -363,6 +384,7 @@ mod tests {
             mesh: OnceLock::new(),
             quit: Arc::new(Notify::new()),
             bpffs: PathBuf::from("/nonexistent-bpffs"),
+            app_probers: None,
         })
     }
 

@@ -3,6 +3,7 @@ use std::{
     net::{IpAddr, SocketAddr, ToSocketAddrs},
     num::NonZeroUsize,
     path::PathBuf,
+    sync::Arc,
     time::Duration,
 };
 
@@ -10,7 +11,7 @@ use anyhow::{Context, bail};
 use clap::Args;
 use sidecar_common::{DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT};
 
-use super::{Timeouts, logging::LogFormat, orig_dst::OrigDstMode};
+use super::{Timeouts, app_health::AppProbers, logging::LogFormat, orig_dst::OrigDstMode, tls};
 
 #[derive(Args, Debug, Clone)]
 pub struct ProxyArgs {
@@ -92,6 +93,13 @@ pub struct ProxyArgs {
     /// Data-path worker threads (default: one per core).
     #[arg(long)]
     pub worker_threads: Option<NonZeroUsize>,
+
+    /// The app's kubelet probes, which `sidecar inject` rewrote to
+    /// `:15020/app-health/<container>/<livez|readyz|startupz>`: JSON of path -> original probe
+    /// (`httpGet`, `tcpSocket` or `grpc`, and `timeoutSeconds`), as Istio's
+    /// `ISTIO_KUBE_APP_PROBERS`. The proxy performs them against the app.
+    #[arg(long, env = "SIDECAR_APP_PROBERS", value_name = "JSON")]
+    pub app_probers: Option<String>,
 }
 
 /// Where the original destination comes from, with the argument each source needs.
@@ -117,6 +125,8 @@ pub struct ProxyConfig {
     pub bpffs: PathBuf,
     pub workload_name: String,
     pub workload_namespace: String,
+    /// `--app-probers`, checked.
+    pub app_probers: Option<Arc<AppProbers>>,
 }
 
 impl TryFrom<&ProxyArgs> for ProxyConfig {
@@ -164,6 +174,11 @@ impl TryFrom<&ProxyArgs> for ProxyConfig {
             bpffs: args.bpffs.clone(),
             workload_name: args.workload_name.clone(),
             workload_namespace: args.workload_namespace.clone(),
+            app_probers: args
+                .app_probers
+                .as_deref()
+                .map(|json| AppProbers::parse(json, &tls::crypto_provider()).map(Arc::new))
+                .transpose()?,
         })
     }
 }

@@ -18,6 +18,7 @@
 //! - `logging`: the tracing subscriber, its level changeable at runtime.
 mod access_log;
 mod admin;
+mod app_health;
 mod args;
 mod authz;
 mod copy;
@@ -145,6 +146,7 @@ async fn serve(config: ProxyConfig, log_level: LogLevel) -> anyhow::Result<()> {
         mesh: OnceLock::new(),
         quit: quit.clone(),
         bpffs: config.bpffs.clone(),
+        app_probers: config.app_probers.clone(),
     });
     let admin_addrs = AdminAddrs {
         metrics: config.metrics_addr,

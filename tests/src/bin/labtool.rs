@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Result, bail};
 use clap::{Parser, Subcommand};
 use sidecar_tests::tools::load::{self, LoadSpec};
-use sidecar_tests::tools::{bind_and_announce, echo, http};
+use sidecar_tests::tools::{bind_and_announce, echo, grpc_health, http};
 
 #[derive(Parser)]
 #[command(
@@ -49,6 +49,13 @@ enum Tool {
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
     },
+    /// A gRPC health service (h2c) answering SERVING, or NOT_SERVING with `--not-serving`.
+    GrpcHealthServer {
+        #[arg(long = "listen", required = true, value_name = "ADDR")]
+        listen: Vec<SocketAddr>,
+        #[arg(long)]
+        not_serving: bool,
+    },
     /// The benchmark's server: HTTP with fixed-size bodies, echo and bulk on one port.
     LoadServer {
         #[arg(long = "listen", required = true, value_name = "ADDR")]
@@ -85,6 +92,18 @@ fn main() -> ExitCode {
         Tool::HttpGet { url, timeout_ms } => (
             "http-get",
             http_get(&url, Duration::from_millis(timeout_ms)),
+        ),
+        Tool::GrpcHealthServer {
+            listen,
+            not_serving,
+        } => (
+            "grpc-health-server",
+            serve_all(&listen, move |listener| {
+                let status = if not_serving { 2 } else { 1 };
+                if let Err(error) = grpc_health::serve(listener, status) {
+                    eprintln!("labtool grpc-health-server: {error:#}");
+                }
+            }),
         ),
         Tool::LoadServer {
             listen,

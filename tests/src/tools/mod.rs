@@ -2,6 +2,7 @@
 //! unit-tested on loopback and their JSON types reused by integration tests.
 
 pub mod echo;
+pub mod grpc_health;
 pub mod http;
 pub mod load;
 pub mod polled;
