@@ -114,7 +114,15 @@ impl Handler for OutboundProxy {
                 }
                 let upstream = Rewound::new(server_greeting, established.io);
                 let counters = self.metrics.tcp(&labels);
-                relay(downstream, upstream, counters, &self.metrics, &log).await;
+                relay(
+                    downstream,
+                    upstream,
+                    counters,
+                    &self.metrics,
+                    &log,
+                    self.timeouts.idle,
+                )
+                .await;
             }
         }
     }
@@ -396,7 +404,7 @@ mod tests {
             upstreams: Upstreams::default(),
         };
         let mut loops = AcceptLoops::default();
-        loops.add(listeners, Arc::new(proxy));
+        loops.add(listeners, Arc::new(proxy), accepting(&metrics, DIRECTION));
         tokio::spawn(loops.run_until(pending()));
         expect_refused(addr, b"").await?;
         wait_until("the failure is counted", || {

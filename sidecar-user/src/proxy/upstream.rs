@@ -16,7 +16,7 @@ use tokio::{
 use tokio_rustls::TlsConnector;
 use tracing::debug;
 
-use super::{Timeouts, identity::SpiffeId, mesh::Mesh, metrics::FailureReason, tls};
+use super::{Timeouts, identity::SpiffeId, keepalive, mesh::Mesh, metrics::FailureReason, tls};
 
 /// Source of the inbound proxy's connections to the app; both capture modes skip it.
 pub const PASSTHROUGH_SOURCE_V4: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
@@ -81,7 +81,7 @@ pub async fn establish(
     mesh: &Mesh,
     timeouts: &Timeouts,
 ) -> Result<Established, ConnectFailure> {
-    let stream = connect(addr, Source::Any, timeouts.connect).await?;
+    let stream = connect(addr, Source::Any, timeouts).await?;
     let Some((local_tls, destination)) = mesh
         .tls()
         .and_then(|tls| Some((tls, tls.destination(addr)?)))
@@ -128,11 +128,13 @@ pub async fn establish(
     })
 }
 
+/// Connects within the connect timeout; the connection gets TCP keepalive as configured.
 pub async fn connect(
     addr: SocketAddr,
     source: Source,
-    connect_timeout: Duration,
+    timeouts: &Timeouts,
 ) -> Result<TcpStream, ConnectFailure> {
+    let connect_timeout = timeouts.connect;
     let attempt = async {
         let socket = match source {
             Source::Any => new_socket(addr)?,
@@ -146,6 +148,7 @@ pub async fn connect(
             if let Err(error) = stream.set_nodelay(true) {
                 debug!(%error, "cannot set TCP_NODELAY");
             }
+            keepalive::enable(&stream, timeouts.tcp_keepalive);
             Ok(stream)
         }
         Ok(Err(error)) => Err(ConnectFailure {
@@ -199,9 +202,13 @@ mod tests {
     async fn passthrough_connections_come_from_the_reserved_address() -> anyhow::Result<()> {
         let app = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
         let addr = app.local_addr()?;
-        let _upstream = connect(addr, Source::Passthrough, Duration::from_secs(5))
-            .await
-            .map_err(|failure| anyhow::anyhow!(failure.error))?;
+        let _upstream = connect(
+            addr,
+            Source::Passthrough,
+            &crate::proxy::testing::timeouts(),
+        )
+        .await
+        .map_err(|failure| anyhow::anyhow!(failure.error))?;
         let (_accepted, peer) = app.accept().await?;
         assert_eq!(peer.ip(), IpAddr::V4(PASSTHROUGH_SOURCE_V4));
         Ok(())
