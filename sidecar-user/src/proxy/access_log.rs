@@ -89,6 +89,18 @@ impl AccessLog {
         );
     }
 
+    /// Closed by the proxy after the idle timeout.
+    pub fn idle_timeout(&self, transferred: Transferred, error: &io::Error) {
+        access_event!(
+            info,
+            self,
+            bytes_sent = transferred.sent,
+            bytes_received = transferred.received,
+            error = %error,
+            "connection closed: idle timeout"
+        );
+    }
+
     /// Not proxied, or (for [`FailureReason::TlsRejectedByPeer`]) cut short by the peer.
     pub fn refused(&self, reason: FailureReason, transferred: Transferred, error: &dyn Display) {
         access_event!(

@@ -2,6 +2,17 @@
 //! 15000: `/config_dump`, `/logging`, `/quitquitquit`, `/stats`, `/ready`), served from a thread
 //! of their own so scrapes never compete with the data path (as ztunnel keeps its admin runtime
 //! apart).
+//!
+//! Bounded: each listener holds at most `max_connections` (the oldest closes to make room, see
+//! `connection_limit`), and a request's headers must arrive within `request_headers_timeout`,
+//! which also closes keep-alive connections left idle that long (hyper's header timer starts
+//! when the connection waits for a request): probes and scrapers reconnect at no cost.
+//!
+//! Requests that change the proxy (`POST /quitquitquit`, `POST /logging?level=`) are served to
+//! root, the proxy's own user and `--admin-allowed-uids` only (`admin_caller`): the app shares
+//! the pod's loopback.
+//! Reads stay open to the pod, as Istio's admin port is: they show the pod's own routes,
+//! identity (a public certificate's name, no key) and counters.
 use std::{
     convert::Infallible,
     fmt::Write as _,
@@ -24,16 +35,18 @@ use hyper::{
     server::conn::http1,
     service::service_fn,
 };
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus::TEXT_FORMAT;
 use tokio::{net::TcpListener, sync::Notify};
 use tracing::{debug, error, info, warn};
 
 use super::{
+    admin_caller,
     app_health::{APP_HEALTH_PREFIX, AppProbers},
+    connection_limit::{Admission, ConnectionLimit, WhenFull},
     logging::LogLevel,
     mesh::MeshHandle,
-    metrics::Metrics,
+    metrics::{DownstreamTimeout, Metrics},
 };
 use crate::{bpffs, ebpf_capture};
 
@@ -46,6 +59,9 @@ const STATS_PATH: &str = "/stats";
 const ADMIN_READY_PATH: &str = "/ready";
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 
+/// The endpoints that change the proxy, when POSTed.
+const CHANGING_PATHS: [&str; 2] = [QUIT_PATH, LOGGING_PATH];
+
 /// Which endpoints a listener answers; the others are 404 there.
 #[derive(Debug, Clone, Copy, Default)]
 struct Routes {
@@ -55,14 +71,41 @@ struct Routes {
     admin: bool,
 }
 
+impl Routes {
+    /// The listener's name in metrics: its groups, e.g. `ready` or `metrics+ready`.
+    fn listener_name(self) -> String {
+        [
+            (self.admin, "admin"),
+            (self.metrics, "metrics"),
+            (self.ready, "ready"),
+        ]
+        .iter()
+        .filter(|(on, _)| *on)
+        .map(|(_, name)| *name)
+        .collect::<Vec<_>>()
+        .join("+")
+    }
+}
+
 /// Turns on one group of endpoints on a listener.
 type EnableRoutes = fn(&mut Routes);
 
-/// Where each group of endpoints is served.
+/// Where each group of endpoints is served, and how much each listener may hold.
 pub struct AdminAddrs {
     pub metrics: SocketAddr,
     pub ready: SocketAddr,
     pub admin: SocketAddr,
+    /// Connections each listener holds at most.
+    pub max_connections: usize,
+    pub request_headers_timeout: Duration,
+}
+
+/// The number of distinct admin listeners (the three groups may share addresses).
+pub fn listener_count(addrs: &AdminAddrs) -> usize {
+    let mut distinct = vec![addrs.metrics, addrs.ready, addrs.admin];
+    distinct.sort();
+    distinct.dedup();
+    distinct.len()
 }
 
 /// What the admin endpoints report on and act upon.
@@ -77,6 +120,8 @@ pub struct AdminState {
     pub mesh: OnceLock<Arc<MeshHandle>>,
     /// Notified by `POST /quitquitquit`.
     pub quit: Arc<Notify>,
+    /// Who may change the proxy besides root and the proxy's own user.
+    pub allowed_uids: Vec<u32>,
     /// Where the capture's pinned maps are, for the BPF counters in `/stats`.
     pub bpffs: PathBuf,
     /// The app's kubelet probes, answered on the metrics port (`/app-health/...`).
@@ -111,9 +156,16 @@ pub fn start(addrs: &AdminAddrs, state: Arc<AdminState>) -> anyhow::Result<()> {
                 .with_context(|| format!("cannot bind admin address {addr}"))?;
             listener.set_nonblocking(true)?;
             info!(%addr, metrics = routes.metrics, ready = routes.ready, admin = routes.admin, "admin listening");
-            Ok((listener, routes))
+            let name = routes.listener_name();
+            let metrics = state.metrics.listener(&name, addrs.max_connections);
+            let limit = ConnectionLimit::new(addrs.max_connections, WhenFull::CloseOldest, metrics);
+            Ok((listener, routes, limit))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    for path in CHANGING_PATHS {
+        state.metrics.admin_refusals(path);
+    }
+    let request_headers_timeout = addrs.request_headers_timeout;
 
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -124,10 +176,15 @@ pub fn start(addrs: &AdminAddrs, state: Arc<AdminState>) -> anyhow::Result<()> {
         .spawn(move || {
             runtime.block_on(async move {
                 let mut servers = tokio::task::JoinSet::new();
-                for (listener, routes) in listeners {
+                for (listener, routes, limit) in listeners {
                     match TcpListener::from_std(listener) {
                         Ok(listener) => {
-                            servers.spawn(serve(listener, routes, state.clone()));
+                            let serving = Serving {
+                                routes,
+                                limit,
+                                request_headers_timeout,
+                            };
+                            servers.spawn(serve(listener, serving, state.clone()));
                         }
                         Err(error) => error!(%error, "cannot register an admin listener"),
                     }
@@ -139,10 +196,22 @@ pub fn start(addrs: &AdminAddrs, state: Arc<AdminState>) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn serve(listener: TcpListener, routes: Routes, state: Arc<AdminState>) {
+/// How one admin listener serves its connections.
+struct Serving {
+    routes: Routes,
+    limit: Arc<ConnectionLimit>,
+    request_headers_timeout: Duration,
+}
+
+async fn serve(listener: TcpListener, serving: Serving, state: Arc<AdminState>) {
+    let Serving {
+        routes,
+        limit,
+        request_headers_timeout,
+    } = serving;
     loop {
-        let stream = match listener.accept().await {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
             Err(error) => {
                 warn!(%error, "admin accept failed");
                 // Typically out of file descriptors: back off instead of spinning.
@@ -150,41 +219,75 @@ async fn serve(listener: TcpListener, routes: Routes, state: Arc<AdminState>) {
                 continue;
             }
         };
+        let (admitted, closed_oldest) = match limit.admit() {
+            Admission::Admitted(admitted) => (admitted, false),
+            Admission::AdmittedAfterClosingOldest(admitted) => (admitted, true),
+            Admission::Refused => continue,
+        };
+        let local = stream.local_addr();
         let state = state.clone();
         // The address the client dialled (unmapped from a dual-stack listener's form): for
         // the kubelet's app probes, the pod's own.
-        let local_ip = stream
-            .local_addr()
-            .map(|addr| addr.ip().to_canonical())
-            .ok();
+        let local = local.map_err(|error| error.to_string());
+        let local_ip = local.as_ref().ok().map(|addr| addr.ip().to_canonical());
+        let metrics = limit.metrics().clone();
         tokio::spawn(async move {
             let service = service_fn(move |request: Request<Incoming>| {
                 let state = state.clone();
+                let local = local.clone();
                 async move {
                     let path = request.uri().path();
-                    let app_probe = routes.metrics && path.starts_with(APP_HEALTH_PREFIX);
-                    let response = match (app_probe, &state.app_probers, local_ip) {
-                        (true, Some(probers), Some(pod_ip)) => probers.check(path, pod_ip).await,
-                        _ => respond(request.method(), request.uri(), routes, &state),
-                    };
-                    Ok::<_, Infallible>(response)
+                    if let (Some(probers), Some(pod_ip)) = (&state.app_probers, local_ip)
+                        && routes.metrics
+                        && path.starts_with(APP_HEALTH_PREFIX)
+                    {
+                        return Ok::<_, Infallible>(probers.check(path, pod_ip).await);
+                    }
+                    let caller = || admin_caller::uid_of(local.clone()?, peer);
+                    Ok(respond(
+                        request.method(),
+                        request.uri(),
+                        routes,
+                        &state,
+                        caller,
+                    ))
                 }
             });
-            if let Err(error) = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                debug!(%error, "admin connection ended with an error");
+            let mut builder = http1::Builder::new();
+            builder
+                .timer(TokioTimer::new())
+                .header_read_timeout(request_headers_timeout);
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                served = connection => match served {
+                    Err(error) if error.is_timeout() => {
+                        metrics.record_timeout(DownstreamTimeout::RequestHeaders);
+                        debug!(%peer, "admin connection closed: no complete request in time");
+                    }
+                    Err(error) => debug!(%error, "admin connection ended with an error"),
+                    Ok(()) => {}
+                },
+                () = admitted.closed_to_make_room() => {
+                    debug!(%peer, "admin connection closed to make room for a newer one");
+                }
             }
         });
+        if closed_oldest {
+            // Lets the closed connection's task drop its socket before the next accept, so the
+            // listener's descriptors stay at its cap while a flood goes on.
+            tokio::task::yield_now().await;
+        }
     }
 }
 
+/// The answer to one request; `caller` tells the UID of whoever sent it (looked up only for
+/// requests that change the proxy).
 fn respond(
     method: &Method,
     uri: &Uri,
     routes: Routes,
     state: &AdminState,
+    caller: impl FnOnce() -> Result<u32, String>,
 ) -> Response<Full<Bytes>> {
     let path = uri.path();
     let admin_endpoint = routes.admin
@@ -212,6 +315,9 @@ fn respond(
     if !allowed {
         return text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n");
     }
+    if changes && let Some(refusal) = refuse_change(path, state, caller) {
+        return refusal;
+    }
     match path {
         READY_PATH | ADMIN_READY_PATH => {
             if state.ready.load(Ordering::Acquire) {
@@ -236,6 +342,33 @@ fn respond(
         },
         _ => prometheus(state),
     }
+}
+
+/// Root, the proxy's own user and the allowed UIDs may change the proxy; anyone else gets this
+/// 403, counted and logged.
+fn refuse_change(
+    path: &str,
+    state: &AdminState,
+    caller: impl FnOnce() -> Result<u32, String>,
+) -> Option<Response<Full<Bytes>>> {
+    let who = match caller() {
+        Ok(uid) if admin_caller::may_change_the_proxy(uid, &state.allowed_uids) => return None,
+        Ok(uid) => format!("the caller is UID {uid}"),
+        Err(error) => format!("the caller cannot be identified: {error}"),
+    };
+    state.metrics.admin_refusals(path).inc();
+    warn!(
+        path,
+        caller = who,
+        "admin request refused: it changes the proxy"
+    );
+    Some(owned_text(
+        StatusCode::FORBIDDEN,
+        format!(
+            "forbidden: POST {path} changes the proxy, which only root, the proxy's own user (UID {}) and --admin-allowed-uids may do; {who}\n",
+            rustix::process::geteuid().as_raw()
+        ),
+    ))
 }
 
 fn prometheus(state: &AdminState) -> Response<Full<Bytes>> {
@@ -383,6 +516,7 @@ mod tests {
             log_directives: Mutex::new("info".into()),
             mesh: OnceLock::new(),
             quit: Arc::new(Notify::new()),
+            allowed_uids: vec![4244],
             bpffs: PathBuf::from("/nonexistent-bpffs"),
             app_probers: None,
         })
@@ -405,7 +539,14 @@ mod tests {
         routes: Routes,
         state: &AdminState,
     ) -> Response<Full<Bytes>> {
-        super::respond(method, &uri.parse().expect("a valid URI"), routes, state)
+        // Root calls, unless a test says otherwise.
+        super::respond(
+            method,
+            &uri.parse().expect("a valid URI"),
+            routes,
+            state,
+            || Ok(0),
+        )
     }
 
     async fn body_text(response: Response<Full<Bytes>>) -> String {
@@ -467,6 +608,48 @@ mod tests {
         Ok(())
     }
 
+    #[tokio::test]
+    async fn changes_are_refused_to_other_users_and_unknown_callers() -> anyhow::Result<()> {
+        let state = state()?;
+        let other_user = if rustix::process::geteuid().as_raw() == 4242 {
+            4243
+        } else {
+            4242
+        };
+        let uri: Uri = QUIT_PATH.parse()?;
+        let refused = super::respond(&Method::POST, &uri, ADMIN, &state, || Ok(other_user));
+        assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+        assert!(
+            body_text(refused)
+                .await
+                .contains(&format!("UID {other_user}"))
+        );
+        let unknown = super::respond(&Method::POST, &uri, ADMIN, &state, || {
+            Err("no socket".into())
+        });
+        assert_eq!(unknown.status(), StatusCode::FORBIDDEN);
+        let level: Uri = "/logging?level=debug".parse()?;
+        let refused = super::respond(&Method::POST, &level, ADMIN, &state, || Ok(other_user));
+        assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+        assert_eq!(state.metrics.admin_refusals(QUIT_PATH).get(), 2);
+        assert_eq!(state.metrics.admin_refusals(LOGGING_PATH).get(), 1);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(100), state.quit.notified())
+                .await
+                .is_err(),
+            "a refused quit must not stop the proxy"
+        );
+        // Reads need no identity.
+        let read = super::respond(&Method::GET, &LOGGING_PATH.parse()?, ADMIN, &state, || {
+            Err("never asked".into())
+        });
+        assert_eq!(read.status(), StatusCode::OK);
+        // A UID allowed by `--admin-allowed-uids`.
+        let allowed = super::respond(&Method::POST, &level, ADMIN, &state, || Ok(4244));
+        assert_eq!(allowed.status(), StatusCode::OK);
+        Ok(())
+    }
+
     #[test]
     fn ready_is_503_until_the_flag_is_set() -> anyhow::Result<()> {
         let state = state()?;
@@ -516,12 +699,15 @@ mod tests {
         let (metrics_addr, ready_addr, admin_addr) = (free_port()?, free_port()?, free_port()?);
         let state = Arc::new(state()?);
         let ready = state.ready.clone();
+        let proxy_metrics = state.metrics.clone();
         let addrs = AdminAddrs {
             metrics: metrics_addr,
             ready: ready_addr,
             admin: admin_addr,
+            max_connections: 2,
+            request_headers_timeout: Duration::from_millis(500),
         };
-        start(&addrs, state)?;
+        start(&addrs, state.clone())?;
         assert!(
             get(admin_addr, ADMIN_READY_PATH)
                 .await?
@@ -546,6 +732,48 @@ mod tests {
                 .await?
                 .starts_with("HTTP/1.1 404")
         );
+
+        // Half a request line: closed once the headers are late.
+        let mut slow = tokio::net::TcpStream::connect(ready_addr).await?;
+        slow.write_all(b"GET /healthz/re").await?;
+        let started = std::time::Instant::now();
+        let mut rest = Vec::new();
+        tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut rest)).await??;
+        assert!(started.elapsed() >= Duration::from_millis(400));
+        // Counted once the connection's task has its error, just after the socket closed.
+        let ready_listener = proxy_metrics.listener("ready", 2);
+        let counted = async {
+            while ready_listener.timeout_count(DownstreamTimeout::RequestHeaders) == 0 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(1), counted).await?;
+
+        // Full (two connections held): the oldest is closed, the newest is served.
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            let mut stream = tokio::net::TcpStream::connect(ready_addr).await?;
+            stream.write_all(b"GET /he").await?;
+            held.push(stream);
+        }
+        assert!(
+            get(ready_addr, READY_PATH)
+                .await?
+                .starts_with("HTTP/1.1 200")
+        );
+        let mut closed = Vec::new();
+        tokio::time::timeout(Duration::from_secs(1), held[0].read_to_end(&mut closed)).await??;
+        assert!(proxy_metrics.listener("ready", 2).overflow.get() >= 1);
+
+        // This process is the proxy's own user: it may change the level.
+        let mut stream = tokio::net::TcpStream::connect(admin_addr).await?;
+        let request =
+            "POST /logging?level=info HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n";
+        stream.write_all(request.as_bytes()).await?;
+        let mut response = String::new();
+        tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut response))
+            .await??;
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
         Ok(())
     }
 }

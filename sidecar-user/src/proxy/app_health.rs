@@ -195,7 +195,7 @@ async fn connect(
         Some(host) => (host, Source::Any),
         None => (pod_ip, Source::Passthrough),
     };
-    upstream::connect(SocketAddr::new(ip, port), source, limit)
+    upstream::dial(SocketAddr::new(ip, port), source, limit)
         .await
         .map_err(|failure| format!("connect {ip}:{port}: {}", failure.error))
 }

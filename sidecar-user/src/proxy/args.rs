@@ -61,6 +61,33 @@ pub struct ProxyArgs {
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     pub connect_timeout: Duration,
 
+    /// Close a downstream connection (relayed TCP, served HTTP) after this long without a byte
+    /// either way (Istio's default TCP and HTTP idle timeout).
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// Close an HTTP/1 connection (the app's, captured; and the readiness, metrics and admin
+    /// ports') whose request headers are not complete this long after their first byte. On the
+    /// readiness, metrics and admin ports it also closes keep-alive connections idle that long.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub request_headers_timeout: Duration,
+
+    /// TCP keepalive on proxied connections (both ends): idle time before the first probe,
+    /// then 9 probes 75 s apart; `0s` turns it off.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    pub tcp_keepalive: Duration,
+
+    /// Connections each data-path side (outbound, inbound) holds at once; beyond, new ones are
+    /// reset and counted (`sidecar_listener_overflow_total`). `auto`: what the open-file limit
+    /// leaves once the admin listeners are full, at two descriptors a connection.
+    #[arg(long, default_value = "auto", value_parser = parse_connection_cap)]
+    pub max_connections: ConnectionCap,
+
+    /// Connections each readiness, metrics and admin listener holds at once; beyond, the
+    /// oldest is closed to make room.
+    #[arg(long, default_value_t = NonZeroUsize::new(128).expect("non-zero"))]
+    pub max_admin_connections: NonZeroUsize,
+
     /// Where `/stats/prometheus` is served.
     #[arg(long, default_value = "127.0.0.1:15020")]
     pub metrics_addr: SocketAddr,
@@ -73,6 +100,12 @@ pub struct ProxyArgs {
     /// `/stats`); keep it on localhost: they change and stop the proxy.
     #[arg(long, default_value = "127.0.0.1:15000")]
     pub admin_addr: SocketAddr,
+
+    /// UIDs besides root and the proxy's own that may stop the proxy and change its logging
+    /// (`POST /quitquitquit`, `POST /logging`), comma separated: e.g. the app of a Job on a
+    /// cluster without native sidecars, which stops its proxy when done.
+    #[arg(long, value_delimiter = ',')]
+    pub admin_allowed_uids: Vec<u32>,
 
     /// bpffs mount holding the capture's pinned maps, for the kernel counters in `/stats`.
     #[arg(long, default_value = crate::bpffs::DEFAULT_BPFFS)]
@@ -102,6 +135,23 @@ pub struct ProxyArgs {
     pub app_probers: Option<String>,
 }
 
+/// `--max-connections`: a number, or sized from the open-file limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectionCap {
+    Auto,
+    Fixed(NonZeroUsize),
+}
+
+fn parse_connection_cap(value: &str) -> Result<ConnectionCap, String> {
+    if value == "auto" {
+        return Ok(ConnectionCap::Auto);
+    }
+    value
+        .parse()
+        .map(ConnectionCap::Fixed)
+        .map_err(|_| format!("expected `auto` or a number of connections above 0, not {value:?}"))
+}
+
 /// Where the original destination comes from, with the argument each source needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum OrigDstSource {
@@ -122,6 +172,10 @@ pub struct ProxyConfig {
     pub metrics_addr: SocketAddr,
     pub ready_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    /// Per data-path side; `None`: sized from the open-file limit at start.
+    pub max_connections: Option<usize>,
+    pub max_admin_connections: usize,
+    pub admin_allowed_uids: Vec<u32>,
     pub bpffs: PathBuf,
     pub workload_name: String,
     pub workload_namespace: String,
@@ -145,6 +199,14 @@ impl TryFrom<&ProxyArgs> for ProxyConfig {
                 args.inbound_port
             );
         }
+        for (flag, value) in [
+            ("--idle-timeout", args.idle_timeout),
+            ("--request-headers-timeout", args.request_headers_timeout),
+        ] {
+            if value.is_zero() {
+                bail!("{flag} must be above 0");
+            }
+        }
         // An option that would be silently ignored is almost always a mistake in a manifest.
         if args.target.is_some() && args.orig_dst != OrigDstMode::Explicit {
             bail!("--target is only valid with --orig-dst explicit");
@@ -167,10 +229,19 @@ impl TryFrom<&ProxyArgs> for ProxyConfig {
                 connect: args.connect_timeout,
                 tls_handshake: args.tls_handshake_timeout,
                 sniff: args.sniff_timeout,
+                idle: args.idle_timeout,
+                request_headers: args.request_headers_timeout,
+                tcp_keepalive: Some(args.tcp_keepalive).filter(|idle| !idle.is_zero()),
             },
             metrics_addr: args.metrics_addr,
             ready_addr: args.ready_addr,
             admin_addr: args.admin_addr,
+            max_connections: match args.max_connections {
+                ConnectionCap::Auto => None,
+                ConnectionCap::Fixed(max) => Some(max.get()),
+            },
+            max_admin_connections: args.max_admin_connections.get(),
+            admin_allowed_uids: args.admin_allowed_uids.clone(),
             bpffs: args.bpffs.clone(),
             workload_name: args.workload_name.clone(),
             workload_namespace: args.workload_namespace.clone(),
@@ -236,8 +307,16 @@ mod tests {
                 connect: Duration::from_secs(10),
                 tls_handshake: Duration::from_secs(10),
                 sniff: Duration::from_millis(200),
+                idle: Duration::from_secs(3600),
+                request_headers: Duration::from_secs(10),
+                tcp_keepalive: Some(Duration::from_secs(300)),
             }
         );
+        assert_eq!(
+            config.max_connections, None,
+            "sized from the open-file limit"
+        );
+        assert_eq!(config.max_admin_connections, 128);
         assert_eq!(config.metrics_addr, "127.0.0.1:15020".parse()?);
         assert_eq!(config.ready_addr, "0.0.0.0:15021".parse()?);
         Ok(())
@@ -254,6 +333,35 @@ mod tests {
             explicit.orig_dst,
             OrigDstSource::Explicit("127.0.0.1:8080".parse()?)
         );
+        Ok(())
+    }
+
+    #[test]
+    fn limits_are_checked() -> anyhow::Result<()> {
+        let set = config(&[
+            "--max-connections",
+            "500",
+            "--tcp-keepalive",
+            "0s",
+            "--idle-timeout",
+            "90s",
+            "--admin-allowed-uids",
+            "1000,1001",
+        ])?;
+        assert_eq!(set.max_connections, Some(500));
+        assert_eq!(set.admin_allowed_uids, [1000, 1001]);
+        assert_eq!(set.timeouts.tcp_keepalive, None);
+        assert_eq!(set.timeouts.idle, Duration::from_secs(90));
+        for bad in [
+            &["--max-connections", "0"][..],
+            &["--max-connections", "many"],
+            &["--max-admin-connections", "0"],
+            &["--idle-timeout", "0s"],
+            &["--request-headers-timeout", "0s"],
+            &["--admin-allowed-uids", "app"],
+        ] {
+            assert!(config(bad).is_err(), "{bad:?}");
+        }
         Ok(())
     }
 

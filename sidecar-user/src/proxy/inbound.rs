@@ -174,15 +174,23 @@ impl InboundProxy {
     ) where
         D: AsyncRead + AsyncWrite + Unpin + IntoTcp,
     {
-        let upstream =
-            match upstream::connect(orig_dst, Source::Passthrough, self.timeouts.connect).await {
-                Ok(upstream) => upstream,
-                Err(failure) => {
-                    return self.refuse(downstream, &log, failure.reason, failure.error);
-                }
-            };
+        let upstream = match upstream::connect(orig_dst, Source::Passthrough, &self.timeouts).await
+        {
+            Ok(upstream) => upstream,
+            Err(failure) => {
+                return self.refuse(downstream, &log, failure.reason, failure.error);
+            }
+        };
         let counters = self.metrics.tcp(&labels);
-        relay(downstream, upstream, counters, &self.metrics, &log).await;
+        relay(
+            downstream,
+            upstream,
+            counters,
+            &self.metrics,
+            &log,
+            self.timeouts.idle,
+        )
+        .await;
     }
 
     fn refuse(

@@ -15,7 +15,12 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
-use super::metrics::Direction;
+use super::{
+    connection_limit::{Admission, ConnectionLimit},
+    keepalive,
+    metrics::Direction,
+    upstream::reset,
+};
 
 /// Pause after a failed accept (e.g. out of file descriptors) so the loop does not spin.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
@@ -109,10 +114,25 @@ pub trait Handler: Send + Sync + 'static {
 #[derive(Default)]
 pub struct AcceptLoops(JoinSet<()>);
 
+/// What every connection accepted by a group of listeners (one data-path side) shares.
+pub struct Accepting {
+    /// Their open connections, together (v4 and v6 listeners share one cap).
+    pub limit: Arc<ConnectionLimit>,
+    /// TCP keepalive on each accepted connection: idle time before the first probe.
+    pub tcp_keepalive: Option<Duration>,
+}
+
 impl AcceptLoops {
-    pub fn add<H: Handler>(&mut self, listeners: Vec<TcpListener>, handler: Arc<H>) {
+    pub fn add<H: Handler>(
+        &mut self,
+        listeners: Vec<TcpListener>,
+        handler: Arc<H>,
+        accepting: Accepting,
+    ) {
+        let accepting = Arc::new(accepting);
         for listener in listeners {
-            self.0.spawn(accept_loop(listener, handler.clone()));
+            self.0
+                .spawn(accept_loop(listener, handler.clone(), accepting.clone()));
         }
     }
 
@@ -131,15 +151,35 @@ impl AcceptLoops {
     }
 }
 
-async fn accept_loop<H: Handler>(listener: TcpListener, handler: Arc<H>) {
+async fn accept_loop<H: Handler>(
+    listener: TcpListener,
+    handler: Arc<H>,
+    accepting: Arc<Accepting>,
+) {
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                // Data-path limits refuse (WhenFull::RefuseNew): none closes a proxied
+                // connection to make room.
+                let admitted = match accepting.limit.admit() {
+                    Admission::Admitted(admitted)
+                    | Admission::AdmittedAfterClosingOldest(admitted) => admitted,
+                    Admission::Refused => {
+                        debug!(%peer, "listener full: connection reset");
+                        reset(stream);
+                        continue;
+                    }
+                };
                 // Relayed small writes must not wait for Nagle: the peer chose its batching.
                 if let Err(error) = stream.set_nodelay(true) {
                     debug!(%error, "cannot set TCP_NODELAY");
                 }
-                tokio::spawn(handler.clone().handle(stream, peer));
+                keepalive::enable(&stream, accepting.tcp_keepalive);
+                let handler = handler.clone();
+                tokio::spawn(async move {
+                    handler.handle(stream, peer).await;
+                    drop(admitted);
+                });
             }
             Err(error) => {
                 warn!(%error, "accept failed");

@@ -1,8 +1,13 @@
-//! Istio-compatible TCP metrics, the proxy's failure and reload counters and the certificate
-//! expiry gauge, in a private registry.
+//! Istio-compatible TCP metrics, the proxy's failure and reload counters, the certificate
+//! expiry gauge, each listener's connections, caps and timeouts, refused admin requests, and the
+//! standard `process_*` metrics (open and maximum file descriptors, CPU, memory), in a private
+//! registry.
 use std::sync::OnceLock;
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{
+    IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    process_collector::ProcessCollector,
+};
 use tracing::warn;
 
 use super::{http::metrics::HttpMetrics, identity::SpiffeId};
@@ -256,6 +261,56 @@ pub struct TcpCounters {
     pub received_bytes: IntCounter,
 }
 
+/// Which deadline closed a downstream connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DownstreamTimeout {
+    /// A request's head was not complete in time (Envoy's `request_headers_timeout`).
+    RequestHeaders,
+    /// No byte either way for the idle timeout (Envoy's `idle_timeout`).
+    Idle,
+}
+
+impl DownstreamTimeout {
+    const ALL: [DownstreamTimeout; 2] =
+        [DownstreamTimeout::RequestHeaders, DownstreamTimeout::Idle];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            DownstreamTimeout::RequestHeaders => "request_headers",
+            DownstreamTimeout::Idle => "idle",
+        }
+    }
+}
+
+/// The series of one listener (a data-path side, or an admin address), resolved once.
+#[derive(Clone)]
+pub struct ListenerMetrics {
+    pub name: String,
+    /// Connections open now.
+    pub connections: IntGauge,
+    /// Connections closed or refused because the listener was full.
+    pub overflow: IntCounter,
+    request_headers_timeouts: IntCounter,
+    idle_timeouts: IntCounter,
+}
+
+impl ListenerMetrics {
+    pub fn record_timeout(&self, timeout: DownstreamTimeout) {
+        match timeout {
+            DownstreamTimeout::RequestHeaders => self.request_headers_timeouts.inc(),
+            DownstreamTimeout::Idle => self.idle_timeouts.inc(),
+        }
+    }
+
+    #[cfg(test)]
+    pub fn timeout_count(&self, timeout: DownstreamTimeout) -> u64 {
+        match timeout {
+            DownstreamTimeout::RequestHeaders => self.request_headers_timeouts.get(),
+            DownstreamTimeout::Idle => self.idle_timeouts.get(),
+        }
+    }
+}
+
 /// What a reload was about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReloadKind {
@@ -278,6 +333,11 @@ pub struct Metrics {
     certificate_expiration: IntGauge,
     /// The gauge is exported only once a certificate is loaded: a 0 would read as expired.
     certificate_expiration_registered: OnceLock<()>,
+    listener_connections: IntGaugeVec,
+    listener_connection_limit: IntGaugeVec,
+    listener_overflow: IntCounterVec,
+    downstream_timeouts: IntCounterVec,
+    admin_refused: IntCounterVec,
 }
 
 impl Metrics {
@@ -345,6 +405,39 @@ impl Metrics {
             "sidecar_certificate_expiration_seconds",
             "notAfter of the workload certificate in use, in Unix seconds.",
         )?;
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            let gauge = IntGaugeVec::new(Opts::new(name, help), labels)?;
+            registry.register(Box::new(gauge.clone()))?;
+            Ok::<_, prometheus::Error>(gauge)
+        };
+        let listener_connections = gauge_vec(
+            "sidecar_listener_connections",
+            "Connections a listener holds open now.",
+            &["listener"],
+        )?;
+        let listener_connection_limit = gauge_vec(
+            "sidecar_listener_connection_limit",
+            "The most connections a listener holds open at once.",
+            &["listener"],
+        )?;
+        let listener_overflow = counter_vec(
+            "sidecar_listener_overflow_total",
+            "Connections refused (data path) or closed to make room (admin) because the listener was full (Envoy's downstream_cx_overflow).",
+            &["listener"],
+        )?;
+        let downstream_timeouts = counter_vec(
+            "sidecar_downstream_timeouts_total",
+            "Downstream connections closed by a deadline: request_headers (a request's head not complete in time) or idle (no byte either way).",
+            &["listener", "timeout"],
+        )?;
+        let admin_refused = counter_vec(
+            "sidecar_admin_requests_refused_total",
+            "Admin requests that change the proxy refused because the caller is neither root nor the proxy's user.",
+            &["path"],
+        )?;
+        // File descriptors (process_open_fds, process_max_fds), CPU and memory, as every
+        // Prometheus client library names them.
+        registry.register(Box::new(ProcessCollector::for_self()))?;
         let http = HttpMetrics::register(&registry)?;
         let metrics = Metrics {
             http,
@@ -359,6 +452,11 @@ impl Metrics {
             certificate_reloads,
             certificate_expiration,
             certificate_expiration_registered: OnceLock::new(),
+            listener_connections,
+            listener_connection_limit,
+            listener_overflow,
+            downstream_timeouts,
+            admin_refused,
         };
         for direction in [Direction::Outbound, Direction::Inbound] {
             metrics.tcp(&TcpLabels::new(direction, local));
@@ -375,6 +473,39 @@ impl Metrics {
             sent_bytes: self.sent.with_label_values(&values),
             received_bytes: self.received.with_label_values(&values),
         }
+    }
+
+    /// The series of listener `name` with its cap, exported from now on.
+    pub fn listener(&self, name: &str, limit: usize) -> ListenerMetrics {
+        self.listener_connection_limit
+            .with_label_values(&[name])
+            .set(i64::try_from(limit).unwrap_or(i64::MAX));
+        let timeouts = |timeout: DownstreamTimeout| {
+            self.downstream_timeouts
+                .with_label_values(&[name, timeout.name()])
+        };
+        for timeout in DownstreamTimeout::ALL {
+            timeouts(timeout);
+        }
+        ListenerMetrics {
+            name: name.to_owned(),
+            connections: self.listener_connections.with_label_values(&[name]),
+            overflow: self.listener_overflow.with_label_values(&[name]),
+            request_headers_timeouts: timeouts(DownstreamTimeout::RequestHeaders),
+            idle_timeouts: timeouts(DownstreamTimeout::Idle),
+        }
+    }
+
+    /// A downstream connection of listener `listener` closed by `timeout`.
+    pub fn record_downstream_timeout(&self, listener: &str, timeout: DownstreamTimeout) {
+        self.downstream_timeouts
+            .with_label_values(&[listener, timeout.name()])
+            .inc();
+    }
+
+    /// The count of admin requests to `path` refused to their caller (exported once asked for).
+    pub fn admin_refusals(&self, path: &str) -> IntCounter {
+        self.admin_refused.with_label_values(&[path])
     }
 
     pub fn record_failure(&self, direction: Direction, reason: FailureReason) {

@@ -5,6 +5,8 @@
 //! - `orig_dst`: where a connection was going (SO_ORIGINAL_DST, the BPF index, the local
 //!   address under sk_lookup, or fixed);
 //! - `listener`: listeners and accept loops; `upstream`: dialling (passthrough source address);
+//! - `connection_limit`: each listener's cap on open connections; `deadlines`: idle and
+//!   request-headers timeouts of downstream connections; `keepalive`: TCP keepalive;
 //! - `outbound`, `inbound`: the per-connection logic of each side; `relay`: relay or refuse,
 //!   with the access log (`access_log`) and counters; `copy`: bidirectional counted copy;
 //! - `sniff`: bounded detection of a mesh ClientHello; `tls`: rustls configs, SPIFFE checks;
@@ -15,15 +17,21 @@
 //!   metrics (docs/ROUTING.md);
 //! - `admin`: `/stats/prometheus`, `/healthz/ready` and the localhost admin endpoints
 //!   (`/config_dump`, `/logging`, `/quitquitquit`, `/stats`) on a separate thread;
+//!   `admin_caller`: who calls them (only root, the proxy's user and the allowed UIDs may
+//!   change the proxy);
 //! - `logging`: the tracing subscriber, its level changeable at runtime.
 mod access_log;
 mod admin;
+mod admin_caller;
 mod app_health;
 mod args;
 mod authz;
+mod connection_limit;
 mod copy;
+mod deadlines;
 mod http;
 mod inbound;
+mod keepalive;
 mod listener;
 mod logging;
 mod mesh;
@@ -67,9 +75,10 @@ pub use args::ProxyArgs;
 use self::{
     admin::{AdminAddrs, AdminState},
     args::{OrigDstSource, ProxyConfig},
+    connection_limit::{ConnectionLimit, WhenFull, data_path_cap},
     http::Upstreams,
     inbound::InboundProxy,
-    listener::{AcceptLoops, bind_listeners, local_addrs},
+    listener::{AcceptLoops, Accepting, bind_listeners, local_addrs},
     logging::LogLevel,
     mesh::{Mesh, MeshHandle},
     mesh_watch::MeshSource,
@@ -87,6 +96,13 @@ pub struct Timeouts {
     pub tls_handshake: Duration,
     /// PERMISSIVE ports: the wait for a client's first bytes.
     pub sniff: Duration,
+    /// A downstream connection with no byte either way for this long is closed.
+    pub idle: Duration,
+    /// HTTP/1 (served and admin): a request's headers must be complete this long after their
+    /// first byte.
+    pub request_headers: Duration,
+    /// TCP keepalive on proxied connections: idle time before the first probe (`None`: off).
+    pub tcp_keepalive: Option<Duration>,
 }
 
 /// Runs the proxy until SIGTERM or SIGINT.
@@ -104,29 +120,36 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
 
 /// Raises the soft limit on open files to the hard one, as Envoy and Go programs do: every
 /// proxied connection holds two descriptors, and the usual soft limit of 1024 would cap the
-/// proxy at about 500 connections while the hard limit allows far more.
-fn raise_open_file_limit() {
+/// proxy at about 500 connections while the hard limit allows far more. Returns the limit in
+/// force (`None`: unlimited), which the listeners' caps are sized from.
+fn raise_open_file_limit() -> Option<u64> {
     use rustix::process::{Resource, getrlimit, setrlimit};
     let limit = getrlimit(Resource::Nofile);
     if limit.current == limit.maximum {
-        return;
+        return limit.current;
     }
     let raised = rustix::process::Rlimit {
         current: limit.maximum,
         ..limit
     };
     match setrlimit(Resource::Nofile, raised) {
-        Ok(()) => info!(
-            from = ?limit.current,
-            to = ?limit.maximum,
-            "raised the open file limit to its hard limit"
-        ),
-        Err(error) => warn!(%error, "cannot raise the open file limit"),
+        Ok(()) => {
+            info!(
+                from = ?limit.current,
+                to = ?limit.maximum,
+                "raised the open file limit to its hard limit"
+            );
+            limit.maximum
+        }
+        Err(error) => {
+            warn!(%error, "cannot raise the open file limit");
+            limit.current
+        }
     }
 }
 
 async fn serve(config: ProxyConfig, log_level: LogLevel) -> anyhow::Result<()> {
-    raise_open_file_limit();
+    let open_file_limit = raise_open_file_limit();
     // Opened first: a missing or unreadable map is a configuration error to report at once.
     let orig_dst = original_dst(&config.orig_dst)?;
     let local = LocalWorkload {
@@ -145,6 +168,7 @@ async fn serve(config: ProxyConfig, log_level: LogLevel) -> anyhow::Result<()> {
         log_directives: Mutex::new(std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into())),
         mesh: OnceLock::new(),
         quit: quit.clone(),
+        allowed_uids: config.admin_allowed_uids.clone(),
         bpffs: config.bpffs.clone(),
         app_probers: config.app_probers.clone(),
     });
@@ -152,8 +176,20 @@ async fn serve(config: ProxyConfig, log_level: LogLevel) -> anyhow::Result<()> {
         metrics: config.metrics_addr,
         ready: config.ready_addr,
         admin: config.admin_addr,
+        max_connections: config.max_admin_connections,
+        request_headers_timeout: config.timeouts.request_headers,
     };
     admin::start(&admin_addrs, admin_state.clone())?;
+    let data_path_cap = config.max_connections.unwrap_or_else(|| {
+        let admin_fds = admin::listener_count(&admin_addrs) * config.max_admin_connections;
+        data_path_cap(open_file_limit, admin_fds)
+    });
+    info!(
+        open_file_limit = ?open_file_limit,
+        max_connections_per_side = data_path_cap,
+        max_admin_connections = config.max_admin_connections,
+        "connection caps"
+    );
 
     // Registered before readiness, so a signal arriving right after is not lost.
     let shutdown = shutdown_signal(quit).context("cannot install signal handlers")?;
@@ -202,9 +238,23 @@ async fn serve(config: ProxyConfig, log_level: LogLevel) -> anyhow::Result<()> {
         local,
         timeouts: config.timeouts,
     };
+    let accepting = |direction: Direction| Accepting {
+        limit: ConnectionLimit::new(
+            data_path_cap,
+            WhenFull::RefuseNew,
+            admin_state
+                .metrics
+                .listener(direction.name(), data_path_cap),
+        ),
+        tcp_keepalive: config.timeouts.tcp_keepalive,
+    };
     let mut accept_loops = AcceptLoops::default();
-    accept_loops.add(outbound_listeners, outbound);
-    accept_loops.add(inbound_listeners, Arc::new(inbound));
+    accept_loops.add(outbound_listeners, outbound, accepting(Direction::Outbound));
+    accept_loops.add(
+        inbound_listeners,
+        Arc::new(inbound),
+        accepting(Direction::Inbound),
+    );
     ready.store(true, Ordering::Release);
     info!(
         outbound_port = config.outbound_port,

@@ -114,7 +114,15 @@ impl Handler for OutboundProxy {
                 }
                 let upstream = Rewound::new(server_greeting, established.io);
                 let counters = self.metrics.tcp(&labels);
-                relay(downstream, upstream, counters, &self.metrics, &log).await;
+                relay(
+                    downstream,
+                    upstream,
+                    counters,
+                    &self.metrics,
+                    &log,
+                    self.timeouts.idle,
+                )
+                .await;
             }
         }
     }
@@ -231,7 +239,8 @@ mod tests {
 
     use super::*;
     use crate::proxy::{
-        listener::{AcceptLoops, bind_listeners, local_addrs},
+        connection_limit::{ConnectionLimit, WhenFull},
+        listener::{AcceptLoops, Accepting, bind_listeners, local_addrs},
         orig_dst::SockoptOrigDst,
         testing::*,
     };
@@ -385,6 +394,45 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_full_side_resets_new_connections_and_counts_them() -> anyhow::Result<()> {
+        let echo = start_streaming_echo().await?;
+        let listeners = bind_listeners(DIRECTION, &[LOCALHOST], 0)?;
+        let addr = listeners[0].local_addr()?;
+        let metrics = Arc::new(Metrics::new(&local("client"))?);
+        let proxy = OutboundProxy {
+            orig_dst: Arc::new(crate::proxy::orig_dst::ExplicitOrigDst(echo)),
+            mesh: plaintext_mesh(),
+            metrics: metrics.clone(),
+            local: local("client"),
+            timeouts: timeouts(),
+            listen_addrs: local_addrs(&listeners)?,
+            upstreams: Upstreams::default(),
+        };
+        let side = metrics.listener(DIRECTION.name(), 1);
+        let accepting = Accepting {
+            limit: ConnectionLimit::new(1, WhenFull::RefuseNew, side.clone()),
+            tcp_keepalive: None,
+        };
+        let mut loops = AcceptLoops::default();
+        loops.add(listeners, Arc::new(proxy), accepting);
+        tokio::spawn(loops.run_until(pending()));
+
+        let mut first = TcpStream::connect(addr).await?;
+        assert_eq!(echo_chunk(&mut first, b"held").await?, b"held");
+        expect_refused(addr, b"").await?;
+        assert_eq!(side.overflow.get(), 1);
+        assert_eq!(side.connections.get(), 1);
+        drop(first);
+        wait_until("the held connection is counted out", || {
+            side.connections.get() == 0
+        })
+        .await;
+        let mut next = TcpStream::connect(addr).await?;
+        assert_eq!(echo_chunk(&mut next, b"room again").await?, b"room again");
+        Ok(())
+    }
+
+    #[tokio::test]
     async fn binding_fails_when_nothing_binds() {
         // TEST-NET-1 is never a local address.
         let unreachable = std::net::IpAddr::from([192, 0, 2, 1]);
@@ -407,7 +455,7 @@ mod tests {
             upstreams: Upstreams::default(),
         };
         let mut loops = AcceptLoops::default();
-        loops.add(listeners, Arc::new(proxy));
+        loops.add(listeners, Arc::new(proxy), accepting(&metrics, DIRECTION));
         tokio::spawn(loops.run_until(pending()));
         expect_refused(addr, b"").await?;
         wait_until("the failure is counted", || {

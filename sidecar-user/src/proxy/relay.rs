@@ -1,6 +1,7 @@
 //! The end of every connection, for both directions: relay and count, or refuse; either way
-//! one access log line, and every refusal counted.
-use std::fmt::Display;
+//! one access log line, and every refusal counted. A relayed connection idle for the idle
+//! timeout is closed (both ends, with FIN), logged and counted.
+use std::{fmt::Display, time::Duration};
 
 use tokio::{
     io::{AsyncRead, AsyncWrite},
@@ -10,7 +11,8 @@ use tokio::{
 use super::{
     access_log::AccessLog,
     copy::{Transferred, copy_counted},
-    metrics::{FailureReason, Metrics, TcpCounters},
+    deadlines::{self, Deadlines},
+    metrics::{DownstreamTimeout, FailureReason, Metrics, TcpCounters},
     sniff::Rewound,
     tls,
     upstream::{UpstreamIo, reset},
@@ -87,17 +89,20 @@ pub fn record_refusal(
     log.refused(reason, Transferred::default(), &error);
 }
 
-/// Relays until both directions end, counting connections and bytes under `counters`.
+/// Relays until both directions end or nothing moves either way for `idle`, counting
+/// connections and bytes under `counters`.
 pub async fn relay<D, U>(
-    mut downstream: D,
+    downstream: D,
     mut upstream: U,
     counters: TcpCounters,
     metrics: &Metrics,
     log: &AccessLog,
+    idle: Duration,
 ) where
     D: AsyncRead + AsyncWrite + Unpin + IntoTcp,
     U: AsyncRead + AsyncWrite + Unpin + IntoTcp,
 {
+    let mut downstream = Deadlines::new(downstream, idle);
     counters.opened.inc();
     let (transferred, result) = copy_counted(
         &mut downstream,
@@ -109,6 +114,11 @@ pub async fn relay<D, U>(
     counters.closed.inc();
     match result {
         Ok(()) => log.completed(transferred),
+        Err(error) if deadlines::expired(&error).is_some() => {
+            // As Envoy's TCP proxy: both ends closed, nothing aborted.
+            metrics.record_downstream_timeout(log.direction.name(), DownstreamTimeout::Idle);
+            log.idle_timeout(transferred, &error);
+        }
         Err(error) => {
             // One side failed (usually a reset): pass the abort on rather than let the other
             // side mistake a truncated stream for a complete one.

@@ -18,10 +18,11 @@ use tokio::{
 
 use super::{
     Timeouts,
+    connection_limit::{ConnectionLimit, WhenFull},
     http::Upstreams,
     identity::SpiffeId,
     inbound::InboundProxy,
-    listener::{AcceptLoops, bind_listeners, local_addrs},
+    listener::{AcceptLoops, Accepting, bind_listeners, local_addrs},
     mesh::{Mesh, MeshHandle},
     mesh_watch::{MeshSource, spawn_watcher},
     metrics::{Direction, LocalWorkload, Metrics},
@@ -42,6 +43,9 @@ pub fn timeouts() -> Timeouts {
         connect: PATIENCE,
         tls_handshake: PATIENCE,
         sniff: Duration::from_millis(200),
+        idle: Duration::from_secs(3600),
+        request_headers: PATIENCE,
+        tcp_keepalive: Some(Duration::from_secs(300)),
     }
 }
 
@@ -54,6 +58,19 @@ pub fn local(name: &str) -> LocalWorkload {
 
 pub fn plaintext_mesh() -> Arc<MeshHandle> {
     Arc::new(MeshHandle::new(Mesh::plaintext()))
+}
+
+/// What a test listener's connections share: a cap no test reaches, keepalive on.
+pub fn accepting(metrics: &Metrics, direction: Direction) -> Accepting {
+    const CAP: usize = 1024;
+    Accepting {
+        limit: ConnectionLimit::new(
+            CAP,
+            WhenFull::RefuseNew,
+            metrics.listener(direction.name(), CAP),
+        ),
+        tcp_keepalive: timeouts().tcp_keepalive,
+    }
 }
 
 /// A proxy listening on an ephemeral loopback port.
@@ -82,7 +99,7 @@ pub fn start_outbound(
     });
     tokio::spawn(proxy.clone().close_stale_connections());
     let mut loops = AcceptLoops::default();
-    loops.add(listeners, proxy);
+    loops.add(listeners, proxy, accepting(&metrics, Direction::Outbound));
     tokio::spawn(loops.run_until(std::future::pending()));
     Ok(Running { addr, metrics })
 }
@@ -104,7 +121,11 @@ pub fn start_inbound(
         listen_addrs: local_addrs(&listeners)?,
     };
     let mut loops = AcceptLoops::default();
-    loops.add(listeners, Arc::new(proxy));
+    loops.add(
+        listeners,
+        Arc::new(proxy),
+        accepting(&metrics, Direction::Inbound),
+    );
     tokio::spawn(loops.run_until(std::future::pending()));
     Ok(Running { addr, metrics })
 }

@@ -20,6 +20,7 @@ use tracing::debug;
 use super::{
     Timeouts,
     identity::SpiffeId,
+    keepalive,
     mesh::{Mesh, MeshPolicy},
     metrics::FailureReason,
     tls,
@@ -92,7 +93,7 @@ pub async fn establish(
     mesh: &Mesh,
     timeouts: &Timeouts,
 ) -> Result<Established, ConnectFailure> {
-    let stream = connect(addr, Source::Any, timeouts.connect).await?;
+    let stream = connect(addr, Source::Any, timeouts).await?;
     let Some((local_tls, destination)) = mesh
         .tls()
         .and_then(|tls| Some((tls, tls.destination(addr)?)))
@@ -141,7 +142,19 @@ pub async fn establish(
     })
 }
 
+/// Connects within the connect timeout; the connection gets TCP keepalive as configured.
 pub async fn connect(
+    addr: SocketAddr,
+    source: Source,
+    timeouts: &Timeouts,
+) -> Result<TcpStream, ConnectFailure> {
+    let stream = dial(addr, source, timeouts.connect).await?;
+    keepalive::enable(&stream, timeouts.tcp_keepalive);
+    Ok(stream)
+}
+
+/// Connects within `connect_timeout`, for a short exchange (no keepalive).
+pub async fn dial(
     addr: SocketAddr,
     source: Source,
     connect_timeout: Duration,
@@ -224,9 +237,13 @@ mod tests {
     async fn passthrough_connections_come_from_the_reserved_address() -> anyhow::Result<()> {
         let app = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
         let addr = app.local_addr()?;
-        let _upstream = connect(addr, Source::Passthrough, Duration::from_secs(5))
-            .await
-            .map_err(|failure| anyhow::anyhow!(failure.error))?;
+        let _upstream = connect(
+            addr,
+            Source::Passthrough,
+            &crate::proxy::testing::timeouts(),
+        )
+        .await
+        .map_err(|failure| anyhow::anyhow!(failure.error))?;
         let (_accepted, peer) = app.accept().await?;
         assert_eq!(peer.ip(), IpAddr::V4(PASSTHROUGH_SOURCE_V4));
         Ok(())

@@ -26,6 +26,7 @@ mod tests;
 use std::{convert::Infallible, net::SocketAddr, sync::Arc};
 
 use http::{Request, Response, StatusCode, header::CONTENT_TYPE};
+use http_body_util::BodyExt;
 use hyper::{
     body::Incoming,
     server::conn::{http1, http2},
@@ -50,12 +51,14 @@ use self::{
 };
 use super::{
     access_log::AccessLog,
+    deadlines::{self, Deadlines, RequestHeads},
     metrics::{Direction, FailureReason},
     outbound::OutboundProxy,
     relay::record_refusal,
 };
 
-/// Serves the HTTP requests of one downstream connection until it ends.
+/// Serves the HTTP requests of one downstream connection until it ends, or until it is idle
+/// for the idle timeout, or (HTTP/1) a request's headers are late.
 pub async fn serve<D>(
     proxy: Arc<OutboundProxy>,
     downstream: D,
@@ -66,10 +69,31 @@ pub async fn serve<D>(
     D: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let metrics = proxy.metrics.clone();
+    let timeouts = proxy.timeouts;
+    let heads = Arc::new(RequestHeads::default());
+    let mut downstream = Deadlines::new(downstream, timeouts.idle);
+    // HTTP/2 streams are bounded by h2's own limits (header list size, concurrent streams).
+    if protocol == AppProtocol::Http1 {
+        downstream =
+            downstream.with_request_headers_timeout(heads.clone(), timeouts.request_headers);
+    }
     let service = service_fn(move |request: Request<Incoming>| {
         let proxy = proxy.clone();
+        let serving = heads.request_started();
+        let heads = heads.clone();
         async move {
             let response = handle(proxy, request, protocol, peer, orig_dst).await;
+            if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                heads.upgraded();
+            }
+            // The request is served until its response's body is done with (then dropped).
+            let response = response.map(|body| {
+                body.map_frame(move |frame| {
+                    let _serving = &serving;
+                    frame
+                })
+                .boxed_unsync()
+            });
             Ok::<_, Infallible>(response)
         }
     });
@@ -89,16 +113,20 @@ pub async fn serve<D>(
                 .await
         }
     };
-    match served {
+    let Err(error) = served else {
+        return;
+    };
+    if let Some(expired) = deadlines::expired(&error) {
+        metrics.record_downstream_timeout(Direction::Outbound.name(), expired.timeout());
+        debug!(%peer, %expired, "downstream HTTP connection closed");
+    } else if error.is_parse() {
         // Not HTTP after all, or broken HTTP: hyper answered 400 (when it could) and closed.
-        Err(error) if error.is_parse() => {
-            let mut log = AccessLog::new(Direction::Outbound, peer, "unknown");
-            log.orig_dst = Some(orig_dst);
-            record_refusal(&metrics, &log, FailureReason::HttpProtocolError, error);
-        }
+        let mut log = AccessLog::new(Direction::Outbound, peer, "unknown");
+        log.orig_dst = Some(orig_dst);
+        record_refusal(&metrics, &log, FailureReason::HttpProtocolError, error);
+    } else {
         // The client closed or reset mid-request: each request in flight was recorded with DC.
-        Err(error) => debug!(%peer, %error, "downstream HTTP connection ended with an error"),
-        Ok(()) => {}
+        debug!(%peer, %error, "downstream HTTP connection ended with an error");
     }
 }
 
