@@ -439,3 +439,53 @@ fn only_root_and_the_proxy_user_may_stop_the_proxy_or_change_its_logging() {
     assert!(status.success(), "{status}");
     let _ = &mesh.lab;
 }
+
+/// The attack of issue #13, run as the app's user (UID 1000, in the app's container): stop
+/// the proxy through its admin port, listen on the inbound port in its place, and wait for the
+/// other pod's next request to arrive there in plaintext. Each step gets nothing, also after
+/// the proxy crashed (SIGKILL): inbound then fails closed instead.
+#[test]
+fn the_apps_user_cannot_take_the_proxys_place() {
+    let mut mesh = LimitsLab::new("limits-takeover");
+    mesh.start_proxy(&[]);
+    let take_the_inbound_port = || {
+        let out = mesh
+            .server
+            .command(SYSTEM_PYTHON)
+            .in_cgroup(mesh.server.cgroup_child("app").expect("app cgroup"))
+            .as_user(APP_UID, APP_UID)
+            .args([
+                "-c",
+                "import socket\ns = socket.socket(socket.AF_INET6)\ntry:\n    \
+                 s.bind(('::', 15006)); s.listen(); print('listening')\nexcept OSError as e:\n    \
+                 print('refused', e.errno)\n",
+            ])
+            .run()
+            .expect("python");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+
+    let (code, body) = mesh.admin_post("/quitquitquit", Some(APP_UID));
+    assert_eq!(code, "403", "{body}");
+    // EADDRINUSE while the proxy holds it (another UID cannot share it, SO_REUSEPORT or not).
+    assert!(take_the_inbound_port().starts_with("refused"));
+    let report = mesh
+        .through_the_data_path()
+        .unwrap_or_else(|e| panic!("{e}\n{}", mesh.logs()));
+    assert!(report.echo_ok);
+
+    // The proxy crashes: its port is free, still not for the app's user.
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &mesh.proxy().pid().to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    mesh.proxy()
+        .wait(Duration::from_secs(5))
+        .expect("the proxy died");
+    assert_eq!(take_the_inbound_port(), "refused 1", "EPERM expected");
+    assert!(
+        mesh.through_the_data_path().is_err(),
+        "inbound reached something with the proxy gone"
+    );
+}
