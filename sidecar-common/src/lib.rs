@@ -31,6 +31,31 @@ pub const SO_ORIGINAL_DST: i32 = 80;
 pub const SOL_IP: i32 = 0;
 pub const SOL_IPV6: i32 = 41;
 
+/// `getsockopt(SOL_IP, CAPTURE_STATUS_OPTNAME)` on any TCP socket of a captured pod: answered
+/// with a [`CaptureStatus`] by the capture's getsockopt program, attached with the others to
+/// the pod's cgroup; without capture the kernel refuses the unknown option (ENOPROTOOPT). The
+/// proxy, which has no BPF privilege, checks its pod's capture with it. ("SC" and 1, far from
+/// the kernel's IP options.)
+pub const CAPTURE_STATUS_OPTNAME: i32 = 0x5343_0001;
+
+/// The answer to [`CAPTURE_STATUS_OPTNAME`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CaptureStatus {
+    /// [`CaptureStatus::MAGIC`]: the bytes come from our program, not from chance.
+    pub magic: u32,
+    /// [`CaptureStatus::OUTBOUND`], [`CaptureStatus::INBOUND`].
+    pub flags: u32,
+}
+
+impl CaptureStatus {
+    pub const MAGIC: u32 = u32::from_be_bytes(*b"SCAP");
+    /// Outbound capture is configured (a first `init` finished).
+    pub const OUTBOUND: u32 = 1;
+    /// Inbound capture is configured.
+    pub const INBOUND: u32 = 2;
+}
+
 /// Capacity of each excluded-CIDR trie. Memory is allocated per entry, but kernels before 6.4
 /// report (and before 5.11 charge) a map's memlock by its capacity: capacities stay modest.
 pub const MAX_EXCLUDED_CIDRS: u32 = 1024;

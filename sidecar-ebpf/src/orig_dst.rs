@@ -17,7 +17,9 @@ use aya_ebpf::{
     programs::{SockAddrContext, SockOpsContext, SockoptContext},
 };
 use aya_log_ebpf::warn;
-use sidecar_common::{Counter, Endpoint, SO_ORIGINAL_DST, SOL_IP, SOL_IPV6};
+use sidecar_common::{
+    CAPTURE_STATUS_OPTNAME, CaptureStatus, Counter, Endpoint, SO_ORIGINAL_DST, SOL_IP, SOL_IPV6,
+};
 
 use crate::{
     counters::bump,
@@ -190,6 +192,10 @@ pub fn on_getsockopt(ctx: &SockoptContext) {
     let so = ctx.sockopt;
     // SAFETY: reading scalar fields of a valid sockopt context.
     let (level, optname, optlen) = unsafe { ((*so).level, (*so).optname, (*so).optlen) };
+    if level == SOL_IP && optname == CAPTURE_STATUS_OPTNAME {
+        write_capture_status(ctx);
+        return;
+    }
     if optname != SO_ORIGINAL_DST || (level != SOL_IP && level != SOL_IPV6) {
         pass_through(ctx, optlen);
         return;
@@ -213,6 +219,37 @@ pub fn on_getsockopt(ctx: &SockoptContext) {
     };
     if written {
         bump(Counter::OrigDstServed);
+    }
+}
+
+/// The capture's presence and configuration, for the proxy's health check.
+#[inline(always)]
+fn write_capture_status(ctx: &SockoptContext) {
+    let Some(config) = CAPTURE_CONFIG.get(0) else {
+        return;
+    };
+    let mut flags = 0;
+    if config.outbound_port != 0 {
+        flags |= CaptureStatus::OUTBOUND;
+    }
+    if config.inbound_port != 0 {
+        flags |= CaptureStatus::INBOUND;
+    }
+    let status = CaptureStatus {
+        magic: CaptureStatus::MAGIC,
+        flags,
+    };
+    const LEN: usize = core::mem::size_of::<CaptureStatus>();
+    let so = ctx.sockopt;
+    // SAFETY: bounds are checked against optval_end before writing, as the verifier requires.
+    unsafe {
+        let start = (*so).__bindgen_anon_2.optval as *mut u8;
+        let end = (*so).__bindgen_anon_3.optval_end as *mut u8;
+        if start.add(LEN) > end {
+            return;
+        }
+        ptr::copy_nonoverlapping((&raw const status).cast::<u8>(), start, LEN);
+        finish_answer(ctx, LEN as i32);
     }
 }
 

@@ -1,4 +1,5 @@
-//! The raw `bpf()` calls aya 0.14 does not offer, and the only `unsafe` in userspace.
+//! The raw `bpf()` calls aya 0.14 does not offer, the raw `getsockopt` of the capture's status
+//! option (no crate wraps an option of our own), and the only `unsafe` in userspace.
 //!
 //! aya cannot turn a cgroup_sockopt attachment into a pinnable link, and it has no query of
 //! what a cgroup has attached. Rather than mixing two attach paths, every cgroup program is
@@ -141,4 +142,30 @@ pub fn prog_query(cgroup: BorrowedFd<'_>, attach_type: u32) -> io::Result<Vec<u3
     bpf(BPF_PROG_QUERY, &mut attr)?;
     ids.truncate(attr.prog_cnt as usize);
     Ok(ids)
+}
+
+/// `getsockopt(fd, level, optname)` into `buf`; the length the kernel (or the capture's
+/// getsockopt program) wrote.
+pub fn getsockopt_bytes(
+    fd: BorrowedFd<'_>,
+    level: i32,
+    optname: i32,
+    buf: &mut [u8],
+) -> io::Result<usize> {
+    let mut len = buf.len() as libc::socklen_t;
+    // SAFETY: `buf` is valid for `len` bytes, and the kernel writes at most `len` and updates it.
+    let ret = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            optname,
+            buf.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(len as usize)
+    }
 }

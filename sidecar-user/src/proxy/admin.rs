@@ -113,6 +113,8 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// False until every listener is bound (and again while shutting down).
     pub ready: Arc<AtomicBool>,
+    /// False while this pod's capture is missing (`capture_health.rs`): not ready either.
+    pub capture_ok: Arc<AtomicBool>,
     pub log_level: LogLevel,
     /// The level last set, for `GET /logging`.
     pub log_directives: Mutex<String>,
@@ -320,7 +322,12 @@ fn respond(
     }
     match path {
         READY_PATH | ADMIN_READY_PATH => {
-            if state.ready.load(Ordering::Acquire) {
+            if !state.capture_ok.load(Ordering::Acquire) {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: this pod's capture is gone\n",
+                )
+            } else if state.ready.load(Ordering::Acquire) {
                 text(StatusCode::OK, "ready\n")
             } else {
                 text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
@@ -512,6 +519,7 @@ mod tests {
                 namespace: "ns".into(),
             })?),
             ready: Arc::new(AtomicBool::new(false)),
+            capture_ok: Arc::new(AtomicBool::new(true)),
             log_level: LogLevel::detached(),
             log_directives: Mutex::new("info".into()),
             mesh: OnceLock::new(),

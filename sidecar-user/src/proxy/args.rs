@@ -11,7 +11,10 @@ use anyhow::{Context, bail};
 use clap::Args;
 use sidecar_common::{DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT};
 
-use super::{Timeouts, app_health::AppProbers, logging::LogFormat, orig_dst::OrigDstMode, tls};
+use super::{
+    Timeouts, app_health::AppProbers, capture_health::CaptureCheck, logging::LogFormat,
+    orig_dst::OrigDstMode, tls,
+};
 
 #[derive(Args, Debug, Clone)]
 pub struct ProxyArgs {
@@ -111,6 +114,15 @@ pub struct ProxyArgs {
     #[arg(long, default_value = crate::bpffs::DEFAULT_BPFFS)]
     pub bpffs: PathBuf,
 
+    /// Whether this pod's eBPF capture is checked (not ready while it is missing): `auto` once
+    /// it has been seen, `ebpf` from the start, `off`.
+    #[arg(long, value_enum, default_value_t = CaptureCheck::Auto)]
+    pub capture_check: CaptureCheck,
+
+    /// How often the capture is checked.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub capture_check_interval: Duration,
+
     /// This workload's name, for metric labels.
     #[arg(long, env = "POD_NAME", default_value = "unknown")]
     pub workload_name: String,
@@ -177,6 +189,8 @@ pub struct ProxyConfig {
     pub max_admin_connections: usize,
     pub admin_allowed_uids: Vec<u32>,
     pub bpffs: PathBuf,
+    pub capture_check: CaptureCheck,
+    pub capture_check_interval: Duration,
     pub workload_name: String,
     pub workload_namespace: String,
     /// `--app-probers`, checked.
@@ -243,6 +257,8 @@ impl TryFrom<&ProxyArgs> for ProxyConfig {
             max_admin_connections: args.max_admin_connections.get(),
             admin_allowed_uids: args.admin_allowed_uids.clone(),
             bpffs: args.bpffs.clone(),
+            capture_check: args.capture_check,
+            capture_check_interval: args.capture_check_interval,
             workload_name: args.workload_name.clone(),
             workload_namespace: args.workload_namespace.clone(),
             app_probers: args

@@ -11,6 +11,7 @@ use anyhow::{Context, bail};
 use rustix::{io::Errno, net::sockopt};
 use tokio::{
     net::{TcpListener, TcpSocket, TcpStream},
+    sync::watch,
     task::JoinSet,
 };
 use tracing::{debug, info, warn};
@@ -73,6 +74,24 @@ fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.listen(BACKLOG)
 }
 
+/// Closes `listener` and listens on its address again: a new listen() is what registers a
+/// listener with the capture's new maps. The port is free at once (a listener leaves no
+/// TIME_WAIT), and only the proxy may bind it (the capture's port guard).
+fn listen_again(listener: TcpListener) -> Option<TcpListener> {
+    let addr = listener.local_addr().ok()?;
+    drop(listener);
+    match bind(addr) {
+        Ok(listener) => {
+            info!(%addr, "listening again: registered with the re-installed capture");
+            Some(listener)
+        }
+        Err(error) => {
+            warn!(%addr, %error, "cannot listen again after the capture was re-installed");
+            None
+        }
+    }
+}
+
 /// EADDRNOTAVAIL: `::1` is missing (disable_ipv6); EAFNOSUPPORT: no IPv6 in the kernel.
 fn ipv6_unavailable(error: &io::Error) -> bool {
     matches!(
@@ -120,6 +139,16 @@ pub struct Accepting {
     pub limit: Arc<ConnectionLimit>,
     /// TCP keepalive on each accepted connection: idle time before the first probe.
     pub tcp_keepalive: Option<Duration>,
+    /// Changes when this pod's capture was re-installed after it vanished: its maps are new,
+    /// so each listener listens again to register (`capture_health.rs`).
+    pub relisten: Option<watch::Receiver<u64>>,
+}
+
+/// What an accept loop woke up for.
+enum Event {
+    Accepted(io::Result<(TcpStream, SocketAddr)>),
+    CaptureReinstalled,
+    NoMoreReinstalls,
 }
 
 impl AcceptLoops {
@@ -152,12 +181,37 @@ impl AcceptLoops {
 }
 
 async fn accept_loop<H: Handler>(
-    listener: TcpListener,
+    mut listener: TcpListener,
     handler: Arc<H>,
     accepting: Arc<Accepting>,
 ) {
+    let mut relisten = accepting.relisten.clone();
     loop {
-        match listener.accept().await {
+        let event = match relisten.as_mut() {
+            Some(reinstalls) => tokio::select! {
+                accepted = listener.accept() => Event::Accepted(accepted),
+                changed = reinstalls.changed() => match changed {
+                    Ok(()) => Event::CaptureReinstalled,
+                    Err(_) => Event::NoMoreReinstalls,
+                },
+            },
+            None => Event::Accepted(listener.accept().await),
+        };
+        let accepted = match event {
+            Event::Accepted(accepted) => accepted,
+            Event::CaptureReinstalled => {
+                match listen_again(listener) {
+                    Some(new) => listener = new,
+                    None => return, // a proxy missing a listener stops (see run_until)
+                }
+                continue;
+            }
+            Event::NoMoreReinstalls => {
+                relisten = None;
+                continue;
+            }
+        };
+        match accepted {
             Ok((stream, peer)) => {
                 // Data-path limits refuse (WhenFull::RefuseNew): none closes a proxied
                 // connection to make room.

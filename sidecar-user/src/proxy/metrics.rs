@@ -338,6 +338,8 @@ pub struct Metrics {
     listener_overflow: IntCounterVec,
     downstream_timeouts: IntCounterVec,
     admin_refused: IntCounterVec,
+    /// Exported once the capture check has something to say (`capture_health.rs`).
+    capture_active: IntGaugeVec,
 }
 
 impl Metrics {
@@ -435,6 +437,11 @@ impl Metrics {
             "Admin requests that change the proxy refused because the caller is neither root nor the proxy's user.",
             &["path"],
         )?;
+        let capture_active = gauge_vec(
+            "sidecar_capture_active",
+            "1 while this pod's eBPF capture is attached and configured for the direction (outbound, inbound), 0 when it vanished.",
+            &["direction"],
+        )?;
         // File descriptors (process_open_fds, process_max_fds), CPU and memory, as every
         // Prometheus client library names them.
         registry.register(Box::new(ProcessCollector::for_self()))?;
@@ -457,6 +464,7 @@ impl Metrics {
             listener_overflow,
             downstream_timeouts,
             admin_refused,
+            capture_active,
         };
         for direction in [Direction::Outbound, Direction::Inbound] {
             metrics.tcp(&TcpLabels::new(direction, local));
@@ -504,6 +512,14 @@ impl Metrics {
     }
 
     /// The count of admin requests to `path` refused to their caller (exported once asked for).
+    pub fn set_capture_active(&self, outbound: bool, inbound: bool) {
+        for (direction, active) in [("outbound", outbound), ("inbound", inbound)] {
+            self.capture_active
+                .with_label_values(&[direction])
+                .set(i64::from(active));
+        }
+    }
+
     pub fn admin_refusals(&self, path: &str) -> IntCounter {
         self.admin_refused.with_label_values(&[path])
     }

@@ -26,6 +26,7 @@ mod admin_caller;
 mod app_health;
 mod args;
 mod authz;
+mod capture_health;
 mod connection_limit;
 mod copy;
 mod deadlines;
@@ -66,7 +67,7 @@ use std::{
 use anyhow::Context;
 use tokio::{
     signal::unix::{SignalKind, signal},
-    sync::Notify,
+    sync::{Notify, watch},
 };
 use tracing::{info, warn};
 
@@ -161,6 +162,15 @@ async fn serve(config: ProxyConfig, log_level: LogLevel) -> anyhow::Result<()> {
 
     // Admin first, so probes get a clear 503 (not a refused connect) while we start.
     let quit = Arc::new(Notify::new());
+    let capture_ok = Arc::new(AtomicBool::new(true));
+    let (reinstalled, reinstalls) = watch::channel(0u64);
+    tokio::spawn(capture_health::watch(capture_health::Watch {
+        mode: config.capture_check,
+        interval: config.capture_check_interval,
+        metrics: metrics.clone(),
+        capture_ok: capture_ok.clone(),
+        reinstalled,
+    }));
     let admin_state = Arc::new(AdminState {
         metrics: metrics.clone(),
         ready: ready.clone(),
@@ -171,6 +181,7 @@ async fn serve(config: ProxyConfig, log_level: LogLevel) -> anyhow::Result<()> {
         allowed_uids: config.admin_allowed_uids.clone(),
         bpffs: config.bpffs.clone(),
         app_probers: config.app_probers.clone(),
+        capture_ok: capture_ok.clone(),
     });
     let admin_addrs = AdminAddrs {
         metrics: config.metrics_addr,
@@ -247,6 +258,7 @@ async fn serve(config: ProxyConfig, log_level: LogLevel) -> anyhow::Result<()> {
                 .listener(direction.name(), data_path_cap),
         ),
         tcp_keepalive: config.timeouts.tcp_keepalive,
+        relisten: Some(reinstalls.clone()),
     };
     let mut accept_loops = AcceptLoops::default();
     accept_loops.add(outbound_listeners, outbound, accepting(Direction::Outbound));

@@ -412,6 +412,7 @@ mod tests {
         let accepting = Accepting {
             limit: ConnectionLimit::new(1, WhenFull::RefuseNew, side.clone()),
             tcp_keepalive: None,
+            relisten: None,
         };
         let mut loops = AcceptLoops::default();
         loops.add(listeners, Arc::new(proxy), accepting);

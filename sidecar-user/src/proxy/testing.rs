@@ -70,6 +70,7 @@ pub fn accepting(metrics: &Metrics, direction: Direction) -> Accepting {
             metrics.listener(direction.name(), CAP),
         ),
         tcp_keepalive: timeouts().tcp_keepalive,
+        relisten: None,
     }
 }
 

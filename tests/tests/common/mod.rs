@@ -162,11 +162,17 @@ impl MeshLab {
 
     /// Starts the proxy in the client pod and waits for its readiness endpoint.
     pub fn start_proxy(&mut self) {
+        self.start_proxy_with(&[]);
+    }
+
+    /// [`MeshLab::start_proxy`] with `extra` proxy options.
+    pub fn start_proxy_with(&mut self, extra: &[&str]) {
         let mut cmd = self
             .client
             .command(sidecar_bin())
             .in_cgroup(self.proxy_cgroup())
-            .args(["proxy", "--log-format", "json", "--workload-name", "client"]);
+            .args(["proxy", "--log-format", "json", "--workload-name", "client"])
+            .args(extra);
         if self.layout != Layout::EbpfProxyInSibling {
             cmd = cmd.as_user(PROXY_ID, PROXY_ID);
         }
