@@ -149,6 +149,8 @@ impl InboundProxy {
                 );
             }
         };
+        self.metrics
+            .record_inbound_handshake(tls::handshake_kind(tls_stream.get_ref().1));
         let Some(client_identity) = tls::peer_identity(tls_stream.get_ref().1) else {
             // The verifier requires a SPIFFE ID, so this cannot happen; never proxy unchecked.
             let error = "the verified client certificate has no SPIFFE ID";

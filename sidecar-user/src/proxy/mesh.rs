@@ -90,7 +90,12 @@ impl Mesh {
             .iter()
             .map(|workload| {
                 Ok(MeshDestination {
-                    client_config: tls::client_config(cert, workload.identities.clone(), provider)?,
+                    client_config: tls::client_config(
+                        cert,
+                        workload.identities.clone(),
+                        provider,
+                        config.session_resumption,
+                    )?,
                     policy: Arc::new(MeshPolicy {
                         workload: workload.clone(),
                         local: cert.identity.clone(),
@@ -103,7 +108,7 @@ impl Mesh {
             inbound: config.inbound.clone(),
             tls: Some(MeshTls {
                 identity: cert.identity.clone(),
-                server_config: tls::server_config(cert, provider)?,
+                server_config: tls::server_config(cert, provider, config.session_resumption)?,
                 destinations,
             }),
             routes,

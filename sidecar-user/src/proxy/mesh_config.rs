@@ -43,6 +43,8 @@ pub struct MeshConfig {
     pub inbound: InboundPolicy,
     /// HTTP protocol overrides, services and routes (docs/ROUTING.md).
     pub http: HttpConfig,
+    /// TLS 1.3 session resumption between sidecars (`sessionResumption`, default on).
+    pub session_resumption: bool,
 }
 
 /// This workload's certificate, key and trust bundles, as absolute paths (relative paths in the
@@ -261,6 +263,7 @@ impl MeshConfig {
             workloads: raw.workloads,
             inbound,
             http: raw.http,
+            session_resumption: raw.session_resumption,
         })
     }
 }
@@ -276,6 +279,14 @@ struct RawMeshConfig {
     inbound: RawInbound,
     #[serde(default)]
     http: HttpConfig,
+    #[serde(default = "resumption_default")]
+    session_resumption: bool,
+}
+
+/// Resumption is on unless a policy forbids it: every resumed handshake still proves the
+/// identity of a full one, within one certificate and trust bundle (tls/mod.rs).
+fn resumption_default() -> bool {
+    true
 }
 
 #[derive(Deserialize)]

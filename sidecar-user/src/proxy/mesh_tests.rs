@@ -695,3 +695,71 @@ async fn a_destination_removed_by_a_reload_has_its_pooled_mutual_tls_connection_
     assert_eq!(rig.server_connections("opened", "mutual_tls"), 1);
     Ok(())
 }
+
+fn handshakes(running: &Running, kind: &str) -> u64 {
+    metric(
+        &running.metrics,
+        "sidecar_inbound_tls_handshakes_total",
+        &[("kind", kind)],
+    )
+}
+
+#[tokio::test]
+async fn a_second_connection_resumes_and_still_proves_the_clients_identity() -> anyhow::Result<()> {
+    let pki = Pki::new()?;
+    let server_dir = pki.workload("server", "server", valid(), None)?;
+    let client_dir = pki.workload("client", "client", valid(), None)?;
+    let echo = start_echo_after_eof().await?;
+    // Only the client's identity may use the port: the resumed handshake must still prove it.
+    let only_the_client = |port: u16| {
+        format!(
+            "inbound:\n  mode: STRICT\n  ports:\n    - port: {port}\n      allow:\n        - principal: {}\n",
+            Pki::id("client")
+        )
+    };
+    let hop = start_hop(&server_dir, &client_dir, only_the_client, &["server"], echo).await?;
+    for _ in 0..2 {
+        assert_eq!(round_trip(hop.client.addr, b"twice").await?, b"twice");
+    }
+    wait_until("the server counted both handshakes", || {
+        handshakes(&hop.server, "full") + handshakes(&hop.server, "resumed") == 2
+    })
+    .await;
+    assert_eq!(handshakes(&hop.server, "full"), 1);
+    assert_eq!(handshakes(&hop.server, "resumed"), 1);
+    let client_id = Pki::id("client").to_string();
+    assert_eq!(
+        opened(
+            &hop.server,
+            &[
+                ("connection_security_policy", "mutual_tls"),
+                ("source_principal", client_id.as_str()),
+            ]
+        ),
+        2
+    );
+    assert_eq!(
+        failures(&hop.server, Direction::Inbound, FailureReason::Unauthorized),
+        0
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_policy_without_resumption_gets_full_handshakes_only() -> anyhow::Result<()> {
+    let pki = Pki::new()?;
+    let server_dir = pki.workload("server", "server", valid(), None)?;
+    let client_dir = pki.workload("client", "client", valid(), None)?;
+    let echo = start_echo_after_eof().await?;
+    let no_resumption = |_| "sessionResumption: false\ninbound:\n  mode: STRICT\n".to_owned();
+    let hop = start_hop(&server_dir, &client_dir, no_resumption, &["server"], echo).await?;
+    for _ in 0..2 {
+        assert_eq!(round_trip(hop.client.addr, b"twice").await?, b"twice");
+    }
+    wait_until("the server counted both handshakes", || {
+        handshakes(&hop.server, "full") == 2
+    })
+    .await;
+    assert_eq!(handshakes(&hop.server, "resumed"), 0);
+    Ok(())
+}

@@ -340,6 +340,7 @@ pub struct Metrics {
     admin_refused: IntCounterVec,
     /// Exported once the capture check has something to say (`capture_health.rs`).
     capture_active: IntGaugeVec,
+    inbound_tls_handshakes: IntCounterVec,
 }
 
 impl Metrics {
@@ -437,6 +438,14 @@ impl Metrics {
             "Admin requests that change the proxy refused because the caller is neither root nor the proxy's user.",
             &["path"],
         )?;
+        let inbound_tls_handshakes = counter_vec(
+            "sidecar_inbound_tls_handshakes_total",
+            "Completed mesh mTLS handshakes on the inbound side, by kind: full, or resumed (TLS 1.3 session ticket).",
+            &["kind"],
+        )?;
+        for kind in ["full", "resumed"] {
+            inbound_tls_handshakes.with_label_values(&[kind]);
+        }
         let capture_active = gauge_vec(
             "sidecar_capture_active",
             "1 while this pod's eBPF capture is attached and configured for the direction (outbound, inbound), 0 when it vanished.",
@@ -465,6 +474,7 @@ impl Metrics {
             downstream_timeouts,
             admin_refused,
             capture_active,
+            inbound_tls_handshakes,
         };
         for direction in [Direction::Outbound, Direction::Inbound] {
             metrics.tcp(&TcpLabels::new(direction, local));
@@ -512,6 +522,10 @@ impl Metrics {
     }
 
     /// The count of admin requests to `path` refused to their caller (exported once asked for).
+    pub fn record_inbound_handshake(&self, kind: &str) {
+        self.inbound_tls_handshakes.with_label_values(&[kind]).inc();
+    }
+
     pub fn set_capture_active(&self, outbound: bool, inbound: bool) {
         for (direction, active) in [("outbound", outbound), ("inbound", inbound)] {
             self.capture_active

@@ -32,10 +32,19 @@ pub fn crypto_provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// The inbound side: present our certificate, require and verify the peer's.
+/// Sessions a client config keeps for resumption (each destination has its own config).
+const CLIENT_SESSIONS: usize = 64;
+
+/// The inbound side: present our certificate, require and verify the peer's. With
+/// `session_resumption`, clients get one TLS 1.3 ticket per handshake: a resumed handshake
+/// proves the identity of the full one it came from (rustls keeps the client's certificate
+/// chain in the ticket), and the tickets are sealed with a key of this config alone, so a
+/// rotated certificate or trust bundle (a new config) turns every older ticket into a full
+/// handshake.
 pub fn server_config(
     cert: &WorkloadCertificate,
     provider: &Arc<CryptoProvider>,
+    session_resumption: bool,
 ) -> Result<Arc<ServerConfig>, rustls::Error> {
     let verifier = SpiffeClientVerifier::new(&cert.trust, provider.clone())
         .map_err(|error| rustls::Error::General(format!("client verifier: {error}")))?;
@@ -44,8 +53,12 @@ pub fn server_config(
         .with_client_cert_verifier(Arc::new(verifier))
         .with_cert_resolver(Arc::new(SingleCertAndKey::from(cert.certified_key.clone())));
     config.alpn_protocols = vec![MESH_ALPN.to_vec()];
-    // Clients never resume (see `client_config`): tickets would be wasted bytes.
-    config.send_tls13_tickets = 0;
+    if session_resumption {
+        config.ticketer = rustls::crypto::ring::Ticketer::new()?;
+        config.send_tls13_tickets = 1;
+    } else {
+        config.send_tls13_tickets = 0;
+    }
     Ok(Arc::new(config))
 }
 
@@ -55,6 +68,7 @@ pub fn client_config(
     cert: &WorkloadCertificate,
     expected: Vec<SpiffeId>,
     provider: &Arc<CryptoProvider>,
+    session_resumption: bool,
 ) -> Result<Arc<ClientConfig>, rustls::Error> {
     let verifier = SpiffeServerVerifier::new(cert.trust.clone(), expected, provider);
     let mut config = ClientConfig::builder_with_provider(provider.clone())
@@ -63,11 +77,25 @@ pub fn client_config(
         .with_custom_certificate_verifier(Arc::new(verifier))
         .with_client_cert_resolver(Arc::new(SingleCertAndKey::from(cert.certified_key.clone())));
     config.alpn_protocols = vec![MESH_ALPN.to_vec()];
-    // A resumed session skips certificate verification, so a changed expectation (config
-    // reload) or a rotated peer certificate would go unchecked: always do a full handshake.
-    config.resumption = Resumption::disabled();
+    // A resumed session skips certificate verification. That is sound here because the
+    // session cache belongs to this config, which exists for one set of expected identities,
+    // trust bundles and certificate: a reload or a rotation builds a new config with an empty
+    // cache, and a peer that rotated refuses the old ticket (see `server_config`).
+    config.resumption = if session_resumption {
+        Resumption::in_memory_sessions(CLIENT_SESSIONS)
+    } else {
+        Resumption::disabled()
+    };
     config.enable_sni = false;
     Ok(Arc::new(config))
+}
+
+/// `full` or `resumed`, for the handshake counter.
+pub fn handshake_kind(connection: &CommonState) -> &'static str {
+    match connection.handshake_kind() {
+        Some(rustls::HandshakeKind::Resumed) => "resumed",
+        _ => "full",
+    }
 }
 
 /// The peer's SPIFFE ID after a completed handshake (already verified).
