@@ -31,6 +31,8 @@ const HOST_PROGRAMS: &[&str] = &[
     "ip",
     "setpriv",
     "taskset",
+    "prlimit",
+    "curl",
     "unshare",
     "bpftool",
     "tcpdump",
