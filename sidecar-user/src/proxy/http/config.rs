@@ -7,7 +7,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::SocketAddr,
-    num::NonZeroU16,
+    num::{NonZeroU16, NonZeroU32},
     time::Duration,
 };
 
@@ -222,6 +222,114 @@ pub struct RouteConfig {
     #[serde(with = "optional_human_duration")]
     pub timeout: Option<Duration>,
     pub retries: Option<RetryPolicy>,
+    pub rate_limit: Option<RateLimit>,
+    pub fault: Option<Fault>,
+}
+
+/// A local rate limit of a route (Envoy's local rate limit): a bucket of `burst` tokens,
+/// refilled at `requestsPerSecond`; a request finding it empty gets 429 (flag `RL`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "RawRateLimit", rename_all = "camelCase")]
+pub struct RateLimit {
+    pub requests_per_second: NonZeroU32,
+    pub burst: NonZeroU32,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawRateLimit {
+    requests_per_second: u32,
+    burst: Option<u32>,
+}
+
+impl TryFrom<RawRateLimit> for RateLimit {
+    type Error = String;
+
+    fn try_from(raw: RawRateLimit) -> Result<Self, String> {
+        let requests_per_second = NonZeroU32::new(raw.requests_per_second)
+            .ok_or("`rateLimit.requestsPerSecond` must be above 0")?;
+        let burst = match raw.burst {
+            None => requests_per_second,
+            Some(burst) => NonZeroU32::new(burst).ok_or("`rateLimit.burst` must be above 0")?,
+        };
+        Ok(RateLimit {
+            requests_per_second,
+            burst,
+        })
+    }
+}
+
+/// Faults injected into a route's requests, as Istio's VirtualService `fault`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Fault {
+    /// Held for `fixedDelay` before going upstream (flag `DI`).
+    pub delay: Option<FaultDelay>,
+    /// Answered by the proxy with `httpStatus`, never sent upstream (flag `FI`).
+    pub abort: Option<FaultAbort>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FaultDelay {
+    pub percentage: Percentage,
+    #[serde(with = "human_duration")]
+    pub fixed_delay: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FaultAbort {
+    pub percentage: Percentage,
+    pub http_status: HttpStatus,
+}
+
+/// Istio's `percentage: {value: 12.5}`: the share of requests, 0 to 100.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "RawPercentage")]
+pub struct Percentage {
+    pub value: f64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPercentage {
+    value: f64,
+}
+
+impl TryFrom<RawPercentage> for Percentage {
+    type Error = String;
+
+    fn try_from(raw: RawPercentage) -> Result<Self, String> {
+        if !(0.0..=100.0).contains(&raw.value) {
+            return Err(format!("percentage {} is not between 0 and 100", raw.value));
+        }
+        Ok(Percentage { value: raw.value })
+    }
+}
+
+/// An HTTP status a fault may answer with (200-599).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "u16", into = "u16")]
+pub struct HttpStatus(pub http::StatusCode);
+
+impl From<HttpStatus> for u16 {
+    fn from(status: HttpStatus) -> u16 {
+        status.0.as_u16()
+    }
+}
+
+impl TryFrom<u16> for HttpStatus {
+    type Error = String;
+
+    fn try_from(code: u16) -> Result<Self, String> {
+        match http::StatusCode::from_u16(code) {
+            Ok(status) if (200..600).contains(&code) => Ok(HttpStatus(status)),
+            _ => Err(format!(
+                "`httpStatus` {code} is not an HTTP status from 200 to 599"
+            )),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -547,6 +655,8 @@ struct RawRoute {
     #[serde(default, with = "optional_human_duration")]
     timeout: Option<Duration>,
     retries: Option<RetryPolicy>,
+    rate_limit: Option<RateLimit>,
+    fault: Option<Fault>,
 }
 
 impl TryFrom<RawRoute> for RouteConfig {
@@ -577,6 +687,8 @@ impl TryFrom<RawRoute> for RouteConfig {
             destinations: raw.destinations,
             timeout: raw.timeout,
             retries: raw.retries,
+            rate_limit: raw.rate_limit,
+            fault: raw.fault,
         })
     }
 }

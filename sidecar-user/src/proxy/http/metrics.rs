@@ -23,6 +23,12 @@ pub enum ResponseFlag {
     UpstreamConnectionTermination,
     /// The downstream (the client) went away before the response was complete.
     DownstreamConnectionTermination,
+    /// The route's local rate limit refused the request (429).
+    RateLimited,
+    /// The route's fault injection delayed the request.
+    DelayInjected,
+    /// The route's fault injection answered instead of the upstream.
+    FaultInjected,
 }
 
 impl ResponseFlag {
@@ -36,6 +42,9 @@ impl ResponseFlag {
             ResponseFlag::UpstreamOverflow => "UO",
             ResponseFlag::UpstreamConnectionTermination => "UC",
             ResponseFlag::DownstreamConnectionTermination => "DC",
+            ResponseFlag::RateLimited => "RL",
+            ResponseFlag::DelayInjected => "DI",
+            ResponseFlag::FaultInjected => "FI",
         }
     }
 }

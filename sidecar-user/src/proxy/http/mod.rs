@@ -17,6 +17,7 @@ pub mod metrics;
 mod pool;
 mod random;
 mod record;
+mod route_policy;
 pub mod router;
 mod upgrade;
 
@@ -47,6 +48,7 @@ use self::{
     headers::{add_request_headers, is_upgrade, remove_hop_by_hop},
     metrics::{RequestLabels, ResponseFlag},
     record::{RequestOrigin, RequestRecord},
+    route_policy::Verdict,
     router::{Decision, RequestView},
 };
 use super::{
@@ -170,10 +172,14 @@ async fn handle(
     let request = Request::from_parts(parts, body);
 
     let view = RequestView::new(&request, orig_dst);
-    let (service, route) = match routes.decide(&view) {
-        Decision::Route { route, service } => (service.clone(), Some(route)),
-        Decision::Service(service) => (service.clone(), None),
-        Decision::Passthrough => (Arc::new(ServiceConfig::passthrough()), None),
+    let (service, route, limiter) = match routes.decide(&view) {
+        Decision::Route {
+            route,
+            service,
+            limiter,
+        } => (service.clone(), Some(route), limiter),
+        Decision::Service(service) => (service.clone(), None, None),
+        Decision::Passthrough => (Arc::new(ServiceConfig::passthrough()), None, None),
         Decision::NoRoute => {
             return local_reply(
                 record,
@@ -185,6 +191,17 @@ async fn handle(
     };
     record.set_service(&service);
     record.route = route.map(|route| route.name.clone());
+    if let Some(route) = route {
+        match route_policy::before_upstream(route, limiter).await {
+            Verdict::Proceed { delayed: false } => {}
+            Verdict::Proceed { delayed: true } => record.flag(ResponseFlag::DelayInjected),
+            Verdict::Reply {
+                status,
+                flag,
+                reason,
+            } => return local_reply(record, status, flag, reason),
+        }
+    }
     let state = proxy.upstreams.service(&service, orig_dst);
     if upgrade {
         return upgrade::forward(&proxy, &mesh, &state, request, record).await;

@@ -8,6 +8,7 @@ use http::{HeaderMap, Method, header::HOST};
 use super::{
     config::{HttpConfig, PathMatch, RouteConfig, RouteMatch, ServiceConfig},
     random::random_below,
+    route_policy::RateLimiter,
 };
 
 /// Where one request goes.
@@ -15,6 +16,8 @@ pub enum Decision<'a> {
     Route {
         route: &'a RouteConfig,
         service: &'a Arc<ServiceConfig>,
+        /// The route's local rate limit, when it has one.
+        limiter: Option<&'a RateLimiter>,
     },
     /// No route: the service found by authority or address, with its defaults.
     Service(&'a Arc<ServiceConfig>),
@@ -68,12 +71,23 @@ pub struct RouteTable {
     config: HttpConfig,
     /// Index-aligned with `config.services`.
     services: Vec<Arc<ServiceConfig>>,
+    /// Index-aligned with `config.routes`.
+    limiters: Vec<Option<RateLimiter>>,
 }
 
 impl RouteTable {
     pub fn new(config: HttpConfig) -> Self {
         let services = config.services.iter().cloned().map(Arc::new).collect();
-        RouteTable { config, services }
+        let limiters = config
+            .routes
+            .iter()
+            .map(|route| route.rate_limit.map(RateLimiter::new))
+            .collect();
+        RouteTable {
+            config,
+            services,
+            limiters,
+        }
     }
 
     pub fn config(&self) -> &HttpConfig {
@@ -85,11 +99,15 @@ impl RouteTable {
     }
 
     pub fn decide(&self, request: &RequestView<'_>) -> Decision<'_> {
-        for route in &self.config.routes {
+        for (route, limiter) in self.config.routes.iter().zip(&self.limiters) {
             if route_matches(&route.matches, request)
                 && let Some(service) = self.pick_destination(route)
             {
-                return Decision::Route { route, service };
+                return Decision::Route {
+                    route,
+                    service,
+                    limiter: limiter.as_ref(),
+                };
             }
         }
         let host = request.host.as_deref();
@@ -200,7 +218,7 @@ routes:
     fn decide(table: &RouteTable, request: http::Request<()>) -> String {
         let orig_dst = "10.96.0.10:80".parse().expect("address");
         match table.decide(&RequestView::new(&request, orig_dst)) {
-            Decision::Route { route, service } => format!("{}->{}", route.name, service.name),
+            Decision::Route { route, service, .. } => format!("{}->{}", route.name, service.name),
             Decision::Service(service) => format!("service {}", service.name),
             Decision::Passthrough => "passthrough".into(),
             Decision::NoRoute => "NR".into(),

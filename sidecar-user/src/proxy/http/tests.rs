@@ -872,3 +872,135 @@ async fn invalid_http_is_answered_400_and_counted() -> anyhow::Result<()> {
     assert_eq!(app.hits.load(Ordering::SeqCst), 0);
     Ok(())
 }
+
+#[tokio::test]
+async fn a_route_rate_limit_answers_429_with_rl_beyond_its_burst() -> anyhow::Result<()> {
+    let web = backend("web", |_| OK).await?;
+    let proxy = routed(
+        &format!(
+            "
+services: [{{name: web, endpoints: ['{}']}}]
+routes: [{{name: limited, destinations: [{{service: web}}], rateLimit: {{requestsPerSecond: 1, burst: 2}}}}]
+",
+            web.addr
+        ),
+        web.addr,
+    )?;
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        statuses.push(send(proxy.addr, get("web", "/")).await?.status);
+    }
+    assert_eq!(
+        statuses,
+        [
+            StatusCode::OK,
+            StatusCode::OK,
+            StatusCode::TOO_MANY_REQUESTS
+        ]
+    );
+    assert_eq!(
+        web.hits.load(Ordering::SeqCst),
+        2,
+        "the refused one never left"
+    );
+    wait_for_requests(
+        &proxy.metrics,
+        &[("response_code", "429"), ("response_flags", "RL")],
+        1.0,
+    )
+    .await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn injected_faults_delay_or_answer_and_a_reload_removes_them() -> anyhow::Result<()> {
+    let web = backend("web", |_| OK).await?;
+    let section = |fault: &str| {
+        format!(
+            "http:\n  services: [{{name: web, endpoints: ['{}']}}]\n  routes:\n    - {{name: faulty, destinations: [{{service: web}}]{fault}}}\n",
+            web.addr
+        )
+    };
+    let pki = Pki::new()?;
+    let dir = pki.workload("client", "client", valid(), None)?;
+    let abort = ", fault: {abort: {percentage: {value: 100}, httpStatus: 418}}";
+    let config = write_mesh_config(&dir, &section(abort))?;
+    let metrics = Arc::new(Metrics::new(&local("client"))?);
+    let mesh = watched_mesh(&config, &metrics)?;
+    let proxy = start_proxy(mesh, web.addr, Duration::from_millis(200))?;
+
+    assert_eq!(
+        send(proxy.addr, get("web", "/")).await?.status,
+        StatusCode::IM_A_TEAPOT
+    );
+    assert_eq!(web.hits.load(Ordering::SeqCst), 0);
+    wait_for_requests(
+        &proxy.metrics,
+        &[("response_code", "418"), ("response_flags", "FI")],
+        1.0,
+    )
+    .await;
+
+    let delay = ", fault: {delay: {percentage: {value: 100}, fixedDelay: 300ms}}";
+    write_mesh_config(&dir, &section(delay))?;
+    wait_until("the delay config is taken", || {
+        metrics.reload_count(ReloadKind::MeshConfig, true) == 1
+    })
+    .await;
+    let started = Instant::now();
+    assert_eq!(
+        send(proxy.addr, get("web", "/")).await?.status,
+        StatusCode::OK
+    );
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    wait_for_requests(
+        &proxy.metrics,
+        &[("response_code", "200"), ("response_flags", "DI")],
+        1.0,
+    )
+    .await;
+
+    write_mesh_config(&dir, &section(""))?;
+    wait_until("the config without faults is taken", || {
+        metrics.reload_count(ReloadKind::MeshConfig, true) == 2
+    })
+    .await;
+    assert_eq!(
+        send(proxy.addr, get("web", "/")).await?.status,
+        StatusCode::OK
+    );
+    wait_for_requests(
+        &proxy.metrics,
+        &[("response_code", "200"), ("response_flags", "-")],
+        1.0,
+    )
+    .await;
+    Ok(())
+}
+
+#[test]
+fn rate_limits_and_faults_reject_bad_values_with_the_reason() {
+    let error = |route_extra: &str| {
+        serde_yaml::from_str::<HttpConfig>(&format!(
+            "services: [{{name: s}}]\nroutes: [{{name: r, destinations: [{{service: s}}]{route_extra}}}]"
+        ))
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default()
+    };
+    assert!(error(", rateLimit: {requestsPerSecond: 0}").contains("must be above 0"));
+    assert!(error(", rateLimit: {requestsPerSecond: 5, burst: 0}").contains("must be above 0"));
+    assert!(
+        error(", fault: {abort: {percentage: {value: 120}, httpStatus: 503}}")
+            .contains("not between 0 and 100")
+    );
+    assert!(
+        error(", fault: {abort: {percentage: {value: 10}, httpStatus: 99}}")
+            .contains("not an HTTP status")
+    );
+    assert!(
+        error(", fault: {delay: {percentage: {value: 10}, fixedDelay: soon}}")
+            .contains("invalid duration")
+    );
+    assert_eq!(error(", rateLimit: {requestsPerSecond: 5}"), "");
+}
