@@ -30,7 +30,7 @@ use ipnet::IpNet;
 use sidecar_common::{CaptureConfig, Counter, Endpoint, NO_ID, map_names};
 
 use crate::{
-    capture_settings::{CaptureSettings, PortRanges},
+    capture_settings::{CaptureSettings, PortRanges, WhenProxyDown},
     cgroup::Cgroup,
     sys,
 };
@@ -403,11 +403,11 @@ fn configure(ebpf: &mut Ebpf, settings: &CaptureSettings, sockmap_shortcut: bool
         proxy_gid: settings.proxy_gid.unwrap_or(NO_ID),
         // 0: no inbound listener is registered (inbound capture off).
         inbound_port: settings.inbound_port.map_or(0, u32::from),
-        flags: if sockmap_shortcut {
-            CaptureConfig::SOCKMAP_SHORTCUT
-        } else {
-            0
-        },
+        flags: flag(sockmap_shortcut, CaptureConfig::SOCKMAP_SHORTCUT)
+            | flag(
+                settings.when_proxy_down == WhenProxyDown::Direct,
+                CaptureConfig::DIRECT_WHEN_PROXY_DOWN,
+            ),
     };
     // Within the tries' capacities: `CaptureSettings::check_ebpf_capacities` ran before.
     let port_keys = |ranges: &PortRanges| -> Vec<Key<[u8; 2]>> {
@@ -451,6 +451,19 @@ fn configure(ebpf: &mut Ebpf, settings: &CaptureSettings, sockmap_shortcut: bool
         Array::try_from(map(ebpf, map_names::CONFIG)?)?;
     config_map.set(0, config, 0)?;
     Ok(())
+}
+
+fn flag(on: bool, bit: u32) -> u32 {
+    if on { bit } else { 0 }
+}
+
+/// The `--when-proxy-down` choice a configuration carries.
+pub fn when_proxy_down_of(config: &CaptureConfig) -> WhenProxyDown {
+    if config.flags & CaptureConfig::DIRECT_WHEN_PROXY_DOWN != 0 {
+        WhenProxyDown::Direct
+    } else {
+        WhenProxyDown::Refuse
+    }
 }
 
 /// Makes the trie hold exactly `keys`: new ones are inserted before stale ones are removed,
