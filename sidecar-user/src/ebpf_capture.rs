@@ -251,10 +251,11 @@ fn load(pin_dir: &Path, shortcut_capacity: u32) -> Result<Ebpf> {
 }
 
 /// Unpins maps a new load must not reuse, so it creates them afresh: a map of an older layout
-/// (another type or key/value size than this build's object), and the shortcut's socket hash
-/// when it is too small for the capacity asked (it was created for the shortcut off, so it
-/// holds no socket). Maps this build no longer has go too. Programs still attached keep the
-/// maps they have until they are replaced.
+/// (another type or key/value size than this build's object, or fewer entries: the counters
+/// of an older build lack the newer reasons), and the shortcut's socket hash when it is too
+/// small for the capacity asked (it was created for the shortcut off, so it holds no socket).
+/// Maps this build no longer has go too. Programs still attached keep the maps they have until
+/// they are replaced.
 fn drop_incompatible_pins(pin_dir: &Path, shortcut_capacity: u32) -> Result<()> {
     let object = aya_obj::Object::parse(BPF_OBJECT)
         .map_err(|e| anyhow!("cannot parse the BPF object: {e}"))?;
@@ -281,8 +282,12 @@ fn drop_incompatible_pins(pin_dir: &Path, shortcut_capacity: u32) -> Result<()> 
         let same_layout = pinned.key_size() == wanted.key_size()
             && pinned.value_size() == wanted.value_size()
             && pinned.map_type().ok().map(|t| t as u32) == Some(wanted.map_type());
-        let too_small =
-            *name == map_names::SHORTCUT_SOCKETS && pinned.max_entries() < shortcut_capacity;
+        let capacity = if *name == map_names::SHORTCUT_SOCKETS {
+            shortcut_capacity
+        } else {
+            wanted.max_entries()
+        };
+        let too_small = pinned.max_entries() < capacity;
         if !same_layout || too_small {
             std::fs::remove_file(&path)
                 .with_context(|| format!("cannot replace the pinned map {}", path.display()))?;
