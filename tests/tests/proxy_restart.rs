@@ -3,9 +3,17 @@
 //! after SIGKILL taking over inbound and outbound capture again by itself, with no new `init`.
 mod common;
 
-use std::net::SocketAddr;
+use std::{
+    net::SocketAddr,
+    path::Path,
+    time::{Duration, Instant},
+};
 
 use common::*;
+use sidecar_tests::LabProcess;
+
+/// The client pod's own app server, for inbound load (captured by the client's proxy).
+const APP_PORT: u16 = 7070;
 
 /// Connects once to each `host:port` given, prints one JSON line per attempt: the outcome
 /// (`connected`, or the errno's name, or `TimeoutError`) and how long it took.
@@ -25,11 +33,85 @@ for spec in sys.argv[1:]:
     print(json.dumps({'target': spec, 'outcome': outcome, 'seconds': time.monotonic() - start}), flush=True)
 "#;
 
+/// Steady load of short requests, one new connection each, to `host port` (the labtool echo
+/// protocol) until `MARKS/stop` exists. Each request is tagged with the phase it started in,
+/// read from marker files the test writes: `before` the proxy is killed, `at_kill` while the
+/// SIGKILL is under way (`MARKS/killing`), the `gap` once it is dead (`MARKS/killed`),
+/// `after_ready` once the new proxy answers its readiness check (`MARKS/ready`). Prints one JSON summary per phase: requests, failures by errno, whether
+/// each success went through the proxy (`via_proxy`: the app's local address is loopback
+/// outbound; the server's peer is the proxy's passthrough source 127.0.0.6 inbound), and the
+/// slowest failure.
+const STEADY_LOAD: &str = r#"
+import collections, errno, json, os, socket, sys, time
+host, port, marks = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+def phase():
+    if os.path.exists(marks + '/ready'):
+        return 'after_ready'
+    if os.path.exists(marks + '/killed'):
+        return 'gap'
+    if os.path.exists(marks + '/killing'):
+        return 'at_kill'
+    return 'before'
+stats = collections.defaultdict(lambda: {'requests': 0, 'ok': 0, 'via_proxy': 0,
+                                         'failures': collections.Counter(), 'slowest_failure': 0.0})
+while not os.path.exists(marks + '/stop'):
+    tag, start = phase(), time.monotonic()
+    failure = None
+    via_proxy = False
+    try:
+        with socket.create_connection((host, port), timeout=2) as s:
+            local = s.getsockname()[0]
+            s.sendall(b'ping')
+            s.shutdown(socket.SHUT_WR)
+            data = b''
+            while True:
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+        line, _, echoed = data.partition(b'\n')
+        report = json.loads(line)
+        if echoed != b'ping':
+            raise OSError(errno.EPROTO, 'bad echo %r' % data)
+        peer = report['peer'].rsplit(':', 1)[0].strip('[]')
+        via_proxy = local in ('127.0.0.1', '::1', '::ffff:127.0.0.1') or peer in ('127.0.0.6', '::6', '::ffff:127.0.0.6')
+    except (OSError, ValueError) as e:
+        failure = errno.errorcode.get(getattr(e, 'errno', None), type(e).__name__)
+    # A request still in flight when the kill began belongs to the kill.
+    if tag == 'before' and phase() != 'before':
+        tag = 'at_kill'
+    entry = stats[tag]
+    entry['requests'] += 1
+    if failure is None:
+        entry['ok'] += 1
+        entry['via_proxy'] += via_proxy
+    else:
+        entry['failures'][failure] += 1
+        entry['slowest_failure'] = max(entry['slowest_failure'], time.monotonic() - start)
+    time.sleep(0.002)
+print(json.dumps(stats), flush=True)
+"#;
+
 #[derive(Debug, serde::Deserialize)]
 struct Attempt {
     target: String,
     outcome: String,
     seconds: f64,
+}
+
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+struct PhaseStats {
+    requests: u64,
+    ok: u64,
+    via_proxy: u64,
+    failures: std::collections::BTreeMap<String, u64>,
+    slowest_failure: f64,
+}
+
+impl PhaseStats {
+    fn failed(&self) -> u64 {
+        self.failures.values().sum()
+    }
 }
 
 /// The app's connects to IPv4, IPv6 and IPv4-mapped destinations reach the proxy, which dials
@@ -140,4 +222,159 @@ fn when_proxy_down_refuse_connects_fail_at_once_until_a_proxy_is_back() {
     mesh.start_proxy();
     assert_captured(&mesh, &three_families(&mesh));
     assert_eq!(mesh.bpf_counters()["outbound_no_proxy_refused"], 5);
+}
+
+type Counters = std::collections::BTreeMap<String, u64>;
+
+/// The load of one direction across a restart, by phase.
+struct RestartRun {
+    before: PhaseStats,
+    at_kill: PhaseStats,
+    gap: PhaseStats,
+    after_ready: PhaseStats,
+}
+
+/// Steady load, outbound (the client app to the server pod) and inbound (the server pod to the
+/// client app), across a SIGKILL of the client pod's proxy and a restart with no new `init`.
+/// Prints each direction's numbers; checks what holds whatever the policy: no failure before
+/// the kill, none after the new proxy is ready, all of those through the proxy, and every
+/// failure in the gap refused at once. Returns (outbound, inbound) and the kernel counters.
+fn restart_under_steady_load(test: &str, policy: &str) -> (RestartRun, RestartRun, Counters) {
+    let mut mesh = MeshLab::new(test, Layout::EbpfProxyInPod);
+    mesh.init(&["--when-proxy-down", policy]);
+    let app = mesh
+        .client
+        .command(labtool())
+        .in_cgroup(&mesh.app_cgroup)
+        .args(["echo-server", "--listen", &format!("[::]:{APP_PORT}")])
+        .spawn()
+        .expect("the client pod's app server");
+    app.wait_for_stdout("listening", Duration::from_secs(5))
+        .expect("app listening");
+    mesh.start_proxy();
+    let app_addr = SocketAddr::new(mesh.client.ipv4().into(), APP_PORT);
+
+    let marks = mesh.lab.dir().join("restart-marks");
+    std::fs::create_dir_all(&marks).unwrap();
+    let marks_arg = marks.to_string_lossy().into_owned();
+    let load = |pod: &sidecar_tests::Pod, cgroup: &Path, target: SocketAddr| -> LabProcess {
+        pod.command("python3")
+            .in_cgroup(cgroup)
+            .args(["-c", STEADY_LOAD])
+            .args([
+                &target.ip().to_string(),
+                &target.port().to_string(),
+                &marks_arg,
+            ])
+            .spawn()
+            .expect("steady load")
+    };
+    let outbound = load(&mesh.client, &mesh.app_cgroup, mesh.server_v4(ECHO_PORT));
+    let inbound_cgroup = mesh.server.cgroup_child("load").unwrap();
+    let inbound = load(&mesh.server, &inbound_cgroup, app_addr);
+
+    std::thread::sleep(Duration::from_secs(1));
+    std::fs::write(marks.join("killing"), "").unwrap();
+    mesh.kill_proxy();
+    let killed = Instant::now();
+    std::fs::write(marks.join("killed"), "").unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    mesh.start_proxy();
+    std::fs::write(marks.join("ready"), "").unwrap();
+    let gap = killed.elapsed();
+    std::thread::sleep(Duration::from_secs(2));
+    std::fs::write(marks.join("stop"), "").unwrap();
+
+    let [outbound, inbound] =
+        [("outbound", &outbound), ("inbound", &inbound)].map(|(direction, process)| {
+            process
+                .wait(Duration::from_secs(10))
+                .expect("load finished");
+            let summary = process.stdout_text();
+            let phases: std::collections::BTreeMap<String, PhaseStats> =
+                serde_json::from_str(summary.trim())
+                    .unwrap_or_else(|e| panic!("{direction} load summary: {e}: {summary:?}"));
+            let phase = |name: &str| phases.get(name).cloned().unwrap_or_default();
+            let run = RestartRun {
+                before: phase("before"),
+                at_kill: phase("at_kill"),
+                gap: phase("gap"),
+                after_ready: phase("after_ready"),
+            };
+            println!(
+                "proxy restart ({policy}), {direction}: gap {:.0} ms (SIGKILL to the new proxy \
+             ready); before: {} requests, {} failed; started during the kill: {}, failed {:?}; \
+             during the gap: {} requests, {} failed {:?}, slowest failure {:.1} ms; after \
+             ready: {} requests, {} failed, {} through the proxy",
+                gap.as_secs_f64() * 1000.0,
+                run.before.requests,
+                run.before.failed(),
+                run.at_kill.requests,
+                run.at_kill.failures,
+                run.gap.requests,
+                run.gap.failed(),
+                run.gap.failures,
+                run.gap.slowest_failure * 1000.0,
+                run.after_ready.requests,
+                run.after_ready.failed(),
+                run.after_ready.via_proxy,
+            );
+            let (before, during, after) = (&run.before, &run.gap, &run.after_ready);
+            assert!(
+                before.ok > 0 && before.via_proxy == before.ok,
+                "{direction}: {before:?}"
+            );
+            assert_eq!(before.failed(), 0, "{direction}: {before:?}");
+            // Nothing hangs while the proxy is away: a failure is a refusal, at once.
+            assert!(
+                during.failures.keys().all(|name| name == "ECONNREFUSED"),
+                "{direction}: {during:?}"
+            );
+            assert!(during.slowest_failure < 1.0, "{direction}: {during:?}");
+            assert!(
+                after.requests >= 20,
+                "{direction}: too little load: {after:?}"
+            );
+            assert_eq!(
+                after.failed(),
+                0,
+                "{direction}: failures after the new proxy was ready"
+            );
+            assert_eq!(
+                after.via_proxy, after.requests,
+                "{direction}: not all captured: {after:?}"
+            );
+            run
+        });
+    let counters = mesh.bpf_counters();
+    drop(app);
+    (outbound, inbound, counters)
+}
+
+/// Under `refuse`, outbound and inbound requests are refused during the gap, and
+/// the restarted proxy's listeners take over both directions by themselves.
+#[test]
+fn a_proxy_restarted_after_sigkill_takes_over_under_steady_load() {
+    let (outbound, inbound, counters) = restart_under_steady_load("restart-load", "refuse");
+    assert!(outbound.gap.failed() > 0, "{:?}", outbound.gap);
+    assert!(inbound.gap.failed() > 0, "{:?}", inbound.gap);
+    assert!(counters["outbound_no_proxy_refused"] > 0, "{counters:?}");
+    assert!(counters["inbound_no_proxy"] > 0, "{counters:?}");
+    assert_eq!(counters["outbound_no_proxy_direct"], 0, "{counters:?}");
+}
+
+/// Under `direct`, no outbound request fails during the gap (they go to the server uncaptured);
+/// inbound still fails closed; the restarted proxy captures both directions again.
+#[test]
+fn a_proxy_restarted_after_sigkill_takes_over_under_steady_load_direct() {
+    let (outbound, inbound, counters) = restart_under_steady_load("restart-direct", "direct");
+    assert_eq!(outbound.gap.failed(), 0, "{:?}", outbound.gap);
+    assert!(
+        outbound.gap.ok > outbound.gap.via_proxy,
+        "{:?}",
+        outbound.gap
+    );
+    assert!(inbound.gap.failed() > 0, "{:?}", inbound.gap);
+    assert!(counters["outbound_no_proxy_direct"] > 0, "{counters:?}");
+    assert_eq!(counters["outbound_no_proxy_refused"], 0, "{counters:?}");
 }
