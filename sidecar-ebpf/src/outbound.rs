@@ -20,13 +20,11 @@ use crate::{
     maps::{CAPTURE_CONFIG, EXCLUDED_CIDR4, EXCLUDED_CIDR6, EXCLUDED_PORTS},
     orig_dst::storage_ptr,
     proxy_identity::current_is_proxy,
-    proxy_listener::{self, Loopback},
+    proxy_listener::{self, LOOPBACK_V4_BE, LOOPBACK_V6, Loopback},
 };
 
 const SOCK_STREAM: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
-const LOOPBACK_V4_BE: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
-const LOOPBACK_V6_LAST_WORD: u32 = u32::from_ne_bytes([0, 0, 0, 1]);
 
 pub fn on_connect4(ctx: &SockAddrContext) {
     let sa = ctx.sock_addr;
@@ -72,7 +70,7 @@ pub fn on_connect6(ctx: &SockAddrContext) {
             [0, 0, Endpoint::V4_MAPPED_WORD, LOOPBACK_V4_BE],
         )
     } else {
-        (Loopback::V6, [0, 0, 0, LOOPBACK_V6_LAST_WORD])
+        (Loopback::V6, LOOPBACK_V6)
     };
     if proxy_down_goes_direct(ctx, config, loopback) {
         return;
@@ -122,8 +120,9 @@ fn should_redirect(sa: *mut bpf_sock_addr, dst: Endpoint) -> Option<&'static Cap
     Some(config)
 }
 
-/// No proxy listens on the loopback port this connect would go to: counts it, and says
-/// whether it goes direct (`DIRECT_WHEN_PROXY_DOWN`) rather than to that port, to be refused.
+/// Whether this connect goes direct because no proxy listens on the loopback port it would go
+/// to (`DIRECT_WHEN_PROXY_DOWN`). A connect that finds no proxy is counted either way; under
+/// `refuse` it still goes to that port, to be refused there.
 #[inline(always)]
 fn proxy_down_goes_direct(
     ctx: &SockAddrContext,
@@ -164,10 +163,7 @@ fn is_loopback(dst: &Endpoint) -> bool {
     if dst.is_v4() {
         dst.addr[3].to_ne_bytes()[0] == 127
     } else {
-        dst.addr[0] == 0
-            && dst.addr[1] == 0
-            && dst.addr[2] == 0
-            && dst.addr[3] == LOOPBACK_V6_LAST_WORD
+        dst.addr[0] == 0 && dst.addr[1] == 0 && dst.addr[2] == 0 && dst.addr[3] == LOOPBACK_V6[3]
     }
 }
 

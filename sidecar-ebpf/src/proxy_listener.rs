@@ -29,9 +29,10 @@ pub enum Loopback {
     V6,
 }
 
-/// Addresses as the kernel holds them: network-order bytes read as native words.
-const LOOPBACK_V4_BE: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
-const LOOPBACK_V6: [u32; 4] = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
+/// The proxy's loopback addresses as the kernel holds them: network-order bytes read as native
+/// words.
+pub const LOOPBACK_V4_BE: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
+pub const LOOPBACK_V6: [u32; 4] = [0, 0, 0, u32::from_ne_bytes([0, 0, 0, 1])];
 
 /// A listening socket accepts connections to `loopback` on `port` (host order) in the
 /// network namespace of the context's socket.
