@@ -101,13 +101,17 @@ pub struct CaptureConfig {
     /// Port of the proxy's inbound listener, host byte order: a socket that starts listening
     /// on it in the pod is registered as the target of inbound capture.
     pub inbound_port: u32,
-    /// [`CaptureConfig::SOCKMAP_SHORTCUT`] and future switches.
+    /// [`CaptureConfig::SOCKMAP_SHORTCUT`], [`CaptureConfig::DIRECT_WHEN_PROXY_DOWN`].
     pub flags: u32,
 }
 
 impl CaptureConfig {
     /// The app-proxy loopback hop is short-circuited with sockmap (`init --sockmap`).
     pub const SOCKMAP_SHORTCUT: u32 = 1;
+    /// A connect finding no proxy listening goes to its original destination, uncaptured
+    /// (`init --when-proxy-down direct`); without it, it goes to the dead loopback port and is
+    /// refused there.
+    pub const DIRECT_WHEN_PROXY_DOWN: u32 = 2;
 }
 
 /// An IPv4 or IPv6 endpoint as the kernel sees it.
@@ -206,10 +210,16 @@ pub enum Counter {
     ShortcutFallback = 14,
     /// A process other than the proxy tried to bind the inbound or outbound port: refused.
     ProxyPortBindRefused = 15,
+    /// An outbound connect found no proxy listening and was refused (ECONNREFUSED, from the
+    /// loopback port it was sent to): `--when-proxy-down refuse`.
+    OutboundNoProxyRefused = 16,
+    /// An outbound connect found no proxy listening and went to its original destination,
+    /// uncaptured (fail open): `--when-proxy-down direct`.
+    OutboundNoProxyDirect = 17,
 }
 
 impl Counter {
-    pub const COUNT: usize = 16;
+    pub const COUNT: usize = 18;
     pub const ALL: [Counter; Self::COUNT] = [
         Counter::Redirected,
         Counter::BypassedUidGid,
@@ -227,6 +237,8 @@ impl Counter {
         Counter::ShortcutMessages,
         Counter::ShortcutFallback,
         Counter::ProxyPortBindRefused,
+        Counter::OutboundNoProxyRefused,
+        Counter::OutboundNoProxyDirect,
     ];
 
     /// Stable snake_case name, used by `sidecar status` and metrics.
@@ -248,6 +260,8 @@ impl Counter {
             Counter::ShortcutMessages => "shortcut_messages",
             Counter::ShortcutFallback => "shortcut_fallback",
             Counter::ProxyPortBindRefused => "proxy_port_bind_refused",
+            Counter::OutboundNoProxyRefused => "outbound_no_proxy_refused",
+            Counter::OutboundNoProxyDirect => "outbound_no_proxy_direct",
         }
     }
 }

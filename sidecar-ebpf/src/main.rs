@@ -14,6 +14,7 @@ mod orig_dst;
 mod outbound;
 mod port_guard;
 mod proxy_identity;
+mod proxy_listener;
 mod shortcut;
 mod socket_pair;
 

@@ -1,5 +1,10 @@
 //! connect4/connect6: decide whether a TCP connect goes to the proxy, and if so rewrite its
 //! destination to the proxy's loopback listener, remembering the original on the socket.
+//!
+//! When no proxy listens (crashed, restarting, not started yet), the capture's policy decides
+//! (`init --when-proxy-down`): `refuse` still sends the connect to the loopback port, where
+//! nothing listens, so the app gets ECONNREFUSED at once, as under Istio's iptables; `direct`
+//! lets it go to its original destination, uncaptured. Either way it is counted.
 use core::ptr::write_volatile;
 
 use aya_ebpf::{
@@ -8,27 +13,30 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use aya_log_ebpf::warn;
-use sidecar_common::{Counter, Endpoint};
+use sidecar_common::{CaptureConfig, Counter, Endpoint};
 
 use crate::{
     counters::bump,
     maps::{CAPTURE_CONFIG, EXCLUDED_CIDR4, EXCLUDED_CIDR6, EXCLUDED_PORTS},
     orig_dst::storage_ptr,
     proxy_identity::current_is_proxy,
+    proxy_listener::{self, LOOPBACK_V4_BE, LOOPBACK_V6, Loopback},
 };
 
 const SOCK_STREAM: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
-const LOOPBACK_V4_BE: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
-const LOOPBACK_V6_LAST_WORD: u32 = u32::from_ne_bytes([0, 0, 0, 1]);
 
 pub fn on_connect4(ctx: &SockAddrContext) {
     let sa = ctx.sock_addr;
     // SAFETY: the context pointer is valid for the program's run; fields are read once.
     let (ip_be, port_be) = unsafe { ((*sa).user_ip4, (*sa).user_port) };
-    let Some(proxy_port) = should_redirect(sa, Endpoint::v4(ip_be, port_host(port_be))) else {
+    let Some(config) = should_redirect(sa, Endpoint::v4(ip_be, port_host(port_be))) else {
         return;
     };
+    let proxy_port = config.outbound_port;
+    if proxy_down_goes_direct(ctx, config, Loopback::V4) {
+        return;
+    }
     if remember(ctx, Endpoint::v4(ip_be, port_host(port_be))) {
         // SAFETY: user_ip4 and user_port are writable in connect4; separate volatile stores
         // keep LLVM from merging them into a wider store the verifier rejects.
@@ -48,17 +56,26 @@ pub fn on_connect6(ctx: &SockAddrContext) {
         addr: ip6,
         port: port_host(port_be),
     };
-    let Some(proxy_port) = should_redirect(sa, dst) else {
+    let Some(config) = should_redirect(sa, dst) else {
         return;
     };
+    let proxy_port = config.outbound_port;
+    // An IPv4-mapped destination (a dual-stack socket dialling IPv4) goes to the proxy's IPv4
+    // loopback listener through the same mapped form; native IPv6 goes to ::1. Decided once,
+    // up front: testing the family again after the lookup made the compiler copy everything
+    // in between for each family (a program twice the size).
+    let (loopback, target) = if dst.is_v4() {
+        (
+            Loopback::V4,
+            [0, 0, Endpoint::V4_MAPPED_WORD, LOOPBACK_V4_BE],
+        )
+    } else {
+        (Loopback::V6, LOOPBACK_V6)
+    };
+    if proxy_down_goes_direct(ctx, config, loopback) {
+        return;
+    }
     if remember(ctx, dst) {
-        // An IPv4-mapped destination (a dual-stack socket dialling IPv4) goes to the proxy's
-        // IPv4 loopback listener through the same mapped form; native IPv6 goes to ::1.
-        let target = if dst.is_v4() {
-            [0, 0, Endpoint::V4_MAPPED_WORD, LOOPBACK_V4_BE]
-        } else {
-            [0, 0, 0, LOOPBACK_V6_LAST_WORD]
-        };
         // SAFETY: user_ip6 words and user_port are writable in connect6; one volatile store each.
         unsafe {
             write_volatile(&mut (*sa).user_ip6[0], target[0]);
@@ -71,9 +88,10 @@ pub fn on_connect6(ctx: &SockAddrContext) {
     }
 }
 
-/// Returns the proxy port when this connect must be redirected, counting the reason when not.
+/// Returns the configuration when this connect must be redirected, counting the reason when
+/// not.
 #[inline(always)]
-fn should_redirect(sa: *mut bpf_sock_addr, dst: Endpoint) -> Option<u32> {
+fn should_redirect(sa: *mut bpf_sock_addr, dst: Endpoint) -> Option<&'static CaptureConfig> {
     // SAFETY: reading the socket type and protocol from a valid context.
     let (sock_type, protocol) = unsafe { ((*sa).type_, (*sa).protocol) };
     if sock_type != SOCK_STREAM || protocol != IPPROTO_TCP {
@@ -99,7 +117,28 @@ fn should_redirect(sa: *mut bpf_sock_addr, dst: Endpoint) -> Option<u32> {
         bump(Counter::ExcludedCidr);
         return None;
     }
-    Some(config.outbound_port)
+    Some(config)
+}
+
+/// Whether this connect goes direct because no proxy listens on the loopback port it would go
+/// to (`DIRECT_WHEN_PROXY_DOWN`). A connect that finds no proxy is counted either way; under
+/// `refuse` it still goes to that port, to be refused there.
+#[inline(always)]
+fn proxy_down_goes_direct(
+    ctx: &SockAddrContext,
+    config: &CaptureConfig,
+    loopback: Loopback,
+) -> bool {
+    if proxy_listener::is_listening(ctx, loopback, config.outbound_port) {
+        return false;
+    }
+    if config.flags & CaptureConfig::DIRECT_WHEN_PROXY_DOWN != 0 {
+        bump(Counter::OutboundNoProxyDirect);
+        true
+    } else {
+        bump(Counter::OutboundNoProxyRefused);
+        false
+    }
 }
 
 /// Stores the original destination on the socket; false (counted) if the kernel refused.
@@ -124,10 +163,7 @@ fn is_loopback(dst: &Endpoint) -> bool {
     if dst.is_v4() {
         dst.addr[3].to_ne_bytes()[0] == 127
     } else {
-        dst.addr[0] == 0
-            && dst.addr[1] == 0
-            && dst.addr[2] == 0
-            && dst.addr[3] == LOOPBACK_V6_LAST_WORD
+        dst.addr[0] == 0 && dst.addr[1] == 0 && dst.addr[2] == 0 && dst.addr[3] == LOOPBACK_V6[3]
     }
 }
 

@@ -30,7 +30,7 @@ use ipnet::IpNet;
 use sidecar_common::{CaptureConfig, Counter, Endpoint, NO_ID, map_names};
 
 use crate::{
-    capture_settings::{CaptureSettings, PortRanges},
+    capture_settings::{CaptureSettings, PortRanges, WhenProxyDown},
     cgroup::Cgroup,
     sys,
 };
@@ -251,10 +251,11 @@ fn load(pin_dir: &Path, shortcut_capacity: u32) -> Result<Ebpf> {
 }
 
 /// Unpins maps a new load must not reuse, so it creates them afresh: a map of an older layout
-/// (another type or key/value size than this build's object), and the shortcut's socket hash
-/// when it is too small for the capacity asked (it was created for the shortcut off, so it
-/// holds no socket). Maps this build no longer has go too. Programs still attached keep the
-/// maps they have until they are replaced.
+/// (another type or key/value size than this build's object, or fewer entries: the counters
+/// of an older build lack the newer reasons), and the shortcut's socket hash when it is too
+/// small for the capacity asked (it was created for the shortcut off, so it holds no socket).
+/// Maps this build no longer has go too. Programs still attached keep the maps they have until
+/// they are replaced.
 fn drop_incompatible_pins(pin_dir: &Path, shortcut_capacity: u32) -> Result<()> {
     let object = aya_obj::Object::parse(BPF_OBJECT)
         .map_err(|e| anyhow!("cannot parse the BPF object: {e}"))?;
@@ -281,8 +282,12 @@ fn drop_incompatible_pins(pin_dir: &Path, shortcut_capacity: u32) -> Result<()> 
         let same_layout = pinned.key_size() == wanted.key_size()
             && pinned.value_size() == wanted.value_size()
             && pinned.map_type().ok().map(|t| t as u32) == Some(wanted.map_type());
-        let too_small =
-            *name == map_names::SHORTCUT_SOCKETS && pinned.max_entries() < shortcut_capacity;
+        let capacity = if *name == map_names::SHORTCUT_SOCKETS {
+            shortcut_capacity
+        } else {
+            wanted.max_entries()
+        };
+        let too_small = pinned.max_entries() < capacity;
         if !same_layout || too_small {
             std::fs::remove_file(&path)
                 .with_context(|| format!("cannot replace the pinned map {}", path.display()))?;
@@ -403,11 +408,11 @@ fn configure(ebpf: &mut Ebpf, settings: &CaptureSettings, sockmap_shortcut: bool
         proxy_gid: settings.proxy_gid.unwrap_or(NO_ID),
         // 0: no inbound listener is registered (inbound capture off).
         inbound_port: settings.inbound_port.map_or(0, u32::from),
-        flags: if sockmap_shortcut {
-            CaptureConfig::SOCKMAP_SHORTCUT
-        } else {
-            0
-        },
+        flags: flag(sockmap_shortcut, CaptureConfig::SOCKMAP_SHORTCUT)
+            | flag(
+                settings.when_proxy_down == WhenProxyDown::Direct,
+                CaptureConfig::DIRECT_WHEN_PROXY_DOWN,
+            ),
     };
     // Within the tries' capacities: `CaptureSettings::check_ebpf_capacities` ran before.
     let port_keys = |ranges: &PortRanges| -> Vec<Key<[u8; 2]>> {
@@ -451,6 +456,19 @@ fn configure(ebpf: &mut Ebpf, settings: &CaptureSettings, sockmap_shortcut: bool
         Array::try_from(map(ebpf, map_names::CONFIG)?)?;
     config_map.set(0, config, 0)?;
     Ok(())
+}
+
+fn flag(on: bool, bit: u32) -> u32 {
+    if on { bit } else { 0 }
+}
+
+/// The `--when-proxy-down` choice a configuration carries.
+pub fn when_proxy_down_of(config: &CaptureConfig) -> WhenProxyDown {
+    if config.flags & CaptureConfig::DIRECT_WHEN_PROXY_DOWN != 0 {
+        WhenProxyDown::Direct
+    } else {
+        WhenProxyDown::Refuse
+    }
 }
 
 /// Makes the trie hold exactly `keys`: new ones are inserted before stale ones are removed,

@@ -276,6 +276,7 @@ mod tests {
             excluded_cidrs: vec!["10.0.0.0/8".parse().unwrap(), "fd00::/8".parse().unwrap()],
             inbound_port: Some(15006),
             excluded_inbound_ports: "22".parse().unwrap(),
+            when_proxy_down: crate::capture_settings::WhenProxyDown::Refuse,
         }
     }
 

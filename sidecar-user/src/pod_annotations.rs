@@ -6,12 +6,13 @@ use anyhow::{Context, Result, bail};
 use clap::ValueEnum;
 use ipnet::IpNet;
 
-use crate::capture_settings::{PortRanges, parse_cidr};
+use crate::capture_settings::{PortRanges, WhenProxyDown, parse_cidr};
 
 pub const EXCLUDE_OUTBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeOutboundPorts";
 pub const EXCLUDE_INBOUND_PORTS: &str = "traffic.sidecar.istio.io/excludeInboundPorts";
 pub const EXCLUDE_OUTBOUND_IP_RANGES: &str = "traffic.sidecar.istio.io/excludeOutboundIPRanges";
 pub const FAIL_POLICY: &str = "sidecar.ebpf/fail-policy";
+pub const WHEN_PROXY_DOWN: &str = "sidecar.ebpf/when-proxy-down";
 
 /// What `init` does when it cannot install capture.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -29,6 +30,7 @@ pub struct PodOverrides {
     pub exclude_inbound_ports: PortRanges,
     pub exclude_cidrs: Vec<IpNet>,
     pub fail_policy: Option<FailPolicy>,
+    pub when_proxy_down: Option<WhenProxyDown>,
 }
 
 /// Reads the downward API annotations file and the overrides it carries.
@@ -134,6 +136,15 @@ pub fn overrides(annotations: &BTreeMap<String, String>) -> Result<PodOverrides>
         })?;
         result.fail_policy = Some(policy);
     }
+    if let Some(value) = annotations.get(WHEN_PROXY_DOWN) {
+        let choice = WhenProxyDown::from_str(value.trim(), true).map_err(|_| {
+            anyhow::anyhow!(
+                "{}: invalid value {value:?}: expected refuse or direct",
+                with_name(WHEN_PROXY_DOWN)
+            )
+        })?;
+        result.when_proxy_down = Some(choice);
+    }
     Ok(result)
 }
 
@@ -143,6 +154,7 @@ mod tests {
 
     const DOWNWARD_API: &str = r#"kubectl.kubernetes.io/default-container="app"
 sidecar.ebpf/fail-policy="open"
+sidecar.ebpf/when-proxy-down="direct"
 traffic.sidecar.istio.io/excludeInboundPorts="9090"
 traffic.sidecar.istio.io/excludeOutboundIPRanges="10.0.0.0/8, fd00::/8"
 traffic.sidecar.istio.io/excludeOutboundPorts="5432,8000-8100"
@@ -152,7 +164,7 @@ note="a \"quoted\" line\nand \u00e9 \\ done"
     #[test]
     fn reads_the_downward_api_format() {
         let annotations = parse_downward_api(DOWNWARD_API).unwrap();
-        assert_eq!(annotations.len(), 6);
+        assert_eq!(annotations.len(), 7);
         assert_eq!(annotations["note"], "a \"quoted\" line\nand \u{e9} \\ done");
         assert_eq!(
             annotations["kubectl.kubernetes.io/default-container"],
@@ -167,6 +179,7 @@ note="a \"quoted\" line\nand \u00e9 \\ done"
         assert_eq!(result.exclude_inbound_ports.to_string(), "9090");
         assert_eq!(result.exclude_cidrs.len(), 2);
         assert_eq!(result.fail_policy, Some(FailPolicy::Open));
+        assert_eq!(result.when_proxy_down, Some(WhenProxyDown::Direct));
         assert_eq!(
             overrides(&BTreeMap::new()).unwrap(),
             PodOverrides::default()
@@ -183,6 +196,11 @@ note="a \"quoted\" line\nand \u00e9 \\ done"
         assert!(error(EXCLUDE_OUTBOUND_IP_RANGES, "*").contains("not supported"));
         assert!(error(EXCLUDE_OUTBOUND_IP_RANGES, "10.1.2.3/8").contains("host bits"));
         assert!(error(FAIL_POLICY, "maybe").contains("expected closed or open"));
+        let bad = error(WHEN_PROXY_DOWN, "fail-open");
+        assert!(
+            bad.contains(WHEN_PROXY_DOWN) && bad.contains("expected refuse or direct"),
+            "{bad}"
+        );
         let malformed = parse_downward_api("no-equals-sign\n").unwrap_err();
         assert!(format!("{malformed:#}").contains("line 1"));
         assert!(parse_downward_api("k=unquoted\n").is_err());

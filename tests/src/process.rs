@@ -247,6 +247,12 @@ impl LabProcess {
     pub fn stop(&self, grace: Duration) -> Result<ExitStatus> {
         self.inner.stop(grace)
     }
+
+    /// SIGKILL at once, as a crash or the OOM killer would end it (nothing runs on the way
+    /// out), and reaps it.
+    pub fn kill(&self) -> Result<ExitStatus> {
+        self.inner.kill()
+    }
 }
 
 impl Drop for LabProcess {
@@ -284,8 +290,20 @@ impl TrackedProcess {
         if let Some(status) = wait_until(&mut child, Instant::now() + grace)? {
             return Ok(status);
         }
+        self.sigkill(&mut child)
+    }
+
+    fn kill(&self) -> Result<ExitStatus> {
+        let mut child = self.child();
+        match child.try_wait()? {
+            Some(status) => Ok(status),
+            None => self.sigkill(&mut child),
+        }
+    }
+
+    fn sigkill(&self, child: &mut Child) -> Result<ExitStatus> {
         child.kill()?;
-        match wait_until(&mut child, Instant::now() + Duration::from_secs(5))? {
+        match wait_until(child, Instant::now() + Duration::from_secs(5))? {
             Some(status) => Ok(status),
             None => bail!("pid {} survived SIGKILL", self.pid),
         }

@@ -122,6 +122,21 @@ fn bad_input_is_rejected_with_a_clear_error() {
         .run()
         .expect("run");
     assert_fails_with(&no_owner, "iptables mode needs --proxy-uid or --proxy-gid");
+    // iptables REDIRECT has no "is the proxy there" check: failing open cannot be honoured.
+    let direct = pod
+        .command(sidecar_bin())
+        .args(["init", "--mode", "iptables", "--when-proxy-down", "direct"])
+        .run()
+        .expect("run");
+    assert_fails_with(&direct, "--when-proxy-down direct");
+    assert_fails_with(&direct, "needs --mode ebpf");
+    let rules = pod
+        .command("iptables")
+        .args(["-w", "-t", "nat", "-S"])
+        .run_success()
+        .expect("iptables");
+    let rules = String::from_utf8_lossy(&rules.stdout);
+    assert!(!rules.contains("SIDECAR"), "rules installed:\n{rules}");
 
     // Not root.
     let not_root = Command::new("setpriv")

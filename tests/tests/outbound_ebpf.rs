@@ -389,11 +389,13 @@ fn reinit_over_an_older_layout_replaces_its_maps() {
     mesh.init(&[]);
     let status = mesh.ebpf_status().expect("status");
     let pin_dir = std::path::PathBuf::from(status["pin_dir"].as_str().unwrap());
-    // What an older build left: a map this build no longer has, and one of another type
-    // under a name this build uses (the port exclusions were an array before they were a trie).
+    // What an older build left: a map this build no longer has, one of another type under a
+    // name this build uses (the port exclusions were an array before they were a trie), and
+    // counters without the newer reasons.
     for (pin, kind, key, value) in [
         ("map_ORIG_DST_BY_PEER", "hash", "20", "20"),
         ("map_EXCLUDED_PORTS", "array", "4", "8"),
+        ("map_COUNTERS", "percpu_array", "4", "8"),
     ] {
         let path = pin_dir.join(pin);
         std::fs::remove_file(&path).ok();
@@ -410,6 +412,10 @@ fn reinit_over_an_older_layout_replaces_its_maps() {
     assert!(!pin_dir.join("map_ORIG_DST_BY_PEER").exists());
     let status = mesh.ebpf_status().expect("status");
     assert_eq!(status["excluded_ports"], "9000-9100", "{status}");
+    assert!(
+        status["counters"]["outbound_no_proxy_direct"].is_u64(),
+        "the counters of the older layout were kept: {status}"
+    );
     let map = Command::new("bpftool")
         .args(["map", "show", "pinned"])
         .arg(pin_dir.join("map_EXCLUDED_PORTS"))

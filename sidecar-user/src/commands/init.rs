@@ -8,7 +8,7 @@ use sidecar_common::{DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT, DEFAULT_SHORTC
 
 use crate::{
     bpffs,
-    capture_settings::{CaptureSettings, PortRanges, parse_cidr},
+    capture_settings::{CaptureSettings, PortRanges, WhenProxyDown, parse_cidr},
     cgroup::Cgroup,
     ebpf_capture, iptables_capture,
     pod_annotations::{self, FailPolicy},
@@ -35,7 +35,8 @@ pub struct InitArgs {
     pub cgroup_root: Option<PathBuf>,
     /// The downward API file of the pod's annotations: Istio's
     /// `traffic.sidecar.istio.io/exclude{Outbound,Inbound}Ports`, `excludeOutboundIPRanges` add
-    /// to the exclusions given here, `sidecar.ebpf/fail-policy` overrides --fail-policy.
+    /// to the exclusions given here, `sidecar.ebpf/fail-policy` overrides --fail-policy and
+    /// `sidecar.ebpf/when-proxy-down` --when-proxy-down.
     #[arg(long)]
     pub annotations_file: Option<PathBuf>,
     /// When capture cannot be installed: `closed` exits non-zero (the pod does not start),
@@ -91,6 +92,12 @@ pub struct InitArgs {
     /// stays on TCP). Raised by a later init, never lowered while sockets may be in it.
     #[arg(long, default_value_t = DEFAULT_SHORTCUT_CONNECTIONS, requires = "sockmap")]
     pub sockmap_max_connections: u32,
+    /// What the app's outbound connects get while no proxy listens (crashed, restarting):
+    /// `refuse` fails them at once with ECONNREFUSED, as under Istio's iptables; `direct` sends
+    /// them to their destination uncaptured (fail open: no mTLS, no mesh policy). eBPF mode
+    /// only. Inbound connections are refused either way.
+    #[arg(long, value_enum, default_value = "refuse")]
+    pub when_proxy_down: WhenProxyDown,
     /// Where bpffs is (mounted there if it is not).
     #[arg(long, default_value = bpffs::DEFAULT_BPFFS)]
     pub bpffs: PathBuf,
@@ -135,6 +142,7 @@ impl InitArgs {
             excluded_cidrs: self.exclude_cidrs.clone(),
             inbound_port: (!self.no_inbound_capture).then_some(self.inbound_port),
             excluded_inbound_ports: self.exclude_inbound_ports.clone(),
+            when_proxy_down: self.when_proxy_down,
         }
     }
 }
@@ -166,6 +174,9 @@ impl InitArgs {
         if let Some(policy) = overrides.fail_policy {
             self.fail_policy = policy;
         }
+        if let Some(choice) = overrides.when_proxy_down {
+            self.when_proxy_down = choice;
+        }
     }
 }
 
@@ -182,6 +193,14 @@ fn install(args: &InitArgs) -> Result<()> {
     }
     if args.sockmap && args.mode != Mode::Ebpf {
         bail!("--sockmap needs --mode ebpf: the shortcut is a sockmap, iptables has none");
+    }
+    if args.when_proxy_down == WhenProxyDown::Direct && args.mode != Mode::Ebpf {
+        bail!(
+            "--when-proxy-down direct (or the pod annotation {}) needs --mode ebpf: iptables \
+             REDIRECT rules send every connect to the proxy's port whether it listens or not \
+             (refused while it is down, as under Istio)",
+            pod_annotations::WHEN_PROXY_DOWN
+        );
     }
     let settings = args.settings();
     match args.mode {
@@ -334,6 +353,7 @@ mod tests {
         assert!(settings.excluded_ports.0.is_empty());
         assert_eq!(cli.init.mode, Mode::Ebpf);
         assert_eq!(settings.inbound_port, Some(15006));
+        assert_eq!(settings.when_proxy_down, WhenProxyDown::Refuse);
         let inbound = settings.inbound_exclusions().to_string();
         assert_eq!(inbound, "15001,15006,15020-15021");
     }
@@ -377,6 +397,7 @@ mod tests {
         assert!(err(&["--mode", "nft"]).contains("invalid value 'nft'"));
         assert!(err(&["--cgroup", ""]).contains("empty --cgroup"));
         assert!(err(&["--fail-policy", "maybe"]).contains("invalid value 'maybe'"));
+        assert!(err(&["--when-proxy-down", "open"]).contains("invalid value 'open'"));
     }
 
     #[test]
@@ -398,11 +419,13 @@ mod tests {
             exclude_inbound_ports: "9090".parse().unwrap(),
             exclude_cidrs: vec![parse_cidr("10.0.0.0/8").unwrap()],
             fail_policy: Some(FailPolicy::Open),
+            when_proxy_down: Some(WhenProxyDown::Direct),
         });
         let settings = cli.init.settings();
         assert_eq!(settings.excluded_ports.to_string(), "22,5432");
         assert_eq!(settings.excluded_inbound_ports.to_string(), "9090");
         assert_eq!(settings.excluded_cidrs.len(), 2);
         assert_eq!(cli.init.fail_policy, FailPolicy::Open);
+        assert_eq!(settings.when_proxy_down, WhenProxyDown::Direct);
     }
 }

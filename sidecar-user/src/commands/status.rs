@@ -12,7 +12,9 @@ use serde::Serialize;
 use sidecar_common::map_names;
 
 use crate::{
-    bpffs, captures,
+    bpffs,
+    capture_settings::WhenProxyDown,
+    captures,
     ebpf_capture::{self, AttachPoint, Hook, NETNS_HOOK, POD_HOOKS, PROXY_HOOKS},
     iptables_capture,
     kernel_memory::KernelMemory,
@@ -53,6 +55,8 @@ pub struct CgroupCapture {
     pub excluded_cidrs: Vec<String>,
     /// The app-proxy loopback hop is short-circuited with sockmap (`init --sockmap`).
     pub sockmap_shortcut: bool,
+    /// What outbound connects get while no proxy listens (`init --when-proxy-down`).
+    pub when_proxy_down: WhenProxyDown,
     /// Pinned link name -> attached program IDs the kernel reports for that hook.
     pub links: Vec<LinkStatus>,
     pub counters: std::collections::BTreeMap<String, u64>,
@@ -165,6 +169,7 @@ fn describe_cgroup(capture: &captures::Capture, memory: &KernelMemory) -> Result
             .map(|n| n.to_string())
             .collect(),
         sockmap_shortcut: config.flags & sidecar_common::CaptureConfig::SOCKMAP_SHORTCUT != 0,
+        when_proxy_down: ebpf_capture::when_proxy_down_of(&config),
         links,
         counters,
         pending_handoffs: ebpf_capture::read_pending_handoffs(pin_dir)?,
@@ -223,6 +228,7 @@ fn print_text(status: &Status) {
             "off"
         };
         println!("  sockmap shortcut: {shortcut}");
+        println!("  when proxy down: {}", capture.when_proxy_down.name());
         for link in &capture.links {
             println!(
                 "  {:<20} link {:<4} program {:<4} on {}",

@@ -186,6 +186,12 @@ impl MeshLab {
         self.proxy = Some(proxy);
     }
 
+    /// SIGKILLs the proxy (a crash: nothing of it runs on the way out) and reaps it.
+    pub fn kill_proxy(&mut self) {
+        let proxy = self.proxy.take().expect("proxy started");
+        proxy.kill().expect("SIGKILL the proxy");
+    }
+
     /// `labtool connect` from the client app (in the pod's app cgroup, optionally as a user).
     pub fn connect_as(
         &self,
