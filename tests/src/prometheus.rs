@@ -115,9 +115,14 @@ fn parse_labels(mut body: &str) -> Result<BTreeMap<String, String>, String> {
 }
 
 /// Sum of the samples of `name` whose labels include every `(label, value)` of `labels`, in an
-/// exposition that must parse.
+/// exposition that must parse. A metric the exposition does not have at all is an error, not a
+/// 0: a misspelt or renamed name must fail the test that reads it.
 pub fn sum(text: &str, name: &str, labels: &[(&str, &str)]) -> Result<f64, String> {
-    Ok(parse(text)?
+    let samples = parse(text)?;
+    if !samples.iter().any(|sample| sample.name == name) {
+        return Err(format!("no metric {name} in the exposition"));
+    }
+    Ok(samples
         .iter()
         .filter(|sample| {
             sample.name == name
@@ -142,7 +147,12 @@ mod tests {
         assert_eq!(samples[1].labels["a"], "y\"q");
         assert_eq!(sum(GOOD, "c_total", &[]).unwrap(), 5.0);
         assert_eq!(sum(GOOD, "c_total", &[("a", "x")]).unwrap(), 2.0);
-        assert_eq!(sum(GOOD, "absent", &[]).unwrap(), 0.0);
+        assert_eq!(sum(GOOD, "c_total", &[("a", "z")]).unwrap(), 0.0);
+        assert!(
+            sum(GOOD, "c_totl", &[])
+                .unwrap_err()
+                .contains("no metric c_totl")
+        );
     }
 
     #[test]

@@ -29,7 +29,10 @@ fn captured_cgroups() -> Vec<serde_json::Value> {
     let out = sidecar(&["status", "--json"]);
     assert!(out.status.success(), "{}", text(&out));
     let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    status["ebpf"].as_array().cloned().unwrap_or_default()
+    status["ebpf"]
+        .as_array()
+        .cloned()
+        .unwrap_or_else(|| panic!("`status --json` has no `ebpf` list: {status}"))
 }
 
 fn capture_of(pod_cgroup: &Path) -> Option<serde_json::Value> {

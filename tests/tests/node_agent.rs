@@ -27,13 +27,17 @@ const COLLECTED_WITHIN: Duration = Duration::from_secs(10);
 
 /// In a pod: listens where its proxy would (127.0.0.1:15001), makes three connections to a
 /// remote address (redirected there by the capture) and checks each accepted socket's
-/// SO_ORIGINAL_DST, as the proxy does.
+/// SO_ORIGINAL_DST, as the proxy does. Only the proxy's UID may bind that port, so the
+/// listener is bound as 1337 (real IDs, which the kernel checks; root kept as the saved ID),
+/// then the app's connections are made as root, which the capture redirects.
 const POD_TRAFFIC: &str = r#"
-import socket, struct, sys
+import os, socket, struct, sys
 dst = (sys.argv[1], int(sys.argv[2]))
 proxy = socket.socket()
 proxy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+os.setresgid(1337, 1337, 0); os.setresuid(1337, 1337, 0)
 proxy.bind(("127.0.0.1", 15001))
+os.setresuid(0, 0, 0); os.setresgid(0, 0, 0)
 proxy.listen(16)
 for _ in range(3):
     app = socket.create_connection(dst, timeout=5)

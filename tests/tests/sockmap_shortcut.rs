@@ -140,7 +140,7 @@ impl ShortcutLab {
 }
 
 fn delta(after: &BTreeMap<String, u64>, before: &BTreeMap<String, u64>, name: &str) -> u64 {
-    after[name] - before.get(name).copied().unwrap_or(0)
+    after[name] - before[name]
 }
 
 #[test]

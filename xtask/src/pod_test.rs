@@ -156,7 +156,9 @@ fn exercise(podman: &Podman, work: &Path, sidecar: &Path, pods: &mut Vec<PlayedP
         })
     };
     let client_capture = ours(client).context("no capture listed for the client pod")?;
-    let excluded = client_capture["excluded_ports"].as_str().unwrap_or("");
+    let excluded = client_capture["excluded_ports"]
+        .as_str()
+        .with_context(|| format!("no `excluded_ports` in the capture: {client_capture}"))?;
     println!(
         "client pod {}: excluded ports {excluded}, counters {}",
         client_capture["cgroup"], client_capture["counters"]
@@ -190,7 +192,10 @@ fn capture_status(sidecar: &Path) -> Result<Vec<serde_json::Value>> {
     let out = checked(Command::new(sidecar).args(["status", "--json"]))?;
     let status: serde_json::Value =
         serde_json::from_slice(&out.stdout).context("sidecar status --json")?;
-    Ok(status["ebpf"].as_array().cloned().unwrap_or_default())
+    status["ebpf"]
+        .as_array()
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("`status --json` has no `ebpf` list: {status}"))
 }
 
 /// Removes the pods, the capture, and the cgroup directories podman leaves behind; then checks

@@ -210,19 +210,13 @@ pub async fn wait_until(what: &str, condition: impl Fn() -> bool) {
     }
 }
 
-/// Lines of the Prometheus text exposition that start with `name{` and contain every
-/// `label="value"` pair given, with their values summed.
+/// The sum of `name`'s samples having every `label="value"` given, read with the strict parser
+/// of the integration tests: a metric missing from the exposition (a misspelt name) fails the
+/// test instead of reading as 0.
 pub fn metric(metrics: &Metrics, name: &str, labels: &[(&str, &str)]) -> u64 {
     let text = metrics.render().expect("render metrics");
-    text.lines()
-        .filter(|line| line.starts_with(&format!("{name}{{")))
-        .filter(|line| {
-            labels
-                .iter()
-                .all(|(label, value)| line.contains(&format!("{label}=\"{value}\"")))
-        })
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
+    sidecar_tests::prometheus::sum(&text, name, labels).unwrap_or_else(|error| panic!("{error}"))
+        as u64
 }
 
 /// A CA and workload certificate directories, in a temporary directory.

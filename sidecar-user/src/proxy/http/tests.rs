@@ -142,6 +142,10 @@ fn get(host: &str, path: &str) -> Request<Full<Bytes>> {
 /// The value of the one sample named `name` whose labels include `labels`.
 fn sample(metrics: &Metrics, name: &str, labels: &[(&str, &str)]) -> anyhow::Result<f64> {
     let samples = prometheus::parse(&metrics.render()?).map_err(anyhow::Error::msg)?;
+    anyhow::ensure!(
+        samples.iter().any(|s| s.name == name),
+        "no metric {name} in the exposition"
+    );
     let matching: Vec<_> = samples
         .iter()
         .filter(|s| {
