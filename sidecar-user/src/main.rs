@@ -40,7 +40,7 @@ enum Command {
     /// Follow what the pod's BPF programs log (aya-log).
     KernelLogs(commands::kernel_logs::KernelLogsArgs),
     /// Run the proxy.
-    Proxy(proxy::ProxyArgs),
+    Proxy(Box<proxy::ProxyArgs>),
     /// Create a lab CA and SPIFFE workload certificates.
     Certs(commands::certs::CertsArgs),
     /// Add the init container and the proxy to Kubernetes workload YAML (like kube-inject).
@@ -54,7 +54,7 @@ fn main() {
         Command::Status(args) => commands::status::run(args),
         Command::NodeAgent(args) => commands::node_agent::run(args),
         Command::KernelLogs(args) => commands::kernel_logs::run(args),
-        Command::Proxy(args) => proxy::run(args),
+        Command::Proxy(args) => proxy::run(*args),
         Command::Certs(args) => commands::certs::run(args),
         Command::Inject(args) => commands::inject::run(args),
     };
