@@ -253,6 +253,17 @@ impl LabProcess {
     pub fn kill(&self) -> Result<ExitStatus> {
         self.inner.kill()
     }
+
+    /// Sends `signal` and returns at once; an error if the process has already exited.
+    pub fn signal(&self, signal: Signal) -> Result<()> {
+        let mut child = self.inner.child();
+        // Signalling only an unreaped child rules out hitting a recycled pid.
+        if let Some(status) = child.try_wait()? {
+            bail!("{} already exited with {status}", self.inner.description);
+        }
+        kill_process(Pid::from_child(&child), signal)
+            .with_context(|| format!("sending {signal:?} to {}", self.inner.description))
+    }
 }
 
 impl Drop for LabProcess {

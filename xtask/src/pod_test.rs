@@ -2,14 +2,17 @@
 //! stand-in. The client pod is deploy/kubernetes/base/deployment.yaml (init container, proxy,
 //! app); the server pod has no sidecar. Checks: the init container attached to the pod's own
 //! cgroup (with the pod annotations applied), the app's request to the server is intercepted
-//! and answered, the proxy's metrics count it, the server pod is untouched; then teardown
-//! leaves no pod, pin, program or cgroup directory behind.
+//! and answered, the proxy's metrics count it, the server pod is untouched. Then a Job
+//! (`sidecar inject`ed, its app one request to the server) completes: without native sidecars
+//! its proxy exits by itself once the app is done (`--exit-when-idle-after`), both containers
+//! with 0. Teardown leaves no pod, pin, program or cgroup directory behind.
 //!
 //! podman 4.3 is not a kubelet; the harness (never the shipped manifests) adapts the copy it
 //! plays: `restartPolicy: Never` (init containers take the pod's policy), the native sidecar
 //! moved into `containers` (podman would wait for it to exit), Secret/ConfigMap/downward API
 //! volumes as hostPath directories it fills, and no containerPorts (podman publishes them on
-//! the host, where they would collide).
+//! the host, where they would collide). It plays no Job: the Job's pod template is played as
+//! the Pod the Job controller would create.
 use std::{
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
@@ -27,6 +30,11 @@ use crate::{
 
 const CLIENT_POD: &str = "sidecar-podtest-client";
 const SERVER_POD: &str = "sidecar-podtest-server";
+const JOB_POD: &str = "sidecar-podtest-job";
+/// What the Job's proxy is told, as KUBERNETES.md tells pods without native sidecars.
+const JOB_PROXY_ARGS: [&str; 2] = ["--exit-when-idle-after", "2s"];
+/// The Job's app and proxy must both have exited within this.
+const JOB_TIMEOUT: Duration = Duration::from_secs(60);
 const SERVER_PORT: u16 = 8080;
 /// The namespace the workload certificate names (podman has none).
 const POD_NAMESPACE: &str = "default";
@@ -65,7 +73,7 @@ pub fn run_pod_test() -> Result<()> {
         conf: work.join("containers.conf"),
     };
     // Leftovers of an interrupted run would make `kube play` fail on the names.
-    for name in [CLIENT_POD, SERVER_POD] {
+    for name in [CLIENT_POD, SERVER_POD, JOB_POD] {
         let _ = podman.output(&["pod", "rm", "-f", "-t", "0", name]);
     }
     let mut pods = Vec::new();
@@ -86,10 +94,11 @@ fn exercise(podman: &Podman, work: &Path, sidecar: &Path, pods: &mut Vec<PlayedP
     let client_yaml = work.join("client.yaml");
     let shipped = workspace_root().join("deploy/kubernetes/base/deployment.yaml");
     let mesh_config = workspace_root().join("deploy/kubernetes/base/mesh-config.yaml");
-    std::fs::write(
-        &client_yaml,
-        client_for_podman(&shipped, &mesh_config, work, sidecar)?,
-    )?;
+    let stand_ins = StandIns {
+        certs: write_certs(work, sidecar)?,
+        mesh_config: write_mesh_config(&mesh_config, work)?,
+    };
+    std::fs::write(&client_yaml, client_for_podman(&shipped, &stand_ins, work)?)?;
 
     println!("== kube play: server pod (no sidecar), then the client pod (the shipped manifest)");
     podman.play(&server_yaml, pods)?;
@@ -170,6 +179,85 @@ fn exercise(podman: &Podman, work: &Path, sidecar: &Path, pods: &mut Vec<PlayedP
         bail!("the server pod, which has no sidecar, has capture attached");
     }
     println!("server pod: no capture attached");
+
+    run_job(podman, work, sidecar, &stand_ins, server_ip, pods)
+}
+
+/// A Job whose app makes one request to the server and exits: its pod completes, the proxy
+/// exiting by itself once the app is done.
+fn run_job(
+    podman: &Podman,
+    work: &Path,
+    sidecar: &Path,
+    stand_ins: &StandIns,
+    server_ip: std::net::IpAddr,
+    pods: &mut Vec<PlayedPod>,
+) -> Result<()> {
+    let url = format!("http://{server_ip}:{SERVER_PORT}/");
+    println!(
+        "== a Job (sidecar inject), its app one request to {url}; its proxy with {}",
+        JOB_PROXY_ARGS.join(" ")
+    );
+    let job_yaml = work.join("job.yaml");
+    std::fs::write(&job_yaml, job_yaml_text(&url))?;
+    let injected = checked(Command::new(sidecar).arg("inject").arg(&job_yaml))?;
+    let job: Value = serde_yaml::from_slice(&injected.stdout).context("sidecar inject's Job")?;
+    let job_pod_yaml = work.join("job-pod.yaml");
+    std::fs::write(&job_pod_yaml, job_pod_for_podman(&job, stand_ins, work)?)?;
+    podman.play(&job_pod_yaml, pods)?;
+    let job_pod = pods.last().context("the Job's pod")?.id.clone();
+    let app = podman.container(&job_pod, "app")?;
+    let proxy = podman.container(&job_pod, "sidecar-proxy")?;
+
+    let started = Instant::now();
+    let ended = |container: &str| -> Result<Option<i64>> {
+        let state = podman.text(&[
+            "inspect",
+            "--format",
+            "{{.State.Status}} {{.State.ExitCode}}",
+            container,
+        ])?;
+        Ok(match state.split_once(' ') {
+            Some(("exited", code)) => Some(code.parse()?),
+            _ => None,
+        })
+    };
+    let (app_code, proxy_code) = loop {
+        if let (Some(app_code), Some(proxy_code)) = (ended(&app)?, ended(&proxy)?) {
+            break (app_code, proxy_code);
+        }
+        if started.elapsed() > JOB_TIMEOUT {
+            bail!(
+                "the Job's containers had not both exited after {JOB_TIMEOUT:?}\napp:\n{}\nproxy:\n{}",
+                podman.logs(&app)?,
+                podman.logs(&proxy)?
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let app_log = podman.logs(&app)?;
+    let proxy_log = podman.logs(&proxy)?;
+    println!("app exited with {app_code}:\n{}", app_log.trim());
+    let why = proxy_log
+        .lines()
+        .filter(|line| line.contains("it is done") || line.contains("drained"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    println!(
+        "proxy exited with {proxy_code} after {:.1?}:\n{why}",
+        started.elapsed()
+    );
+    // Its log has the response's JSON line, and a line per attempt the proxy was not up for.
+    let answered = app_log
+        .lines()
+        .filter_map(|line| serde_json::from_str::<sidecar_tests::HttpResponse>(line).ok())
+        .any(|response| response.status == 200 && response.body.contains("hello from server"));
+    if app_code != 0 || !answered {
+        bail!("the Job's app did not get the server's answer (exit {app_code}):\n{app_log}");
+    }
+    if proxy_code != 0 || !why.contains("it is done") {
+        bail!("the Job's proxy did not exit by itself with 0 (exit {proxy_code}):\n{proxy_log}");
+    }
     Ok(())
 }
 
@@ -308,25 +396,93 @@ spec:
     )
 }
 
-/// The shipped Deployment, adapted for podman (see the module docs), with the directories
-/// that stand in for its Secret, ConfigMap and downward API volumes filled under `work`.
-fn client_for_podman(
-    deployment: &Path,
-    mesh_config: &Path,
-    work: &Path,
-    sidecar: &Path,
-) -> Result<String> {
+/// The Job the harness injects: its app one GET to `url`, retried while the proxy (an
+/// ordinary container under podman, started alongside the app) is not listening yet.
+fn job_yaml_text(url: &str) -> String {
+    format!(
+        "apiVersion: batch/v1
+kind: Job
+metadata:
+  name: {JOB_POD}
+spec:
+  backoffLimit: 0
+  template:
+    spec:
+      restartPolicy: Never
+      serviceAccountName: demo
+      securityContext:
+        runAsNonRoot: true
+      containers:
+      - name: app
+        image: {image}
+        args: [http-get, --retry-for-ms, '20000', '{url}']
+        securityContext:
+          runAsUser: 1000
+          runAsGroup: 1000
+",
+        image = image::LABTOOL_IMAGE
+    )
+}
+
+/// What stands in for the Secret and the ConfigMap volumes, shared by the pods.
+struct StandIns {
+    certs: PathBuf,
+    mesh_config: PathBuf,
+}
+
+/// The shipped Deployment, adapted for podman (see the module docs).
+fn client_for_podman(deployment: &Path, stand_ins: &StandIns, work: &Path) -> Result<String> {
     let mut doc = yaml_file(deployment)?;
     doc["metadata"]["name"] = CLIENT_POD.into();
     doc["spec"]["replicas"] = 1.into();
-    let template = &mut doc["spec"]["template"];
+    pod_template_for_podman(
+        &mut doc["spec"]["template"],
+        stand_ins,
+        &work.join("podinfo"),
+        &[],
+    )?;
+    Ok(serde_yaml::to_string(&doc)?)
+}
+
+/// The Pod the Job controller would create from the injected `job`, adapted for podman, its
+/// proxy given [`JOB_PROXY_ARGS`].
+fn job_pod_for_podman(job: &Value, stand_ins: &StandIns, work: &Path) -> Result<String> {
+    let mut template = job["spec"]["template"].clone();
+    pod_template_for_podman(
+        &mut template,
+        stand_ins,
+        &work.join("job-podinfo"),
+        &JOB_PROXY_ARGS,
+    )?;
+    let mut metadata = template["metadata"]
+        .as_mapping()
+        .cloned()
+        .unwrap_or_default();
+    metadata.insert("name".into(), JOB_POD.into());
+    let mut pod = Mapping::new();
+    pod.insert("apiVersion".into(), "v1".into());
+    pod.insert("kind".into(), "Pod".into());
+    pod.insert("metadata".into(), Value::Mapping(metadata));
+    pod.insert("spec".into(), template["spec"].clone());
+    Ok(serde_yaml::to_string(&pod)?)
+}
+
+/// Adapts a pod template for podman (see the module docs): the downward API's annotations
+/// written to `podinfo`, the Secret and ConfigMap replaced by `stand_ins`; the native sidecar,
+/// moved into `containers`, gets `proxy_args` too.
+fn pod_template_for_podman(
+    template: &mut Value,
+    stand_ins: &StandIns,
+    podinfo: &Path,
+    proxy_args: &[&str],
+) -> Result<()> {
     let annotations = template["metadata"]["annotations"]
         .as_mapping()
         .cloned()
         .unwrap_or_default();
     let spec = template["spec"]
         .as_mapping_mut()
-        .context("the shipped deployment has no pod spec")?;
+        .context("the pod template has no spec")?;
     spec.insert("restartPolicy".into(), "Never".into());
 
     let mut init_containers = Vec::new();
@@ -337,6 +493,9 @@ fn client_for_podman(
             fields.remove("restartPolicy");
         }
         if native_sidecar {
+            if let Some(Value::Sequence(args)) = container.get_mut("args") {
+                args.extend(proxy_args.iter().map(|&arg| Value::from(arg)));
+            }
             containers.push(container);
         } else {
             init_containers.push(container);
@@ -359,13 +518,13 @@ fn client_for_podman(
         };
         let stand_in = if fields.contains_key("secret") {
             fields.remove("secret");
-            write_certs(work, sidecar)?
+            stand_ins.certs.clone()
         } else if fields.contains_key("configMap") {
             fields.remove("configMap");
-            write_mesh_config(mesh_config, work)?
+            stand_ins.mesh_config.clone()
         } else if fields.contains_key("downwardAPI") {
             fields.remove("downwardAPI");
-            write_annotations(&annotations, work)?
+            write_annotations(&annotations, podinfo)?
         } else {
             continue;
         };
@@ -375,7 +534,7 @@ fn client_for_podman(
         fields.insert("hostPath".into(), Value::Mapping(host_path));
     }
     spec.insert("volumes".into(), Value::Sequence(volumes));
-    Ok(serde_yaml::to_string(&doc)?)
+    Ok(())
 }
 
 /// podman has no namespaces: an env var from `fieldRef: metadata.namespace` becomes a value.
@@ -432,18 +591,18 @@ fn write_mesh_config(config_map: &Path, work: &Path) -> Result<PathBuf> {
     Ok(dir)
 }
 
-/// The downward API's stand-in: `key="value"` lines, sorted and quoted as the kubelet does.
-fn write_annotations(annotations: &Mapping, work: &Path) -> Result<PathBuf> {
+/// The downward API's stand-in, in `dir`: `key="value"` lines, sorted and quoted as the
+/// kubelet does.
+fn write_annotations(annotations: &Mapping, dir: &Path) -> Result<PathBuf> {
     let mut lines: Vec<String> = annotations
         .iter()
         .filter_map(|(key, value)| Some((key.as_str()?, value.as_str()?)))
         .map(|(key, value)| format!("{key}={value:?}"))
         .collect();
     lines.sort();
-    let dir = work.join("podinfo");
-    std::fs::create_dir_all(&dir)?;
+    std::fs::create_dir_all(dir)?;
     std::fs::write(dir.join("annotations"), lines.join("\n") + "\n")?;
-    Ok(dir)
+    Ok(dir.to_path_buf())
 }
 
 /// podman with the harness's containers.conf.

@@ -31,7 +31,7 @@ use http_body_util::Full;
 use hyper::{
     Method, Request, Response, StatusCode, Uri,
     body::{Bytes, Incoming},
-    header::{CONTENT_TYPE, HeaderValue},
+    header::{CONNECTION, CONTENT_TYPE, HeaderValue},
     server::conn::http1,
     service::service_fn,
 };
@@ -120,7 +120,7 @@ pub struct AdminState {
     pub log_directives: Mutex<String>,
     /// Set once the mesh config is loaded: what `/config_dump` shows.
     pub mesh: OnceLock<Arc<MeshHandle>>,
-    /// Notified by `POST /quitquitquit`.
+    /// Notified by `POST /quitquitquit`, once its answer is sent.
     pub quit: Arc<Notify>,
     /// Who may change the proxy besides root and the proxy's own user.
     pub allowed_uids: Vec<u32>,
@@ -233,10 +233,15 @@ async fn serve(listener: TcpListener, serving: Serving, state: Arc<AdminState>) 
         let local = local.map_err(|error| error.to_string());
         let local_ip = local.as_ref().ok().map(|addr| addr.ip().to_canonical());
         let metrics = limit.metrics().clone();
+        let quit = state.quit.clone();
+        // Set when this connection carried an accepted `POST /quitquitquit`.
+        let quit_accepted = Arc::new(AtomicBool::new(false));
+        let quit_after_answer = quit_accepted.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request: Request<Incoming>| {
                 let state = state.clone();
                 let local = local.clone();
+                let quit_accepted = quit_accepted.clone();
                 async move {
                     let path = request.uri().path();
                     if let (Some(probers), Some(pod_ip)) = (&state.app_probers, local_ip)
@@ -246,13 +251,11 @@ async fn serve(listener: TcpListener, serving: Serving, state: Arc<AdminState>) 
                         return Ok::<_, Infallible>(probers.check(path, pod_ip).await);
                     }
                     let caller = || admin_caller::uid_of(local.clone()?, peer);
-                    Ok(respond(
-                        request.method(),
-                        request.uri(),
-                        routes,
-                        &state,
-                        caller,
-                    ))
+                    let response = respond(request.method(), request.uri(), routes, &state, caller);
+                    if response.extensions().get::<QuitAccepted>().is_some() {
+                        quit_accepted.store(true, Ordering::Release);
+                    }
+                    Ok(response)
                 }
             });
             let mut builder = http1::Builder::new();
@@ -272,6 +275,10 @@ async fn serve(listener: TcpListener, serving: Serving, state: Arc<AdminState>) 
                 () = admitted.closed_to_make_room() => {
                     debug!(%peer, "admin connection closed to make room for a newer one");
                 }
+            }
+            // Only now: the caller has its answer before the proxy stops.
+            if quit_after_answer.load(Ordering::Acquire) {
+                quit.notify_one();
             }
         });
         if closed_oldest {
@@ -336,9 +343,13 @@ fn respond(
         CONFIG_DUMP_PATH => config_dump(state),
         LOGGING_PATH => logging(uri.query(), state),
         QUIT_PATH => {
-            info!("POST /quitquitquit: shutting down");
-            state.quit.notify_one();
-            text(StatusCode::OK, "OK\n")
+            info!("POST /quitquitquit: stopping once answered");
+            let mut response = text(StatusCode::OK, "OK\n");
+            response
+                .headers_mut()
+                .insert(CONNECTION, HeaderValue::from_static("close"));
+            response.extensions_mut().insert(QuitAccepted);
+            response
         }
         STATS_PATH => match state.metrics.render() {
             Ok(metrics) => owned_text(StatusCode::OK, bpf_counters(&state.bpffs) + &metrics),
@@ -350,6 +361,11 @@ fn respond(
         _ => prometheus(state),
     }
 }
+
+/// Marks the answer to an accepted `POST /quitquitquit`: the proxy stops once it is sent (and
+/// the connection closed, which its `Connection: close` asks for).
+#[derive(Debug, Clone, Copy)]
+struct QuitAccepted;
 
 /// Root, the proxy's own user and the allowed UIDs may change the proxy; anyone else gets this
 /// 403, counted and logged.
@@ -601,11 +617,10 @@ mod tests {
             respond(&Method::GET, QUIT_PATH, ADMIN, &state).status(),
             StatusCode::METHOD_NOT_ALLOWED
         );
-        assert_eq!(
-            respond(&Method::POST, QUIT_PATH, ADMIN, &state).status(),
-            StatusCode::OK
-        );
-        tokio::time::timeout(Duration::from_secs(1), state.quit.notified()).await?;
+        let quit = respond(&Method::POST, QUIT_PATH, ADMIN, &state);
+        assert_eq!(quit.status(), StatusCode::OK);
+        assert!(quit.extensions().get::<QuitAccepted>().is_some());
+        assert_eq!(quit.headers()[CONNECTION], "close");
 
         let stats = body_text(respond(&Method::GET, STATS_PATH, ADMIN, &state)).await;
         assert!(
@@ -628,6 +643,10 @@ mod tests {
         let refused = super::respond(&Method::POST, &uri, ADMIN, &state, || Ok(other_user));
         assert_eq!(refused.status(), StatusCode::FORBIDDEN);
         assert!(
+            refused.extensions().get::<QuitAccepted>().is_none(),
+            "a refused quit must not stop the proxy"
+        );
+        assert!(
             body_text(refused)
                 .await
                 .contains(&format!("UID {other_user}"))
@@ -641,12 +660,6 @@ mod tests {
         assert_eq!(refused.status(), StatusCode::FORBIDDEN);
         assert_eq!(state.metrics.admin_refusals(QUIT_PATH).get(), 2);
         assert_eq!(state.metrics.admin_refusals(LOGGING_PATH).get(), 1);
-        assert!(
-            tokio::time::timeout(Duration::from_millis(100), state.quit.notified())
-                .await
-                .is_err(),
-            "a refused quit must not stop the proxy"
-        );
         // Reads need no identity.
         let read = super::respond(&Method::GET, &LOGGING_PATH.parse()?, ADMIN, &state, || {
             Err("never asked".into())
@@ -713,7 +726,9 @@ mod tests {
             ready: ready_addr,
             admin: admin_addr,
             max_connections: 2,
-            request_headers_timeout: Duration::from_millis(500),
+            // Long enough that the held connections below are still waiting when the third
+            // one comes, on a loaded machine too.
+            request_headers_timeout: Duration::from_millis(1500),
         };
         start(&addrs, state.clone())?;
         assert!(
@@ -747,7 +762,7 @@ mod tests {
         let started = std::time::Instant::now();
         let mut rest = Vec::new();
         tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut rest)).await??;
-        assert!(started.elapsed() >= Duration::from_millis(400));
+        assert!(started.elapsed() >= Duration::from_millis(1400));
         // Counted once the connection's task has its error, just after the socket closed.
         let ready_listener = proxy_metrics.listener("ready", 2);
         let counted = async {
@@ -769,19 +784,35 @@ mod tests {
                 .await?
                 .starts_with("HTTP/1.1 200")
         );
+        // Closed: with FIN, or with RST when its half request was still unread.
         let mut closed = Vec::new();
-        tokio::time::timeout(Duration::from_secs(1), held[0].read_to_end(&mut closed)).await??;
+        match tokio::time::timeout(Duration::from_secs(1), held[0].read_to_end(&mut closed)).await?
+        {
+            Ok(_) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => {}
+            Err(error) => return Err(error.into()),
+        }
         assert!(proxy_metrics.listener("ready", 2).overflow.get() >= 1);
 
-        // This process is the proxy's own user: it may change the level.
-        let mut stream = tokio::net::TcpStream::connect(admin_addr).await?;
-        let request =
-            "POST /logging?level=info HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n";
-        stream.write_all(request.as_bytes()).await?;
+        // This process is the proxy's own user: it may change the level, and stop the proxy.
+        let post = |path: &'static str| async move {
+            let mut stream = tokio::net::TcpStream::connect(admin_addr).await?;
+            let request = format!("POST {path} HTTP/1.1\r\nHost: test\r\n\r\n");
+            stream.write_all(request.as_bytes()).await?;
+            anyhow::Ok(stream)
+        };
+        let mut stream = post("/logging?level=info").await?;
+        let mut response = [0u8; 15];
+        tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut response)).await??;
+        assert_eq!(&response, b"HTTP/1.1 200 OK");
+        // The stop waits for the caller to have the whole answer (the connection closed).
+        let mut stream = post(QUIT_PATH).await?;
         let mut response = String::new();
         tokio::time::timeout(Duration::from_secs(5), stream.read_to_string(&mut response))
             .await??;
         assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        assert!(response.ends_with("OK\n"), "{response}");
+        tokio::time::timeout(Duration::from_secs(1), state.quit.notified()).await?;
         Ok(())
     }
 }

@@ -104,6 +104,20 @@ pub struct ProxyArgs {
     #[arg(long, default_value = "127.0.0.1:15000")]
     pub admin_addr: SocketAddr,
 
+    /// On SIGTERM, SIGINT or `POST /quitquitquit`, how long the proxy drains at most: readiness
+    /// fails at once, listeners stay open, HTTP connections are asked to close; the proxy exits
+    /// as soon as no connection is left, or when this is over (Istio's
+    /// `terminationDrainDuration` with `EXIT_ON_ZERO_ACTIVE_CONNECTIONS`). A second signal
+    /// exits at once. `0s`: exit at once.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    pub drain_duration: Duration,
+
+    /// Drain and exit once the app has had no outbound connection open for this long, after
+    /// its first: for a Job's pod without native sidecars (podman, plain containers), whose
+    /// proxy would otherwise keep the pod running after the app is done.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub exit_when_idle_after: Option<Duration>,
+
     /// UIDs besides root and the proxy's own that may stop the proxy and change its logging
     /// (`POST /quitquitquit`, `POST /logging`), comma separated: e.g. the app of a Job on a
     /// cluster without native sidecars, which stops its proxy when done.
@@ -187,6 +201,8 @@ pub struct ProxyConfig {
     /// Per data-path side; `None`: sized from the open-file limit at start.
     pub max_connections: Option<usize>,
     pub max_admin_connections: usize,
+    pub drain_duration: Duration,
+    pub exit_when_idle_after: Option<Duration>,
     pub admin_allowed_uids: Vec<u32>,
     pub bpffs: PathBuf,
     pub capture_check: CaptureCheck,
@@ -216,6 +232,10 @@ impl TryFrom<&ProxyArgs> for ProxyConfig {
         for (flag, value) in [
             ("--idle-timeout", args.idle_timeout),
             ("--request-headers-timeout", args.request_headers_timeout),
+            (
+                "--exit-when-idle-after",
+                args.exit_when_idle_after.unwrap_or(Duration::MAX),
+            ),
         ] {
             if value.is_zero() {
                 bail!("{flag} must be above 0");
@@ -255,6 +275,8 @@ impl TryFrom<&ProxyArgs> for ProxyConfig {
                 ConnectionCap::Fixed(max) => Some(max.get()),
             },
             max_admin_connections: args.max_admin_connections.get(),
+            drain_duration: args.drain_duration,
+            exit_when_idle_after: args.exit_when_idle_after,
             admin_allowed_uids: args.admin_allowed_uids.clone(),
             bpffs: args.bpffs.clone(),
             capture_check: args.capture_check,
@@ -333,6 +355,8 @@ mod tests {
             "sized from the open-file limit"
         );
         assert_eq!(config.max_admin_connections, 128);
+        assert_eq!(config.drain_duration, Duration::from_secs(5));
+        assert_eq!(config.exit_when_idle_after, None);
         assert_eq!(config.metrics_addr, "127.0.0.1:15020".parse()?);
         assert_eq!(config.ready_addr, "0.0.0.0:15021".parse()?);
         Ok(())
@@ -375,6 +399,21 @@ mod tests {
             &["--idle-timeout", "0s"],
             &["--request-headers-timeout", "0s"],
             &["--admin-allowed-uids", "app"],
+        ] {
+            assert!(config(bad).is_err(), "{bad:?}");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn the_drain_and_the_idle_exit_are_durations() -> anyhow::Result<()> {
+        let set = config(&["--drain-duration", "0s", "--exit-when-idle-after", "30s"])?;
+        assert_eq!(set.drain_duration, Duration::ZERO, "exit at once");
+        assert_eq!(set.exit_when_idle_after, Some(Duration::from_secs(30)));
+        for bad in [
+            &["--drain-duration", "soon"][..],
+            &["--exit-when-idle-after", "0s"],
+            &["--exit-when-idle-after", "5"],
         ] {
             assert!(config(bad).is_err(), "{bad:?}");
         }

@@ -18,6 +18,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     connection_limit::{Admission, ConnectionLimit},
+    drain::Drain,
     keepalive,
     metrics::Direction,
     upstream::reset,
@@ -139,6 +140,8 @@ pub struct Accepting {
     pub limit: Arc<ConnectionLimit>,
     /// TCP keepalive on each accepted connection: idle time before the first probe.
     pub tcp_keepalive: Option<Duration>,
+    /// Serves each connection, and knows when none is left.
+    pub drain: Arc<Drain>,
     /// Changes when this pod's capture was re-installed after it vanished: its maps are new,
     /// so each listener listens again to register (`capture_health.rs`).
     pub relisten: Option<watch::Receiver<u64>>,
@@ -165,11 +168,11 @@ impl AcceptLoops {
         }
     }
 
-    /// Accepts until `shutdown` completes. Connections in flight are left to the runtime,
-    /// which closes them when it is dropped.
-    pub async fn run_until(mut self, shutdown: impl Future<Output = ()>) {
+    /// Accepts until `stopped` completes: the listeners stay open while the proxy drains.
+    /// Connections still open then are left to the runtime, which closes them when dropped.
+    pub async fn run_until(mut self, stopped: impl Future<Output = ()>) {
         tokio::select! {
-            () = shutdown => info!("shutting down: no longer accepting connections"),
+            () = stopped => info!("stopped: no longer accepting connections"),
             Some(ended) = self.0.join_next() => {
                 // An accept loop only ends by panicking; a proxy missing a listener must not
                 // keep looking healthy.
@@ -230,7 +233,7 @@ async fn accept_loop<H: Handler>(
                 }
                 keepalive::enable(&stream, accepting.tcp_keepalive);
                 let handler = handler.clone();
-                tokio::spawn(async move {
+                accepting.drain.spawn(async move {
                     handler.handle(stream, peer).await;
                     drop(admitted);
                 });

@@ -7,6 +7,8 @@
 //! - `listener`: listeners and accept loops; `upstream`: dialling (passthrough source address);
 //! - `connection_limit`: each listener's cap on open connections; `deadlines`: idle and
 //!   request-headers timeouts of downstream connections; `keepalive`: TCP keepalive;
+//! - `drain`: stopping without cutting the app's last requests; `idle_exit`: stopping once
+//!   the app is done (`--exit-when-idle-after`);
 //! - `outbound`, `inbound`: the per-connection logic of each side; `relay`: relay or refuse,
 //!   with the access log (`access_log`) and counters; `copy`: bidirectional counted copy;
 //! - `sniff`: bounded detection of a mesh ClientHello; `tls`: rustls configs, SPIFFE checks;
@@ -30,7 +32,9 @@ mod capture_health;
 mod connection_limit;
 mod copy;
 mod deadlines;
+mod drain;
 mod http;
+mod idle_exit;
 mod inbound;
 mod keepalive;
 mod listener;
@@ -55,8 +59,7 @@ pub mod identity;
 pub mod tls;
 
 use std::{
-    future::Future,
-    io,
+    future::pending,
     sync::{
         Arc, Mutex, OnceLock,
         atomic::{AtomicBool, Ordering},
@@ -65,10 +68,7 @@ use std::{
 };
 
 use anyhow::Context;
-use tokio::{
-    signal::unix::{SignalKind, signal},
-    sync::{Notify, watch},
-};
+use tokio::sync::{Notify, watch};
 use tracing::{info, warn};
 
 pub use args::ProxyArgs;
@@ -77,7 +77,9 @@ use self::{
     admin::{AdminAddrs, AdminState},
     args::{OrigDstSource, ProxyConfig},
     connection_limit::{ConnectionLimit, WhenFull, data_path_cap},
+    drain::{Drain, StopRequests},
     http::Upstreams,
+    idle_exit::AppActivity,
     inbound::InboundProxy,
     listener::{AcceptLoops, Accepting, bind_listeners, local_addrs},
     logging::LogLevel,
@@ -106,7 +108,7 @@ pub struct Timeouts {
     pub tcp_keepalive: Option<Duration>,
 }
 
-/// Runs the proxy until SIGTERM or SIGINT.
+/// Runs the proxy until it is asked to stop and has drained.
 pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
     let log_level = logging::init(args.log_format)?;
     let config = ProxyConfig::try_from(&args)?;
@@ -203,7 +205,7 @@ async fn serve(config: ProxyConfig, log_level: LogLevel) -> anyhow::Result<()> {
     );
 
     // Registered before readiness, so a signal arriving right after is not lost.
-    let shutdown = shutdown_signal(quit).context("cannot install signal handlers")?;
+    let mut stop = StopRequests::install(quit).context("cannot install signal handlers")?;
 
     // Before any listener: a bad mesh config fails startup instead of serving half a mesh.
     let mesh = match &config.mesh_config {
@@ -219,6 +221,10 @@ async fn serve(config: ProxyConfig, log_level: LogLevel) -> anyhow::Result<()> {
         }
     };
     admin_state.mesh.get_or_init(|| mesh.clone());
+    let drain = Arc::new(Drain::default());
+    let app_activity = config
+        .exit_when_idle_after
+        .map(|period| Arc::new(AppActivity::new(period)));
     let outbound_listeners = bind_listeners(
         Direction::Outbound,
         &config.outbound_bind,
@@ -237,6 +243,8 @@ async fn serve(config: ProxyConfig, log_level: LogLevel) -> anyhow::Result<()> {
         local: local.clone(),
         timeouts: config.timeouts,
         upstreams: Upstreams::default(),
+        drain: drain.clone(),
+        app_activity: app_activity.clone(),
     });
     tokio::spawn(outbound.clone().close_stale_connections());
     let inbound = InboundProxy {
@@ -259,6 +267,7 @@ async fn serve(config: ProxyConfig, log_level: LogLevel) -> anyhow::Result<()> {
         ),
         tcp_keepalive: config.timeouts.tcp_keepalive,
         relisten: Some(reinstalls.clone()),
+        drain: drain.clone(),
     };
     let mut accept_loops = AcceptLoops::default();
     accept_loops.add(outbound_listeners, outbound, accepting(Direction::Outbound));
@@ -274,11 +283,22 @@ async fn serve(config: ProxyConfig, log_level: LogLevel) -> anyhow::Result<()> {
         "ready: all listeners are bound"
     );
 
+    let app_done = async {
+        match &app_activity {
+            Some(activity) => activity.done().await,
+            None => pending().await,
+        }
+    };
     accept_loops
         .run_until(async {
-            shutdown.await;
-            // Fail readiness first, so nothing new is routed here while we stop.
+            let why = tokio::select! {
+                why = stop.next() => why,
+                () = app_done => "--exit-when-idle-after",
+            };
+            info!(why, "stopping");
+            // Fail readiness first, so nothing new is routed here while we drain.
             ready.store(false, Ordering::Release);
+            drain.run(config.drain_duration, stop.next()).await;
         })
         .await;
     info!("proxy stopped");
@@ -289,18 +309,5 @@ fn original_dst(source: &OrigDstSource) -> anyhow::Result<Arc<dyn OriginalDst>> 
     Ok(match source {
         OrigDstSource::Sockopt => Arc::new(SockoptOrigDst),
         OrigDstSource::Explicit(target) => Arc::new(ExplicitOrigDst(*target)),
-    })
-}
-
-/// Completes on the first SIGTERM, SIGINT or `POST /quitquitquit`.
-fn shutdown_signal(quit: Arc<Notify>) -> io::Result<impl Future<Output = ()>> {
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
-    Ok(async move {
-        tokio::select! {
-            _ = terminate.recv() => info!("SIGTERM received"),
-            _ = interrupt.recv() => info!("SIGINT received"),
-            () = quit.notified() => info!("quit requested on the admin endpoint"),
-        }
     })
 }

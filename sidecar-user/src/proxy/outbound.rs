@@ -9,7 +9,9 @@ use tokio::{io::AsyncReadExt, net::TcpStream};
 use super::{
     Timeouts,
     access_log::AccessLog,
+    drain::Drain,
     http::{self, AppProtocol, PortProtocol, Upstreams, detect},
+    idle_exit::AppActivity,
     listener::{Handler, is_own_listener},
     mesh::{Mesh, MeshHandle},
     metrics::{Direction, FailureReason, LocalWorkload, Metrics, SecurityPolicy, TcpLabels},
@@ -36,6 +38,10 @@ pub struct OutboundProxy {
     pub listen_addrs: Vec<SocketAddr>,
     /// Pools, balancers and breakers of the HTTP destinations; they outlive config reloads.
     pub upstreams: Upstreams,
+    /// Tells HTTP connections to finish while the proxy drains; serves upgraded connections.
+    pub drain: Arc<Drain>,
+    /// The app's open connections, with `--exit-when-idle-after`.
+    pub app_activity: Option<Arc<AppActivity>>,
 }
 
 /// How the race between the client's first bytes and the server's ended.
@@ -50,6 +56,7 @@ enum Detected {
 
 impl Handler for OutboundProxy {
     async fn handle(self: Arc<Self>, mut app: TcpStream, peer: SocketAddr) {
+        let _open = self.app_activity.as_ref().map(|activity| activity.opened());
         let mut log = AccessLog::new(DIRECTION, peer, "unknown");
         let orig_dst = match self.orig_dst.lookup(&app) {
             Ok((addr, source)) => {
@@ -399,6 +406,7 @@ mod tests {
         let listeners = bind_listeners(DIRECTION, &[LOCALHOST], 0)?;
         let addr = listeners[0].local_addr()?;
         let metrics = Arc::new(Metrics::new(&local("client"))?);
+        let drain = Arc::new(Drain::default());
         let proxy = OutboundProxy {
             orig_dst: Arc::new(crate::proxy::orig_dst::ExplicitOrigDst(echo)),
             mesh: plaintext_mesh(),
@@ -407,12 +415,15 @@ mod tests {
             timeouts: timeouts(),
             listen_addrs: local_addrs(&listeners)?,
             upstreams: Upstreams::default(),
+            drain: drain.clone(),
+            app_activity: None,
         };
         let side = metrics.listener(DIRECTION.name(), 1);
         let accepting = Accepting {
             limit: ConnectionLimit::new(1, WhenFull::RefuseNew, side.clone()),
             tcp_keepalive: None,
             relisten: None,
+            drain,
         };
         let mut loops = AcceptLoops::default();
         loops.add(listeners, Arc::new(proxy), accepting);
@@ -434,6 +445,30 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_relayed_connection_carries_on_while_draining_and_holds_the_drain()
+    -> anyhow::Result<()> {
+        let echo = start_streaming_echo().await?;
+        let metrics = Arc::new(Metrics::new(&local("client"))?);
+        let proxy = start_outbound(|_| echo, plaintext_mesh(), metrics, timeouts())?;
+        let mut relayed = TcpStream::connect(proxy.addr).await?;
+        assert_eq!(echo_chunk(&mut relayed, b"before").await?, b"before");
+
+        let drain = proxy.drain.clone();
+        let drained =
+            tokio::spawn(async move { drain.run(Duration::from_secs(30), pending()).await });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(echo_chunk(&mut relayed, b"during").await?, b"during");
+        // A new connection is still served.
+        let mut late = TcpStream::connect(proxy.addr).await?;
+        assert_eq!(echo_chunk(&mut late, b"late").await?, b"late");
+        drop(late);
+        assert!(!drained.is_finished(), "a relayed connection is open");
+        drop(relayed);
+        timeout(PATIENCE, drained).await??;
+        Ok(())
+    }
+
+    #[tokio::test]
     async fn binding_fails_when_nothing_binds() {
         // TEST-NET-1 is never a local address.
         let unreachable = std::net::IpAddr::from([192, 0, 2, 1]);
@@ -446,6 +481,7 @@ mod tests {
         let listeners = bind_listeners(DIRECTION, &[LOCALHOST], 0)?;
         let addr = listeners[0].local_addr()?;
         let metrics = Arc::new(Metrics::new(&local("client"))?);
+        let drain = Arc::new(Drain::default());
         let proxy = OutboundProxy {
             orig_dst: Arc::new(SockoptOrigDst),
             mesh: plaintext_mesh(),
@@ -454,9 +490,15 @@ mod tests {
             timeouts: timeouts(),
             listen_addrs: local_addrs(&listeners)?,
             upstreams: Upstreams::default(),
+            drain: drain.clone(),
+            app_activity: None,
         };
         let mut loops = AcceptLoops::default();
-        loops.add(listeners, Arc::new(proxy), accepting(&metrics, DIRECTION));
+        loops.add(
+            listeners,
+            Arc::new(proxy),
+            accepting(&metrics, DIRECTION, &drain),
+        );
         tokio::spawn(loops.run_until(pending()));
         expect_refused(addr, b"").await?;
         wait_until("the failure is counted", || {

@@ -19,6 +19,7 @@ use tokio::{
 use super::{
     Timeouts,
     connection_limit::{ConnectionLimit, WhenFull},
+    drain::Drain,
     http::Upstreams,
     identity::SpiffeId,
     inbound::InboundProxy,
@@ -60,8 +61,8 @@ pub fn plaintext_mesh() -> Arc<MeshHandle> {
     Arc::new(MeshHandle::new(Mesh::plaintext()))
 }
 
-/// What a test listener's connections share: a cap no test reaches, keepalive on.
-pub fn accepting(metrics: &Metrics, direction: Direction) -> Accepting {
+/// What a test listener's connections share: a cap no test reaches, keepalive on, `drain`.
+pub fn accepting(metrics: &Metrics, direction: Direction, drain: &Arc<Drain>) -> Accepting {
     const CAP: usize = 1024;
     Accepting {
         limit: ConnectionLimit::new(
@@ -71,6 +72,7 @@ pub fn accepting(metrics: &Metrics, direction: Direction) -> Accepting {
         ),
         tcp_keepalive: timeouts().tcp_keepalive,
         relisten: None,
+        drain: drain.clone(),
     }
 }
 
@@ -78,6 +80,8 @@ pub fn accepting(metrics: &Metrics, direction: Direction) -> Accepting {
 pub struct Running {
     pub addr: SocketAddr,
     pub metrics: Arc<Metrics>,
+    /// Its connections; `run` it to drain them.
+    pub drain: Arc<Drain>,
 }
 
 /// An outbound proxy sending everything to `target(own address)`.
@@ -89,6 +93,7 @@ pub fn start_outbound(
 ) -> anyhow::Result<Running> {
     let listeners = bind_listeners(Direction::Outbound, &[LOCALHOST], 0)?;
     let addr = listeners[0].local_addr()?;
+    let drain = Arc::new(Drain::default());
     let proxy = Arc::new(OutboundProxy {
         orig_dst: Arc::new(ExplicitOrigDst(target(addr))),
         mesh,
@@ -97,12 +102,22 @@ pub fn start_outbound(
         timeouts,
         listen_addrs: local_addrs(&listeners)?,
         upstreams: Upstreams::default(),
+        drain: drain.clone(),
+        app_activity: None,
     });
     tokio::spawn(proxy.clone().close_stale_connections());
     let mut loops = AcceptLoops::default();
-    loops.add(listeners, proxy, accepting(&metrics, Direction::Outbound));
+    loops.add(
+        listeners,
+        proxy,
+        accepting(&metrics, Direction::Outbound, &drain),
+    );
     tokio::spawn(loops.run_until(std::future::pending()));
-    Ok(Running { addr, metrics })
+    Ok(Running {
+        addr,
+        metrics,
+        drain,
+    })
 }
 
 /// An inbound proxy whose connections were all for `app` (as sk_lookup would tell it).
@@ -121,14 +136,19 @@ pub fn start_inbound(
         timeouts: timeouts(),
         listen_addrs: local_addrs(&listeners)?,
     };
+    let drain = Arc::new(Drain::default());
     let mut loops = AcceptLoops::default();
     loops.add(
         listeners,
         Arc::new(proxy),
-        accepting(&metrics, Direction::Inbound),
+        accepting(&metrics, Direction::Inbound, &drain),
     );
     tokio::spawn(loops.run_until(std::future::pending()));
-    Ok(Running { addr, metrics })
+    Ok(Running {
+        addr,
+        metrics,
+        drain,
+    })
 }
 
 /// Reads the whole request (until the client's FIN), then answers it and closes.

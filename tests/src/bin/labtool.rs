@@ -36,7 +36,8 @@ enum Tool {
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
     },
-    /// Answer every GET with `hello from NAME: you are <peer> and I am <local>`.
+    /// Answer every GET with `hello from NAME: you are <peer> and I am <local>`;
+    /// `GET /delay/<ms>` that many milliseconds late.
     HttpServer {
         #[arg(long = "listen", required = true, value_name = "ADDR")]
         listen: Vec<SocketAddr>,
@@ -48,6 +49,10 @@ enum Tool {
         url: String,
         #[arg(long, default_value_t = 5000)]
         timeout_ms: u64,
+        /// Try again every 100 ms while there is no response at all, for up to this long (an
+        /// app that may start before its proxy).
+        #[arg(long, default_value_t = 0)]
+        retry_for_ms: u64,
     },
     /// A gRPC health service (h2c) answering SERVING, or NOT_SERVING with `--not-serving`.
     GrpcHealthServer {
@@ -89,9 +94,17 @@ fn main() -> ExitCode {
             "http-server",
             serve_all(&listen, move |listener| http::serve(listener, &name)),
         ),
-        Tool::HttpGet { url, timeout_ms } => (
+        Tool::HttpGet {
+            url,
+            timeout_ms,
+            retry_for_ms,
+        } => (
             "http-get",
-            http_get(&url, Duration::from_millis(timeout_ms)),
+            http_get(
+                &url,
+                Duration::from_millis(timeout_ms),
+                Duration::from_millis(retry_for_ms),
+            ),
         ),
         Tool::GrpcHealthServer {
             listen,
@@ -159,8 +172,8 @@ fn connect(addr: SocketAddr, payload_bytes: usize, timeout: Duration) -> Result<
     Ok(())
 }
 
-fn http_get(url: &str, timeout: Duration) -> Result<()> {
-    let response = http::get(&http::HttpTarget::parse(url)?, timeout)?;
+fn http_get(url: &str, timeout: Duration, retry_for: Duration) -> Result<()> {
+    let response = http::get_with_retries(&http::HttpTarget::parse(url)?, timeout, retry_for)?;
     println!("{}", serde_json::to_string(&response)?);
     Ok(())
 }

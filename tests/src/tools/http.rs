@@ -1,5 +1,6 @@
 //! Just enough HTTP/1.1 for `labtool http-server`, `labtool http-get` and
-//! [`crate::wait_for_http_ok`]: GET only, bodies framed by Content-Length.
+//! [`crate::wait_for_http_ok`]: GET only, bodies framed by Content-Length. The server answers
+//! `GET /delay/<ms>` that many milliseconds late: a slow app, for requests in flight.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, ToSocketAddrs};
@@ -12,6 +13,10 @@ use serde::{Deserialize, Serialize};
 
 /// Longest request head the server accepts, so a broken client cannot grow memory forever.
 const MAX_HEAD_BYTES: usize = 16 * 1024;
+/// Requests under this path are answered after the milliseconds that follow it.
+const DELAY_PREFIX: &str = "/delay/";
+/// Pause between the attempts of [`get_with_retries`].
+const RETRY_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Where an `http://host[:port]/path` URL points.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,6 +117,26 @@ pub fn get(target: &HttpTarget, timeout: Duration) -> Result<HttpResponse> {
     }
 }
 
+/// [`get`], attempted again every 100 ms while it gets no response at all (refused, reset, or
+/// closed early), for up to `retry_for`: an app that may start before its proxy listens, as
+/// in a pod without native sidecars. A response of any status ends it.
+pub fn get_with_retries(
+    target: &HttpTarget,
+    timeout: Duration,
+    retry_for: Duration,
+) -> Result<HttpResponse> {
+    let deadline = Instant::now() + retry_for;
+    loop {
+        match get(target, timeout) {
+            Err(error) if Instant::now() < deadline => {
+                eprintln!("http-get: {error:#}; trying again");
+                thread::sleep(RETRY_INTERVAL);
+            }
+            answer => return answer,
+        }
+    }
+}
+
 /// The response in `bytes` if complete; `None` if more is needed. At EOF an incomplete
 /// response is an error.
 fn parse_response(bytes: &[u8], at_eof: bool) -> Result<Option<HttpResponse>> {
@@ -205,6 +230,9 @@ fn serve_connection(stream: TcpStream, name: &str) -> Result<()> {
         read_request(&mut reader).with_context(|| format!("request from {peer}"))?
     {
         let keep_alive = request.keeps_alive();
+        if let Some(delay) = request.delay() {
+            thread::sleep(delay);
+        }
         let (status, body) = if request.method == "GET" {
             (
                 "200 OK",
@@ -233,6 +261,7 @@ fn serve_connection(stream: TcpStream, name: &str) -> Result<()> {
 #[derive(Debug)]
 struct Request {
     method: String,
+    target: String,
     version: String,
     headers: Vec<(String, String)>,
 }
@@ -247,6 +276,12 @@ impl Request {
         } else {
             !connection.contains("close")
         }
+    }
+
+    /// How long `GET /delay/<ms>` asks the answer to wait.
+    fn delay(&self) -> Option<Duration> {
+        let ms = self.target.strip_prefix(DELAY_PREFIX)?;
+        ms.parse().ok().map(Duration::from_millis)
     }
 }
 
@@ -278,7 +313,7 @@ fn read_request(reader: &mut impl BufRead) -> Result<Option<Request>> {
         }
     }
     let mut request_line = lines[0].split_whitespace();
-    let (Some(method), Some(_target), Some(version)) = (
+    let (Some(method), Some(target), Some(version)) = (
         request_line.next(),
         request_line.next(),
         request_line.next(),
@@ -300,6 +335,7 @@ fn read_request(reader: &mut impl BufRead) -> Result<Option<Request>> {
     }
     Ok(Some(Request {
         method: method.to_owned(),
+        target: target.to_owned(),
         version: version.to_owned(),
         headers,
     }))
@@ -403,6 +439,7 @@ mod tests {
     fn http_1_0_closes_unless_asked_to_keep_alive() {
         let request = |version: &str, connection: Option<&str>| Request {
             method: "GET".to_owned(),
+            target: "/".to_owned(),
             version: version.to_owned(),
             headers: connection
                 .map(|value| ("connection".to_owned(), value.to_owned()))
@@ -413,5 +450,51 @@ mod tests {
         assert!(request("HTTP/1.0", Some("Keep-Alive")).keeps_alive());
         assert!(request("HTTP/1.1", None).keeps_alive());
         assert!(!request("HTTP/1.1", Some("close")).keeps_alive());
+    }
+
+    #[test]
+    fn server_answers_delay_paths_that_late() {
+        let addr = start_server("slow");
+        let target = HttpTarget::parse(&format!("http://{addr}/delay/300")).unwrap();
+        let started = Instant::now();
+        let response = get(&target, Duration::from_secs(5)).unwrap();
+        assert!(response.is_success());
+        assert!(started.elapsed() >= Duration::from_millis(300));
+        let prompt = HttpTarget::parse(&format!("http://{addr}/delay/soon")).unwrap();
+        let started = Instant::now();
+        assert!(get(&prompt, Duration::from_secs(5)).unwrap().is_success());
+        assert!(started.elapsed() < Duration::from_millis(300));
+    }
+
+    #[test]
+    fn get_with_retries_waits_for_a_server_that_starts_late() {
+        let reserved = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = reserved.local_addr().unwrap();
+        drop(reserved);
+        let target = HttpTarget::parse(&format!("http://{addr}/")).unwrap();
+        assert!(
+            get(&target, Duration::from_secs(1)).is_err(),
+            "nothing listens yet"
+        );
+        thread::spawn(move || {
+            thread::sleep(Duration::from_millis(300));
+            serve(TcpListener::bind(addr).unwrap(), "late");
+        });
+        let response =
+            get_with_retries(&target, Duration::from_secs(1), Duration::from_secs(5)).unwrap();
+        assert!(
+            response.body.starts_with("hello from late"),
+            "{}",
+            response.body
+        );
+        assert!(
+            get_with_retries(
+                &HttpTarget::parse("http://127.0.0.1:1/").unwrap(),
+                Duration::from_secs(1),
+                Duration::from_millis(200)
+            )
+            .is_err(),
+            "gives up after its time"
+        );
     }
 }

@@ -24,7 +24,7 @@ mod upgrade;
 #[cfg(test)]
 mod tests;
 
-use std::{convert::Infallible, net::SocketAddr, sync::Arc};
+use std::{convert::Infallible, net::SocketAddr, pin::pin, sync::Arc};
 
 use http::{Request, Response, StatusCode, header::CONTENT_TYPE};
 use http_body_util::BodyExt;
@@ -34,7 +34,10 @@ use hyper::{
     service::service_fn,
 };
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    sync::Notify,
+};
 use tracing::debug;
 
 pub use self::{
@@ -59,8 +62,27 @@ use super::{
     relay::record_refusal,
 };
 
+/// Serves a hyper server connection to its end; once `finish` completes, asks it to finish
+/// gracefully (hyper's `graceful_shutdown`) and serves it to its end. (A macro: a generic
+/// function holding hyper's connection across an await trips the compiler's `Send` proof.)
+macro_rules! finish_when {
+    ($connection:expr, $finish:expr) => {{
+        let mut connection = pin!($connection);
+        tokio::select! {
+            served = connection.as_mut() => served,
+            () = $finish => {
+                connection.as_mut().graceful_shutdown();
+                connection.await
+            }
+        }
+    }};
+}
+
 /// Serves the HTTP requests of one downstream connection until it ends, or until it is idle
-/// for the idle timeout, or (HTTP/1) a request's headers are late.
+/// for the idle timeout, or (HTTP/1) a request's headers are late. While the proxy drains it
+/// is asked to finish: HTTP/1 closes after its request in flight (`Connection: close`) or at
+/// once between requests, HTTP/2 sends GOAWAY; a connection that has carried no request yet is
+/// asked once its first arrives, since the app opened it to send one.
 pub async fn serve<D>(
     proxy: Arc<OutboundProxy>,
     downstream: D,
@@ -72,7 +94,17 @@ pub async fn serve<D>(
 {
     let metrics = proxy.metrics.clone();
     let timeouts = proxy.timeouts;
+    let drain = proxy.drain.clone();
     let heads = Arc::new(RequestHeads::default());
+    // A stored permit once the first request has arrived.
+    let first_request = Arc::new(Notify::new());
+    let finish_when_draining = {
+        let first_request = first_request.clone();
+        async move {
+            drain.started().await;
+            first_request.notified().await;
+        }
+    };
     let mut downstream = Deadlines::new(downstream, timeouts.idle);
     // HTTP/2 streams are bounded by h2's own limits (header list size, concurrent streams).
     if protocol == AppProtocol::Http1 {
@@ -80,6 +112,7 @@ pub async fn serve<D>(
             downstream.with_request_headers_timeout(heads.clone(), timeouts.request_headers);
     }
     let service = service_fn(move |request: Request<Incoming>| {
+        first_request.notify_one();
         let proxy = proxy.clone();
         let serving = heads.request_started();
         let heads = heads.clone();
@@ -102,17 +135,17 @@ pub async fn serve<D>(
     let io = TokioIo::new(downstream);
     let served = match protocol {
         AppProtocol::Http2 => {
-            http2::Builder::new(TokioExecutor::new())
-                .serve_connection(io, service)
-                .await
+            let connection =
+                http2::Builder::new(TokioExecutor::new()).serve_connection(io, service);
+            finish_when!(connection, finish_when_draining)
         }
         _ => {
-            http1::Builder::new()
+            let connection = http1::Builder::new()
                 // The app's header case goes upstream as written (linkerd2#2878).
                 .preserve_header_case(true)
                 .serve_connection(io, service)
-                .with_upgrades()
-                .await
+                .with_upgrades();
+            finish_when!(connection, finish_when_draining)
         }
     };
     let Err(error) = served else {

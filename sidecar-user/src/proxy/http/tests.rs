@@ -1008,3 +1008,198 @@ fn rate_limits_and_faults_reject_bad_values_with_the_reason() {
     );
     assert_eq!(error(", rateLimit: {requestsPerSecond: 5}"), "");
 }
+
+/// A proxy to `app` whose detection waits for the client as long as the test does, so a
+/// connection opened before its first request is still told HTTP.
+fn patient_proxy(app: SocketAddr) -> anyhow::Result<Running> {
+    let mesh = Arc::new(MeshHandle::new(Mesh::plaintext_with_routes(http_config(
+        "services: []\n",
+    ))));
+    start_proxy(mesh, app, PATIENCE)
+}
+
+type Http1Sender = hyper::client::conn::http1::SendRequest<Full<Bytes>>;
+
+/// An HTTP/1 connection to `proxy`: its sender, and its end (the server closing it).
+async fn http1_connection(
+    proxy: SocketAddr,
+) -> anyhow::Result<(Http1Sender, tokio::task::JoinHandle<hyper::Result<()>>)> {
+    let stream = TcpStream::connect(proxy).await?;
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    Ok((sender, tokio::spawn(connection)))
+}
+
+/// Starts draining `proxy` (for at most 30 s); the handle completes once it has drained.
+fn start_draining(proxy: &Running) -> tokio::task::JoinHandle<()> {
+    let drain = proxy.drain.clone();
+    tokio::spawn(async move {
+        drain
+            .run(Duration::from_secs(30), std::future::pending())
+            .await;
+    })
+}
+
+fn closes(headers: &HeaderMap) -> bool {
+    headers
+        .get(http::header::CONNECTION)
+        .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"close"))
+}
+
+async fn ended<T>(what: &str, task: tokio::task::JoinHandle<T>) -> T {
+    timeout(PATIENCE, task)
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not end"))
+        .unwrap_or_else(|error| panic!("{what}: {error}"))
+}
+
+#[tokio::test]
+async fn draining_closes_http1_connections_once_their_request_in_flight_is_answered()
+-> anyhow::Result<()> {
+    let slow = Reply {
+        status: 200,
+        delay: Duration::from_millis(500),
+    };
+    // The second request is the slow one, in flight when the drain starts.
+    let app = backend("app", move |n| if n == 1 { slow } else { OK }).await?;
+    let proxy = patient_proxy(app.addr)?;
+
+    let (mut idle, idle_closed) = http1_connection(proxy.addr).await?;
+    let answer = timeout(PATIENCE, idle.send_request(get("app", "/"))).await??;
+    assert!(!closes(answer.headers()));
+    answer.into_body().collect().await?;
+    let (mut busy, busy_closed) = http1_connection(proxy.addr).await?;
+    let in_flight = tokio::spawn(busy.send_request(get("app", "/slow")));
+    wait_until("the slow request reached the app", || {
+        app.hits.load(Ordering::SeqCst) == 2
+    })
+    .await;
+    let (mut fresh, fresh_closed) = http1_connection(proxy.addr).await?;
+
+    let drained = start_draining(&proxy);
+    // Idle between requests: closed at once.
+    ended("the idle connection", idle_closed).await?;
+    // Opened but not used yet: its first request is served, and it closes after.
+    let answer = timeout(PATIENCE, fresh.send_request(get("app", "/"))).await??;
+    assert_eq!(answer.status(), StatusCode::OK);
+    assert!(closes(answer.headers()), "{:?}", answer.headers());
+    answer.into_body().collect().await?;
+    ended("the fresh connection", fresh_closed).await?;
+    // Opened while draining: served the same way.
+    let late = send(proxy.addr, get("app", "/")).await?;
+    assert_eq!(late.status, StatusCode::OK);
+    assert!(closes(&late.headers), "{:?}", late.headers);
+    // In flight: answered, then closed.
+    assert!(!drained.is_finished(), "a request is still in flight");
+    let answer = ended("the slow request", in_flight).await?;
+    assert_eq!(answer.status(), StatusCode::OK);
+    assert!(closes(answer.headers()), "{:?}", answer.headers());
+    assert_eq!(&answer.into_body().collect().await?.to_bytes()[..], b"app");
+    ended("the busy connection", busy_closed).await?;
+    ended("the drain", drained).await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn draining_sends_http2_goaway_and_finishes_the_streams_in_flight() -> anyhow::Result<()> {
+    let listener = TcpListener::bind((LOCALHOST, 0)).await?;
+    let app_addr = listener.local_addr()?;
+    let slow_started = Arc::new(tokio::sync::Notify::new());
+    let started = slow_started.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let started = started.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |request: Request<Incoming>| {
+                    let started = started.clone();
+                    async move {
+                        if request.uri().path() == "/slow" {
+                            started.notify_one();
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
+                        Ok::<_, std::convert::Infallible>(Response::new(Full::new(
+                            Bytes::from_static(b"h2"),
+                        )))
+                    }
+                });
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+            });
+        }
+    });
+    let proxy = patient_proxy(app_addr)?;
+    let stream = TcpStream::connect(proxy.addr).await?;
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await?;
+    let closed = tokio::spawn(connection);
+    let request = |path: &str| {
+        Request::get(format!("http://app{path}"))
+            .body(Full::<Bytes>::default())
+            .expect("a valid request")
+    };
+    let answer = timeout(PATIENCE, sender.send_request(request("/"))).await??;
+    assert_eq!(answer.status(), StatusCode::OK);
+    let in_flight = tokio::spawn(sender.send_request(request("/slow")));
+    timeout(PATIENCE, slow_started.notified()).await?;
+
+    let drained = start_draining(&proxy);
+    // GOAWAY: the client takes no new stream on this connection...
+    let deadline = Instant::now() + PATIENCE;
+    while timeout(PATIENCE, sender.send_request(request("/")))
+        .await?
+        .is_ok()
+    {
+        assert!(Instant::now() < deadline, "no GOAWAY");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // ...while the stream in flight completes; then the connection closes.
+    let answer = ended("the slow stream", in_flight).await?;
+    assert_eq!(answer.status(), StatusCode::OK);
+    assert_eq!(&answer.into_body().collect().await?.to_bytes()[..], b"h2");
+    ended("the connection", closed).await?;
+    ended("the drain", drained).await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn an_upgraded_connection_holds_the_drain_until_it_ends() -> anyhow::Result<()> {
+    let server = TcpListener::bind((LOCALHOST, 0)).await?;
+    let server_addr = server.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = server.accept().await {
+            tokio::spawn(async move {
+                read_head(&mut stream).await?;
+                stream
+                    .write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+                    .await?;
+                let (mut reader, mut writer) = stream.split();
+                tokio::io::copy(&mut reader, &mut writer).await?;
+                anyhow::Ok(())
+            });
+        }
+    });
+    let proxy = patient_proxy(server_addr)?;
+    let mut client = TcpStream::connect(proxy.addr).await?;
+    client
+        .write_all(
+            b"GET /ws HTTP/1.1\r\nHost: app\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        )
+        .await?;
+    let response = timeout(PATIENCE, read_head(&mut client)).await??;
+    assert!(response.starts_with("HTTP/1.1 101"), "{response}");
+
+    let drained = start_draining(&proxy);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!drained.is_finished(), "the upgraded connection is open");
+    client.write_all(b"still carried").await?;
+    let mut echoed = [0u8; 13];
+    timeout(PATIENCE, client.read_exact(&mut echoed)).await??;
+    assert_eq!(&echoed, b"still carried");
+    drop(client);
+    ended("the drain", drained).await;
+    Ok(())
+}

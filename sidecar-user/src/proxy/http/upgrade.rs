@@ -87,7 +87,13 @@ pub async fn forward(
     }
     let upstream_upgrade = hyper::upgrade::on(&mut response);
     let peer = record.peer;
-    tokio::spawn(async move {
+    // Still the app's connection: the drain and the idle exit wait for it.
+    let open = proxy
+        .app_activity
+        .as_ref()
+        .map(|activity| activity.opened());
+    proxy.drain.spawn(async move {
+        let _open = open;
         match tokio::try_join!(downstream_upgrade, upstream_upgrade) {
             Ok((downstream, upstream)) => {
                 let (mut downstream, mut upstream) =
