@@ -170,7 +170,7 @@ impl InboundProxy {
         downstream: D,
         orig_dst: SocketAddr,
         labels: TcpLabels,
-        log: AccessLog,
+        mut log: AccessLog,
     ) where
         D: AsyncRead + AsyncWrite + Unpin + IntoTcp,
     {
@@ -187,7 +187,7 @@ impl InboundProxy {
             upstream,
             counters,
             &self.metrics,
-            &log,
+            &mut log,
             self.timeouts.idle,
         )
         .await;

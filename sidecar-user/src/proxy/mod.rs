@@ -8,7 +8,8 @@
 //! - `connection_limit`: each listener's cap on open connections; `deadlines`: idle and
 //!   request-headers timeouts of downstream connections; `keepalive`: TCP keepalive;
 //! - `outbound`, `inbound`: the per-connection logic of each side; `relay`: relay or refuse,
-//!   with the access log (`access_log`) and counters; `copy`: bidirectional counted copy;
+//!   with the access log (`access_log`) and counters; `splice`: the zero-copy relay of plain
+//!   TCP (splice(2) through pooled pipes); `copy`: bidirectional counted copy (TLS);
 //! - `sniff`: bounded detection of a mesh ClientHello; `tls`: rustls configs, SPIFFE checks;
 //! - `identity`: SPIFFE IDs; `authz`: allow rules; `mesh_config`: the YAML file; `mesh`: the
 //!   compiled snapshot connections use; `mesh_watch`: load and hot-reload (notify);
@@ -43,7 +44,7 @@ mod orig_dst;
 mod outbound;
 mod relay;
 mod sniff;
-
+mod splice;
 mod upstream;
 
 #[cfg(test)]

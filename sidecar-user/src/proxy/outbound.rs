@@ -119,7 +119,7 @@ impl Handler for OutboundProxy {
                     upstream,
                     counters,
                     &self.metrics,
-                    &log,
+                    &mut log,
                     self.timeouts.idle,
                 )
                 .await;
