@@ -20,7 +20,8 @@ use super::{
     upstream::{UpstreamIo, reset},
 };
 
-/// The TCP socket under a (possibly TLS, possibly rewound) stream, to reset it.
+/// The TCP socket under a (possibly TLS, possibly rewound) stream: to reset it, or to splice
+/// it when nothing but bytes already read sits on top of it.
 pub trait IntoTcp: Sized {
     fn into_tcp(self) -> TcpStream;
 
