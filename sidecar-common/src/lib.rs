@@ -44,7 +44,7 @@ pub const CAPTURE_STATUS_OPTNAME: i32 = 0x5343_0001;
 pub struct CaptureStatus {
     /// [`CaptureStatus::MAGIC`]: the bytes come from our program, not from chance.
     pub magic: u32,
-    /// [`CaptureStatus::OUTBOUND`], [`CaptureStatus::INBOUND`].
+    /// [`CaptureStatus::OUTBOUND`], [`CaptureStatus::INBOUND`], [`CaptureStatus::SHORTCUT_OFF`].
     pub flags: u32,
 }
 
@@ -54,6 +54,11 @@ impl CaptureStatus {
     pub const OUTBOUND: u32 = 1;
     /// Inbound capture is configured.
     pub const INBOUND: u32 = 2;
+    /// The sockmap shortcut is off: no socket of the pod is in a sockmap, so the proxy may
+    /// splice(2) its relayed connections. Said this way round so that a capture that does not
+    /// say (an older program) is taken as one that may have the shortcut on, where splice would
+    /// never see the bytes the shortcut delivers.
+    pub const SHORTCUT_OFF: u32 = 4;
 }
 
 /// Capacity of each excluded-CIDR trie. Memory is allocated per entry, but kernels before 6.4

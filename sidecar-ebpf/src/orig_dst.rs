@@ -18,7 +18,8 @@ use aya_ebpf::{
 };
 use aya_log_ebpf::warn;
 use sidecar_common::{
-    CAPTURE_STATUS_OPTNAME, CaptureStatus, Counter, Endpoint, SO_ORIGINAL_DST, SOL_IP, SOL_IPV6,
+    CAPTURE_STATUS_OPTNAME, CaptureConfig, CaptureStatus, Counter, Endpoint, SO_ORIGINAL_DST,
+    SOL_IP, SOL_IPV6,
 };
 
 use crate::{
@@ -234,6 +235,9 @@ fn write_capture_status(ctx: &SockoptContext) {
     }
     if config.inbound_port != 0 {
         flags |= CaptureStatus::INBOUND;
+    }
+    if config.flags & CaptureConfig::SOCKMAP_SHORTCUT == 0 {
+        flags |= CaptureStatus::SHORTCUT_OFF;
     }
     let status = CaptureStatus {
         magic: CaptureStatus::MAGIC,

@@ -3,6 +3,8 @@
 //! hop (app -> proxy) and the server's inbound hop (proxy -> app) through the shortcut. What
 //! must hold: bytes arrive exact in both directions for small and large transfers, half-close
 //! still ends the stream, nothing stalls, and the kernel counters show the shortcut was taken.
+//! The proxies copy what they relay under the shortcut (splice(2) would never see the bytes
+//! it delivers) and splice it without.
 //! The lab's tools do their I/O like event-loop programs (see `tools::polled`): the kernel's
 //! sockmap receive path can hand a blocking reader EAGAIN, so the shortcut is for them.
 mod common;
@@ -28,7 +30,8 @@ struct ShortcutLab {
     _lab: Lab,
     client: Pod,
     server: Pod,
-    _processes: Vec<LabProcess>,
+    _apps: Vec<LabProcess>,
+    proxies: Vec<LabProcess>,
 }
 
 impl ShortcutLab {
@@ -41,7 +44,7 @@ impl ShortcutLab {
         let client = lab.add_pod("client").expect("client pod");
         let server = lab.add_pod("server").expect("server pod");
         let app = server.cgroup_child("app").expect("app cgroup");
-        let mut processes = vec![
+        let apps = vec![
             server
                 .command(labtool())
                 .in_cgroup(&app)
@@ -71,6 +74,7 @@ impl ShortcutLab {
             });
         }
         // After init: the proxy's inbound listener is registered when it listens.
+        let mut proxies = Vec::new();
         for pod in [&client, &server] {
             let proxy = pod
                 .command(sidecar_bin())
@@ -81,13 +85,33 @@ impl ShortcutLab {
                 .expect("proxy");
             let ready = wait_for_http_ok(pod, "http://127.0.0.1:15021/healthz/ready", READY);
             assert!(ready.is_ok(), "{} proxy not ready: {ready:?}", pod.name());
-            processes.push(proxy);
+            proxies.push(proxy);
         }
         ShortcutLab {
             _lab: lab,
             client,
             server,
-            _processes: processes,
+            _apps: apps,
+            proxies,
+        }
+    }
+
+    /// Every relayed connection both proxies logged relayed `mode` (`splice`, `copy`), and
+    /// there was at least one on each side.
+    fn assert_relayed_by(&self, mode: &str) {
+        for proxy in &self.proxies {
+            let logs = proxy.stdout_text();
+            let relayed: Vec<&str> = logs
+                .lines()
+                .filter(|line| line.contains("connection complete"))
+                .collect();
+            assert!(!relayed.is_empty(), "nothing relayed:\n{logs}");
+            for line in relayed {
+                assert!(
+                    line.contains(&format!("relay=\"{mode}\"")),
+                    "not relayed by {mode}: {line}"
+                );
+            }
         }
     }
 
@@ -181,6 +205,7 @@ fn transfers_are_byte_exact_both_ways_through_the_shortcut() {
         );
         assert_eq!(delta(after, before, "errors"), 0, "{pod}: {after:?}");
     }
+    mesh.assert_relayed_by("copy");
 }
 
 /// Both IPv6 hops too: the inbound one since its source is the proxy's own `::6`.
@@ -289,4 +314,5 @@ fn the_shortcut_is_off_unless_asked_for() {
         "{}",
         text(&out)
     );
+    mesh.assert_relayed_by("splice");
 }

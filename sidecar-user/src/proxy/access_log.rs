@@ -6,6 +6,7 @@ use super::{
     identity::SpiffeId,
     mesh_config::InboundMode,
     metrics::{Direction, FailureReason, SecurityPolicy},
+    relay::RelayMode,
     sniff::Protocol,
 };
 
@@ -23,6 +24,8 @@ pub struct AccessLog {
     /// Inbound: the port's mode and what the first bytes were.
     pub inbound_mode: Option<InboundMode>,
     pub protocol: Option<Protocol>,
+    /// Relayed connections: whether the bytes were spliced or copied.
+    pub relay: Option<RelayMode>,
     started: Instant,
 }
 
@@ -41,6 +44,7 @@ macro_rules! access_event {
             security_policy = $log.security_policy.name(),
             inbound_mode = $log.inbound_mode.map(InboundMode::name),
             protocol = $log.protocol.map(Protocol::name),
+            relay = $log.relay.map(RelayMode::name),
             duration_ms = $log.duration_ms(),
             $($outcome)*
         )
@@ -60,6 +64,7 @@ impl AccessLog {
             security_policy: SecurityPolicy::None,
             inbound_mode: None,
             protocol: None,
+            relay: None,
             started: Instant::now(),
         }
     }

@@ -10,7 +10,7 @@
 //! (`listener.rs`).
 use std::{
     io,
-    os::fd::AsFd,
+    os::fd::{AsFd, BorrowedFd},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -41,8 +41,13 @@ pub enum CaptureCheck {
 /// What the capture's getsockopt program says, or `None` when no program answered.
 pub fn capture_status() -> io::Result<Option<CaptureStatus>> {
     let probe = socket(AddressFamily::INET, SocketType::STREAM, None)?;
+    capture_status_of(probe.as_fd())
+}
+
+/// [`capture_status`], asked on a TCP socket the proxy already has.
+pub fn capture_status_of(socket: BorrowedFd<'_>) -> io::Result<Option<CaptureStatus>> {
     let mut answer = [0u8; size_of::<CaptureStatus>()];
-    match sys::getsockopt_bytes(probe.as_fd(), SOL_IP, CAPTURE_STATUS_OPTNAME, &mut answer) {
+    match sys::getsockopt_bytes(socket, SOL_IP, CAPTURE_STATUS_OPTNAME, &mut answer) {
         Ok(len) if len == answer.len() => {
             let word = |i: usize| u32::from_ne_bytes(answer[i..i + 4].try_into().expect("4"));
             let status = CaptureStatus {

@@ -28,6 +28,15 @@ use super::metrics::ListenerMetrics;
 const SPARE_FDS: u64 = 128;
 /// A proxied connection holds two descriptors: the downstream and the upstream.
 const FDS_PER_CONNECTION: u64 = 2;
+/// A pipe of the splice relay holds two: its read and write ends.
+const FDS_PER_PIPE: u64 = 2;
+/// The splice relay's pipes may take one descriptor in this many. A pipe is held only while
+/// bytes are in flight, not for a connection's life, so far fewer are needed than connections.
+const PIPE_SHARE: u64 = 8;
+/// And never more pipes than this: their buffers are charged to the proxy's user, whose budget
+/// (`fs.pipe-user-pages-soft`, 64 MiB by default) every proxy of that user on the node
+/// shares. Bytes in flight beyond it are copied.
+const MAX_PIPES: u64 = 1024;
 /// The data path has two sides (outbound, inbound), each with its own cap.
 const DATA_PATH_SIDES: u64 = 2;
 /// The least a side is given, however low the open-file limit.
@@ -161,20 +170,31 @@ fn gauge(count: usize) -> i64 {
 }
 
 /// The default cap of each data-path side: what the open-file limit leaves once the admin
-/// listeners are full and [`SPARE_FDS`] are set aside, shared by the two sides at two
-/// descriptors per connection. With the usual container limit (1048576) that is about 262000
-/// per side; with 1024, 128. `None` (no limit): no cap.
+/// listeners are full, the splice relay's pipes ([`max_pipes`]) and [`SPARE_FDS`] are set
+/// aside, shared by the two sides at two descriptors per connection. With the usual container
+/// limit (1048576) that is about 261500 per side; with 1024, 96. `None` (no limit): no cap.
 pub fn data_path_cap(open_file_limit: Option<u64>, admin_fds: usize) -> usize {
     let Some(limit) = open_file_limit else {
         return usize::MAX;
     };
+    let pipe_fds = max_pipes(open_file_limit) as u64 * FDS_PER_PIPE;
     let left = limit
         .saturating_sub(admin_fds as u64)
+        .saturating_sub(pipe_fds)
         .saturating_sub(SPARE_FDS);
     let cap = left / FDS_PER_CONNECTION / DATA_PATH_SIDES;
     usize::try_from(cap)
         .unwrap_or(usize::MAX)
         .max(MIN_DATA_PATH_CAP)
+}
+
+/// How many pipes the splice relay may hold open at once: [`PIPE_SHARE`] of the open-file
+/// limit, at most [`MAX_PIPES`]. With 1024 descriptors, 64.
+pub fn max_pipes(open_file_limit: Option<u64>) -> usize {
+    let pipes = open_file_limit.map_or(MAX_PIPES, |limit| {
+        (limit / PIPE_SHARE / FDS_PER_PIPE).min(MAX_PIPES)
+    });
+    usize::try_from(pipes).unwrap_or(usize::MAX)
 }
 
 #[cfg(test)]
@@ -241,9 +261,18 @@ mod tests {
 
     #[test]
     fn the_data_path_shares_what_the_open_file_limit_leaves() {
-        assert_eq!(data_path_cap(Some(1024), 3 * 128), 128);
-        assert_eq!(data_path_cap(Some(1_048_576), 3 * 128), 262_016);
+        // 1024 - 384 admin - 128 pipe descriptors - 128 spare, at 2 per connection, 2 sides.
+        assert_eq!(data_path_cap(Some(1024), 3 * 128), 96);
+        assert_eq!(data_path_cap(Some(1_048_576), 3 * 128), 261_504);
         assert_eq!(data_path_cap(Some(256), 3 * 128), MIN_DATA_PATH_CAP);
         assert_eq!(data_path_cap(None, 3 * 128), usize::MAX);
+    }
+
+    #[test]
+    fn splice_pipes_take_a_bounded_share_of_the_descriptors() {
+        assert_eq!(max_pipes(Some(1024)), 64);
+        assert_eq!(max_pipes(Some(1_048_576)), 1024);
+        assert_eq!(max_pipes(Some(8)), 0);
+        assert_eq!(max_pipes(None), 1024);
     }
 }

@@ -172,7 +172,7 @@ impl InboundProxy {
         downstream: D,
         orig_dst: SocketAddr,
         labels: TcpLabels,
-        log: AccessLog,
+        mut log: AccessLog,
     ) where
         D: AsyncRead + AsyncWrite + Unpin + IntoTcp,
     {
@@ -189,7 +189,7 @@ impl InboundProxy {
             upstream,
             counters,
             &self.metrics,
-            &log,
+            &mut log,
             self.timeouts.idle,
         )
         .await;

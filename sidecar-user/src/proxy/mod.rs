@@ -10,7 +10,8 @@
 //! - `drain`: stopping without cutting the app's last requests; `idle_exit`: stopping once
 //!   the app is done (`--exit-when-idle-after`);
 //! - `outbound`, `inbound`: the per-connection logic of each side; `relay`: relay or refuse,
-//!   with the access log (`access_log`) and counters; `copy`: bidirectional counted copy;
+//!   with the access log (`access_log`) and counters; `splice`: the zero-copy relay of plain
+//!   TCP (splice(2) through pooled pipes); `copy`: bidirectional counted copy (TLS);
 //! - `sniff`: bounded detection of a mesh ClientHello; `tls`: rustls configs, SPIFFE checks;
 //! - `identity`: SPIFFE IDs; `authz`: allow rules; `mesh_config`: the YAML file; `mesh`: the
 //!   compiled snapshot connections use; `mesh_watch`: load and hot-reload (notify);
@@ -47,7 +48,7 @@ mod orig_dst;
 mod outbound;
 mod relay;
 mod sniff;
-
+mod splice;
 mod upstream;
 
 #[cfg(test)]

@@ -126,7 +126,7 @@ impl Handler for OutboundProxy {
                     upstream,
                     counters,
                     &self.metrics,
-                    &log,
+                    &mut log,
                     self.timeouts.idle,
                 )
                 .await;

@@ -221,6 +221,12 @@ impl<S> Rewound<S> {
     pub fn into_inner(self) -> S {
         self.inner
     }
+
+    /// The prefix not read yet, and the stream.
+    pub fn into_parts(mut self) -> (Vec<u8>, S) {
+        self.prefix.drain(..self.position);
+        (self.prefix, self.inner)
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Rewound<S> {
@@ -409,6 +415,16 @@ mod tests {
         let mut truncated = client_hello(&[MESH_ALPN]);
         truncated[8] = 0xff;
         assert_eq!(sniff_bytes(&truncated).await.protocol, Protocol::Tls);
+    }
+
+    #[tokio::test]
+    async fn a_rewound_stream_gives_back_what_it_has_not_replayed() {
+        let (_client, server) = duplex(1024);
+        let mut rewound = Rewound::new(b"hello".to_vec(), server);
+        let mut first = [0u8; 2];
+        rewound.read_exact(&mut first).await.expect("read");
+        let (unread, _server) = rewound.into_parts();
+        assert_eq!(unread, b"llo");
     }
 
     #[tokio::test]

@@ -183,6 +183,14 @@ pub async fn start_streaming_echo() -> io::Result<SocketAddr> {
     Ok(addr)
 }
 
+/// Two connected loopback sockets: (the connecting end, the accepted end).
+pub async fn socket_pair() -> io::Result<(TcpStream, TcpStream)> {
+    let listener = TcpListener::bind((LOCALHOST, 0)).await?;
+    let addr = listener.local_addr()?;
+    let (connected, accepted) = tokio::join!(TcpStream::connect(addr), listener.accept());
+    Ok((connected?, accepted?.0))
+}
+
 pub async fn round_trip(proxy: SocketAddr, request: &[u8]) -> io::Result<Vec<u8>> {
     let mut client = TcpStream::connect(proxy).await?;
     client.write_all(request).await?;

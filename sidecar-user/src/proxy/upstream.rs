@@ -54,17 +54,27 @@ pub struct ConnectFailure {
 pub trait UpstreamIo: AsyncRead + AsyncWrite + Send + Unpin + 'static {
     /// The TCP socket under it, to reset it.
     fn into_tcp_stream(self: Box<Self>) -> TcpStream;
+    /// The TCP socket when nothing sits between it and the relay (no TLS), to splice it.
+    fn into_plain_tcp(self: Box<Self>) -> Result<TcpStream, Box<dyn UpstreamIo>>;
 }
 
 impl UpstreamIo for TcpStream {
     fn into_tcp_stream(self: Box<Self>) -> TcpStream {
         *self
     }
+
+    fn into_plain_tcp(self: Box<Self>) -> Result<TcpStream, Box<dyn UpstreamIo>> {
+        Ok(*self)
+    }
 }
 
 impl UpstreamIo for tokio_rustls::client::TlsStream<TcpStream> {
     fn into_tcp_stream(self: Box<Self>) -> TcpStream {
         self.into_inner().0
+    }
+
+    fn into_plain_tcp(self: Box<Self>) -> Result<TcpStream, Box<dyn UpstreamIo>> {
+        Err(self)
     }
 }
 
