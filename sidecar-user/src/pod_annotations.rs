@@ -173,6 +173,75 @@ note="a \"quoted\" line\nand \u00e9 \\ done"
         );
     }
 
+    /// A value quoted as the kubelet writes it: Go's `%q` (`strconv.Quote`), which escapes
+    /// `\a \b \f \n \r \t \v \\ \"`, other ASCII controls as `\xHH`, and characters Go does
+    /// not print as `\uHHHH` or `\UHHHHHHHH` (that set approximated: controls, the common format
+    /// characters, private use; either form reads back the same).
+    fn go_quote(value: &str) -> String {
+        let unprintable = |c: char| {
+            c.is_control()
+                || matches!(u32::from(c),
+                    0xad | 0x200b..=0x200f | 0x2028..=0x202e | 0x2060..=0x2064 | 0xfeff
+                    | 0xe000..=0xf8ff | 0xe0001..=0xe007f | 0xf0000..)
+        };
+        let mut quoted = String::from('"');
+        for c in value.chars() {
+            match c {
+                '\x07' => quoted.push_str("\\a"),
+                '\x08' => quoted.push_str("\\b"),
+                '\x0c' => quoted.push_str("\\f"),
+                '\n' => quoted.push_str("\\n"),
+                '\r' => quoted.push_str("\\r"),
+                '\t' => quoted.push_str("\\t"),
+                '\x0b' => quoted.push_str("\\v"),
+                '\\' => quoted.push_str("\\\\"),
+                '"' => quoted.push_str("\\\""),
+                c if c.is_ascii_control() => quoted.push_str(&format!("\\x{:02x}", u32::from(c))),
+                c if unprintable(c) && u32::from(c) <= 0xffff => {
+                    quoted.push_str(&format!("\\u{:04x}", u32::from(c)))
+                }
+                c if unprintable(c) => quoted.push_str(&format!("\\U{:08x}", u32::from(c))),
+                c => quoted.push(c),
+            }
+        }
+        quoted.push('"');
+        quoted
+    }
+
+    /// Fuzz target `pod_annotations` (`cargo xtask fuzz`; under `cargo test`: its corpus and a
+    /// second of random inputs). Any file is annotations or an error; the annotations read
+    /// come back the same when the kubelet writes them again; accepted port settings print as
+    /// they parse, and their kernel-side prefixes cover exactly their ports.
+    #[test]
+    fn fuzz_pod_annotations() {
+        bolero::check!(name = "pod_annotations").for_each(|input: &[u8]| {
+            let Ok(text) = std::str::from_utf8(input) else {
+                return; // read_to_string refuses it before parsing
+            };
+            let Ok(annotations) = parse_downward_api(text) else {
+                return;
+            };
+            let rewritten: String = annotations
+                .iter()
+                .map(|(key, value)| format!("{key}={}\n", go_quote(value)))
+                .collect();
+            match parse_downward_api(&rewritten) {
+                Ok(again) => assert_eq!(again, annotations, "{rewritten:?}"),
+                Err(error) => panic!("{rewritten:?} does not read back: {error:#}"),
+            }
+            let Ok(result) = overrides(&annotations) else {
+                return;
+            };
+            for ports in [&result.exclude_ports, &result.exclude_inbound_ports] {
+                assert_eq!(ports.to_string().parse::<PortRanges>().as_ref(), Ok(ports));
+                assert_eq!(
+                    PortRanges::from_prefixes(&ports.to_prefixes()),
+                    ports.normalized()
+                );
+            }
+        });
+    }
+
     #[test]
     fn bad_values_name_the_annotation() {
         let error = |key: &str, value: &str| {

@@ -672,6 +672,60 @@ inbound:
         Ok(())
     }
 
+    /// Fuzz target `mesh_config` (`cargo xtask fuzz`; under `cargo test`: its corpus and a
+    /// second of random inputs). Any file is a config or an error that points inside the file;
+    /// an accepted config routes requests, and each of its durations can be added to the
+    /// present moment as the proxy does (a deadline, an ejection's end).
+    #[test]
+    fn fuzz_mesh_config() {
+        let orig_dst = "198.18.0.2:8080".parse().expect("address");
+        bolero::check!(name = "mesh_config").for_each(|input: &[u8]| {
+            let config = match MeshConfig::parse(input, Path::new(PATH)) {
+                Ok(config) => config,
+                Err(error) => {
+                    // At most one past the last line (where YAML reports the end of the
+                    // input); any of YAML's line breaks counts, so do \r, NEL, LS and PS.
+                    let breaks = input
+                        .iter()
+                        .filter(|&&b| matches!(b, b'\n' | b'\r'))
+                        .count()
+                        + input.windows(2).filter(|w| w == b"\xc2\x85").count()
+                        + input
+                            .windows(3)
+                            .filter(|w| w[..2] == *b"\xe2\x80" && (w[2] | 1) == 0xa9)
+                            .count();
+                    if let Some((line, column)) = error.location {
+                        assert!((1..=breaks + 2).contains(&line) && column >= 1, "{error}");
+                    }
+                    assert!(error.to_string().starts_with("mesh config "));
+                    return;
+                }
+            };
+            let now = std::time::Instant::now();
+            let services = config.http.services.iter().flat_map(|service| {
+                [
+                    service.connection_pool.idle_timeout,
+                    service.outlier_detection.ejection_time,
+                ]
+            });
+            let routes = config.http.routes.iter().flat_map(|route| {
+                let retry = route.retries.as_ref().and_then(|r| r.per_try_timeout);
+                route.timeout.into_iter().chain(retry)
+            });
+            for duration in services.chain(routes) {
+                assert!(now.checked_add(duration).is_some(), "{duration:?} accepted");
+            }
+            let request = http::Request::get("/api/v1/items?x=1")
+                .header(http::header::HOST, "Web.Example:8080")
+                .header("x-version", "v2")
+                .body(())
+                .expect("request");
+            let table = crate::proxy::http::router::RouteTable::new(config.http);
+            let view = crate::proxy::http::router::RequestView::new(&request, orig_dst);
+            let _ = table.decide(&view);
+        });
+    }
+
     #[test]
     fn missing_sections_are_reported() {
         let error = parse("trustDomain: td\n").expect_err("no identity");
