@@ -79,6 +79,11 @@ fn unquote(quoted: &str) -> Result<String> {
             Some('n') => out.push('\n'),
             Some('t') => out.push('\t'),
             Some('r') => out.push('\r'),
+            // Go's `%q` writes these four too (any annotation may hold such a character).
+            Some('a') => out.push('\x07'),
+            Some('b') => out.push('\x08'),
+            Some('f') => out.push('\x0c'),
+            Some('v') => out.push('\x0b'),
             Some(kind @ ('x' | 'u' | 'U')) => {
                 let digits = match kind {
                     'x' => 2,
@@ -171,6 +176,24 @@ note="a \"quoted\" line\nand \u00e9 \\ done"
             overrides(&BTreeMap::new()).unwrap(),
             PodOverrides::default()
         );
+    }
+
+    /// Every escape Go's `%q` writes, which the kubelet uses for every annotation of the pod,
+    /// ours or not (the `pod_annotations` fuzz target found a vertical tab refused).
+    #[test]
+    fn reads_every_escape_the_kubelets_go_quoting_writes() {
+        // Written by Go 1.19's `fmt.Sprintf("%v=%q\n", ...)`, as fieldpath.FormatMap does.
+        let file = r#"escapes="bell \a backspace \b formfeed \f newline \n return \r tab \t vtab \v backslash \\ quote \" nul \x00 del \x7f nbsp \u00a0 zwsp \u200b tag \U000e0001 emoji 😀 é"
+sidecar.ebpf/fail-policy="closed""#;
+        let annotations = parse_downward_api(file).unwrap();
+        assert_eq!(
+            annotations["escapes"],
+            "bell \x07 backspace \x08 formfeed \x0c newline \n return \r tab \t vtab \x0b \
+             backslash \\ quote \" nul \0 del \x7f nbsp \u{a0} zwsp \u{200b} tag \u{e0001} \
+             emoji 😀 é"
+        );
+        let result = overrides(&annotations).unwrap();
+        assert_eq!(result.fail_policy, Some(FailPolicy::Closed));
     }
 
     /// A value quoted as the kubelet writes it: Go's `%q` (`strconv.Quote`), which escapes
