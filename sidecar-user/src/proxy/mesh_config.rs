@@ -672,6 +672,44 @@ inbound:
         Ok(())
     }
 
+    /// The proxy adds each duration to the present moment (a request's deadline, the end of an
+    /// ejection, an idle connection's expiry): one that overflows the clock is refused at its
+    /// line, as Envoy refuses more than protobuf's 10000 years, instead of panicking the proxy
+    /// at the first request.
+    #[test]
+    fn durations_beyond_ten_thousand_years_are_rejected_with_their_line() {
+        // Service on line 3, route on line 5 (a duration's error points at its mapping).
+        let config = |service: &str, route: &str| {
+            format!(
+                "http:\n  services:\n    - {{name: web, {service}}}\n  routes:\n    \
+                 - {{name: r, destinations: [{{service: web}}], {route}}}\n"
+            )
+        };
+        let longest = parse(&config("app: a", "timeout: 10000y")).expect("protobuf's longest");
+        assert_eq!(
+            longest.http.routes[0].timeout,
+            Some(std::time::Duration::from_secs(315_576_000_000))
+        );
+        for (service, route, line) in [
+            ("outlierDetection: {ejectionTime: 20000y}", "timeout: 1s", 3),
+            (
+                "connectionPool: {idleTimeout: 315576000001s}",
+                "timeout: 1s",
+                3,
+            ),
+            ("app: a", "timeout: 500000000000y", 5),
+            ("app: a", "retries: {attempts: 1, perTryTimeout: 20000y}", 5),
+        ] {
+            let text = config(service, route);
+            let error = parse(&text).expect_err(&text);
+            assert_eq!(error.location.map(|(l, _)| l), Some(line), "{error}");
+            assert!(
+                error.to_string().contains("longer than 10000 years"),
+                "{error}"
+            );
+        }
+    }
+
     /// Fuzz target `mesh_config` (`cargo xtask fuzz`; under `cargo test`: its corpus and a
     /// second of random inputs). Any file is a config or an error that points inside the file;
     /// an accepted config routes requests, and each of its durations can be added to the
