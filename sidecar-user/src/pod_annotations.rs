@@ -81,6 +81,11 @@ fn unquote(quoted: &str) -> Result<String> {
             Some('n') => out.push('\n'),
             Some('t') => out.push('\t'),
             Some('r') => out.push('\r'),
+            // Go's `%q` writes these four too (any annotation may hold such a character).
+            Some('a') => out.push('\x07'),
+            Some('b') => out.push('\x08'),
+            Some('f') => out.push('\x0c'),
+            Some('v') => out.push('\x0b'),
             Some(kind @ ('x' | 'u' | 'U')) => {
                 let digits = match kind {
                     'x' => 2,
@@ -184,6 +189,93 @@ note="a \"quoted\" line\nand \u00e9 \\ done"
             overrides(&BTreeMap::new()).unwrap(),
             PodOverrides::default()
         );
+    }
+
+    /// Every escape Go's `%q` writes, which the kubelet uses for every annotation of the pod,
+    /// ours or not (the `pod_annotations` fuzz target found a vertical tab refused).
+    #[test]
+    fn reads_every_escape_the_kubelets_go_quoting_writes() {
+        // Written by Go 1.19's `fmt.Sprintf("%v=%q\n", ...)`, as fieldpath.FormatMap does.
+        let file = r#"escapes="bell \a backspace \b formfeed \f newline \n return \r tab \t vtab \v backslash \\ quote \" nul \x00 del \x7f nbsp \u00a0 zwsp \u200b tag \U000e0001 emoji 😀 é"
+sidecar.ebpf/fail-policy="closed""#;
+        let annotations = parse_downward_api(file).unwrap();
+        assert_eq!(
+            annotations["escapes"],
+            "bell \x07 backspace \x08 formfeed \x0c newline \n return \r tab \t vtab \x0b \
+             backslash \\ quote \" nul \0 del \x7f nbsp \u{a0} zwsp \u{200b} tag \u{e0001} \
+             emoji 😀 é"
+        );
+        let result = overrides(&annotations).unwrap();
+        assert_eq!(result.fail_policy, Some(FailPolicy::Closed));
+    }
+
+    /// A value quoted as the kubelet writes it: Go's `%q` (`strconv.Quote`), which escapes
+    /// `\a \b \f \n \r \t \v \\ \"`, other ASCII controls as `\xHH`, and characters Go does
+    /// not print as `\uHHHH` or `\UHHHHHHHH` (that set approximated: controls, the common format
+    /// characters, private use; either form reads back the same).
+    fn go_quote(value: &str) -> String {
+        let unprintable = |c: char| {
+            c.is_control()
+                || matches!(u32::from(c),
+                    0xad | 0x200b..=0x200f | 0x2028..=0x202e | 0x2060..=0x2064 | 0xfeff
+                    | 0xe000..=0xf8ff | 0xe0001..=0xe007f | 0xf0000..)
+        };
+        let mut quoted = String::from('"');
+        for c in value.chars() {
+            match c {
+                '\x07' => quoted.push_str("\\a"),
+                '\x08' => quoted.push_str("\\b"),
+                '\x0c' => quoted.push_str("\\f"),
+                '\n' => quoted.push_str("\\n"),
+                '\r' => quoted.push_str("\\r"),
+                '\t' => quoted.push_str("\\t"),
+                '\x0b' => quoted.push_str("\\v"),
+                '\\' => quoted.push_str("\\\\"),
+                '"' => quoted.push_str("\\\""),
+                c if c.is_ascii_control() => quoted.push_str(&format!("\\x{:02x}", u32::from(c))),
+                c if unprintable(c) && u32::from(c) <= 0xffff => {
+                    quoted.push_str(&format!("\\u{:04x}", u32::from(c)))
+                }
+                c if unprintable(c) => quoted.push_str(&format!("\\U{:08x}", u32::from(c))),
+                c => quoted.push(c),
+            }
+        }
+        quoted.push('"');
+        quoted
+    }
+
+    /// Fuzz target `pod_annotations` (`cargo xtask fuzz`; under `cargo test`: its corpus and a
+    /// second of random inputs). Any file is annotations or an error; the annotations read
+    /// come back the same when the kubelet writes them again; accepted port settings print as
+    /// they parse, and their kernel-side prefixes cover exactly their ports.
+    #[test]
+    fn fuzz_pod_annotations() {
+        bolero::check!(name = "pod_annotations").for_each(|input: &[u8]| {
+            let Ok(text) = std::str::from_utf8(input) else {
+                return; // read_to_string refuses it before parsing
+            };
+            let Ok(annotations) = parse_downward_api(text) else {
+                return;
+            };
+            let rewritten: String = annotations
+                .iter()
+                .map(|(key, value)| format!("{key}={}\n", go_quote(value)))
+                .collect();
+            match parse_downward_api(&rewritten) {
+                Ok(again) => assert_eq!(again, annotations, "{rewritten:?}"),
+                Err(error) => panic!("{rewritten:?} does not read back: {error:#}"),
+            }
+            let Ok(result) = overrides(&annotations) else {
+                return;
+            };
+            for ports in [&result.exclude_ports, &result.exclude_inbound_ports] {
+                assert_eq!(ports.to_string().parse::<PortRanges>().as_ref(), Ok(ports));
+                assert_eq!(
+                    PortRanges::from_prefixes(&ports.to_prefixes()),
+                    ports.normalized()
+                );
+            }
+        });
     }
 
     #[test]

@@ -1,6 +1,7 @@
-//! Project tasks: `cargo xtask <setup|build-ebpf|build|test|lab|bench|image|pod-test|validate-manifests|vm-test|vm-shell>`.
+//! Project tasks: `cargo xtask <setup|build-ebpf|build|test|fuzz|lab|bench|image|pod-test|validate-manifests|vm-test|vm-shell>`.
 mod bench;
 mod build;
+mod fuzz;
 mod image;
 mod lab;
 mod manifests;
@@ -30,6 +31,8 @@ enum Task {
     Build(build::BuildOptions),
     /// Setup, build, then run every test (unit and root integration tests).
     Test(test::TestOptions),
+    /// Run each fuzz target under libFuzzer (coverage-guided) for a bounded time.
+    Fuzz(fuzz::FuzzOptions),
     /// Demo: two pods, an HTTP request from one to the other intercepted by the proxy.
     Lab(lab::LabOptions),
     /// Benchmark: eBPF vs iptables redirection, every scenario and workload (docs/BENCHMARKS.md).
@@ -52,6 +55,7 @@ fn main() -> Result<()> {
         Task::BuildEbpf(opts) => build::build_ebpf(&opts),
         Task::Build(opts) => build::build_all(&opts).map(|_| ()),
         Task::Test(opts) => test::run_tests(&opts),
+        Task::Fuzz(opts) => fuzz::run_fuzz(&opts),
         Task::Lab(opts) => lab::run(&opts),
         Task::Bench(opts) => bench::run(&opts),
         Task::Image => image::build_images().map(|_| ()),

@@ -15,6 +15,7 @@ const APT_PACKAGES: &[&str] = &[
     "tcpdump",    // captures in the tests
     "curl",       // the lab demo's HTTP client
     "util-linux", // setpriv, to run lab processes under the proxy UID
+    "g++",        // libFuzzer, which bolero builds from source for `cargo xtask fuzz`
 ];
 const LLVM_SONAME: &str = "/usr/lib/x86_64-linux-gnu/libLLVM.so.22.1";
 
@@ -31,6 +32,11 @@ pub fn run() -> Result<()> {
         "bpf-linker (LLVM 22)",
         || which("bpf-linker").is_some(),
         install_bpf_linker,
+    )?;
+    step(
+        "cargo-bolero (cargo xtask fuzz)",
+        || which("cargo-bolero").is_some(),
+        install_cargo_bolero,
     )?;
     println!("setup: done");
     Ok(())
@@ -126,4 +132,19 @@ fn install_bpf_linker() -> Result<()> {
             .args(["install", "bpf-linker", "--locked", "--no-default-features"])
             .args(["--features", "llvm-22"]),
     )
+}
+
+/// The runner of `cargo xtask fuzz`, libFuzzer only (its AFL and honggfuzz engines are unused);
+/// the version speaks the target protocol of the `bolero` crate in Cargo.lock.
+fn install_cargo_bolero() -> Result<()> {
+    run_cmd(Command::new("cargo").args([
+        "install",
+        "cargo-bolero",
+        "--version",
+        "0.13.5",
+        "--locked",
+        "--no-default-features",
+        "--features",
+        "libfuzzer",
+    ]))
 }

@@ -1,7 +1,8 @@
 //! `cargo xtask test`: setup, build, lint, then every test: unit and root integration tests on
-//! the real kernel, the manifests against the Kubernetes schemas, the manifests played under
-//! podman, the integration tests on the oldest and newest kernels of the matrix (qemu), and
-//! the benchmark harness in its quick form (no performance thresholds).
+//! the real kernel, a minute of coverage-guided fuzzing, the manifests against the Kubernetes
+//! schemas, the manifests played under podman, the integration tests on the oldest and newest
+//! kernels of the matrix (qemu), and the benchmark harness in its quick form (no performance
+//! thresholds).
 use std::process::Command;
 
 use anyhow::Result;
@@ -9,6 +10,7 @@ use clap::Args;
 
 use crate::{
     build::{self, BuildOptions},
+    fuzz::{self, FuzzOptions},
     manifests, pod_test, setup,
     util::{run, workspace_root},
 };
@@ -18,7 +20,8 @@ pub struct TestOptions {
     /// Skip `cargo fmt --check` and `cargo clippy`.
     #[arg(long)]
     pub no_lint: bool,
-    /// Only the cargo tests: skip the manifests, the podman run, the VMs and the benchmark.
+    /// Only the cargo tests (which replay the fuzz corpora): skip the fuzzing, the manifests,
+    /// the podman run, the VMs and the benchmark.
     #[arg(long)]
     pub cargo_only: bool,
     /// Extra arguments passed to `cargo test` (e.g. a test name filter after `--`).
@@ -55,6 +58,11 @@ pub fn run_tests(opts: &TestOptions) -> Result<()> {
     if opts.cargo_only {
         return Ok(());
     }
+    println!(
+        "test: the fuzz targets under libFuzzer, {} s each",
+        FuzzOptions::default().time_per_target.as_secs()
+    );
+    fuzz::run_fuzz(&FuzzOptions::default())?;
     println!("test: Kubernetes manifests against the schemas");
     manifests::validate()?;
     println!("test: the manifests under podman kube play");

@@ -538,6 +538,26 @@ spec:
         assert!(message.starts_with("document 2"), "{message}");
     }
 
+    /// Fuzz target `inject` (`cargo xtask fuzz`; under `cargo test`: its corpus and a second
+    /// of random inputs). Any workload YAML is injected or refused with an error; what is
+    /// injected is YAML that injecting again leaves exactly as it is.
+    #[test]
+    fn fuzz_inject() {
+        let injection = injection();
+        bolero::check!(name = "inject").for_each(|input: &[u8]| {
+            let Ok(text) = std::str::from_utf8(input) else {
+                return; // read_to_string refuses it before parsing
+            };
+            let Ok(once) = inject_stream(text, &injection) else {
+                return;
+            };
+            match inject_stream(&once, &injection) {
+                Ok(twice) => assert_eq!(twice, once, "injecting again changed it"),
+                Err(error) => panic!("the output does not inject again: {error:#}\n{once}"),
+            }
+        });
+    }
+
     #[test]
     fn bad_options_are_rejected() {
         assert!(Injection::new("", "s", "m").is_err());

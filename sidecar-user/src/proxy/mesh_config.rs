@@ -737,6 +737,98 @@ inbound:
         Ok(())
     }
 
+    /// The proxy adds each duration to the present moment (a request's deadline, the end of an
+    /// ejection, an idle connection's expiry): one that overflows the clock is refused at its
+    /// line, as Envoy refuses more than protobuf's 10000 years, instead of panicking the proxy
+    /// at the first request.
+    #[test]
+    fn durations_beyond_ten_thousand_years_are_rejected_with_their_line() {
+        // Service on line 3, route on line 5 (a duration's error points at its mapping).
+        let config = |service: &str, route: &str| {
+            format!(
+                "http:\n  services:\n    - {{name: web, {service}}}\n  routes:\n    \
+                 - {{name: r, destinations: [{{service: web}}], {route}}}\n"
+            )
+        };
+        let longest = parse(&config("app: a", "timeout: 10000y")).expect("protobuf's longest");
+        assert_eq!(
+            longest.http.routes[0].timeout,
+            Some(std::time::Duration::from_secs(315_576_000_000))
+        );
+        for (service, route, line) in [
+            ("outlierDetection: {ejectionTime: 20000y}", "timeout: 1s", 3),
+            (
+                "connectionPool: {idleTimeout: 315576000001s}",
+                "timeout: 1s",
+                3,
+            ),
+            ("app: a", "timeout: 500000000000y", 5),
+            ("app: a", "retries: {attempts: 1, perTryTimeout: 20000y}", 5),
+        ] {
+            let text = config(service, route);
+            let error = parse(&text).expect_err(&text);
+            assert_eq!(error.location.map(|(l, _)| l), Some(line), "{error}");
+            assert!(
+                error.to_string().contains("longer than 10000 years"),
+                "{error}"
+            );
+        }
+    }
+
+    /// Fuzz target `mesh_config` (`cargo xtask fuzz`; under `cargo test`: its corpus and a
+    /// second of random inputs). Any file is a config or an error that points inside the file;
+    /// an accepted config routes requests, and each of its durations can be added to the
+    /// present moment as the proxy does (a deadline, an ejection's end).
+    #[test]
+    fn fuzz_mesh_config() {
+        let orig_dst = "198.18.0.2:8080".parse().expect("address");
+        bolero::check!(name = "mesh_config").for_each(|input: &[u8]| {
+            let config = match MeshConfig::parse(input, Path::new(PATH)) {
+                Ok(config) => config,
+                Err(error) => {
+                    // At most one past the last line (where YAML reports the end of the
+                    // input); any of YAML's line breaks counts, so do \r, NEL, LS and PS.
+                    let breaks = input
+                        .iter()
+                        .filter(|&&b| matches!(b, b'\n' | b'\r'))
+                        .count()
+                        + input.windows(2).filter(|w| w == b"\xc2\x85").count()
+                        + input
+                            .windows(3)
+                            .filter(|w| w[..2] == *b"\xe2\x80" && (w[2] | 1) == 0xa9)
+                            .count();
+                    if let Some((line, column)) = error.location {
+                        assert!((1..=breaks + 2).contains(&line) && column >= 1, "{error}");
+                    }
+                    assert!(error.to_string().starts_with("mesh config "));
+                    return;
+                }
+            };
+            let now = std::time::Instant::now();
+            let services = config.http.services.iter().flat_map(|service| {
+                [
+                    service.connection_pool.idle_timeout,
+                    service.outlier_detection.ejection_time,
+                ]
+            });
+            let routes = config.http.routes.iter().flat_map(|route| {
+                let retry = route.retries.as_ref().and_then(|r| r.per_try_timeout);
+                route.timeout.into_iter().chain(retry)
+            });
+            for duration in services.chain(routes) {
+                assert!(now.checked_add(duration).is_some(), "{duration:?} accepted");
+            }
+            let request = http::Request::get("/api/v1/items?x=1")
+                .header(http::header::HOST, "Web.Example:8080")
+                .header("x-version", "v2")
+                .body(())
+                .expect("request");
+            let table = crate::proxy::http::router::RouteTable::new(config.http);
+            let view = crate::proxy::http::router::RequestView::new(&request, orig_dst);
+            let _ = table.decide(&view);
+        });
+    }
+
     #[test]
     fn the_own_trust_domain_is_not_federated() {
         let text = FULL.replacen("partner.example: certs", "cluster.local: certs", 1);

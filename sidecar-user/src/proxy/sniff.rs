@@ -417,6 +417,77 @@ mod tests {
         assert_eq!(sniff_bytes(&truncated).await.protocol, Protocol::Tls);
     }
 
+    /// Hands out its bytes at most `CHUNK` at a time, as a slow network does.
+    struct Chunked<'a>(&'a [u8]);
+
+    impl AsyncRead for Chunked<'_> {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _cx: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            const CHUNK: usize = 7;
+            let len = self.0.len().min(CHUNK).min(buf.remaining());
+            let (head, rest) = self.0.split_at(len);
+            buf.put_slice(head);
+            self.0 = rest;
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Fuzz target `client_hello` (`cargo xtask fuzz`; under `cargo test`: its corpus and a
+    /// second of random inputs). Whatever a client sends, and however it is split across
+    /// reads, the verdict is the same, the sniffer keeps only bytes it was given, never more
+    /// than one record, and never reads past the ClientHello record.
+    #[test]
+    fn fuzz_client_hello() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        bolero::check!(name = "client_hello").for_each(|input: &[u8]| {
+            let whole = runtime
+                .block_on(sniff(&mut &input[..], PATIENT, PATIENT))
+                .expect("a slice cannot fail to read");
+            let chunked = runtime
+                .block_on(sniff(&mut Chunked(input), PATIENT, PATIENT))
+                .expect("a slice cannot fail to read");
+            assert_eq!(whole.protocol, chunked.protocol);
+            assert_eq!(whole.prefix, chunked.prefix);
+            assert!(input.starts_with(&whole.prefix));
+            assert!(whole.prefix.len() <= RECORD_HEADER_LEN + MAX_RECORD_LEN);
+
+            // The verdict on a prefix stands however many bytes follow, a verdict still pending
+            // asks for more bytes than it has, and no more is read than was asked for.
+            let mut decided = None;
+            let mut asked = 0;
+            for end in 0..=input.len() {
+                match classify(&input[..end]) {
+                    Verdict::Known(protocol) => {
+                        decided = Some((protocol, end));
+                        break;
+                    }
+                    Verdict::NeedBytes(needed) => {
+                        assert!(needed > end && needed <= RECORD_HEADER_LEN + MAX_RECORD_LEN);
+                        asked = asked.max(needed);
+                    }
+                }
+            }
+            match decided {
+                Some((protocol, end)) => {
+                    assert_eq!(whole.protocol, protocol);
+                    assert!(matches!(classify(input), Verdict::Known(p) if p == protocol));
+                    assert!(whole.prefix.len() <= asked.max(end));
+                    if protocol != Protocol::Plaintext {
+                        assert_eq!(whole.prefix.len(), end, "read past the ClientHello record");
+                    }
+                }
+                // The stream ended first: everything was read.
+                None => assert_eq!(whole.prefix, input),
+            }
+        });
+    }
+
     #[tokio::test]
     async fn a_rewound_stream_gives_back_what_it_has_not_replayed() {
         let (_client, server) = duplex(1024);

@@ -800,13 +800,23 @@ mod human_duration {
         serializer.serialize_str(&humantime::format_duration(*value).to_string())
     }
 
+    /// protobuf's longest, so Envoy's: every duration is added to the present moment (a
+    /// deadline, an ejection's end), which a longer one could overflow.
+    const LONGEST: Duration = Duration::from_secs(315_576_000_000);
+
     pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
         let text = String::deserialize(deserializer)?;
-        humantime::parse_duration(&text).map_err(|error| {
+        let duration = humantime::parse_duration(&text).map_err(|error| {
             serde::de::Error::custom(format!(
                 "invalid duration {text:?} ({error}); e.g. 30s, 250ms"
             ))
-        })
+        })?;
+        if duration > LONGEST {
+            return Err(serde::de::Error::custom(format!(
+                "invalid duration {text:?}: longer than 10000 years"
+            )));
+        }
+        Ok(duration)
     }
 }
 

@@ -84,6 +84,36 @@ mod tests {
         assert_eq!(classify(b"SSH-2.0"), Some(AppProtocol::Opaque));
     }
 
+    /// Fuzz target `http_detection` (`cargo xtask fuzz`; under `cargo test`: its corpus and a
+    /// second of random inputs). Whatever an app sends, detection keeps only bytes it was
+    /// given, stops within a bounded prefix, and its verdict is the one the whole input gets
+    /// (a verdict on a prefix stands however many bytes follow).
+    #[test]
+    fn fuzz_http_detection() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("runtime");
+        bolero::check!(name = "http_detection").for_each(|input: &[u8]| {
+            let mut prefix = Vec::new();
+            let detected = runtime
+                .block_on(detect(&mut &input[..], &mut prefix, Duration::from_secs(5)))
+                .expect("a slice cannot fail to read");
+            assert!(input.starts_with(&prefix));
+            // Decided by the preface's length at the latest, plus one read.
+            assert!(
+                prefix.len() < H2_PREFACE.len() + 64,
+                "read {} bytes",
+                prefix.len()
+            );
+            // Undecided at the end of the stream: opaque.
+            assert_eq!(detected, classify(input).unwrap_or(AppProtocol::Opaque));
+            if let Some(decided) = classify(&prefix) {
+                assert_eq!(decided, detected);
+            }
+        });
+    }
+
     #[tokio::test]
     async fn a_request_split_across_reads_is_found_and_kept() -> io::Result<()> {
         let (mut client, mut server) = duplex(1024);

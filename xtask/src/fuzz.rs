@@ -1,0 +1,139 @@
+//! `cargo xtask fuzz`: every fuzz target under libFuzzer, coverage-guided, for a bounded time.
+//!
+//! A target is a `bolero::check!` unit test of sidecar-user; plain `cargo test` replays its
+//! committed corpus (`__fuzz__/<target>/corpus` beside the code) and a second of random inputs.
+//! Here cargo-bolero builds the same test with coverage instrumentation and AddressSanitizer
+//! (`RUSTC_BOOTSTRAP=1` for `-Z sanitizer`, in its own target directory, as the BPF build does)
+//! and runs libFuzzer on it. The committed corpus seeds a working corpus under target/fuzz that
+//! grows from run to run; a crash fails the run and stays in target/fuzz/crashes/<target>.
+use std::{path::Path, process::Command, time::Duration};
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, builder::PossibleValuesParser};
+
+use crate::{
+    build,
+    util::{run, which, workspace_root},
+};
+
+struct Target {
+    name: &'static str,
+    /// The unit test holding the `bolero::check!`.
+    test: &'static str,
+    /// Its work directory (bolero's `__fuzz__/<name>`): `corpus/`, and `dict` if there is one.
+    dir: &'static str,
+}
+
+const TARGETS: &[Target] = &[
+    Target {
+        name: "client_hello",
+        test: "proxy::sniff::tests::fuzz_client_hello",
+        dir: "sidecar-user/src/proxy/__fuzz__/client_hello",
+    },
+    Target {
+        name: "http_detection",
+        test: "proxy::http::detect::tests::fuzz_http_detection",
+        dir: "sidecar-user/src/proxy/http/__fuzz__/http_detection",
+    },
+    Target {
+        name: "mesh_config",
+        test: "proxy::mesh_config::tests::fuzz_mesh_config",
+        dir: "sidecar-user/src/proxy/__fuzz__/mesh_config",
+    },
+    Target {
+        name: "pod_annotations",
+        test: "pod_annotations::tests::fuzz_pod_annotations",
+        dir: "sidecar-user/src/__fuzz__/pod_annotations",
+    },
+    Target {
+        name: "inject",
+        test: "commands::inject::tests::fuzz_inject",
+        dir: "sidecar-user/src/commands/__fuzz__/inject",
+    },
+];
+
+#[derive(Args)]
+pub struct FuzzOptions {
+    /// How long each target runs (`12s`, `5m`); `cargo xtask test` gives each the default.
+    #[arg(long, default_value = "12s", value_parser = humantime::parse_duration)]
+    pub time_per_target: Duration,
+    /// Only this target (repeatable); default: every one.
+    #[arg(long = "target", value_parser = PossibleValuesParser::new(TARGETS.iter().map(|t| t.name)))]
+    pub targets: Vec<String>,
+}
+
+impl Default for FuzzOptions {
+    fn default() -> Self {
+        FuzzOptions {
+            time_per_target: Duration::from_secs(12),
+            targets: Vec::new(),
+        }
+    }
+}
+
+pub fn run_fuzz(opts: &FuzzOptions) -> Result<()> {
+    if which("cargo-bolero").is_none() {
+        bail!("cargo-bolero is not installed: run `cargo xtask setup`");
+    }
+    // sidecar-user's build script embeds the BPF object.
+    build::build_ebpf(&build::BuildOptions::default())?;
+    let root = workspace_root();
+    let seconds = opts.time_per_target.as_secs().max(1);
+    for target in TARGETS
+        .iter()
+        .filter(|t| opts.targets.is_empty() || opts.targets.iter().any(|name| name == t.name))
+    {
+        println!("fuzz: {} for {seconds} s", target.name);
+        let corpus = root.join("target/fuzz/corpus").join(target.name);
+        let crashes = root.join("target/fuzz/crashes").join(target.name);
+        seed_corpus(&root.join(target.dir).join("corpus"), &corpus)?;
+        std::fs::create_dir_all(&crashes)?;
+        let mut cmd = Command::new("cargo");
+        cmd.current_dir(&root)
+            .args(["bolero", "test", target.test, "--package", "sidecar-user"])
+            .args(["--rustc-bootstrap", "--sanitizer", "address"])
+            .arg("--target-dir")
+            .arg(root.join("target/fuzz/build"))
+            .arg(format!("-T{seconds}s"))
+            .arg("--corpus-dir")
+            .arg(&corpus)
+            .arg("--crashes-dir")
+            .arg(&crashes)
+            .arg("--engine-args=-print_final_stats=1");
+        let dict = Path::new(target.dir).join("dict");
+        if root.join(&dict).is_file() {
+            // Relative: libFuzzer's arguments travel space-separated in one variable.
+            cmd.arg(format!("--engine-args=-dict={}", dict.display()));
+        }
+        run(&mut cmd).with_context(|| {
+            format!(
+                "fuzz target {} failed: the input is in {}; copy it into {}/crashes/ to \
+                 replay it with `cargo test -p sidecar-user {}`, fix the code and keep the \
+                 input as a regression test",
+                target.name,
+                crashes.display(),
+                target.dir,
+                target.test
+            )
+        })?;
+    }
+    println!("fuzz: no crash");
+    Ok(())
+}
+
+/// Copies the committed corpus into the working one (libFuzzer adds the inputs it finds to the
+/// first corpus directory; the repository's stays as committed).
+fn seed_corpus(committed: &Path, working: &Path) -> Result<()> {
+    std::fs::create_dir_all(working)?;
+    let entries = std::fs::read_dir(committed)
+        .with_context(|| format!("cannot read the corpus {}", committed.display()))?;
+    for entry in entries {
+        let path = entry?.path();
+        if path.is_file() {
+            let name = path.file_name().expect("a file has a name");
+            std::fs::copy(&path, working.join(name))
+                .with_context(|| format!("cannot copy {}", path.display()))?;
+        }
+    }
+    Ok(())
+}
