@@ -5,7 +5,8 @@
 //! Here cargo-bolero builds the same test with coverage instrumentation and AddressSanitizer
 //! (`RUSTC_BOOTSTRAP=1` for `-Z sanitizer`, in its own target directory, as the BPF build does)
 //! and runs libFuzzer on it. The committed corpus seeds a working corpus under target/fuzz that
-//! grows from run to run; a crash fails the run and stays in target/fuzz/crashes/<target>.
+//! grows from run to run (unless `--from-seeds`); a crash fails the run and stays in
+//! target/fuzz/crashes/<target>.
 use std::{path::Path, process::Command, time::Duration};
 
 use anyhow::{Context, Result, bail};
@@ -22,6 +23,8 @@ struct Target {
     test: &'static str,
     /// Its work directory (bolero's `__fuzz__/<name>`): `corpus/`, and `dict` if there is one.
     dir: &'static str,
+    /// The longest input to try, when libFuzzer's default (4096 bytes) is too short.
+    max_len: Option<usize>,
 }
 
 const TARGETS: &[Target] = &[
@@ -29,26 +32,32 @@ const TARGETS: &[Target] = &[
         name: "client_hello",
         test: "proxy::sniff::tests::fuzz_client_hello",
         dir: "sidecar-user/src/proxy/__fuzz__/client_hello",
+        // A whole record (5 + 2^14 bytes) and a little beyond.
+        max_len: Some(16_500),
     },
     Target {
         name: "http_detection",
         test: "proxy::http::detect::tests::fuzz_http_detection",
         dir: "sidecar-user/src/proxy/http/__fuzz__/http_detection",
+        max_len: None,
     },
     Target {
         name: "mesh_config",
         test: "proxy::mesh_config::tests::fuzz_mesh_config",
         dir: "sidecar-user/src/proxy/__fuzz__/mesh_config",
+        max_len: None,
     },
     Target {
         name: "pod_annotations",
         test: "pod_annotations::tests::fuzz_pod_annotations",
         dir: "sidecar-user/src/__fuzz__/pod_annotations",
+        max_len: None,
     },
     Target {
         name: "inject",
         test: "commands::inject::tests::fuzz_inject",
         dir: "sidecar-user/src/commands/__fuzz__/inject",
+        max_len: None,
     },
 ];
 
@@ -57,6 +66,10 @@ pub struct FuzzOptions {
     /// How long each target runs (`12s`, `5m`); `cargo xtask test` gives each the default.
     #[arg(long, default_value = "12s", value_parser = humantime::parse_duration)]
     pub time_per_target: Duration,
+    /// Start from the committed corpus alone, without the inputs earlier runs found (replaying
+    /// those first can take longer than the run; `cargo xtask test` starts so).
+    #[arg(long)]
+    pub from_seeds: bool,
     /// Only this target (repeatable); default: every one.
     #[arg(long = "target", value_parser = PossibleValuesParser::new(TARGETS.iter().map(|t| t.name)))]
     pub targets: Vec<String>,
@@ -66,6 +79,7 @@ impl Default for FuzzOptions {
     fn default() -> Self {
         FuzzOptions {
             time_per_target: Duration::from_secs(12),
+            from_seeds: false,
             targets: Vec::new(),
         }
     }
@@ -86,6 +100,9 @@ pub fn run_fuzz(opts: &FuzzOptions) -> Result<()> {
         println!("fuzz: {} for {seconds} s", target.name);
         let corpus = root.join("target/fuzz/corpus").join(target.name);
         let crashes = root.join("target/fuzz/crashes").join(target.name);
+        if opts.from_seeds && corpus.exists() {
+            std::fs::remove_dir_all(&corpus)?;
+        }
         seed_corpus(&root.join(target.dir).join("corpus"), &corpus)?;
         std::fs::create_dir_all(&crashes)?;
         let mut cmd = Command::new("cargo");
@@ -100,6 +117,9 @@ pub fn run_fuzz(opts: &FuzzOptions) -> Result<()> {
             .arg("--crashes-dir")
             .arg(&crashes)
             .arg("--engine-args=-print_final_stats=1");
+        if let Some(max_len) = target.max_len {
+            cmd.arg(format!("--max-input-length={max_len}"));
+        }
         let dict = Path::new(target.dir).join("dict");
         if root.join(&dict).is_file() {
             // Relative: libFuzzer's arguments travel space-separated in one variable.

@@ -58,11 +58,15 @@ pub fn run_tests(opts: &TestOptions) -> Result<()> {
     if opts.cargo_only {
         return Ok(());
     }
+    let fuzzing = FuzzOptions {
+        from_seeds: true,
+        ..FuzzOptions::default()
+    };
     println!(
         "test: the fuzz targets under libFuzzer, {} s each",
-        FuzzOptions::default().time_per_target.as_secs()
+        fuzzing.time_per_target.as_secs()
     );
-    fuzz::run_fuzz(&FuzzOptions::default())?;
+    fuzz::run_fuzz(&fuzzing)?;
     println!("test: Kubernetes manifests against the schemas");
     manifests::validate()?;
     println!("test: the manifests under podman kube play");
