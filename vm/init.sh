@@ -14,6 +14,9 @@ mount -t tmpfs tmpfs /run
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 mount -t bpf bpf /sys/fs/bpf
 ip link set lo up
+# The open-file limit containers get from their runtime (containerd, podman: 1048576), not
+# the kernel's 1024/4096 for PID 1: the proxy sizes its connection caps from it, as in a pod.
+ulimit -n 1048576
 
 echo "sidecar-vm: Linux $(uname -r), $(nproc) CPU, $(awk '/MemTotal/ { print $2 / 1024 " MiB" }' /proc/meminfo)"
 while IFS= read -r module; do

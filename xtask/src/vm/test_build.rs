@@ -43,12 +43,20 @@ struct Target {
 /// stale captures collected) is what `capture_lifecycle` checks on every kernel.
 const HOST_ONLY_TESTS: &[&str] = &["node_agent"];
 
-/// Single tests the VMs skip, and why: the iptables control of close_at_once. Under emulation
-/// (one vCPU), conntrack itself loses the original destination of 4-7% of the IPv6
-/// write-and-close connections (seen on 5.10 and 7.2: `orig_dst_unknown` from
-/// `IP6T_SO_ORIGINAL_DST`), which is iptables' behaviour, not ours; the eBPF cases, the
-/// subject of the test, run everywhere. docs/KERNELS.md.
-pub const HOST_ONLY_TEST_CASES: &[&str] = &["write_and_close_at_once_loses_nothing_under_iptables"];
+/// Single tests the VMs skip, and why:
+/// - the iptables control of close_at_once. Under emulation (one vCPU), conntrack itself loses
+///   the original destination of 4-7% of the IPv6 write-and-close connections (seen on 5.10
+///   and 7.2: `orig_dst_unknown` from `IP6T_SO_ORIGINAL_DST`), which is iptables' behaviour,
+///   not ours; the eBPF cases, the subject of the test, run everywhere;
+/// - proxy_limits' 2000-connection flood of the readiness port: it asserts the bound
+///   (readiness answers within 1 s), which one emulated CPU busy accepting and closing 2000
+///   connections cannot meet (seen: 1.0 s timeouts under TCG); what it tests is the proxy's
+///   own caps, not the kernel's. The other proxy_limits tests run everywhere.
+/// docs/KERNELS.md.
+pub const HOST_ONLY_TEST_CASES: &[&str] = &[
+    "write_and_close_at_once_loses_nothing_under_iptables",
+    "unfinished_requests_on_the_readiness_port_leave_readiness_and_the_data_path_working",
+];
 
 /// Builds the BPF object, the binaries and the integration tests.
 pub fn build() -> Result<TestBinaries> {
