@@ -70,6 +70,10 @@ pub struct FuzzOptions {
     /// those first can take longer than the run; `cargo xtask test` starts so).
     #[arg(long)]
     pub from_seeds: bool,
+    /// A light build for a short run (the test command's): the `fuzz-quick` profile, without
+    /// AddressSanitizer, in its own target directory.
+    #[arg(long)]
+    pub quick_build: bool,
     /// Only this target (repeatable); default: every one.
     #[arg(long = "target", value_parser = PossibleValuesParser::new(TARGETS.iter().map(|t| t.name)))]
     pub targets: Vec<String>,
@@ -80,6 +84,7 @@ impl Default for FuzzOptions {
         FuzzOptions {
             time_per_target: Duration::from_secs(12),
             from_seeds: false,
+            quick_build: false,
             targets: Vec::new(),
         }
     }
@@ -105,12 +110,17 @@ pub fn run_fuzz(opts: &FuzzOptions) -> Result<()> {
         }
         seed_corpus(&root.join(target.dir).join("corpus"), &corpus)?;
         std::fs::create_dir_all(&crashes)?;
+        let (profile, sanitizer, build_dir) = if opts.quick_build {
+            ("fuzz-quick", "NONE", "target/fuzz/quick-build")
+        } else {
+            ("fuzz", "address", "target/fuzz/build")
+        };
         let mut cmd = Command::new("cargo");
         cmd.current_dir(&root)
             .args(["bolero", "test", target.test, "--package", "sidecar-user"])
-            .args(["--rustc-bootstrap", "--sanitizer", "address"])
+            .args(["--rustc-bootstrap", "--profile", profile, "--sanitizer", sanitizer])
             .arg("--target-dir")
-            .arg(root.join("target/fuzz/build"))
+            .arg(root.join(build_dir))
             .arg(format!("-T{seconds}s"))
             .arg("--corpus-dir")
             .arg(&corpus)

@@ -60,6 +60,7 @@ pub fn run_tests(opts: &TestOptions) -> Result<()> {
     }
     let fuzzing = FuzzOptions {
         from_seeds: true,
+        quick_build: true,
         ..FuzzOptions::default()
     };
     println!(
