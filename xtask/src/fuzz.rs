@@ -118,7 +118,13 @@ pub fn run_fuzz(opts: &FuzzOptions) -> Result<()> {
         let mut cmd = Command::new("cargo");
         cmd.current_dir(&root)
             .args(["bolero", "test", target.test, "--package", "sidecar-user"])
-            .args(["--rustc-bootstrap", "--profile", profile, "--sanitizer", sanitizer])
+            .args([
+                "--rustc-bootstrap",
+                "--profile",
+                profile,
+                "--sanitizer",
+                sanitizer,
+            ])
             .arg("--target-dir")
             .arg(root.join(build_dir))
             .arg(format!("-T{seconds}s"))
