@@ -52,6 +52,7 @@ const HOST_ONLY_TESTS: &[&str] = &["node_agent"];
 ///   (readiness answers within 1 s), which one emulated CPU busy accepting and closing 2000
 ///   connections cannot meet (seen: 1.0 s timeouts under TCG); what it tests is the proxy's
 ///   own caps, not the kernel's. The other proxy_limits tests run everywhere.
+///
 /// docs/KERNELS.md.
 pub const HOST_ONLY_TEST_CASES: &[&str] = &[
     "write_and_close_at_once_loses_nothing_under_iptables",
