@@ -100,6 +100,7 @@ impl ConnectionLimit {
 
     /// Makes room for a new connection, or refuses it, as the listener's [`WhenFull`] says.
     pub fn admit(self: &Arc<Self>) -> Admission {
+        self.metrics.accepted.inc();
         let mut open = self.open.lock().unwrap_or_else(PoisonError::into_inner);
         let mut closed_oldest = false;
         if open.connections.len() >= self.max {
@@ -223,6 +224,8 @@ mod tests {
         drop(first);
         assert_eq!(limit.metrics().connections.get(), 1);
         assert!(matches!(limit.admit(), Admission::Admitted(_)));
+        // Every accepted connection counts, the refused one included (Envoy's downstream_cx_total).
+        assert_eq!(limit.metrics().accepted.get(), 4);
         Ok(())
     }
 

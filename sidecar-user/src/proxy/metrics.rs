@@ -288,6 +288,8 @@ pub struct ListenerMetrics {
     pub name: String,
     /// Connections open now.
     pub connections: IntGauge,
+    /// Connections accepted so far, refused ones included.
+    pub accepted: IntCounter,
     /// Connections closed or refused because the listener was full.
     pub overflow: IntCounter,
     request_headers_timeouts: IntCounter,
@@ -334,6 +336,7 @@ pub struct Metrics {
     /// The gauge is exported only once a certificate is loaded: a 0 would read as expired.
     certificate_expiration_registered: OnceLock<()>,
     listener_connections: IntGaugeVec,
+    listener_accepted: IntCounterVec,
     listener_connection_limit: IntGaugeVec,
     listener_overflow: IntCounterVec,
     downstream_timeouts: IntCounterVec,
@@ -418,6 +421,11 @@ impl Metrics {
             "Connections a listener holds open now.",
             &["listener"],
         )?;
+        let listener_accepted = counter_vec(
+            "sidecar_listener_connections_accepted_total",
+            "Connections a listener accepted, refused ones included (Envoy's downstream_cx_total).",
+            &["listener"],
+        )?;
         let listener_connection_limit = gauge_vec(
             "sidecar_listener_connection_limit",
             "The most connections a listener holds open at once.",
@@ -469,6 +477,7 @@ impl Metrics {
             certificate_expiration,
             certificate_expiration_registered: OnceLock::new(),
             listener_connections,
+            listener_accepted,
             listener_connection_limit,
             listener_overflow,
             downstream_timeouts,
@@ -508,6 +517,7 @@ impl Metrics {
         ListenerMetrics {
             name: name.to_owned(),
             connections: self.listener_connections.with_label_values(&[name]),
+            accepted: self.listener_accepted.with_label_values(&[name]),
             overflow: self.listener_overflow.with_label_values(&[name]),
             request_headers_timeouts: timeouts(DownstreamTimeout::RequestHeaders),
             idle_timeouts: timeouts(DownstreamTimeout::Idle),

@@ -54,6 +54,27 @@ impl PolledStream {
         self.stream.shutdown(how)
     }
 
+    /// Fills `buf` with the first bytes waiting to be read without consuming them, or returns
+    /// `UnexpectedEof` if the peer closes first.
+    pub fn peek_exact(&mut self, buf: &mut [u8]) -> io::Result<()> {
+        loop {
+            let peeked = self.retry(PollFlags::IN, |stream| stream.peek(buf))?;
+            if peeked == buf.len() {
+                return Ok(());
+            }
+            if peeked == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            // Part of the bytes are here: wait for the rest rather than spin.
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+
+    /// The socket, still nonblocking (for an event loop to take over).
+    pub fn into_inner(self) -> TcpStream {
+        self.stream
+    }
+
     /// Waits until the socket is ready for `events` (or has an error or hang-up to report,
     /// which the next attempt then returns).
     fn wait(&self, events: PollFlags) -> io::Result<()> {

@@ -83,6 +83,11 @@ fn color(scenario: Scenario) -> RGBColor {
         Scenario::E2s => RGBColor(0, 128, 128),
         Scenario::I2Mtls => RGBColor(140, 86, 75),
         Scenario::E2Mtls => RGBColor(188, 189, 34),
+        Scenario::H1Http => RGBColor(197, 176, 213),
+        Scenario::I1Http => RGBColor(255, 187, 120),
+        Scenario::E1Http => RGBColor(152, 223, 138),
+        Scenario::E2Http => RGBColor(158, 218, 229),
+        Scenario::E2MtlsHttp => RGBColor(219, 219, 141),
     }
 }
 

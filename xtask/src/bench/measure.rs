@@ -8,14 +8,20 @@
 
 use std::{
     collections::BTreeMap,
-    fs, thread,
+    fs,
+    path::PathBuf,
+    thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
-use sidecar_tests::tools::load::{LoadSpec, WARM_LINE, client::report_from_output};
+use sidecar_tests::{
+    LabProcess,
+    tools::load::{LoadReport, LoadSpec, WARM_LINE, Workload, client::report_from_output},
+};
 
 use super::{
+    h2load,
     metrics::{self, BpfRunStats},
     profile,
     results::{Measurement, ScenarioRun},
@@ -67,7 +73,8 @@ pub fn run_scenario(
     };
     let result = (|| -> Result<()> {
         let lab = ScenarioLab::start(scenario, bins)?;
-        for (index, cell) in cells.iter().enumerate() {
+        let cells = cells.iter().filter(|cell| scenario.runs(cell.kind));
+        for (index, cell) in cells.enumerate() {
             let measurement = measure_cell(&lab, index, cell, profiling)
                 .with_context(|| format!("{scenario} {}", cell.id))?;
             progress(cell, &measurement);
@@ -95,7 +102,7 @@ fn measure_cell(
         expect_server: lab.server_addr(),
         warmup_ms: cell.warmup_ms,
         duration_ms: cell.duration_ms,
-        start_file: Some(start_file.clone()),
+        start_file: Some(start_file),
     };
     let proxied_before = lab.proxy_connections()?;
     let server_proxied_before = lab.server_proxy_connections()?;
@@ -109,12 +116,9 @@ fn measure_cell(
         Vec::new()
     };
 
-    let client = lab.load_client(&serde_json::to_string(&spec)?).spawn()?;
-    client.wait_for_stdout(
-        WARM_LINE,
-        Duration::from_millis(cell.warmup_ms) + LOAD_CLIENT_SLACK,
-    )?;
+    let load = WarmLoad::start(lab, index, cell, &spec)?;
     // The load is paused here: nothing is in flight while the counters are read.
+    let requests_before = lab.proxy_requests()?;
     let cpu_before = lab.cpu_usage()?;
     let bpf_before = if profile_bpf {
         metrics::bpf_run_stats()?
@@ -126,8 +130,7 @@ fn measure_cell(
         Profiling::Perf => Some(profile::Recording::start(&perf_data)?),
         _ => None,
     };
-    fs::write(&start_file, b"")?;
-    let status = client.wait(Duration::from_millis(cell.duration_ms) + LOAD_CLIENT_SLACK)?;
+    let report = load.measure(lab, cell);
     let cpu_usec = lab.cpu_usage()?.since(cpu_before);
     let perf = match recording {
         Some(recording) => {
@@ -143,14 +146,8 @@ fn measure_cell(
     } else {
         BTreeMap::new()
     };
-    if !status.success() {
-        bail!(
-            "the load generator exited with {status}: {}",
-            client.stderr_text().trim()
-        );
-    }
-    let report = report_from_output(&client.stdout_text())?;
-
+    let report = report?;
+    let proxy_requests = delta(requests_before, lab.proxy_requests()?);
     let proxy_connections = delta(proxied_before, lab.proxy_connections()?);
     let server_proxy_connections = delta(server_proxied_before, lab.server_proxy_connections()?);
     let kernel_counters = counters_delta(kernel_before, lab.capture_counters()?);
@@ -176,6 +173,7 @@ fn measure_cell(
         cpu_usec,
         proxy_connections,
         server_proxy_connections,
+        proxy_requests,
         kernel_counters,
         server_kernel_counters,
         orig_dst_index_growth,
@@ -183,8 +181,95 @@ fn measure_cell(
         perf,
         gate_failures: Vec::new(),
     };
-    measurement.gate_failures = gate_failures(&measurement, lab.scenario.sockmap_shortcut());
+    measurement.gate_failures = gate_failures(&measurement, lab.scenario);
     Ok(measurement)
+}
+
+/// A cell's load generator once warmed up, paused before its measured phase.
+enum WarmLoad {
+    /// labtool's client, waiting for its start file.
+    Labtool {
+        client: LabProcess,
+        start_file: PathBuf,
+    },
+    /// h2load's warm-up run is over; the measured run starts afresh.
+    H2load {
+        connections: usize,
+        streams: usize,
+        log_file: PathBuf,
+    },
+}
+
+impl WarmLoad {
+    fn start(lab: &ScenarioLab, index: usize, cell: &Cell, spec: &LoadSpec) -> Result<WarmLoad> {
+        let warmup = Duration::from_millis(cell.warmup_ms);
+        if let Workload::H2 {
+            connections,
+            streams,
+        } = cell.workload
+        {
+            let args = h2load::args(&lab.url(), connections, streams, warmup, None);
+            let warm = lab.h2load(&args).spawn()?;
+            let status = warm.wait(warmup + LOAD_CLIENT_SLACK)?;
+            if !status.success() {
+                bail!(
+                    "h2load's warm-up exited with {status}: {}",
+                    warm.stderr_text().trim()
+                );
+            }
+            return Ok(WarmLoad::H2load {
+                connections,
+                streams,
+                log_file: lab.dir().join(format!("h2load-{index}.log")),
+            });
+        }
+        let start_file = spec
+            .start_file
+            .clone()
+            .context("labtool needs a start file")?;
+        let client = lab.load_client(&serde_json::to_string(spec)?).spawn()?;
+        client.wait_for_stdout(WARM_LINE, warmup + LOAD_CLIENT_SLACK)?;
+        Ok(WarmLoad::Labtool { client, start_file })
+    }
+
+    /// Runs the measured phase to its end and reads the generator's report.
+    fn measure(self, lab: &ScenarioLab, cell: &Cell) -> Result<LoadReport> {
+        let duration = Duration::from_millis(cell.duration_ms);
+        match self {
+            WarmLoad::Labtool { client, start_file } => {
+                fs::write(&start_file, b"")?;
+                let status = client.wait(duration + LOAD_CLIENT_SLACK)?;
+                if !status.success() {
+                    bail!(
+                        "the load generator exited with {status}: {}",
+                        client.stderr_text().trim()
+                    );
+                }
+                report_from_output(&client.stdout_text())
+            }
+            WarmLoad::H2load {
+                connections,
+                streams,
+                log_file,
+            } => {
+                let args =
+                    h2load::args(&lab.url(), connections, streams, duration, Some(&log_file));
+                let measured = lab.h2load(&args).spawn()?;
+                let status = measured.wait(duration + LOAD_CLIENT_SLACK)?;
+                if !status.success() {
+                    bail!(
+                        "h2load exited with {status}: {}",
+                        measured.stderr_text().trim()
+                    );
+                }
+                // The warm-up run opened as many connections as the measured one.
+                let report =
+                    h2load::report(&measured.stdout_text(), &log_file, 2 * connections as u64);
+                let _ = fs::remove_file(&log_file);
+                report
+            }
+        }
+    }
 }
 
 /// How many more index entries there are than `before`, once the closes of the cell's last
@@ -224,10 +309,11 @@ fn counters_delta(
 }
 
 /// Everything that makes a measurement untrustworthy: errors (the load generator also fails
-/// any connection whose server saw another destination than the one dialled), and proxy or
-/// kernel counters that disagree with the connections the load generator opened (with the
-/// sockmap shortcut: both ends of each loopback hop must have entered it).
-fn gate_failures(measurement: &Measurement, shortcut: bool) -> Vec<String> {
+/// any connection whose server saw another destination than the one dialled), proxy or kernel
+/// counters that disagree with the connections the load generator opened (with the sockmap
+/// shortcut: both ends of each loopback hop must have entered it), and, where the proxies
+/// parse HTTP, a measured request the client's proxy did not count as one.
+fn gate_failures(measurement: &Measurement, scenario: Scenario) -> Vec<String> {
     let report = &measurement.report;
     let connections = report.connections;
     let mut failures = Vec::new();
@@ -248,29 +334,48 @@ fn gate_failures(measurement: &Measurement, shortcut: bool) -> Vec<String> {
             "the proxy counted {proxied} connections, the load generator opened {connections}"
         ));
     }
+    // An HTTP-aware client proxy pools its upstream connections (a cell may reuse the last
+    // cell's), so the server's proxy sees fewer connections than the app opened; the server
+    // pod's kernel counters are checked against the proxy's own count.
+    let server_connections = if scenario.http_aware() {
+        measurement.server_proxy_connections.unwrap_or(0)
+    } else {
+        connections
+    };
     if let Some(proxied) = measurement.server_proxy_connections
+        && !scenario.http_aware()
         && proxied != connections
     {
         failures.push(format!(
             "the server's proxy counted {proxied} connections, the load generator opened {connections}"
         ));
     }
+    if let Some(requests) = measurement.proxy_requests
+        && requests < report.operations
+    {
+        failures.push(format!(
+            "the proxy counted {requests} HTTP requests, fewer than the {} measured",
+            report.operations
+        ));
+    }
+    let shortcut = scenario.sockmap_shortcut();
     let mut check_counters = |pod: &str,
                               counters: &BTreeMap<String, u64>,
+                              expected: u64,
                               equal: &[&str],
                               zero: &[&str]| {
         let counter = |name: &str| counters.get(name).copied().unwrap_or(0);
-        for name in equal.iter().filter(|name| counter(name) != connections) {
+        for name in equal.iter().filter(|name| counter(name) != expected) {
             failures.push(format!(
-                "{pod} kernel counter {name} = {}, the load generator opened {connections}",
+                "{pod} kernel counter {name} = {}, expected {expected}",
                 counter(name)
             ));
         }
         let ends = counter("shortcut_sockets");
-        if shortcut && ends != 2 * connections {
+        if shortcut && ends != 2 * expected {
             failures.push(format!(
-                    "{pod}: {ends} sockets entered the sockmap shortcut, expected 2 per connection ({connections} connections)"
-                ));
+                "{pod}: {ends} sockets entered the sockmap shortcut, expected 2 per connection ({expected} connections)"
+            ));
         }
         for name in zero.iter().filter(|name| counter(name) != 0) {
             failures.push(format!("{pod} kernel counter {name} = {}", counter(name)));
@@ -285,11 +390,12 @@ fn gate_failures(measurement: &Measurement, shortcut: bool) -> Vec<String> {
             "outbound_no_proxy_refused",
             "outbound_no_proxy_direct",
         ];
-        check_counters("client", counters, &equal, &zero);
+        check_counters("client", counters, connections, &equal, &zero);
     }
     if let Some(counters) = &measurement.server_kernel_counters {
         let zero = ["errors", "inbound_no_proxy"];
-        check_counters("server", counters, &["inbound_redirected"], &zero);
+        let equal = ["inbound_redirected"];
+        check_counters("server", counters, server_connections, &equal, &zero);
     }
     if let Some(grown) = measurement.orig_dst_index_growth
         && grown > 0

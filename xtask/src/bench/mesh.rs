@@ -2,7 +2,9 @@
 //!
 //! Every sidecar gets one, so every scenario runs the same proxy configuration: the server port
 //! is declared opaque TCP, so the proxies relay bytes as HAProxy does in H1 and the bench
-//! measures the redirect, not HTTP-aware proxying. The mTLS scenarios add a lab CA, one SPIFFE
+//! measures the redirect; the HTTP-aware scenarios leave it undeclared, so the sidecar's
+//! default (protocol detection, routing, request metrics, access log) runs as it does for
+//! every user who declares nothing. The mTLS scenarios add a lab CA, one SPIFFE
 //! identity per pod (`sidecar certs`): the client's proxy originates mTLS to the server pod,
 //! whose inbound port accepts only mTLS from the client's identity.
 
@@ -29,16 +31,32 @@ pub struct MeshConfigs {
     pub server: PathBuf,
 }
 
-/// Skips protocol detection on the server port: its traffic is relayed as opaque TCP.
-fn opaque_server_port() -> String {
-    format!("http:\n  ports:\n    - {{port: {SERVER_PORT}, protocol: tcp}}\n")
+/// How the sidecars treat the server port.
+#[derive(Clone, Copy)]
+pub enum ServerPort {
+    /// Declared `protocol: tcp`: relayed as opaque bytes, no detection.
+    OpaqueTcp,
+    /// Not declared: detected, and HTTP goes through the HTTP layer.
+    Detected,
 }
 
-/// Plaintext: one config for both pods, with only the opaque server port.
-pub fn write_plaintext(dir: &Path) -> Result<MeshConfigs> {
+impl ServerPort {
+    fn config(self) -> String {
+        match self {
+            ServerPort::OpaqueTcp => {
+                format!("http:\n  ports:\n    - {{port: {SERVER_PORT}, protocol: tcp}}\n")
+            }
+            // An empty file is refused (a truncated write); an empty section is the default.
+            ServerPort::Detected => "http: {}\n".to_owned(),
+        }
+    }
+}
+
+/// Plaintext: one config for both pods, with only the server port's protocol.
+pub fn write_plaintext(dir: &Path, server_port: ServerPort) -> Result<MeshConfigs> {
     std::fs::create_dir_all(dir)?;
     let path = dir.join("mesh.yaml");
-    std::fs::write(&path, opaque_server_port()).context("writing mesh.yaml")?;
+    std::fs::write(&path, server_port.config()).context("writing mesh.yaml")?;
     Ok(MeshConfigs {
         client: path.clone(),
         server: path,
@@ -52,6 +70,7 @@ pub fn write_mtls(
     dir: &Path,
     server_ip: Ipv4Addr,
     proxy_id: u32,
+    server_port: ServerPort,
 ) -> Result<MeshConfigs> {
     let ca = dir.join("ca");
     run_sidecar(
@@ -73,7 +92,7 @@ pub fn write_mtls(
     let identity = format!(
         "{}trustDomain: {TRUST_DOMAIN}\nidentity:\n  certificateChain: cert-chain.pem\n  \
          privateKey: key.pem\n  trustBundle: root-cert.pem\n",
-        opaque_server_port()
+        server_port.config()
     );
     let client = format!(
         "{identity}workloads:\n  - name: server\n    addresses: [\"{server_ip}\"]\n    identities: [{}]\n",

@@ -8,6 +8,7 @@
 //! - `measure`: one scenario run, cell by cell, with the gates;
 //! - `metrics`: CPU time, RSS, Prometheus and BPF statistics read from the kernel;
 //! - `haproxy`: the peer proxy's configuration and counters;
+//! - `h2load`: the HTTP/2 workload's load generator (nghttp2's h2load) and its report;
 //! - `summary`: from measurements to medians, percentiles and ratios;
 //! - `profile`: perf recordings summarised by kernel subsystem (the "why" of the ratios);
 //! - `node_cost`: kernel memory per captured pod at idle, eBPF against iptables;
@@ -15,6 +16,7 @@
 //! - `targets`: the performance targets, checked in every results file;
 //! - `system`: root, packages, sysctls, facts about the host.
 mod chart;
+mod h2load;
 mod haproxy;
 mod measure;
 mod mesh;
@@ -151,8 +153,15 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
     let settings = Settings::from(opts);
     // perf: where the CPU time goes, by kernel subsystem (`profile`).
     system::install_debian_packages(&["linux-perf"])?;
-    if settings.scenarios.contains(&Scenario::H1) {
+    if settings
+        .scenarios
+        .iter()
+        .any(|scenario| scenario.uses_haproxy())
+    {
         system::install_debian_packages(&["haproxy"])?;
+    }
+    if settings.workloads.contains(&WorkloadKind::H2) {
+        system::install_debian_packages(&["nghttp2-client"])?;
     }
     let profile_dir = build::build_all(&BuildOptions { release: true })?;
     let bins = Binaries {
@@ -296,7 +305,8 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
             sidecar_proxy_args: scenario::sidecar_proxy_args("client"),
             haproxy_version: settings
                 .scenarios
-                .contains(&Scenario::H1)
+                .iter()
+                .any(|scenario| scenario.uses_haproxy())
                 .then(system::haproxy_version)
                 .flatten(),
             load_average_before,

@@ -68,7 +68,7 @@ pub fn headline_http_cell(bench: &BenchRun) -> Option<&Cell> {
     let mut http = bench
         .cells
         .iter()
-        .filter(|cell| cell.kind == WorkloadKind::Http);
+        .filter(|cell| cell.kind == WorkloadKind::Http && cell.load_percent.is_some());
     let first = http.clone().next();
     http.find(|cell| cell.id == HEADLINE_HTTP_CELL).or(first)
 }
@@ -83,9 +83,18 @@ pub fn headline_table(bench: &BenchRun) -> String {
     });
     let _ = writeln!(
         out,
-        "| scenario | ping-pong p50 / p99 µs |{http_title} new connections/s | CPU µs per new connection | bulk Gbit/s | proxy peak RSS MiB |"
+        "| scenario | ping-pong p50 / p99 µs |{http_title} HTTP/1.1 keep-alive requests/s | h2c requests/s | new connections/s | CPU µs per new connection | bulk Gbit/s | proxy peak RSS MiB |"
     );
-    let columns = 6 + usize::from(http_cell.is_some());
+    let columns = 8 + usize::from(http_cell.is_some());
+    let closed = |kind: WorkloadKind| {
+        bench
+            .cells
+            .iter()
+            .find(|cell| cell.kind == kind && cell.load_percent.is_none())
+            .map(|cell| cell.id.clone())
+            .unwrap_or_default()
+    };
+    let (http_closed, h2_closed) = (closed(WorkloadKind::Http), closed(WorkloadKind::H2));
     let _ = writeln!(out, "|{}", "---|".repeat(columns));
     for &scenario in &bench.scenarios {
         let cell = |id: &str| summary.cell(scenario, id);
@@ -103,7 +112,9 @@ pub fn headline_table(bench: &BenchRun) -> String {
         let crr = cell("crr");
         let _ = writeln!(
             out,
-            " {} | {} | {} | {} |",
+            " {} | {} | {} | {} | {} | {} |",
+            spread(cell(&http_closed).and_then(|c| c.throughput)),
+            spread(cell(&h2_closed).and_then(|c| c.throughput)),
             spread(crr.and_then(|c| c.throughput)),
             spread(crr.and_then(|c| c.cpu_us_per_op)),
             spread(cell("bulk").and_then(|c| c.throughput)),
@@ -179,7 +190,22 @@ pub fn markdown(bench: &BenchRun) -> String {
                     );
                 }
             }
-            WorkloadKind::Http => {
+            WorkloadKind::Http | WorkloadKind::H2 if cell.load_percent.is_none() => {
+                let _ = writeln!(out, "\n## {}\n", closed_http_title(cell));
+                out.push_str("| scenario | requests/s | p50 | p90 | p99 | p99.9 | CPU µs per request | proxies CPU µs |\n|---|---|---|---|---|---|---|---|\n");
+                for row in rows {
+                    let _ = writeln!(
+                        out,
+                        "| {} | {} | {} | {} | {} |",
+                        row.scenario,
+                        spread(row.throughput),
+                        percentiles(row.latency_us),
+                        spread(row.cpu_us_per_op),
+                        spread(row.proxy_cpu_us_per_op)
+                    );
+                }
+            }
+            WorkloadKind::Http | WorkloadKind::H2 => {
                 let baseline = summary
                     .cell(Scenario::B0, &cell.id)
                     .and_then(|c| c.latency_us);
@@ -350,6 +376,22 @@ fn node_cost_section(out: &mut String, cost: &NodeCost) {
         None => out.push_str(
             "\nThe conntrack entry size could not be read (`nf_conntrack` not listed in /proc/slabinfo: merged with another cache).\n",
         ),
+    }
+}
+
+/// The heading of a closed-loop HTTP cell: how many requests are in flight, and how.
+fn closed_http_title(cell: &Cell) -> String {
+    match cell.workload {
+        Workload::H2 {
+            connections,
+            streams,
+        } => format!(
+            "HTTP/2 (h2c) keep-alive, closed loop: h2load, {connections} connections × {streams} streams, 1 KiB responses"
+        ),
+        Workload::Http { connections, .. } => format!(
+            "HTTP/1.1 keep-alive, closed loop: {connections} connections, each sending its next request when the last is answered, 1 KiB responses"
+        ),
+        _ => cell.id.clone(),
     }
 }
 

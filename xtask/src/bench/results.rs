@@ -80,11 +80,14 @@ pub struct Measurement {
     pub report: LoadReport,
     /// CPU time of each cgroup over the measured phase.
     pub cpu_usec: CpuUsage,
-    /// Connections the proxy counted over the whole cell (warm-up included).
+    /// Connections the client's proxy accepted over the whole cell (warm-up included).
     pub proxy_connections: Option<u64>,
-    /// Two-sidecar scenarios: connections the server's proxy counted over the whole cell.
+    /// Two-sidecar scenarios: connections the server's proxy accepted over the whole cell.
     #[serde(default)]
     pub server_proxy_connections: Option<u64>,
+    /// HTTP-aware scenarios: HTTP requests the client's proxy counted over the measured phase.
+    #[serde(default)]
+    pub proxy_requests: Option<u64>,
     /// eBPF scenarios: the client pod's capture's kernel counters over the whole cell.
     pub kernel_counters: Option<BTreeMap<String, u64>>,
     /// Two-sidecar eBPF scenarios: the server pod's kernel counters over the whole cell.

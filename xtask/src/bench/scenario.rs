@@ -21,7 +21,7 @@ use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
 use sidecar_tests::{Lab, LabProcess, Pod, PodCommand, prometheus, wait_for_http_ok, wait_for_tcp};
 
-use super::{haproxy, mesh, metrics};
+use super::{haproxy, mesh, metrics, workload::WorkloadKind};
 
 pub const SERVER_PORT: u16 = 8080;
 pub const OUTBOUND_PORT: u16 = 15001;
@@ -71,10 +71,30 @@ pub enum Scenario {
     #[value(name = "E2-mTLS")]
     #[serde(rename = "E2-mTLS")]
     E2Mtls,
+    /// H1 with HAProxy in `mode http`.
+    #[value(name = "H1-http")]
+    #[serde(rename = "H1-http")]
+    H1Http,
+    /// I1 with HTTP detection and routing on.
+    #[value(name = "I1-http")]
+    #[serde(rename = "I1-http")]
+    I1Http,
+    /// E1 with HTTP detection and routing on.
+    #[value(name = "E1-http")]
+    #[serde(rename = "E1-http")]
+    E1Http,
+    /// E2 with HTTP detection and routing on.
+    #[value(name = "E2-http")]
+    #[serde(rename = "E2-http")]
+    E2Http,
+    /// E2-mTLS with HTTP detection and routing on.
+    #[value(name = "E2-mTLS-http")]
+    #[serde(rename = "E2-mTLS-http")]
+    E2MtlsHttp,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 12] = [
+    pub const ALL: [Scenario; 17] = [
         Scenario::B0,
         Scenario::P0,
         Scenario::B0Ct,
@@ -87,6 +107,11 @@ impl Scenario {
         Scenario::E2s,
         Scenario::I2Mtls,
         Scenario::E2Mtls,
+        Scenario::H1Http,
+        Scenario::I1Http,
+        Scenario::E1Http,
+        Scenario::E2Http,
+        Scenario::E2MtlsHttp,
     ];
 
     pub fn id(self) -> &'static str {
@@ -103,6 +128,11 @@ impl Scenario {
             Scenario::E2s => "E2s",
             Scenario::I2Mtls => "I2-mTLS",
             Scenario::E2Mtls => "E2-mTLS",
+            Scenario::H1Http => "H1-http",
+            Scenario::I1Http => "I1-http",
+            Scenario::E1Http => "E1-http",
+            Scenario::E2Http => "E2-http",
+            Scenario::E2MtlsHttp => "E2-mTLS-http",
         }
     }
 
@@ -126,6 +156,13 @@ impl Scenario {
             Scenario::E2s => "E2 with the sockmap shortcut of both app-proxy hops (init --sockmap)",
             Scenario::I2Mtls => "I2 with mTLS between the sidecars (STRICT inbound)",
             Scenario::E2Mtls => "E2 with mTLS between the sidecars (STRICT inbound)",
+            Scenario::H1Http => {
+                "iptables REDIRECT to HAProxy in `mode http` (keep-alive to the server)"
+            }
+            Scenario::I1Http => "I1 with HTTP detection and routing on (the sidecar's default)",
+            Scenario::E1Http => "E1 with HTTP detection and routing on (the sidecar's default)",
+            Scenario::E2Http => "E2 with HTTP detection and routing on in both sidecars",
+            Scenario::E2MtlsHttp => "E2-mTLS with HTTP detection and routing on in both sidecars",
         }
     }
 
@@ -133,8 +170,19 @@ impl Scenario {
         match self {
             Scenario::B0 | Scenario::P0 => Capture::None,
             Scenario::B0Ct | Scenario::P0Ct => Capture::ConntrackOnly,
-            Scenario::I1 | Scenario::H1 | Scenario::I2 | Scenario::I2Mtls => Capture::Iptables,
-            Scenario::E1 | Scenario::E2 | Scenario::E2s | Scenario::E2Mtls => Capture::Ebpf,
+            Scenario::I1
+            | Scenario::H1
+            | Scenario::I2
+            | Scenario::I2Mtls
+            | Scenario::H1Http
+            | Scenario::I1Http => Capture::Iptables,
+            Scenario::E1
+            | Scenario::E2
+            | Scenario::E2s
+            | Scenario::E2Mtls
+            | Scenario::E1Http
+            | Scenario::E2Http
+            | Scenario::E2MtlsHttp => Capture::Ebpf,
         }
     }
 
@@ -142,17 +190,46 @@ impl Scenario {
         match self {
             Scenario::B0 | Scenario::B0Ct => ProxyKind::None,
             Scenario::P0 | Scenario::P0Ct => ProxyKind::SidecarExplicit,
-            Scenario::H1 => ProxyKind::Haproxy,
+            Scenario::H1 | Scenario::H1Http => ProxyKind::Haproxy,
             _ => ProxyKind::Sidecar,
         }
     }
 
     /// Both pods captured in both directions, each with its sidecar.
-    fn two_sidecars(self) -> bool {
+    pub fn two_sidecars(self) -> bool {
         matches!(
             self,
-            Scenario::I2 | Scenario::E2 | Scenario::E2s | Scenario::I2Mtls | Scenario::E2Mtls
+            Scenario::I2
+                | Scenario::E2
+                | Scenario::E2s
+                | Scenario::I2Mtls
+                | Scenario::E2Mtls
+                | Scenario::E2Http
+                | Scenario::E2MtlsHttp
         )
+    }
+
+    /// The proxies parse HTTP and route each request (the sidecar's default, HAProxy's
+    /// `mode http`); the other proxied scenarios relay the server port as opaque TCP.
+    pub fn http_aware(self) -> bool {
+        matches!(
+            self,
+            Scenario::H1Http
+                | Scenario::I1Http
+                | Scenario::E1Http
+                | Scenario::E2Http
+                | Scenario::E2MtlsHttp
+        )
+    }
+
+    /// Whether `kind` is measured in this scenario: the HTTP-aware scenarios exist for the HTTP
+    /// path, so they skip the opaque workloads the TCP scenarios measure already.
+    pub fn runs(self, kind: WorkloadKind) -> bool {
+        !self.http_aware() || kind.is_http()
+    }
+
+    pub fn uses_haproxy(self) -> bool {
+        self.proxy() == ProxyKind::Haproxy
     }
 
     /// Both pods' app-proxy hops short-circuited with sockmap.
@@ -161,7 +238,10 @@ impl Scenario {
     }
 
     fn mtls(self) -> bool {
-        matches!(self, Scenario::I2Mtls | Scenario::E2Mtls)
+        matches!(
+            self,
+            Scenario::I2Mtls | Scenario::E2Mtls | Scenario::E2MtlsHttp
+        )
     }
 
     /// Whether this scenario's BPF programs are worth profiling with `bpf_stats`.
@@ -285,12 +365,35 @@ impl Side {
             .as_user(PROXY_ID, PROXY_ID)
     }
 
-    fn scrape_connections_opened(&self) -> Result<u64> {
+    fn scrape(&self) -> Result<String> {
         let url = "http://127.0.0.1:15020/stats/prometheus";
-        let body = wait_for_http_ok(&self.pod, url, READY)?.body;
-        let opened = prometheus::sum(&body, "istio_tcp_connections_opened_total", &[])
+        Ok(wait_for_http_ok(&self.pod, url, READY)?.body)
+    }
+
+    /// Connections the sidecar's `listener` (`outbound`, `inbound`) has accepted, whatever
+    /// their protocol.
+    fn scrape_connections_accepted(&self, listener: &str) -> Result<u64> {
+        let name = "sidecar_listener_connections_accepted_total";
+        let accepted = prometheus::sum(&self.scrape()?, name, &[("listener", listener)])
+            .map_err(|error| anyhow!("the proxy's metrics: {error}"))?;
+        Ok(accepted as u64)
+    }
+
+    /// HTTP requests the sidecar has proxied as the source's reporter. Before the first
+    /// request the series does not exist yet: that reads as 0 (a renamed metric then fails the
+    /// gate that compares it with the requests the load generator sent).
+    fn scrape_requests(&self) -> Result<u64> {
+        let samples = prometheus::parse(&self.scrape()?)
             .map_err(|error| anyhow!("the proxy's metrics do not parse: {error}"))?;
-        Ok(opened as u64)
+        let requests: f64 = samples
+            .iter()
+            .filter(|sample| {
+                sample.name == "istio_requests_total"
+                    && sample.labels.get("reporter").map(String::as_str) == Some("source")
+            })
+            .map(|sample| sample.value)
+            .sum();
+        Ok(requests as u64)
     }
 }
 
@@ -352,6 +455,18 @@ impl ScenarioLab {
             .args(["load-client", "--spec", spec_json])
     }
 
+    /// h2load, where the load generator runs.
+    pub fn h2load(&self, args: &[String]) -> PodCommand {
+        self.client
+            .pinned(&self.client.app_cgroup, Path::new("h2load"))
+            .args(args)
+    }
+
+    /// The URL of the server as the app dials it.
+    pub fn url(&self) -> String {
+        format!("http://{}/", self.connect_to())
+    }
+
     pub fn cpu_usage(&self) -> Result<CpuUsage> {
         Ok(CpuUsage {
             client_app: metrics::cgroup_cpu_usec(&self.client.app_cgroup)?,
@@ -365,16 +480,28 @@ impl ScenarioLab {
     pub fn proxy_connections(&self) -> Result<Option<u64>> {
         match self.scenario.proxy() {
             ProxyKind::None => Ok(None),
-            ProxyKind::Sidecar | ProxyKind::SidecarExplicit => {
-                self.client.scrape_connections_opened().map(Some)
-            }
+            ProxyKind::Sidecar | ProxyKind::SidecarExplicit => self
+                .client
+                .scrape_connections_accepted("outbound")
+                .map(Some),
             ProxyKind::Haproxy => {
                 let socket = self
                     .haproxy_stats
                     .as_deref()
                     .context("HAProxy not started")?;
-                haproxy::frontend_connections(socket).map(Some)
+                haproxy::frontend_total(socket, haproxy::Total::Connections).map(Some)
             }
+        }
+    }
+
+    /// HTTP requests the client's proxy has handled so far (HTTP-aware scenarios only).
+    pub fn proxy_requests(&self) -> Result<Option<u64>> {
+        if !self.scenario.http_aware() {
+            return Ok(None);
+        }
+        match &self.haproxy_stats {
+            Some(socket) => haproxy::frontend_total(socket, haproxy::Total::Requests).map(Some),
+            None => self.client.scrape_requests().map(Some),
         }
     }
 
@@ -383,7 +510,7 @@ impl ScenarioLab {
         if !self.scenario.two_sidecars() {
             return Ok(None);
         }
-        self.server.scrape_connections_opened().map(Some)
+        self.server.scrape_connections_accepted("inbound").map(Some)
     }
 
     /// The client proxy's peak resident memory so far, in KiB.
@@ -554,11 +681,16 @@ impl ScenarioLab {
             ProxyKind::Haproxy => self.start_haproxy(),
             ProxyKind::SidecarExplicit | ProxyKind::Sidecar => {
                 let dir = self.lab.dir().join("mesh");
+                let protocol = if self.scenario.http_aware() {
+                    mesh::ServerPort::Detected
+                } else {
+                    mesh::ServerPort::OpaqueTcp
+                };
                 let configs = if self.scenario.mtls() {
                     let server_ip = self.server.pod.ipv4();
-                    mesh::write_mtls(&self.sidecar, &dir, server_ip, PROXY_ID)?
+                    mesh::write_mtls(&self.sidecar, &dir, server_ip, PROXY_ID, protocol)?
                 } else {
-                    mesh::write_plaintext(&dir)?
+                    mesh::write_plaintext(&dir, protocol)?
                 };
                 let config_args =
                     |path: &Path| vec!["--mesh-config".to_owned(), path.display().to_string()];
@@ -597,7 +729,12 @@ impl ScenarioLab {
     }
 
     fn start_haproxy(&mut self) -> Result<()> {
-        let files = haproxy::write_config(self.lab.dir(), PROXY_ID)?;
+        let mode = if self.scenario.http_aware() {
+            haproxy::Mode::Http
+        } else {
+            haproxy::Mode::Tcp
+        };
+        let files = haproxy::write_config(self.lab.dir(), PROXY_ID, mode)?;
         let proxy = self
             .client
             .proxy_command(Path::new("haproxy"))

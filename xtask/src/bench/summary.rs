@@ -17,20 +17,26 @@ use super::{
 };
 
 /// The comparisons every run reports, `(a, b)` as the ratio a/b: eBPF against iptables, each
-/// redirect against the explicitly dialled proxy (the redirect's own overhead), what
-/// conntrack alone costs, HAProxy against the sidecar under the same rules, and what mTLS adds.
-pub const COMPARISONS: [(Scenario, Scenario); 11] = [
+/// redirect against the explicitly dialled proxy (the redirect's own overhead), the proxy
+/// against no proxy, what conntrack alone costs, the sidecar against HAProxy under the same
+/// rules (opaque TCP and HTTP-aware), what HTTP awareness costs, and what mTLS adds.
+pub const COMPARISONS: [(Scenario, Scenario); 16] = [
     (Scenario::E1, Scenario::I1),
     (Scenario::E1, Scenario::P0),
     (Scenario::I1, Scenario::P0),
+    (Scenario::P0, Scenario::B0),
     (Scenario::I1, Scenario::P0Ct),
     (Scenario::B0Ct, Scenario::B0),
     (Scenario::P0Ct, Scenario::P0),
-    (Scenario::H1, Scenario::I1),
+    (Scenario::I1, Scenario::H1),
+    (Scenario::I1Http, Scenario::H1Http),
+    (Scenario::E1Http, Scenario::I1Http),
+    (Scenario::E1Http, Scenario::E1),
     (Scenario::E2, Scenario::I2),
     (Scenario::E2s, Scenario::E2),
     (Scenario::E2Mtls, Scenario::I2Mtls),
     (Scenario::E2Mtls, Scenario::E2),
+    (Scenario::E2MtlsHttp, Scenario::E2Http),
 ];
 
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]

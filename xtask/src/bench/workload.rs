@@ -13,6 +13,13 @@ pub const PING_PONG_BYTES: usize = 64;
 pub const HTTP_CONNECTIONS: [usize; 3] = [1, 16, 64];
 /// The one connection count of a quick run.
 pub const QUICK_HTTP_CONNECTIONS: [usize; 1] = [16];
+/// The connection count whose closed-loop saturation every scenario measures (requests/s at
+/// full speed, the figure wrk or h2load report).
+pub const SATURATION_CONNECTIONS: usize = 16;
+/// h2load's connections and streams in flight on each: as many requests in flight as the
+/// saturation cell, multiplexed.
+pub const H2_CONNECTIONS: usize = 4;
+pub const H2_STREAMS: usize = 4;
 /// Closed loops of the new-connection-per-request workload: enough to keep both CPUs busy.
 pub const CRR_CONCURRENCY: usize = 4;
 pub const BULK_CHUNK_BYTES: usize = 128 * 1024;
@@ -24,8 +31,11 @@ pub const BULK_CHUNK_BYTES: usize = 128 * 1024;
 pub enum WorkloadKind {
     /// Request/response latency on one connection.
     PingPong,
-    /// HTTP at fixed rates, open loop, on 1, 16 and 64 connections.
+    /// HTTP/1.1 keep-alive at fixed rates, open loop, on 1, 16 and 64 connections, and closed
+    /// loop on 16.
     Http,
+    /// HTTP/2 (h2c) keep-alive, closed loop, driven by h2load.
+    H2,
     /// A new connection per request.
     Crr,
     /// Bulk throughput on one connection.
@@ -33,9 +43,10 @@ pub enum WorkloadKind {
 }
 
 impl WorkloadKind {
-    pub const ALL: [WorkloadKind; 4] = [
+    pub const ALL: [WorkloadKind; 5] = [
         WorkloadKind::PingPong,
         WorkloadKind::Http,
+        WorkloadKind::H2,
         WorkloadKind::Crr,
         WorkloadKind::Bulk,
     ];
@@ -44,17 +55,25 @@ impl WorkloadKind {
     pub fn operation(self) -> &'static str {
         match self {
             WorkloadKind::PingPong => "round trip",
-            WorkloadKind::Http => "request",
+            WorkloadKind::Http | WorkloadKind::H2 => "request",
             WorkloadKind::Crr => "connection",
             WorkloadKind::Bulk => "GB",
         }
+    }
+
+    /// Whether the workload speaks HTTP (new connections do: one HTTP/1.1 request each).
+    pub fn is_http(self) -> bool {
+        matches!(
+            self,
+            WorkloadKind::Http | WorkloadKind::H2 | WorkloadKind::Crr
+        )
     }
 }
 
 /// One workload at one setting, measured once per scenario run.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Cell {
-    /// `ping-pong`, `http-c16-50pct`, `crr`, `bulk`.
+    /// `ping-pong`, `http-c16-50pct`, `http-c16-closed`, `h2-c4-m4`, `crr`, `bulk`.
     pub id: String,
     pub kind: WorkloadKind,
     pub workload: Workload,
@@ -110,6 +129,7 @@ pub fn plan(
     for kind in [
         WorkloadKind::PingPong,
         WorkloadKind::Http,
+        WorkloadKind::H2,
         WorkloadKind::Bulk,
         WorkloadKind::Crr,
     ] {
@@ -139,7 +159,25 @@ pub fn plan(
                         ));
                     }
                 }
+                cells.push(cell(
+                    format!("http-c{SATURATION_CONNECTIONS}-closed"),
+                    kind,
+                    Workload::Http {
+                        connections: SATURATION_CONNECTIONS,
+                        rate: None,
+                    },
+                    None,
+                ));
             }
+            WorkloadKind::H2 => cells.push(cell(
+                format!("h2-c{H2_CONNECTIONS}-m{H2_STREAMS}"),
+                kind,
+                Workload::H2 {
+                    connections: H2_CONNECTIONS,
+                    streams: H2_STREAMS,
+                },
+                None,
+            )),
             WorkloadKind::Crr => cells.push(cell(
                 "crr".into(),
                 kind,
@@ -182,6 +220,8 @@ mod tests {
                 "http-c1-50pct",
                 "http-c16-25pct",
                 "http-c16-50pct",
+                "http-c16-closed",
+                "h2-c4-m4",
                 "bulk",
                 "crr"
             ]

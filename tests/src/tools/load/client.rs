@@ -39,6 +39,7 @@ pub fn run(spec: &LoadSpec, announce: &mut impl Write) -> Result<LoadReport> {
         Workload::PingPong { .. } | Workload::Bulk { .. } => 1,
         Workload::Http { connections, .. } => connections,
         Workload::ConnectPerRequest { concurrency } => concurrency,
+        Workload::H2 { .. } => bail!("the h2 workload is driven by h2load, not labtool"),
     };
     ensure!(workers > 0, "the workload needs at least one connection");
     if let Workload::Http {
@@ -269,6 +270,7 @@ fn run_worker(spec: &LoadSpec, index: usize, workers: usize, gate: &StartGate) -
             measured.finished = Some(Instant::now());
             measured.with_warmup(warm)
         }
+        Workload::H2 { .. } => unreachable!("refused by `run`"),
     }
 }
 

@@ -7,12 +7,15 @@
 //!   the connection arrived on in an `x-server-local` header;
 //! - `ECHO`: the server sends that address and a newline, then echoes every byte back;
 //! - `BULK`: the server sends that address and a newline, reads to EOF, then answers with the
-//!   number of bytes it read.
+//!   number of bytes it read;
+//! - `PRI `: HTTP/2 with prior knowledge (h2c, `h2load`'s protocol), the same responses as
+//!   HTTP/1.1.
 //!
 //! The client checks that address on every connection against the one it meant to reach, so a
 //! proxy that dials the wrong original destination fails the run instead of going unnoticed.
 
 pub mod client;
+pub mod h2_server;
 pub mod histogram;
 pub mod server;
 
@@ -60,6 +63,10 @@ pub enum Workload {
     ConnectPerRequest { concurrency: usize },
     /// One connection sending `chunk_bytes` writes for the whole duration.
     Bulk { chunk_bytes: usize },
+    /// HTTP/2 with prior knowledge (h2c), closed loop: `streams` requests in flight on each of
+    /// `connections`. Driven by nghttp2's `h2load`, a client we did not write; labtool's
+    /// client refuses it.
+    H2 { connections: usize, streams: usize },
 }
 
 /// The one JSON line `labtool load-client` prints at the end.

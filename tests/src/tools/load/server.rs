@@ -13,7 +13,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 
-use super::{BULK_PREFACE, ECHO_PREFACE, SERVER_LOCAL_HEADER};
+use super::{
+    BULK_PREFACE, ECHO_PREFACE, SERVER_LOCAL_HEADER,
+    h2_server::{self, H2_PREFACE_START},
+};
 use crate::tools::echo::payload;
 
 /// Longest request head accepted, so a broken client cannot grow memory forever.
@@ -56,12 +59,17 @@ fn serve_connection(stream: TcpStream, body_bytes: usize) -> Result<()> {
     let mut stream = PolledStream::new(stream, None)?;
     let local = stream.local_addr()?;
     let mut preface = [0u8; 4];
-    match stream.read_exact(&mut preface) {
+    match stream.peek_exact(&mut preface) {
         Ok(()) => {}
         // A connect-only probe (readiness checks) sends nothing.
         Err(error) if error.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
         Err(error) => return Err(error).context("reading the preface"),
     }
+    // hyper reads the HTTP/2 preface itself; the other protocols start after these bytes.
+    if &preface == H2_PREFACE_START {
+        return h2_server::serve(stream.into_inner(), &local.to_string(), body_bytes);
+    }
+    stream.read_exact(&mut preface)?;
     match &preface {
         b"GET " => serve_http(stream, preface, &local.to_string(), body_bytes),
         ECHO_PREFACE => {
