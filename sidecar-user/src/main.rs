@@ -20,6 +20,13 @@ mod sys;
 
 use clap::{Parser, Subcommand};
 
+/// jemalloc, as ztunnel uses: the proxy allocates per request (headers, bodies, futures), and
+/// glibc's malloc was 8% of its CPU on the HTTP path (docs/BENCHMARKS.md). Not under the
+/// fuzzer, whose AddressSanitizer replaces the allocator itself.
+#[cfg(not(fuzzing))]
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Parser)]
 #[command(name = "sidecar", version, about)]
 struct Cli {

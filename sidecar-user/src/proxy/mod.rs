@@ -111,7 +111,8 @@ pub struct Timeouts {
 
 /// Runs the proxy until it is asked to stop and has drained.
 pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
-    let log_level = logging::init(args.log_format)?;
+    // Held to the end of `run`, so every line is written out before the process exits.
+    let (log_level, _flush_on_exit) = logging::init(args.log_format)?;
     let config = ProxyConfig::try_from(&args)?;
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     runtime.enable_all().thread_name("proxy-worker");
