@@ -1,17 +1,21 @@
 //! The mesh as the data path sees it: the mesh config compiled together with this workload's
-//! certificate into ready-to-use TLS configs. Each connection takes one snapshot, so a reload
-//! never changes a connection midway; new connections get the new snapshot, and pooled
-//! connections made under a policy the new snapshot no longer has are not reused.
+//! certificate, and the HTTP services' TLS origination, into ready-to-use TLS configs. Each
+//! connection takes one snapshot, so a reload never changes a connection midway; new
+//! connections get the new snapshot, and pooled connections made under a policy the new
+//! snapshot no longer has are not reused.
 use std::{net::SocketAddr, sync::Arc};
 
 use rustls::{ClientConfig, ServerConfig, crypto::CryptoProvider};
 use tokio::sync::watch;
 
 use super::{
-    http::{HttpConfig, router::RouteTable},
+    http::{HttpConfig, config::ServiceConfig, router::RouteTable},
     identity::SpiffeId,
     mesh_config::{InboundPolicy, MeshConfig, PortPolicy, Workload},
-    tls::{self, TrustBundles, WorkloadCertificate},
+    tls::{
+        self, TrustBundles, WorkloadCertificate,
+        origination::{Originations, TlsOrigination},
+    },
 };
 
 /// What connections to a mesh destination are made under. A pooled connection serves a new
@@ -24,6 +28,18 @@ pub struct MeshPolicy {
     pub local: SpiffeId,
     /// The roots the server's chain was verified against.
     pub trust: Arc<TrustBundles>,
+}
+
+/// How an HTTP service's connections to an endpoint are made under a snapshot. A pooled
+/// connection serves a request only while the snapshot in force says the same, so a TLS and a
+/// plaintext connection to one address are never taken for each other.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpstreamSecurity {
+    Plaintext,
+    /// Mesh mTLS: the endpoint is a mesh workload.
+    MeshMtls(Arc<MeshPolicy>),
+    /// TLS originated for the service's `tls`.
+    OriginatedTls(Arc<TlsOrigination>),
 }
 
 /// A mesh destination with the TLS config that checks its identity.
@@ -52,6 +68,8 @@ pub struct Mesh {
     inbound: InboundPolicy,
     tls: Option<MeshTls>,
     routes: Arc<RouteTable>,
+    /// The TLS origination of the services of `routes` with `tls`.
+    originations: Originations,
 }
 
 impl Mesh {
@@ -61,20 +79,23 @@ impl Mesh {
         Self::plaintext_with_routes(HttpConfig::default())
     }
 
-    /// Plaintext, with HTTP routing.
+    /// Plaintext, with HTTP routing (a service with `tls` gets no connection: its TLS is not
+    /// built here).
     pub fn plaintext_with_routes(http: HttpConfig) -> Self {
         Mesh {
             inbound: InboundPolicy::default(),
             tls: None,
             routes: Arc::new(RouteTable::new(http)),
+            originations: Originations::default(),
         }
     }
 
     /// Without a certificate (a config without `identity`): plaintext, with the config's
-    /// routes and inbound policy.
+    /// routes and inbound policy. `originations`: built from `config.http`.
     pub fn build(
         config: &MeshConfig,
         cert: Option<&WorkloadCertificate>,
+        originations: Originations,
         provider: &Arc<CryptoProvider>,
     ) -> Result<Self, rustls::Error> {
         let routes = Arc::new(RouteTable::new(config.http.clone()));
@@ -83,6 +104,7 @@ impl Mesh {
                 inbound: config.inbound.clone(),
                 tls: None,
                 routes,
+                originations,
             });
         };
         let destinations = config
@@ -112,6 +134,7 @@ impl Mesh {
                 destinations,
             }),
             routes,
+            originations,
         })
     }
 
@@ -132,6 +155,25 @@ impl Mesh {
     /// The policy of connections to `addr`: `None` is plaintext.
     pub fn upstream_policy(&self, addr: SocketAddr) -> Option<&Arc<MeshPolicy>> {
         Some(&self.tls.as_ref()?.destination(addr)?.policy)
+    }
+
+    /// How `service` connects to its endpoint `addr`: its `tls` first (as Istio's
+    /// DestinationRule TLS settings override mesh mTLS), else mTLS to a mesh workload, else
+    /// plaintext. `None`: the service has `tls` that this snapshot did not build (a service of
+    /// another snapshot), so no connection may be made or reused for it.
+    pub fn upstream_security(
+        &self,
+        service: &ServiceConfig,
+        addr: SocketAddr,
+    ) -> Option<UpstreamSecurity> {
+        if let Some(settings) = &service.tls {
+            let origination = self.originations.get(settings)?;
+            return Some(UpstreamSecurity::OriginatedTls(origination.clone()));
+        }
+        Some(match self.upstream_policy(addr) {
+            Some(policy) => UpstreamSecurity::MeshMtls(policy.clone()),
+            None => UpstreamSecurity::Plaintext,
+        })
     }
 }
 

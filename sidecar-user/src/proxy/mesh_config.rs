@@ -248,6 +248,10 @@ impl MeshConfig {
                 })
                 .collect(),
         };
+        let mut http = raw.http;
+        for tls in http.services.iter_mut().filter_map(|s| s.tls.as_mut()) {
+            tls.resolve_paths(base);
+        }
         Ok(MeshConfig {
             identity: identity.map(|files| IdentityFiles {
                 certificate_chain: base.join(files.certificate_chain),
@@ -262,7 +266,7 @@ impl MeshConfig {
             trust_domain,
             workloads: raw.workloads,
             inbound,
-            http: raw.http,
+            http,
             session_resumption: raw.session_resumption,
         })
     }
@@ -827,6 +831,114 @@ inbound:
             let view = crate::proxy::http::router::RequestView::new(&request, orig_dst);
             let _ = table.decide(&view);
         });
+    }
+
+    #[test]
+    fn service_tls_takes_its_defaults_and_paths_from_the_config_directory()
+    -> Result<(), ConfigError> {
+        use crate::proxy::http::config::{ServiceTls, TlsMode};
+        let config = parse(
+            "http:
+  services:
+    - name: partner
+      hosts: [api.partner, partner]
+      addresses: [203.0.113.7]
+      ports: [80]
+      targetPort: 443
+      tls: {mode: SIMPLE, caCertificates: partner/ca.pem}
+    - name: by-ip
+      addresses: [203.0.113.8]
+      tls:
+        mode: MUTUAL
+        caCertificates: /partner/ca.pem
+        clientCertificate: /partner/client.pem
+        privateKey: client-key.pem
+    - name: public
+      hosts: [api.example.com]
+      tls: {mode: SIMPLE, sni: edge.example.com}
+",
+        )?;
+        let services = &config.http.services;
+        assert_eq!(
+            services[0].tls,
+            Some(ServiceTls {
+                mode: TlsMode::Simple,
+                sni: Some("api.partner".into()),
+                ca_certificates: Some("/etc/sidecar/partner/ca.pem".into()),
+                client_certificate: None,
+                private_key: None,
+            }),
+            "the first host is the server name; paths are the config file's"
+        );
+        let at = |text: &str| text.parse::<SocketAddr>().expect("address");
+        assert_eq!(
+            services[0].endpoint_for(at("203.0.113.7:80")),
+            at("203.0.113.7:443")
+        );
+        assert_eq!(
+            services[1].tls,
+            Some(ServiceTls {
+                mode: TlsMode::Mutual,
+                sni: None,
+                ca_certificates: Some("/partner/ca.pem".into()),
+                client_certificate: Some("/partner/client.pem".into()),
+                private_key: Some("/etc/sidecar/client-key.pem".into()),
+            }),
+            "without a host, the endpoint's IP is verified"
+        );
+        assert_eq!(
+            services[1].endpoint_for(at("203.0.113.8:8080")),
+            at("203.0.113.8:8080"),
+            "no targetPort: the original port"
+        );
+        let public = services[2].tls.as_ref().expect("tls");
+        assert_eq!(public.sni.as_deref(), Some("edge.example.com"));
+        assert_eq!(public.ca_certificates, None, "the system's roots");
+        Ok(())
+    }
+
+    #[test]
+    fn bad_tls_settings_are_rejected_at_their_service_with_the_reason() {
+        for (service, reason) in [
+            (
+                "{name: p, tls: {mode: ISTIO_MUTUAL}}",
+                "unknown variant `ISTIO_MUTUAL`, expected `SIMPLE` or `MUTUAL`",
+            ),
+            (
+                "{name: p, tls: {mode: MUTUAL, caCertificates: ca.pem}}",
+                "service p: `tls.mode: MUTUAL` needs `clientCertificate` and `privateKey`",
+            ),
+            (
+                "{name: p, tls: {mode: SIMPLE, privateKey: k.pem}}",
+                "service p: `tls.clientCertificate` and `privateKey` go with `mode: MUTUAL`",
+            ),
+            (
+                "{name: p, hosts: ['*.partner'], tls: {mode: SIMPLE}}",
+                "service p: the first host \"*.partner\" is not a server name to verify: give `tls.sni`",
+            ),
+            (
+                "{name: p, tls: {mode: SIMPLE, sni: 'a b'}}",
+                "service p: invalid `tls.sni` \"a b\"",
+            ),
+            (
+                "{name: p, tls: {mode: SIMPLE, caCertificates: ''}}",
+                "service p: a `tls` file path is empty",
+            ),
+            (
+                "{name: p, endpoints: ['10.0.0.1:443'], targetPort: 443}",
+                "service p: `targetPort` rewrites the original destination's port",
+            ),
+            ("{name: p, targetPort: 0}", "nonzero"),
+            (
+                "{name: p, tls: {mode: SIMPLE, insecureSkipVerify: true}}",
+                "unknown field `insecureSkipVerify`",
+            ),
+        ] {
+            let text = format!("http:\n  services:\n    - {service}\n");
+            let error = parse(&text).expect_err(service);
+            assert_eq!(error.location.map(|(line, _)| line), Some(3), "{error}");
+            assert!(error.to_string().contains(reason), "{error}");
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
-//! Loads the mesh config and the certificate files it names, and reloads them when they change
-//! on disk (notify), without a restart. A file that does not load is rejected with a log line
-//! and a counter, and what was in force stays in force.
+//! Loads the mesh config and the certificate files it names (this workload's, and those of the
+//! HTTP services' TLS origination), and reloads them when they change on disk (notify), without
+//! a restart. A file that does not load is rejected with a log line and a counter, and what was
+//! in force stays in force.
 use std::{
     collections::BTreeSet,
     fs,
@@ -23,7 +24,11 @@ use super::{
     mesh::{Mesh, MeshHandle},
     mesh_config::{IdentityFiles, MeshConfig},
     metrics::{Metrics, ReloadKind},
-    tls::{WorkloadCertificate, rfc3339},
+    tls::{
+        WorkloadCertificate,
+        origination::{self, Originations, TlsFiles},
+        rfc3339,
+    },
 };
 
 /// Writers replace several files in a row (certificate, then key): reload once they are done.
@@ -36,6 +41,9 @@ struct Loaded {
     certificate_bytes: Vec<Vec<u8>>,
     /// `None`: the config has no `identity` (plaintext, HTTP routing only).
     certificate: Option<WorkloadCertificate>,
+    /// The files of the services' `tls`, and what was built from them.
+    tls_files: TlsFiles,
+    originations: Originations,
 }
 
 pub struct MeshSource {
@@ -60,8 +68,16 @@ impl MeshSource {
         let config = MeshConfig::parse(&config_bytes, config_path)?;
         let (certificate_bytes, certificate) =
             load_certificate(&config, &provider).map_err(anyhow::Error::msg)?;
-        let mesh = Mesh::build(&config, certificate.as_ref(), &provider)
-            .context("cannot build the TLS configuration")?;
+        let tls_files = origination::read_files(&config.http).map_err(anyhow::Error::msg)?;
+        let originations =
+            Originations::build(&config.http, &tls_files, &provider).map_err(anyhow::Error::msg)?;
+        let mesh = Mesh::build(
+            &config,
+            certificate.as_ref(),
+            originations.clone(),
+            &provider,
+        )
+        .context("cannot build the TLS configuration")?;
         if let Some(certificate) = &certificate {
             log_certificate("workload certificate loaded", certificate);
             metrics.set_certificate_expiration(certificate.not_after);
@@ -83,6 +99,8 @@ impl MeshSource {
                 config,
                 certificate_bytes,
                 certificate,
+                tls_files,
+                originations,
             },
             rejected_config: None,
         })
@@ -150,10 +168,29 @@ impl MeshSource {
             },
         };
         let certificate_changed = certificate_bytes != self.loaded.certificate_bytes;
-        if new_config.is_none() && !certificate_changed {
+
+        let tls_files = match origination::read_files(&config.http) {
+            Ok(files) => files,
+            Err(error) => return self.reject_tls_files(new_config.is_some(), &error),
+        };
+        let tls_files_changed = tls_files != self.loaded.tls_files;
+        let originations = if new_config.is_none() && !tls_files_changed {
+            self.loaded.originations.clone()
+        } else {
+            match Originations::build(&config.http, &tls_files, &self.provider) {
+                Ok(originations) => originations,
+                Err(error) => return self.reject_tls_files(new_config.is_some(), &error),
+            }
+        };
+        if new_config.is_none() && !certificate_changed && !tls_files_changed {
             return;
         }
-        let mesh = match Mesh::build(config, certificate.as_ref(), &self.provider) {
+        let mesh = match Mesh::build(
+            config,
+            certificate.as_ref(),
+            originations.clone(),
+            &self.provider,
+        ) {
             Ok(mesh) => mesh,
             Err(error) => {
                 return self.reject(
@@ -188,6 +225,21 @@ impl MeshSource {
             self.loaded.certificate = certificate;
             self.loaded.certificate_bytes = certificate_bytes;
         }
+        if tls_files_changed {
+            self.metrics.record_reload(ReloadKind::Certificates, true);
+            info!("TLS origination files reloaded; new upstream connections use them");
+            self.loaded.tls_files = tls_files;
+        }
+        self.loaded.originations = originations;
+    }
+
+    /// The files of a service's `tls` do not load: the new config, if any, is not applied.
+    fn reject_tls_files(&self, new_config: bool, error: &str) {
+        if new_config {
+            warn!(path = %self.config_path.display(),
+                "the new mesh config is not applied: its TLS origination files do not load");
+        }
+        self.reject(ReloadKind::Certificates, error);
     }
 
     fn reject(&self, kind: ReloadKind, error: &str) {
@@ -210,6 +262,7 @@ impl MeshSource {
                     .iter()
                     .flat_map(IdentityFiles::paths),
             )
+            .chain(origination::paths(&self.loaded.config.http))
             .map(|path| match path.parent() {
                 Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
                 _ => PathBuf::from("."),
@@ -348,9 +401,11 @@ mod tests {
     use super::*;
     use crate::commands::certs::issue_ca;
     use crate::proxy::{
+        mesh::UpstreamSecurity,
         mesh_config::InboundMode,
         metrics::LocalWorkload,
         testing::{Pki, replace, valid, write_mesh_config},
+        tls::server_pki::PartnerCa,
     };
 
     fn source(config: &Path) -> anyhow::Result<MeshSource> {
@@ -535,6 +590,82 @@ mod tests {
         assert_eq!(
             source.metrics.reload_count(ReloadKind::Certificates, true),
             0
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn tls_origination_files_are_watched_and_a_bad_one_keeps_the_old_config() -> anyhow::Result<()>
+    {
+        let dir = tempfile::tempdir()?;
+        let partner_dir = dir.path().join("partner");
+        fs::create_dir(&partner_dir)?;
+        let ca_file = partner_dir.join("ca.pem");
+        replace(&ca_file, PartnerCa::new("partner CA")?.cert_pem())?;
+        let config = dir.path().join("mesh.yaml");
+        let naming = |file: &str, host: &str| {
+            format!(
+                "http:\n  services: [{{name: partner, hosts: [{host}], tls: {{mode: SIMPLE, caCertificates: {file}}}}}]\n"
+            )
+        };
+        replace(&config, &naming("partner/ca.pem", "api.partner"))?;
+        let mut source = source(&config)?;
+        assert!(
+            source.directories().contains(&partner_dir),
+            "the CA bundle's directory is watched"
+        );
+        let security = |source: &MeshSource| {
+            let mesh = source.handle().current();
+            let routes = mesh.routes();
+            let service = &routes.config().services[0];
+            let addr = "203.0.113.7:443".parse().expect("address");
+            (service.hosts.clone(), mesh.upstream_security(service, addr))
+        };
+        let (hosts, in_force) = security(&source);
+        assert!(
+            matches!(in_force, Some(UpstreamSecurity::OriginatedTls(_))),
+            "{in_force:?}"
+        );
+
+        // A config naming a file that is not there: not applied.
+        replace(&config, &naming("partner/missing.pem", "new.partner"))?;
+        source.reload();
+        assert_eq!(security(&source), (hosts.clone(), in_force.clone()));
+        assert_eq!(
+            source.metrics.reload_count(ReloadKind::Certificates, false),
+            1
+        );
+
+        // The bundle in force turns to garbage: the old one stays.
+        replace(&config, &naming("partner/ca.pem", "api.partner"))?;
+        replace(&ca_file, "not PEM")?;
+        source.reload();
+        assert_eq!(security(&source), (hosts.clone(), in_force.clone()));
+        assert_eq!(
+            source.metrics.reload_count(ReloadKind::Certificates, false),
+            2
+        );
+
+        // A new bundle: taken, and connections made under the old one are not reused.
+        replace(&ca_file, PartnerCa::new("next CA")?.cert_pem())?;
+        source.reload();
+        let (_, rotated) = security(&source);
+        assert!(matches!(rotated, Some(UpstreamSecurity::OriginatedTls(_))));
+        assert_ne!(rotated, in_force);
+        assert_eq!(
+            source.metrics.reload_count(ReloadKind::Certificates, true),
+            1
+        );
+
+        // At startup, a missing file is an error naming it.
+        replace(&config, &naming("partner/missing.pem", "api.partner"))?;
+        let error = format!(
+            "{:#}",
+            self::source(&config).err().expect("a missing CA bundle")
+        );
+        assert!(
+            error.contains("partner/missing.pem: No such file"),
+            "{error}"
         );
         Ok(())
     }

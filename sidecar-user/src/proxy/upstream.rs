@@ -3,7 +3,6 @@
 use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    sync::Arc,
     time::Duration,
 };
 
@@ -17,14 +16,7 @@ use tokio::{
 use tokio_rustls::TlsConnector;
 use tracing::debug;
 
-use super::{
-    Timeouts,
-    identity::SpiffeId,
-    keepalive,
-    mesh::{Mesh, MeshPolicy},
-    metrics::FailureReason,
-    tls,
-};
+use super::{Timeouts, identity::SpiffeId, keepalive, mesh::Mesh, metrics::FailureReason, tls};
 
 /// Source of the inbound proxy's connections to the app; both capture modes skip it, and only
 /// it: never the real localhost, which apps trust.
@@ -92,8 +84,6 @@ pub struct Established {
     pub io: Box<dyn UpstreamIo>,
     /// `None`: plaintext (the destination is not a mesh workload).
     pub mtls: Option<MutualTls>,
-    /// What it was made under (`None`: plaintext), for pools to tell when a reload changed it.
-    pub policy: Option<Arc<MeshPolicy>>,
 }
 
 /// Connects to `addr` and, when the mesh config says it is a mesh workload, originates mTLS and
@@ -111,7 +101,6 @@ pub async fn establish(
         return Ok(Established {
             io: Box::new(stream),
             mtls: None,
-            policy: None,
         });
     };
     // Mesh peers are checked by SPIFFE ID; the IP only satisfies the API (no SNI is sent).
@@ -148,7 +137,6 @@ pub async fn establish(
             peer,
             workload: destination.policy.workload.name.clone(),
         }),
-        policy: Some(destination.policy.clone()),
     })
 }
 

@@ -37,7 +37,8 @@ pub struct Upstreams {
 }
 
 impl Upstreams {
-    /// The state of `config`, with `orig_dst` as its one endpoint when it lists none.
+    /// The state of `config`, with `orig_dst` (at its `targetPort`) as its one endpoint when it
+    /// lists none.
     pub fn service(&self, config: &Arc<ServiceConfig>, orig_dst: SocketAddr) -> Arc<ServiceState> {
         let key_dst = config.endpoints.is_empty().then_some(orig_dst);
         let key = (config.name.clone(), key_dst);
@@ -56,13 +57,15 @@ impl Upstreams {
     }
 
     /// Closes the pooled connections that `mesh`, a reloaded snapshot, no longer makes as they
-    /// were made: to a destination newly listed in `workloads`, removed from it, or changed.
+    /// were made: to a destination newly listed in `workloads`, removed from it, or changed;
+    /// or with other TLS origination (the service's `tls` or its files changed).
     pub fn close_stale(&self, mesh: &Mesh) {
         let services = self.services.lock().unwrap_or_else(PoisonError::into_inner);
-        for endpoint in services.values().flat_map(|state| &state.endpoints) {
-            endpoint
-                .pool
-                .close_stale(mesh.upstream_policy(endpoint.addr));
+        for state in services.values() {
+            for endpoint in &state.endpoints {
+                let current = mesh.upstream_security(&state.config, endpoint.addr);
+                endpoint.pool.close_stale(current.as_ref());
+            }
         }
     }
 }
@@ -85,7 +88,7 @@ pub struct ServiceState {
 impl ServiceState {
     fn new(config: Arc<ServiceConfig>, orig_dst: SocketAddr) -> Self {
         let addrs = if config.endpoints.is_empty() {
-            vec![orig_dst]
+            vec![config.endpoint_for(orig_dst)]
         } else {
             config.endpoints.clone()
         };

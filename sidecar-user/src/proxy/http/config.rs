@@ -8,6 +8,7 @@ use std::{
     fmt,
     net::SocketAddr,
     num::{NonZeroU16, NonZeroU32},
+    path::{Path, PathBuf},
     time::Duration,
 };
 
@@ -15,6 +16,7 @@ use ipnet::IpNet;
 
 use crate::proxy::mesh_config::Address;
 use regex::Regex;
+use rustls::pki_types::ServerName;
 use serde::{Deserialize, Serialize, Serializer};
 
 /// Below the usual app keep-alive timeouts (Node 5 s is the odd one out; Go, nginx, Tomcat and
@@ -115,6 +117,11 @@ pub struct ServiceConfig {
     pub ports: Vec<u16>,
     /// Empty: the connection's original destination.
     pub endpoints: Vec<SocketAddr>,
+    /// Without `endpoints`: the port the original destination is dialled on instead of its own
+    /// (ServiceEntry's `targetPort`, e.g. 80 -> 443 with `tls`).
+    pub target_port: Option<u16>,
+    /// TLS the proxy originates to the endpoints (DestinationRule's `trafficPolicy.tls`).
+    pub tls: Option<ServiceTls>,
     /// For the `destination_*` metric labels; `unknown` when absent.
     pub workload: Option<String>,
     pub app: Option<String>,
@@ -135,6 +142,8 @@ impl ServiceConfig {
             addresses: Vec::new(),
             ports: Vec::new(),
             endpoints: Vec::new(),
+            target_port: None,
+            tls: None,
             workload: None,
             app: None,
             version: None,
@@ -150,6 +159,68 @@ impl ServiceConfig {
         (self.ports.is_empty() || self.ports.contains(&addr.port()))
             && self.addresses.iter().any(|net| net.contains(&ip))
     }
+
+    /// Where a service without `endpoints` sends a request made to `orig_dst`.
+    pub fn endpoint_for(&self, orig_dst: SocketAddr) -> SocketAddr {
+        match self.target_port {
+            Some(port) => SocketAddr::new(orig_dst.ip(), port),
+            None => orig_dst,
+        }
+    }
+}
+
+/// TLS originated to a service's endpoints, as Istio's DestinationRule `trafficPolicy.tls`:
+/// the app speaks plaintext HTTP, the request leaves as HTTPS and the server is verified.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceTls {
+    pub mode: TlsMode,
+    /// Sent as SNI and verified in the server's certificate (default: the service's first
+    /// host); `None`: the endpoint's IP address is verified and no SNI is sent.
+    pub sni: Option<String>,
+    /// PEM roots the server's chain must lead to; `None`: the system's roots.
+    pub ca_certificates: Option<PathBuf>,
+    /// MUTUAL: the PEM chain we present, leaf first, and its key.
+    pub client_certificate: Option<PathBuf>,
+    pub private_key: Option<PathBuf>,
+}
+
+impl ServiceTls {
+    /// The files it names (to read and to watch).
+    pub fn paths(&self) -> impl Iterator<Item = &Path> {
+        [
+            &self.ca_certificates,
+            &self.client_certificate,
+            &self.private_key,
+        ]
+        .into_iter()
+        .flatten()
+        .map(PathBuf::as_path)
+    }
+
+    /// Relative paths are taken from `base`, the mesh config's directory.
+    pub fn resolve_paths(&mut self, base: &Path) {
+        for path in [
+            &mut self.ca_certificates,
+            &mut self.client_certificate,
+            &mut self.private_key,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            *path = base.join(&*path);
+        }
+    }
+}
+
+/// Istio's `ClientTLSSettings.mode`, those that originate TLS to a server outside the mesh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum TlsMode {
+    /// Verify the server.
+    Simple,
+    /// Verify the server and present a client certificate.
+    Mutual,
 }
 
 /// Circuit breaking and pooling, per service (all endpoints together).
@@ -576,6 +647,8 @@ struct RawService {
     ports: Vec<NonZeroU16>,
     #[serde(default)]
     endpoints: Vec<SocketAddr>,
+    target_port: Option<NonZeroU16>,
+    tls: Option<RawServiceTls>,
     workload: Option<String>,
     app: Option<String>,
     version: Option<String>,
@@ -627,12 +700,25 @@ impl TryFrom<RawService> for ServiceConfig {
                 raw.name
             ));
         }
+        if raw.target_port.is_some() && !raw.endpoints.is_empty() {
+            return Err(format!(
+                "service {}: `targetPort` rewrites the original destination's port; with `endpoints`, give each endpoint its port",
+                raw.name
+            ));
+        }
+        let tls = raw
+            .tls
+            .map(|tls| tls.validate(&raw.hosts))
+            .transpose()
+            .map_err(|error| format!("service {}: {error}", raw.name))?;
         Ok(ServiceConfig {
             namespace: raw.namespace.unwrap_or_else(|| "unknown".into()),
             hosts: raw.hosts.into_iter().map(|host| host.0).collect(),
             addresses: raw.addresses.into_iter().map(|a| a.0).collect(),
             ports: raw.ports.into_iter().map(NonZeroU16::get).collect(),
             endpoints: raw.endpoints,
+            target_port: raw.target_port.map(NonZeroU16::get),
+            tls,
             workload: raw.workload,
             app: raw.app,
             version: raw.version,
@@ -641,6 +727,74 @@ impl TryFrom<RawService> for ServiceConfig {
             outlier_detection: raw.outlier_detection,
             retry_budget: raw.retry_budget,
             name: raw.name,
+        })
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawServiceTls {
+    mode: TlsMode,
+    sni: Option<String>,
+    ca_certificates: Option<PathBuf>,
+    client_certificate: Option<PathBuf>,
+    private_key: Option<PathBuf>,
+}
+
+impl RawServiceTls {
+    /// The client certificate goes with MUTUAL only; the server name defaults to the first of
+    /// the service's `hosts`.
+    fn validate(self, hosts: &[Host]) -> Result<ServiceTls, String> {
+        let client = self.client_certificate.is_some() || self.private_key.is_some();
+        match self.mode {
+            TlsMode::Mutual if self.client_certificate.is_none() || self.private_key.is_none() => {
+                return Err("`tls.mode: MUTUAL` needs `clientCertificate` and `privateKey`".into());
+            }
+            TlsMode::Simple if client => {
+                return Err(
+                    "`tls.clientCertificate` and `privateKey` go with `mode: MUTUAL`, not SIMPLE"
+                        .into(),
+                );
+            }
+            _ => {}
+        }
+        let sni = match self.sni {
+            Some(sni) => {
+                ServerName::try_from(sni.as_str())
+                    .map_err(|_| format!("invalid `tls.sni` {sni:?}: a DNS name or an IP"))?;
+                Some(sni)
+            }
+            None => match hosts.first() {
+                Some(host) => {
+                    ServerName::try_from(host.0.as_str()).map_err(|_| {
+                        format!(
+                            "the first host {:?} is not a server name to verify: give `tls.sni`",
+                            host.0
+                        )
+                    })?;
+                    Some(host.0.clone())
+                }
+                None => None,
+            },
+        };
+        let empty =
+            |path: &Option<PathBuf>| path.as_ref().is_some_and(|p| p.as_os_str().is_empty());
+        if [
+            &self.ca_certificates,
+            &self.client_certificate,
+            &self.private_key,
+        ]
+        .into_iter()
+        .any(empty)
+        {
+            return Err("a `tls` file path is empty".into());
+        }
+        Ok(ServiceTls {
+            mode: self.mode,
+            sni,
+            ca_certificates: self.ca_certificates,
+            client_certificate: self.client_certificate,
+            private_key: self.private_key,
         })
     }
 }

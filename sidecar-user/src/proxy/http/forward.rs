@@ -13,7 +13,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode, Uri, uri::Scheme};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Incoming};
 use tokio::time::timeout_at;
@@ -29,7 +29,11 @@ use super::{
     pool::{self, AcquireError, Sender},
     record::RequestRecord,
 };
-use crate::proxy::{mesh::Mesh, outbound::OutboundProxy, upstream::ConnectFailure};
+use crate::proxy::{
+    mesh::{Mesh, UpstreamSecurity},
+    outbound::OutboundProxy,
+    upstream::ConnectFailure,
+};
 
 /// Request bodies up to this size are kept to be replayed by a retry; larger or streamed ones
 /// are sent once.
@@ -225,7 +229,7 @@ pub async fn forward(mut forward: Forward<'_>, request: Request<Incoming>) -> Re
                 );
             }
             Err(TryFailure::Connect(failure)) => {
-                forward.record.error = Some(failure.error);
+                forward.record.upstream_connect_failed(failure);
                 if retry_on(RetryOn::ConnectFailure)
                     && tries_left
                     && replayable
@@ -325,6 +329,7 @@ async fn try_once(
         forward.protocol,
         forward.mesh,
         &forward.proxy.timeouts,
+        &forward.proxy.metrics.http,
     )
     .await
     {
@@ -337,6 +342,10 @@ async fn try_once(
     };
     if let Some(mtls) = &connection.mtls {
         forward.record.set_mutual_tls(mtls);
+    }
+    let mut request = request;
+    if matches!(connection.security, UpstreamSecurity::OriginatedTls(_)) {
+        https_scheme(request.uri_mut());
     }
     let sent = match &mut connection.sender {
         Sender::Http1(sender) => sender.try_send_request(request).await,
@@ -362,6 +371,19 @@ async fn try_once(
             unsent: failed.take_message().map(Box::new),
             error: failed.into_error(),
         }),
+    }
+}
+
+/// A request leaving over originated TLS says so (HTTP/2's `:scheme`, an absolute URI); an
+/// origin-form HTTP/1 target has no scheme to change.
+fn https_scheme(uri: &mut Uri) {
+    if uri.scheme().is_none() {
+        return;
+    }
+    let mut parts = uri.clone().into_parts();
+    parts.scheme = Some(Scheme::HTTPS);
+    if let Ok(https) = Uri::from_parts(parts) {
+        *uri = https;
     }
 }
 

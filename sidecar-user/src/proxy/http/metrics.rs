@@ -200,6 +200,7 @@ pub struct HttpMetrics {
     response_bytes: HistogramVec,
     retries: IntCounterVec,
     ejections: IntCounterVec,
+    tls_origination_failures: IntCounterVec,
 }
 
 /// Istio's default duration buckets, in milliseconds.
@@ -256,6 +257,11 @@ impl HttpMetrics {
                 "Endpoints ejected after consecutive failures, by destination service.",
                 &["destination_service_name"],
             )?,
+            tls_origination_failures: counter(
+                "sidecar_tls_origination_failures_total",
+                "Upstream connections of services with `tls` (TLS origination) that failed, by destination service and reason.",
+                &["destination_service_name", "reason"],
+            )?,
         })
     }
 
@@ -295,5 +301,11 @@ impl HttpMetrics {
 
     pub fn record_ejection(&self, service: &str) {
         self.ejections.with_label_values(&[service]).inc();
+    }
+
+    pub fn record_tls_origination_failure(&self, service: &str, reason: &str) {
+        self.tls_origination_failures
+            .with_label_values(&[service, reason])
+            .inc();
     }
 }

@@ -23,6 +23,8 @@ mod upgrade;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tls_origination_tests;
 
 use std::{convert::Infallible, net::SocketAddr, pin::pin, sync::Arc};
 

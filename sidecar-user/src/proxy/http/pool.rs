@@ -3,8 +3,9 @@
 //! `maxPendingRequests` waiting for one (beyond: overflow, 503 UO). Idle HTTP/1 connections are
 //! closed after `idleTimeout`, below the apps' own keep-alive timeouts, so the proxy is not the
 //! one reusing a connection the app is closing; HTTP/2 connections are shared. A connection
-//! serves a request only under the mesh policy it was made under: after a reload that changes
-//! its destination's (listed in `workloads` or not, other identities or roots), it is closed.
+//! serves a request only under the security it was made under (plaintext, mesh mTLS with its
+//! policy, or the service's TLS origination with its files): after a reload that changes it
+//! for its endpoint, it is closed. So a TLS and a plaintext connection are never mixed.
 use std::{
     sync::{
         Arc, Mutex, PoisonError,
@@ -22,12 +23,14 @@ use super::{
     balancer::{Endpoint, ServiceState},
     body::ProxyBody,
     detect::AppProtocol,
+    metrics::HttpMetrics,
 };
 use crate::proxy::{
     Timeouts,
-    mesh::{Mesh, MeshHandle, MeshPolicy},
+    mesh::{Mesh, MeshHandle, UpstreamSecurity},
     metrics::FailureReason,
-    upstream::{self, ConnectFailure, MutualTls},
+    tls::origination::Alpn,
+    upstream::{self, ConnectFailure, Established, MutualTls},
 };
 
 pub enum Sender {
@@ -42,8 +45,8 @@ pub struct Connection {
     pub reused: bool,
     requests: u32,
     pub mtls: Option<MutualTls>,
-    /// The mesh policy it was made under; `None`: plaintext.
-    policy: Option<Arc<MeshPolicy>>,
+    /// What it was made under.
+    pub security: UpstreamSecurity,
 }
 
 struct Idle {
@@ -55,7 +58,7 @@ struct Idle {
 struct SharedHttp2 {
     sender: http2::SendRequest<ProxyBody>,
     mtls: Option<MutualTls>,
-    policy: Option<Arc<MeshPolicy>>,
+    security: UpstreamSecurity,
 }
 
 #[derive(Default)]
@@ -67,21 +70,21 @@ pub struct EndpointPool {
 }
 
 impl EndpointPool {
-    /// Closes the idle connections made under another policy than `current`, the one the
-    /// reloaded config gives their destination; the shared HTTP/2 connection, no longer handed
-    /// out, closes once its requests in flight are done.
-    pub fn close_stale(&self, current: Option<&Arc<MeshPolicy>>) {
+    /// Closes the idle connections made under another security than `current`, the one the
+    /// reloaded config gives their endpoint (`None`: none may be used); the shared HTTP/2
+    /// connection, no longer handed out, closes once its requests in flight are done.
+    pub fn close_stale(&self, current: Option<&UpstreamSecurity>) {
         self.idle
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .retain(|entry| entry.connection.policy.as_ref() == current);
+            .retain(|entry| Some(&entry.connection.security) == current);
         let mut shared = self
             .shared_http2
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         if shared
             .as_ref()
-            .is_some_and(|shared| shared.policy.as_ref() != current)
+            .is_some_and(|shared| Some(&shared.security) != current)
         {
             *shared = None;
         }
@@ -115,22 +118,53 @@ impl Drop for Pending<'_> {
     }
 }
 
+/// What a new connection is opened with, besides the endpoint.
+struct Opening<'a> {
+    service: &'a ServiceState,
+    protocol: AppProtocol,
+    security: UpstreamSecurity,
+    mesh: &'a Mesh,
+    timeouts: &'a Timeouts,
+    metrics: &'a HttpMetrics,
+}
+
 /// A connection to `endpoint` speaking `protocol`: an idle one, a new one, or (at the
-/// connection limit) the first one freed while this request waits as pending.
+/// connection limit) the first one freed while this request waits as pending. Failed TLS
+/// originations are counted in `metrics`.
 pub async fn acquire(
     service: &ServiceState,
     endpoint: &Endpoint,
     protocol: AppProtocol,
     mesh: &Mesh,
     timeouts: &Timeouts,
+    metrics: &HttpMetrics,
 ) -> Result<Connection, AcquireError> {
-    let policy = mesh.upstream_policy(endpoint.addr);
+    let Some(security) = mesh.upstream_security(&service.config, endpoint.addr) else {
+        // The routing and this snapshot disagree on the service's `tls`: never plaintext.
+        let failure = ConnectFailure {
+            reason: FailureReason::TlsHandshakeFailed,
+            error: format!(
+                "service {}: its `tls` is not built in this config",
+                service.config.name
+            ),
+        };
+        metrics.record_tls_origination_failure(&service.config.name, failure.reason.name());
+        return Err(AcquireError::Connect(failure));
+    };
+    let opening = Opening {
+        service,
+        protocol,
+        security,
+        mesh,
+        timeouts,
+        metrics,
+    };
     loop {
-        if let Some(connection) = reusable(service, endpoint, protocol, policy) {
+        if let Some(connection) = reusable(service, endpoint, protocol, &opening.security) {
             return Ok(connection);
         }
         if let Ok(permit) = service.connection_permits.clone().try_acquire_owned() {
-            return open(endpoint, protocol, mesh, timeouts, permit).await;
+            return open(endpoint, &opening, permit).await;
         }
         let Some(_pending) = Pending::enter(service) else {
             return Err(AcquireError::Overflow);
@@ -138,20 +172,20 @@ pub async fn acquire(
         tokio::select! {
             permit = service.connection_permits.clone().acquire_owned() => {
                 let permit = permit.map_err(|_closed| AcquireError::Overflow)?;
-                return open(endpoint, protocol, mesh, timeouts, permit).await;
+                return open(endpoint, &opening, permit).await;
             }
             () = service.connection_returned.notified() => {}
         }
     }
 }
 
-/// A pooled connection to `endpoint` made under `policy` (the one in force); the idle ones
+/// A pooled connection to `endpoint` made under `security` (the one in force); the idle ones
 /// passed over are closed.
 fn reusable(
     service: &ServiceState,
     endpoint: &Endpoint,
     protocol: AppProtocol,
-    policy: Option<&Arc<MeshPolicy>>,
+    security: &UpstreamSecurity,
 ) -> Option<Connection> {
     let pool = &endpoint.pool;
     if protocol == AppProtocol::Http2 {
@@ -161,13 +195,13 @@ fn reusable(
             .unwrap_or_else(PoisonError::into_inner);
         let shared = shared
             .as_ref()
-            .filter(|shared| !shared.sender.is_closed() && shared.policy.as_ref() == policy)?;
+            .filter(|shared| !shared.sender.is_closed() && shared.security == *security)?;
         return Some(Connection {
             sender: Sender::Http2(shared.sender.clone()),
             reused: true,
             requests: 0,
             mtls: shared.mtls.clone(),
-            policy: shared.policy.clone(),
+            security: shared.security.clone(),
         });
     }
     let idle_timeout = service.config.connection_pool.idle_timeout;
@@ -178,10 +212,7 @@ fn reusable(
             Sender::Http1(sender) => sender.is_ready(),
             Sender::Http2(sender) => !sender.is_closed(),
         };
-        if open
-            && entry.since.elapsed() < idle_timeout
-            && entry.connection.policy.as_ref() == policy
-        {
+        if open && entry.since.elapsed() < idle_timeout && entry.connection.security == *security {
             return Some(entry.connection);
         }
     }
@@ -190,14 +221,39 @@ fn reusable(
 
 async fn open(
     endpoint: &Endpoint,
-    protocol: AppProtocol,
-    mesh: &Mesh,
-    timeouts: &Timeouts,
+    opening: &Opening<'_>,
     permit: OwnedSemaphorePermit,
 ) -> Result<Connection, AcquireError> {
-    let established = upstream::establish(endpoint.addr, mesh, timeouts)
-        .await
-        .map_err(AcquireError::Connect)?;
+    let protocol = opening.protocol;
+    let established = match &opening.security {
+        UpstreamSecurity::OriginatedTls(origination) => {
+            let alpn = match protocol {
+                AppProtocol::Http2 => Alpn::Http2,
+                _ => Alpn::Http1,
+            };
+            match origination
+                .connect(endpoint.addr, alpn, opening.timeouts)
+                .await
+            {
+                Ok(stream) => Established {
+                    io: Box::new(stream),
+                    mtls: None,
+                },
+                Err(failure) => {
+                    opening.metrics.record_tls_origination_failure(
+                        &opening.service.config.name,
+                        failure.reason.name(),
+                    );
+                    return Err(AcquireError::Connect(failure));
+                }
+            }
+        }
+        UpstreamSecurity::Plaintext | UpstreamSecurity::MeshMtls(_) => {
+            upstream::establish(endpoint.addr, opening.mesh, opening.timeouts)
+                .await
+                .map_err(AcquireError::Connect)?
+        }
+    };
     let io = TokioIo::new(established.io);
     let handshake_failed = |error: hyper::Error| {
         AcquireError::Connect(ConnectFailure {
@@ -224,7 +280,7 @@ async fn open(
             .unwrap_or_else(PoisonError::into_inner) = Some(SharedHttp2 {
             sender: sender.clone(),
             mtls: established.mtls.clone(),
-            policy: established.policy.clone(),
+            security: opening.security.clone(),
         });
         Sender::Http2(sender)
     } else {
@@ -247,12 +303,12 @@ async fn open(
         reused: false,
         requests: 0,
         mtls: established.mtls,
-        policy: established.policy,
+        security: opening.security.clone(),
     })
 }
 
 /// Puts an HTTP/1 connection back once its response is fully read (hyper says it is ready),
-/// unless it reached `maxRequestsPerConnection` or a reload changed its policy meanwhile.
+/// unless it reached `maxRequestsPerConnection` or a reload changed its security meanwhile.
 /// HTTP/2 connections stay shared in the pool.
 pub fn release(
     mut connection: Connection,
@@ -287,7 +343,10 @@ pub fn release(
                 .unwrap_or_else(PoisonError::into_inner);
             // Read under the lock: a reload either shows here, or its sweep of the pool comes
             // after this push.
-            if mesh.current().upstream_policy(target.addr) != connection.policy.as_ref() {
+            let current = mesh
+                .current()
+                .upstream_security(&service.config, target.addr);
+            if current.as_ref() != Some(&connection.security) {
                 return;
             }
             idle.push(Idle {

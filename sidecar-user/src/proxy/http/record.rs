@@ -15,7 +15,10 @@ use super::{
     config::ServiceConfig,
     metrics::{RequestLabels, RequestOutcome, ResponseFlag, ResponseFlags},
 };
-use crate::proxy::{metrics::Metrics, upstream::MutualTls};
+use crate::proxy::{
+    metrics::Metrics,
+    upstream::{ConnectFailure, MutualTls},
+};
 
 pub struct RequestRecord {
     metrics: Arc<Metrics>,
@@ -36,6 +39,8 @@ pub struct RequestRecord {
     pub upstream: Option<SocketAddr>,
     pub attempts: u32,
     pub error: Option<String>,
+    /// Why the last upstream connect failed (Envoy's `UPSTREAM_TRANSPORT_FAILURE_REASON`).
+    pub upstream_transport_failure: Option<&'static str>,
     recorded: bool,
 }
 
@@ -77,6 +82,7 @@ impl RequestRecord {
             upstream: None,
             attempts: 0,
             error: None,
+            upstream_transport_failure: None,
             recorded: false,
         }
     }
@@ -108,6 +114,12 @@ impl RequestRecord {
             self.labels.destination_workload = mtls.workload.clone();
         }
         self.labels.connection_security_policy = "mutual_tls";
+    }
+
+    /// An upstream connect (TCP, or its TLS handshake) failed: the reason and the error.
+    pub fn upstream_connect_failed(&mut self, failure: ConnectFailure) {
+        self.upstream_transport_failure = Some(failure.reason.name());
+        self.error = Some(failure.error);
     }
 
     pub fn flag(&mut self, flag: ResponseFlag) {
@@ -161,6 +173,7 @@ impl RequestRecord {
             bytes_sent = response_bytes,
             duration_ms = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
             error = self.error.as_deref(),
+            upstream_transport_failure_reason = self.upstream_transport_failure,
             "request complete"
         );
     }

@@ -39,28 +39,35 @@ pub async fn forward(
     };
     record.upstream = Some(endpoint.addr);
     record.attempts = 1;
-    let mut connection =
-        match pool::acquire(service, endpoint, AppProtocol::Http1, mesh, &proxy.timeouts).await {
-            Ok(connection) => connection,
-            Err(AcquireError::Overflow) => {
-                return local_reply(
-                    record,
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    ResponseFlag::UpstreamOverflow,
-                    "upstream overflow: the circuit breaker is open",
-                );
-            }
-            Err(AcquireError::Connect(failure)) => {
-                endpoint.record_failure(service, &proxy.metrics.http);
-                record.error = Some(failure.error);
-                return local_reply(
-                    record,
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    ResponseFlag::UpstreamConnectFailure,
-                    "upstream connect failure",
-                );
-            }
-        };
+    let acquired = pool::acquire(
+        service,
+        endpoint,
+        AppProtocol::Http1,
+        mesh,
+        &proxy.timeouts,
+        &proxy.metrics.http,
+    );
+    let mut connection = match acquired.await {
+        Ok(connection) => connection,
+        Err(AcquireError::Overflow) => {
+            return local_reply(
+                record,
+                StatusCode::SERVICE_UNAVAILABLE,
+                ResponseFlag::UpstreamOverflow,
+                "upstream overflow: the circuit breaker is open",
+            );
+        }
+        Err(AcquireError::Connect(failure)) => {
+            endpoint.record_failure(service, &proxy.metrics.http);
+            record.upstream_connect_failed(failure);
+            return local_reply(
+                record,
+                StatusCode::SERVICE_UNAVAILABLE,
+                ResponseFlag::UpstreamConnectFailure,
+                "upstream connect failure",
+            );
+        }
+    };
     if let Some(mtls) = &connection.mtls {
         record.set_mutual_tls(mtls);
     }

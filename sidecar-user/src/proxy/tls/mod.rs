@@ -4,8 +4,13 @@
 //! - `certs`: this workload's certificate, key and trust bundles;
 //! - `trust`: the roots of each trust domain (ours and federated ones);
 //! - `verify`: SPIFFE ID and chain checks on both sides, each chain against the roots of the
-//!   trust domain its SPIFFE ID names.
+//!   trust domain its SPIFFE ID names;
+//! - `origination`: TLS to servers outside the mesh for HTTP services with `tls` (webpki
+//!   verification of the server's name, optionally a client certificate).
 mod certs;
+pub mod origination;
+#[cfg(test)]
+pub mod server_pki;
 mod trust;
 mod verify;
 
@@ -119,6 +124,14 @@ pub fn failure_reason(error: &io::Error) -> FailureReason {
             }
             RustlsCertError::NotValidYet | RustlsCertError::NotValidYetContext { .. } => {
                 FailureReason::PeerCertNotYetValid
+            }
+            // webpki's verdicts, for TLS origination (the mesh verifier says it in its own
+            // words, below).
+            RustlsCertError::UnknownIssuer | RustlsCertError::BadSignature => {
+                FailureReason::PeerCertUnknownCa
+            }
+            RustlsCertError::NotValidForName | RustlsCertError::NotValidForNameContext { .. } => {
+                FailureReason::PeerIdentityMismatch
             }
             RustlsCertError::Other(other) if other.0.downcast_ref::<TrustError>().is_some() => {
                 FailureReason::PeerCertUnknownCa
