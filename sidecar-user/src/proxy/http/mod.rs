@@ -1,19 +1,24 @@
-//! HTTP-aware proxying of outbound connections that speak HTTP/1.x or HTTP/2 (prior knowledge):
+//! HTTP-aware proxying of connections that speak HTTP/1.x or HTTP/2 (prior knowledge). Outbound,
 //! each request is routed (`router`) to a service, balanced over its endpoints (`balancer`),
 //! sent on a pooled connection within the service's circuit breaker (`pool`), with timeouts
 //! and retries (`forward`), and leaves Istio's request metrics and an access log line
-//! (`record`, `metrics`).
+//! (`record`, `metrics`). Inbound (`inbound`), each request goes to the app and is reported
+//! by the destination.
 //!
 //! - `config`: the `http` section of the mesh config; `detect`: bounded protocol detection;
-//! - `server`: serving a downstream connection (deadlines, drain);
+//! - `server`: serving a downstream connection (deadlines, drain), for both sides;
+//! - `inbound`: the requests peers send to the app, forwarded on pooled connections to it
+//!   (`app_pool`) with the destination's request metrics and access lines;
 //! - `headers`: hop-by-hop, request id, traceparent, x-forwarded-for; `upgrade`: WebSocket and
 //!   other upgrades, passed through; `body`: counted bodies; `random`: cheap randomness.
+mod app_pool;
 mod balancer;
 mod body;
 pub mod config;
 mod detect;
 mod forward;
 mod headers;
+pub mod inbound;
 pub mod metrics;
 mod pool;
 mod random;
@@ -24,6 +29,8 @@ mod server;
 mod upgrade;
 
 #[cfg(test)]
+mod inbound_tests;
+#[cfg(test)]
 mod tests;
 
 use std::{net::SocketAddr, sync::Arc};
@@ -33,9 +40,10 @@ use hyper::body::Incoming;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 pub use self::{
+    app_pool::AppPool,
     balancer::Upstreams,
     config::{HttpConfig, PortProtocol},
-    detect::{AppProtocol, detect},
+    detect::{AppProtocol, Raced, detect, detect_racing_server},
 };
 use self::{
     body::ProxyBody,
