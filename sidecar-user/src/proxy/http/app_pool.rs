@@ -242,3 +242,39 @@ async fn reap_idle(address: &AppAddress) {
         tokio::time::sleep_until(next_expiry.into()).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use tokio::net::TcpListener;
+
+    use super::*;
+    use crate::proxy::testing::{LOCALHOST, timeouts};
+
+    #[tokio::test]
+    async fn an_address_enters_the_pool_only_once_the_app_accepted_a_connection_there()
+    -> anyhow::Result<()> {
+        let pool = Arc::new(AppPool::default());
+        let closed = TcpListener::bind((LOCALHOST, 0)).await?.local_addr()?;
+        for protocol in [AppProtocol::Http1, AppProtocol::Http2] {
+            assert!(pool.acquire(closed, protocol, &timeouts()).await.is_err());
+        }
+        assert!(
+            pool.apps
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_empty()
+        );
+
+        let app = TcpListener::bind((LOCALHOST, 0)).await?;
+        let addr = app.local_addr()?;
+        let connection = pool.acquire(addr, AppProtocol::Http2, &timeouts()).await;
+        assert!(connection.is_ok_and(|connection| !connection.reused));
+        assert!(
+            pool.apps
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .contains_key(&addr)
+        );
+        Ok(())
+    }
+}
