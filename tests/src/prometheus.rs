@@ -118,20 +118,29 @@ fn parse_labels(mut body: &str) -> Result<BTreeMap<String, String>, String> {
 /// exposition that must parse. A metric the exposition does not have at all is an error, not a
 /// 0: a misspelt or renamed name must fail the test that reads it.
 pub fn sum(text: &str, name: &str, labels: &[(&str, &str)]) -> Result<f64, String> {
+    Ok(matching(text, name, labels)?
+        .iter()
+        .map(|sample| sample.value)
+        .sum())
+}
+
+/// The samples of `name` whose labels include every `(label, value)` of `labels`, each with all
+/// its labels, in an exposition that must parse; as for [`sum`], a metric the exposition does
+/// not have at all is an error.
+pub fn matching(text: &str, name: &str, labels: &[(&str, &str)]) -> Result<Vec<Sample>, String> {
     let samples = parse(text)?;
     if !samples.iter().any(|sample| sample.name == name) {
         return Err(format!("no metric {name} in the exposition"));
     }
     Ok(samples
-        .iter()
+        .into_iter()
         .filter(|sample| {
             sample.name == name
                 && labels.iter().all(|(label, value)| {
                     sample.labels.get(*label).map(String::as_str) == Some(*value)
                 })
         })
-        .map(|sample| sample.value)
-        .sum())
+        .collect())
 }
 
 #[cfg(test)]
@@ -153,6 +162,10 @@ mod tests {
                 .unwrap_err()
                 .contains("no metric c_totl")
         );
+        let found = matching(GOOD, "c_total", &[("a", "x")]).unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].labels["a"], "x");
+        assert!(matching(GOOD, "c_totl", &[]).is_err());
     }
 
     #[test]

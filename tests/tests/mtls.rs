@@ -826,32 +826,47 @@ fn pooled_connections_follow_mesh_config_reloads(capture: Capture, test: &str) {
             mesh.logs()
         );
     };
-    // Waits until the server proxy has `count` inbound connections of `policy` `opened` (or
-    // `closed`), and not more.
-    let wait_for = |which: &str, policy: &str, count: u64| {
-        let name = format!("istio_tcp_connections_{which}_total");
+    // Waits until the server proxy's `name`{`labels`} is exactly `count`.
+    let wait_for = |name: &str, labels: &[(&str, &str)], count: u64| {
+        let deadline = Instant::now() + PATIENCE;
+        while proxy_metric(&mesh.server, name, labels) != count {
+            assert!(
+                Instant::now() < deadline,
+                "{name}{labels:?} never became {count}\n{}",
+                mesh.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    // The requests the server served over connections of `policy` (HTTP connections carry
+    // request metrics, not TCP ones), and the connections it holds open: the client's pooled
+    // ones.
+    let served = |policy: &str, count: u64| {
         let labels = [
             ("reporter", "destination"),
             ("connection_security_policy", policy),
         ];
-        mesh.wait_for_metric(&mesh.server, &name, &labels, count);
-        assert_eq!(
-            proxy_metric(&mesh.server, &name, &labels),
+        wait_for("istio_requests_total", &labels, count);
+    };
+    let open = |count: u64| {
+        wait_for(
+            "sidecar_listener_connections",
+            &[("listener", "inbound")],
             count,
-            "{name}{labels:?}\n{}",
-            mesh.logs()
         );
     };
 
     list_server(false);
     get();
-    wait_for("opened", "none", 1);
+    served("none", 1);
+    open(1);
 
+    // The pooled plaintext connection is closed, not reused: the mTLS one is the only one left.
     list_server(true);
     get();
-    wait_for("opened", "mutual_tls", 1);
-    wait_for("closed", "none", 1);
-    wait_for("opened", "none", 1);
+    served("mutual_tls", 1);
+    open(1);
+    served("none", 1);
     mesh.wait_for_metric(
         &mesh.client,
         "istio_requests_total",
@@ -862,11 +877,12 @@ fn pooled_connections_follow_mesh_config_reloads(capture: Capture, test: &str) {
         1,
     );
 
+    // The pooled mTLS connection is closed by the reload itself.
     list_server(false);
-    wait_for("closed", "mutual_tls", 1);
+    open(0);
     get();
-    wait_for("opened", "none", 2);
-    wait_for("opened", "mutual_tls", 1);
+    served("none", 2);
+    served("mutual_tls", 1);
 }
 
 /// Connects, sends half a request, waits for the file named by the third argument, sends the

@@ -247,8 +247,8 @@ fn sigterm_drains_requests_in_flight_and_exits_once_none_is_left() {
     lab.proxy().signal(Signal::TERM).expect("SIGTERM");
     // Readiness fails at once, so that nothing new is routed here...
     lab.wait_until_not_ready(Duration::from_secs(1));
-    // ...but the listeners stay open: what still comes is served, the app's HTTP/1 told to
-    // close its connection.
+    // ...but the listeners stay open: what still comes is served, HTTP/1 told to close its
+    // connection both ways (the app's outbound, the peer's inbound).
     let new_outbound = Answer::of_output(&lab.app_calls_the_peer("/").run().expect("curl"));
     assert_eq!(new_outbound.status, "200", "{}", new_outbound.output);
     assert!(
@@ -258,6 +258,11 @@ fn sigterm_drains_requests_in_flight_and_exits_once_none_is_left() {
     );
     let new_inbound = Answer::of_output(&lab.peer_calls_the_app("/").run().expect("curl"));
     assert_eq!(new_inbound.status, "200", "{}", new_inbound.output);
+    assert!(
+        new_inbound.closes_the_connection(),
+        "{}",
+        new_inbound.output
+    );
     assert_ne!(lab.readiness(), "200", "readiness came back while draining");
 
     // The requests in flight at SIGTERM complete.
@@ -272,6 +277,7 @@ fn sigterm_drains_requests_in_flight_and_exits_once_none_is_left() {
     assert!(outbound.closes_the_connection(), "{}", outbound.output);
     let inbound = Answer::of_process(&inbound);
     assert_eq!(inbound.status, "200", "{}\n{}", inbound.output, lab.logs());
+    assert!(inbound.closes_the_connection(), "{}", inbound.output);
 
     // And the proxy exits as soon as no connection is left, not at the end of the period.
     let status = lab

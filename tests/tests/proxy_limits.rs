@@ -376,6 +376,17 @@ fn unfinished_requests_and_idle_connections_are_closed_after_their_timeouts() {
     );
     within("outbound HTTP", closed, 0.8, 2.5);
 
+    // A peer's HTTP, inbound: a request line, headers never finished. Nothing reaches the app:
+    // inbound HTTP too is forwarded once the request's head is complete.
+    let closed = mesh.seconds_until_closed(
+        &mesh.client,
+        None,
+        mesh.server_addr(APP_PORT),
+        "GET /x HTTP/1.1\r\nHost: server\r\n",
+        patience,
+    );
+    within("inbound HTTP", closed, 0.8, 2.5);
+
     // A relayed connection (inbound, to the app) on which nothing is sent either way.
     let closed =
         mesh.seconds_until_closed(&mesh.client, None, mesh.server_addr(APP_PORT), "", patience);
@@ -384,6 +395,7 @@ fn unfinished_requests_and_idle_connections_are_closed_after_their_timeouts() {
     for (listener, timeout) in [
         ("ready", "request_headers"),
         ("outbound", "request_headers"),
+        ("inbound", "request_headers"),
         ("inbound", "idle"),
     ] {
         let count = proxy_metric(

@@ -1,7 +1,8 @@
 //! `cargo xtask lab`: the demo. Two pods in network namespaces, each with its sidecar; a real
 //! HTTP request from the client pod's app to the server pod, captured outbound on one side and
-//! inbound on the other, carried over mTLS between the two proxies; both proxies' log lines
-//! (with the peer identities), their metrics and the capture counters printed; all torn down.
+//! inbound on the other, carried over mTLS between the two proxies; both proxies' access lines
+//! (with the peer identities), their request metrics (the client's as Istio's source reports
+//! them, the server's as its destination does) and the capture counters printed; all torn down.
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -154,20 +155,24 @@ fn demo(lab: &Lab, bin: &Path, mode: Mode) -> Result<()> {
 
     std::thread::sleep(Duration::from_millis(200));
     for (pod, proxy) in &proxies {
-        println!("\n== the {} proxy's connection log", pod.name());
+        println!("\n== the {} proxy's access log", pod.name());
         let log = format!("{}{}", proxy.stdout_text(), proxy.stderr_text());
         for line in log.lines().filter(|l| l.contains("access")) {
             println!("  {line}");
         }
         println!(
-            "== the {} proxy's metrics (127.0.0.1:15020/stats/prometheus)",
+            "== the {} proxy's request metrics (127.0.0.1:15020/stats/prometheus)",
             pod.name()
         );
         let metrics = wait_for_http_ok(pod, "http://127.0.0.1:15020/stats/prometheus", WAIT)?.body;
-        for line in metrics
+        let requests: Vec<&str> = metrics
             .lines()
-            .filter(|l| l.starts_with("istio_tcp_connections_opened_total"))
-        {
+            .filter(|l| l.starts_with("istio_requests_total"))
+            .collect();
+        if requests.is_empty() {
+            bail!("the {} proxy reported no request", pod.name());
+        }
+        for line in requests {
             println!("  {line}");
         }
     }

@@ -1,7 +1,10 @@
 //! The inbound side: accept a connection for the app, find the port it was for, apply the
 //! port's mode (STRICT: mesh mTLS only; PERMISSIVE: mTLS or plaintext, told apart by a bounded
-//! sniff), terminate mTLS, authorize the peer, and forward to the app at the original
-//! destination from the passthrough source address.
+//! sniff), terminate mTLS and authorize the peer, all once for the connection; then tell what
+//! the peer speaks (the port's declared protocol, or bounded detection racing the app's
+//! greeting). HTTP is served request by request (`http::inbound`: pooled connections to the
+//! app, the destination's request metrics, access lines); anything else is relayed as TCP.
+//! Either way the app is reached at the original destination from the passthrough address.
 use std::{fmt::Display, net::SocketAddr, sync::Arc};
 
 use tokio::{
@@ -15,6 +18,12 @@ use super::{
     Timeouts,
     access_log::AccessLog,
     authz::Authorization,
+    drain::Drain,
+    http::{
+        self, AppPool, AppProtocol, PortProtocol, Raced, detect_racing_server,
+        inbound::InboundConnection, metrics::InboundLabels,
+    },
+    identity::SpiffeId,
     listener::{Handler, is_own_listener},
     mesh::{MeshHandle, MeshTls},
     mesh_config::InboundMode,
@@ -36,6 +45,23 @@ pub struct InboundProxy {
     pub timeouts: Timeouts,
     /// The proxy's own listeners, to recognise a connection aimed back at the proxy.
     pub listen_addrs: Vec<SocketAddr>,
+    /// Keep-alive connections to the app, for HTTP.
+    pub app_pool: Arc<AppPool>,
+    /// Tells HTTP connections to finish while the proxy drains; serves upgraded connections.
+    pub drain: Arc<Drain>,
+}
+
+/// A connection its port's mode and allow rules let in, and what serving it needs.
+struct Admitted {
+    peer: SocketAddr,
+    orig_dst: SocketAddr,
+    /// (the peer, us), when the connection is mesh mTLS.
+    mutual_tls: Option<(SpiffeId, SpiffeId)>,
+    /// From the config the connection began with: the port's declared protocol, and whether
+    /// HTTP requests get access lines.
+    port_protocol: PortProtocol,
+    access_log: bool,
+    log: AccessLog,
 }
 
 impl Handler for InboundProxy {
@@ -79,20 +105,22 @@ impl Handler for InboundProxy {
             }
         };
         log.protocol = Some(sniffed.protocol);
-        let downstream = Rewound::new(sniffed.prefix, downstream);
-        let labels = TcpLabels::new(DIRECTION, &self.local);
+        let routes = mesh.routes();
+        let admitted = |log| Admitted {
+            peer,
+            orig_dst,
+            mutual_tls: None,
+            port_protocol: routes.config().port_protocol(orig_dst.port()),
+            access_log: routes.config().access_log,
+            log,
+        };
 
         match (sniffed.protocol, mesh.tls()) {
             (Protocol::MeshTls, Some(local_tls)) => {
-                self.terminate_mtls(
-                    downstream,
-                    orig_dst,
-                    local_tls,
-                    &policy.authorization,
-                    labels,
-                    log,
-                )
-                .await;
+                let downstream = Rewound::new(sniffed.prefix, downstream);
+                let authorization = &policy.authorization;
+                self.terminate_mtls(downstream, local_tls, authorization, admitted(log))
+                    .await;
             }
             (protocol, _) if policy.mode == InboundMode::Strict => {
                 let error = match protocol {
@@ -106,7 +134,10 @@ impl Handler for InboundProxy {
                 if let Err(denial) = policy.authorization.check(None) {
                     return self.refuse(downstream, &log, FailureReason::Unauthorized, denial);
                 }
-                self.forward(downstream, orig_dst, labels, log).await;
+                // Silent for the whole sniff: a protocol whose server speaks first.
+                let client_silent = sniffed.prefix.is_empty();
+                self.serve(downstream, sniffed.prefix, client_silent, admitted(log))
+                    .await;
             }
         }
     }
@@ -116,12 +147,11 @@ impl InboundProxy {
     async fn terminate_mtls(
         &self,
         downstream: Rewound<TcpStream>,
-        orig_dst: SocketAddr,
         local_tls: &MeshTls,
         authorization: &Authorization,
-        labels: TcpLabels,
-        mut log: AccessLog,
+        mut admitted: Admitted,
     ) {
+        let log = &mut admitted.log;
         log.dst_principal = Some(local_tls.identity.clone());
         let acceptor = TlsAcceptor::from(local_tls.server_config.clone());
         let handshake = acceptor.accept(downstream).into_fallible();
@@ -132,7 +162,7 @@ impl InboundProxy {
                 let reason = tls::failure_reason(&error);
                 return refuse(
                     &self.metrics,
-                    &log,
+                    log,
                     reason,
                     tls::describe(&error),
                     downstream,
@@ -143,7 +173,7 @@ impl InboundProxy {
                 let error = format!("no handshake within {:?}", self.timeouts.tls_handshake);
                 return record_refusal(
                     &self.metrics,
-                    &log,
+                    log,
                     FailureReason::TlsHandshakeTimeout,
                     error,
                 );
@@ -154,45 +184,105 @@ impl InboundProxy {
         let Some(client_identity) = tls::peer_identity(tls_stream.get_ref().1) else {
             // The verifier requires a SPIFFE ID, so this cannot happen; never proxy unchecked.
             let error = "the verified client certificate has no SPIFFE ID";
-            return self.refuse(tls_stream, &log, FailureReason::PeerIdentityMismatch, error);
+            return self.refuse(tls_stream, log, FailureReason::PeerIdentityMismatch, error);
         };
         log.src_principal = Some(client_identity.clone());
         log.security_policy = SecurityPolicy::MutualTls;
         if let Err(denial) = authorization.check(Some(&client_identity)) {
-            return self.refuse(tls_stream, &log, FailureReason::Unauthorized, denial);
+            return self.refuse(tls_stream, log, FailureReason::Unauthorized, denial);
         }
-        let labels = labels.with_mutual_tls(&client_identity, &local_tls.identity);
-        self.forward(tls_stream, orig_dst, labels, log).await;
+        admitted.mutual_tls = Some((client_identity, local_tls.identity.clone()));
+        self.serve(tls_stream, Vec::new(), false, admitted).await;
     }
 
-    /// To the app at the original destination (its pod IP, not 127.0.0.1: apps bound to the
-    /// pod IP must work), from the passthrough address so capture lets it through.
-    async fn forward<D>(
+    /// Serves an admitted connection whose first bytes (`prefix`) were read: as HTTP when the
+    /// port declares it or detection finds it, else relayed as TCP. `client_silent`: the peer
+    /// said nothing for the whole sniff, so its server speaks first (no detection).
+    async fn serve<D>(
         &self,
-        downstream: D,
-        orig_dst: SocketAddr,
-        labels: TcpLabels,
-        mut log: AccessLog,
+        mut downstream: D,
+        mut prefix: Vec<u8>,
+        client_silent: bool,
+        admitted: Admitted,
     ) where
-        D: AsyncRead + AsyncWrite + Unpin + IntoTcp,
+        D: AsyncRead + AsyncWrite + Send + Unpin + IntoTcp + 'static,
     {
-        let upstream = match upstream::connect(orig_dst, Source::Passthrough, &self.timeouts).await
-        {
-            Ok(upstream) => upstream,
-            Err(failure) => {
-                return self.refuse(downstream, &log, failure.reason, failure.error);
+        let not_http = Raced::Opaque {
+            upstream: None,
+            greeting: Vec::new(),
+        };
+        let detected = match admitted.port_protocol {
+            PortProtocol::Http => Raced::Http(AppProtocol::Http1),
+            PortProtocol::Http2 => Raced::Http(AppProtocol::Http2),
+            PortProtocol::Tcp => not_http,
+            PortProtocol::Detect if client_silent => not_http,
+            PortProtocol::Detect => {
+                let app = upstream::connect(admitted.orig_dst, Source::Passthrough, &self.timeouts);
+                match detect_racing_server(&mut downstream, &mut prefix, self.timeouts.sniff, app)
+                    .await
+                {
+                    Ok(detected) => detected,
+                    Err(error) => {
+                        let log = &admitted.log;
+                        return self.refuse(downstream, log, FailureReason::SniffFailed, error);
+                    }
+                }
             }
         };
-        let counters = self.metrics.tcp(&labels);
-        relay(
-            downstream,
-            upstream,
-            counters,
-            &self.metrics,
-            &mut log,
-            self.timeouts.idle,
-        )
-        .await;
+        let downstream = Rewound::new(prefix, downstream);
+        let Admitted {
+            peer,
+            orig_dst,
+            mutual_tls,
+            access_log,
+            mut log,
+            ..
+        } = admitted;
+        let mutual_tls = mutual_tls.as_ref().map(|(peer, us)| (peer, us));
+        match detected {
+            Raced::Http(protocol) => {
+                let connection = InboundConnection {
+                    metrics: self.metrics.clone(),
+                    app_pool: self.app_pool.clone(),
+                    timeouts: self.timeouts,
+                    drain: self.drain.clone(),
+                    peer,
+                    orig_dst,
+                    access_log,
+                    labels: InboundLabels::new(&self.local, mutual_tls),
+                };
+                http::inbound::serve(connection, downstream, protocol, log).await;
+            }
+            Raced::Opaque { upstream, greeting } => {
+                // To the app at the original destination (its pod IP, not 127.0.0.1: apps
+                // bound to the pod IP must work), from the passthrough address.
+                let connected = match upstream {
+                    Some(connected) => connected,
+                    None => upstream::connect(orig_dst, Source::Passthrough, &self.timeouts).await,
+                };
+                let app = match connected {
+                    Ok(app) => app,
+                    Err(failure) => {
+                        return self.refuse(downstream, &log, failure.reason, failure.error);
+                    }
+                };
+                let mut labels = TcpLabels::new(DIRECTION, &self.local);
+                if let Some((peer, us)) = mutual_tls {
+                    labels = labels.with_mutual_tls(peer, us);
+                }
+                let counters = self.metrics.tcp(&labels);
+                let app = Rewound::new(greeting, app);
+                relay(
+                    downstream,
+                    app,
+                    counters,
+                    &self.metrics,
+                    &mut log,
+                    self.timeouts.idle,
+                )
+                .await;
+            }
+        }
     }
 
     fn refuse(

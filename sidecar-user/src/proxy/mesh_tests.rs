@@ -14,6 +14,7 @@ use tokio::{
 };
 
 use super::{
+    Timeouts,
     metrics::{Direction, FailureReason, Metrics, ReloadKind},
     testing::*,
 };
@@ -39,16 +40,28 @@ async fn start_hop(
     expected: &[&str],
     app: SocketAddr,
 ) -> anyhow::Result<Hop> {
+    start_hop_with(server_dir, client_dir, inbound, expected, app, timeouts()).await
+}
+
+/// [`start_hop`], both sides with `timeouts`.
+async fn start_hop_with(
+    server_dir: &Path,
+    client_dir: &Path,
+    inbound: impl Fn(u16) -> String,
+    expected: &[&str],
+    app: SocketAddr,
+    timeouts: Timeouts,
+) -> anyhow::Result<Hop> {
     let server_config = write_mesh_config(server_dir, &inbound(app.port()))?;
     let server_metrics = Arc::new(Metrics::new(&local("server"))?);
     let server_mesh = watched_mesh(&server_config, &server_metrics)?;
-    let server = start_inbound(app, server_mesh, server_metrics)?;
+    let server = start_inbound_with_timeouts(app, server_mesh, server_metrics, timeouts)?;
 
     let (tap, wire) = start_tap(server.addr).await?;
     let client_config = write_mesh_config(client_dir, &server_workload(tap, expected))?;
     let client_metrics = Arc::new(Metrics::new(&local("client"))?);
     let client_mesh = watched_mesh(&client_config, &client_metrics)?;
-    let client = start_outbound(|_| tap, client_mesh, client_metrics, timeouts())?;
+    let client = start_outbound(|_| tap, client_mesh, client_metrics, timeouts)?;
     Ok(Hop {
         client,
         server,
@@ -582,6 +595,145 @@ async fn http_requests_to_a_mesh_workload_go_over_mutual_tls() -> anyhow::Result
     Ok(())
 }
 
+/// What the server side reports of a request over mesh mTLS: every label Istio's dashboards
+/// and Kiali read, the peer's identity among them.
+#[tokio::test]
+async fn http_over_mutual_tls_is_reported_by_the_destination_with_both_identities()
+-> anyhow::Result<()> {
+    let pki = Pki::new()?;
+    let server_dir = pki.workload("server", "server", valid(), None)?;
+    let client_dir = pki.workload("client", "client", valid(), None)?;
+    let app = start_http_app().await?;
+    let hop = start_hop(&server_dir, &client_dir, STRICT, &["server"], app).await?;
+    let mut client = TcpStream::connect(hop.client.addr).await?;
+    for _ in 0..2 {
+        get_ok(&mut client, "/reviews").await?;
+    }
+
+    let client_id = Pki::id("client").to_string();
+    let server_id = Pki::id("server").to_string();
+    let expected: std::collections::BTreeMap<String, String> = [
+        ("reporter", "destination"),
+        ("source_workload", "unknown"),
+        ("source_workload_namespace", "default"),
+        ("source_principal", client_id.as_str()),
+        ("source_app", "unknown"),
+        ("source_version", "unknown"),
+        ("destination_workload", "server"),
+        ("destination_workload_namespace", "test-ns"),
+        ("destination_principal", server_id.as_str()),
+        ("destination_service", "unknown"),
+        ("destination_service_name", "unknown"),
+        ("destination_service_namespace", "unknown"),
+        ("destination_app", "unknown"),
+        ("destination_version", "unknown"),
+        ("request_protocol", "http"),
+        ("response_code", "200"),
+        ("response_flags", "-"),
+        ("connection_security_policy", "mutual_tls"),
+    ]
+    .into_iter()
+    .map(|(name, value)| (name.to_owned(), value.to_owned()))
+    .collect();
+    wait_for_series(&hop.server.metrics, &expected, 2.0).await;
+    assert_eq!(request_series("destination", &hop.server.metrics).len(), 1);
+    // The client side reports the same requests as their source.
+    let source = [
+        ("reporter", "source"),
+        ("source_principal", client_id.as_str()),
+        ("destination_principal", server_id.as_str()),
+        ("response_code", "200"),
+    ];
+    assert_eq!(
+        metric(&hop.client.metrics, "istio_requests_total", &source),
+        2
+    );
+    Ok(())
+}
+
+/// Authorization still applies to the connection, before any request: a peer the port's
+/// rules do not allow gets no request to the app, and none is reported as served.
+#[tokio::test]
+async fn an_unauthorized_peers_http_never_reaches_the_app() -> anyhow::Result<()> {
+    let pki = Pki::new()?;
+    let server_dir = pki.workload("server", "server", valid(), None)?;
+    let client_dir = pki.workload("client", "client", valid(), None)?;
+    let app = TcpListener::bind((LOCALHOST, 0)).await?;
+    let app_addr = app.local_addr()?;
+    let admin_only = |port: u16| {
+        format!(
+            "inbound:\n  mode: STRICT\n  ports:\n    - port: {port}\n      allow:\n        - principal: {}\n",
+            Pki::id("admin")
+        )
+    };
+    let hop = start_hop(&server_dir, &client_dir, admin_only, &["server"], app_addr).await?;
+    let mut client = TcpStream::connect(hop.client.addr).await?;
+    client
+        .write_all(b"GET / HTTP/1.1\r\nHost: server\r\n\r\n")
+        .await?;
+    let mut response = Vec::new();
+    let mut byte = [0u8; 1];
+    while !response.ends_with(b"\r\n\r\n") && client.read(&mut byte).await? == 1 {
+        response.push(byte[0]);
+    }
+    assert!(
+        response.starts_with(b"HTTP/1.1 503"),
+        "{}",
+        String::from_utf8_lossy(&response)
+    );
+    wait_until("the refusal is counted", || {
+        failures(&hop.server, Direction::Inbound, FailureReason::Unauthorized) >= 1
+    })
+    .await;
+    let accepted = tokio::time::timeout(Duration::from_millis(200), app.accept()).await;
+    assert!(accepted.is_err(), "the app got a connection");
+    assert!(request_series("destination", &hop.server.metrics).is_empty());
+    Ok(())
+}
+
+/// A server that speaks first (MySQL, SMTP) behind two sidecars: neither side holds its
+/// greeting back waiting for the silent client's first bytes.
+#[tokio::test]
+async fn a_server_that_speaks_first_over_mutual_tls_is_not_held_up() -> anyhow::Result<()> {
+    let pki = Pki::new()?;
+    let server_dir = pki.workload("server", "server", valid(), None)?;
+    let client_dir = pki.workload("client", "client", valid(), None)?;
+    let app = TcpListener::bind((LOCALHOST, 0)).await?;
+    let app_addr = app.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = app.accept().await {
+            let _ = stream.write_all(b"220 ready\r\n").await;
+            let mut rest = Vec::new();
+            let _ = stream.read_to_end(&mut rest).await;
+        }
+    });
+    // Detection that waits this long for a silent client would show.
+    let patient = Timeouts {
+        sniff: Duration::from_secs(4),
+        ..timeouts()
+    };
+    let hop = start_hop_with(
+        &server_dir,
+        &client_dir,
+        STRICT,
+        &["server"],
+        app_addr,
+        patient,
+    )
+    .await?;
+    let started = std::time::Instant::now();
+    let mut client = TcpStream::connect(hop.client.addr).await?;
+    let mut banner = [0u8; 11];
+    tokio::time::timeout(PATIENCE, client.read_exact(&mut banner)).await??;
+    assert_eq!(&banner, b"220 ready\r\n");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the greeting took {:?}",
+        started.elapsed()
+    );
+    Ok(())
+}
+
 /// A PERMISSIVE server and a client whose mesh config lists it or not, with the metrics a
 /// test of pooled connections across reloads reads.
 struct ReloadingHop {
@@ -625,11 +777,12 @@ impl ReloadingHop {
         Ok(())
     }
 
-    /// The server side's `istio_tcp_connections_{opened,closed}_total` of `policy`.
-    fn server_connections(&self, which: &str, policy: &str) -> u64 {
+    /// The requests the server side served over connections of `policy` (HTTP connections
+    /// carry request metrics, not TCP ones).
+    fn server_requests(&self, policy: &str) -> u64 {
         metric(
             &self.hop.server.metrics,
-            &format!("istio_tcp_connections_{which}_total"),
+            "istio_requests_total",
             &[
                 ("reporter", "destination"),
                 ("connection_security_policy", policy),
@@ -637,9 +790,25 @@ impl ReloadingHop {
         )
     }
 
-    async fn wait_for_server_connections(&self, which: &str, policy: &str, count: u64) {
-        wait_until(&format!("{count} {policy} connections {which}"), || {
-            self.server_connections(which, policy) == count
+    /// The connections the server side holds open: the client's pooled ones.
+    fn server_connections(&self) -> u64 {
+        metric(
+            &self.hop.server.metrics,
+            "sidecar_listener_connections",
+            &[("listener", "inbound")],
+        )
+    }
+
+    async fn wait_for_server_requests(&self, policy: &str, count: u64) {
+        wait_until(&format!("{count} {policy} requests served"), || {
+            self.server_requests(policy) == count
+        })
+        .await;
+    }
+
+    async fn wait_for_server_connections(&self, count: u64) {
+        wait_until(&format!("{count} connections open"), || {
+            self.server_connections() == count
         })
         .await;
     }
@@ -652,16 +821,16 @@ async fn a_destination_listed_by_a_reload_gets_mutual_tls_from_the_next_request(
     rig.list_server(false).await?;
     let mut app = TcpStream::connect(rig.hop.client.addr).await?;
     get_ok(&mut app, "/one").await?;
-    rig.wait_for_server_connections("opened", "none", 1).await;
+    rig.wait_for_server_requests("none", 1).await;
+    rig.wait_for_server_connections(1).await;
 
     // The request after the reload does not ride the pooled plaintext connection, which is
-    // closed.
+    // closed: the mTLS one is the only one left open.
     rig.list_server(true).await?;
     get_ok(&mut app, "/two").await?;
-    rig.wait_for_server_connections("opened", "mutual_tls", 1)
-        .await;
-    rig.wait_for_server_connections("closed", "none", 1).await;
-    assert_eq!(rig.server_connections("opened", "none"), 1);
+    rig.wait_for_server_requests("mutual_tls", 1).await;
+    rig.wait_for_server_connections(1).await;
+    assert_eq!(rig.server_requests("none"), 1);
     let client_id = Pki::id("client").to_string();
     assert_eq!(
         metric(
@@ -683,16 +852,15 @@ async fn a_destination_removed_by_a_reload_has_its_pooled_mutual_tls_connection_
     let rig = ReloadingHop::start().await?;
     let mut app = TcpStream::connect(rig.hop.client.addr).await?;
     get_ok(&mut app, "/one").await?;
-    rig.wait_for_server_connections("opened", "mutual_tls", 1)
-        .await;
+    rig.wait_for_server_requests("mutual_tls", 1).await;
+    rig.wait_for_server_connections(1).await;
 
     // Closed by the reload itself, before any request could reuse it.
     rig.list_server(false).await?;
-    rig.wait_for_server_connections("closed", "mutual_tls", 1)
-        .await;
+    rig.wait_for_server_connections(0).await;
     get_ok(&mut app, "/two").await?;
-    rig.wait_for_server_connections("opened", "none", 1).await;
-    assert_eq!(rig.server_connections("opened", "mutual_tls"), 1);
+    rig.wait_for_server_requests("none", 1).await;
+    assert_eq!(rig.server_requests("mutual_tls"), 1);
     Ok(())
 }
 

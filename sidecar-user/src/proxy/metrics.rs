@@ -169,8 +169,8 @@ pub enum FailureReason {
     Unauthorized,
     /// Reading the first bytes failed (the client reset).
     SniffFailed,
-    /// Outbound: the app sent something that is not valid HTTP on a connection detected (or
-    /// declared) as HTTP; hyper answered 400 and closed it.
+    /// The client (outbound: the app; inbound: the peer) sent something that is not valid HTTP
+    /// on a connection detected (or declared) as HTTP; hyper answered 400 and closed it.
     HttpProtocolError,
 }
 
@@ -191,10 +191,11 @@ impl FailureReason {
     ];
     const OUTBOUND_ONLY: [FailureReason; 2] =
         [FailureReason::SniffFailed, FailureReason::HttpProtocolError];
-    const INBOUND_ONLY: [FailureReason; 3] = [
+    const INBOUND_ONLY: [FailureReason; 4] = [
         FailureReason::PlaintextRefused,
         FailureReason::Unauthorized,
         FailureReason::SniffFailed,
+        FailureReason::HttpProtocolError,
     ];
 
     pub const fn name(self) -> &'static str {

@@ -17,7 +17,7 @@
 //!   compiled snapshot connections use; `mesh_watch`: load and hot-reload (notify);
 //! - `metrics`: Istio TCP metrics, failure and reload counters, certificate expiry;
 //! - `http`: protocol detection, HTTP routing, retries, pools, circuit breaking, request
-//!   metrics (docs/ROUTING.md);
+//!   metrics (docs/ROUTING.md), and inbound HTTP to the app;
 //! - `admin`: `/stats/prometheus`, `/healthz/ready` and the localhost admin endpoints
 //!   (`/config_dump`, `/logging`, `/quitquitquit`, `/stats`) on a separate thread;
 //!   `admin_caller`: who calls them (only root, the proxy's user and the allowed UIDs may
@@ -79,7 +79,7 @@ use self::{
     args::{OrigDstSource, ProxyConfig},
     connection_limit::{ConnectionLimit, WhenFull, data_path_cap},
     drain::{Drain, StopRequests},
-    http::Upstreams,
+    http::{AppPool, Upstreams},
     idle_exit::AppActivity,
     inbound::InboundProxy,
     listener::{AcceptLoops, Accepting, bind_listeners, local_addrs},
@@ -258,6 +258,8 @@ async fn serve(config: ProxyConfig, log_level: LogLevel) -> anyhow::Result<()> {
         metrics,
         local,
         timeouts: config.timeouts,
+        app_pool: Arc::new(AppPool::default()),
+        drain: drain.clone(),
     };
     let accepting = |direction: Direction| Accepting {
         limit: ConnectionLimit::new(

@@ -1,6 +1,7 @@
 //! Test rig: proxies on loopback ports with a fixed original destination (as though
 //! redirected), echo servers, and a lab PKI in a temporary directory.
 use std::{
+    collections::BTreeMap,
     fs, io,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
@@ -126,17 +127,29 @@ pub fn start_inbound(
     mesh: Arc<MeshHandle>,
     metrics: Arc<Metrics>,
 ) -> anyhow::Result<Running> {
+    start_inbound_with_timeouts(app, mesh, metrics, timeouts())
+}
+
+/// [`start_inbound`] with `timeouts`.
+pub fn start_inbound_with_timeouts(
+    app: SocketAddr,
+    mesh: Arc<MeshHandle>,
+    metrics: Arc<Metrics>,
+    timeouts: Timeouts,
+) -> anyhow::Result<Running> {
     let listeners = bind_listeners(Direction::Inbound, &[LOCALHOST], 0)?;
     let addr = listeners[0].local_addr()?;
+    let drain = Arc::new(Drain::default());
     let proxy = InboundProxy {
         orig_dst: Arc::new(ExplicitOrigDst(app)),
         mesh,
         metrics: metrics.clone(),
         local: local("server"),
-        timeouts: timeouts(),
+        timeouts,
         listen_addrs: local_addrs(&listeners)?,
+        app_pool: Arc::default(),
+        drain: drain.clone(),
     };
-    let drain = Arc::new(Drain::default());
     let mut loops = AcceptLoops::default();
     loops.add(
         listeners,
@@ -245,6 +258,33 @@ pub fn metric(metrics: &Metrics, name: &str, labels: &[(&str, &str)]) -> u64 {
     let text = metrics.render().expect("render metrics");
     sidecar_tests::prometheus::sum(&text, name, labels).unwrap_or_else(|error| panic!("{error}"))
         as u64
+}
+
+/// Each `istio_requests_total` series `reporter` (`source`, `destination`) reported: its
+/// labels, and its value.
+pub fn request_series(reporter: &str, metrics: &Metrics) -> Vec<(BTreeMap<String, String>, f64)> {
+    let text = metrics.render().expect("render metrics");
+    let samples = sidecar_tests::prometheus::parse(&text).expect("a valid exposition");
+    samples
+        .into_iter()
+        .filter(|sample| {
+            sample.name == "istio_requests_total"
+                && sample.labels.get("reporter").map(String::as_str) == Some(reporter)
+        })
+        .map(|sample| (sample.labels, sample.value))
+        .collect()
+}
+
+/// Waits until an `istio_requests_total` series has exactly `labels` (its `reporter` among
+/// them, and no other label) and the value `count`.
+pub async fn wait_for_series(metrics: &Metrics, labels: &BTreeMap<String, String>, count: f64) {
+    let reporter = labels.get("reporter").map_or("", String::as_str);
+    wait_until(&format!("{count} requests with {labels:?}"), || {
+        request_series(reporter, metrics)
+            .iter()
+            .any(|(series, value)| series == labels && *value == count)
+    })
+    .await;
 }
 
 /// A CA and workload certificate directories, in a temporary directory.

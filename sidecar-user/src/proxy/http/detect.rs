@@ -1,14 +1,22 @@
-//! Bounded protocol detection on outbound connections: HTTP/1.x (a request line), HTTP/2 with
-//! prior knowledge (the connection preface), anything else is opaque TCP. The bytes read are
-//! replayed to whoever handles the connection.
-use std::{io, time::Duration};
+//! Bounded protocol detection: HTTP/1.x (a request line), HTTP/2 with prior knowledge (the
+//! connection preface), anything else is opaque TCP. The bytes read are replayed to whoever
+//! handles the connection. [`detect_racing_server`] also lets a server that speaks first end
+//! detection at once.
+use std::{future::Future, io, pin::pin, time::Duration};
 
 use tokio::{
     io::{AsyncRead, AsyncReadExt},
     time::{Instant, timeout_at},
 };
 
+use crate::proxy::{metrics::FailureReason, upstream::ConnectFailure};
+
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// Clients that speak first (HTTP, TLS) write right after connecting: waiting this long for
+/// them before also connecting upstream spares the upstream a connection opened for nothing.
+const CLIENT_FIRST_GRACE: Duration = Duration::from_millis(20);
+/// Enough for any greeting a server-speaks-first protocol sends in its first segment.
+const SERVER_GREETING_BUFFER: usize = 16 * 1024;
 /// CONNECT is left out: a tunnel request is opaque to a transparent proxy.
 const METHODS: [&[u8]; 8] = [
     b"GET ",
@@ -65,6 +73,86 @@ pub async fn detect<S: AsyncRead + Unpin>(
     }
 }
 
+/// How detection raced against the server ended.
+pub enum Raced<U> {
+    Http(AppProtocol),
+    /// Not HTTP: relay to the upstream (`None`: not connected yet), sending what it already
+    /// said (a greeting) first.
+    Opaque {
+        upstream: Option<Result<U, ConnectFailure>>,
+        greeting: Vec<u8>,
+    },
+}
+
+/// [`detect`], connecting upstream (`connect`) in parallel once the client has been silent for
+/// [`CLIENT_FIRST_GRACE`]: detection ends as soon as the client's first bytes tell, or the
+/// server speaks first (MySQL, SMTP: their clients wait for a greeting), or the bounded wait is
+/// over. A parallel connection made for a client that turns out to speak HTTP is closed
+/// unused: HTTP is forwarded request by request.
+pub async fn detect_racing_server<S, U, C>(
+    client: &mut S,
+    prefix: &mut Vec<u8>,
+    wait: Duration,
+    connect: C,
+) -> io::Result<Raced<U>>
+where
+    S: AsyncRead + Unpin,
+    U: AsyncRead + Unpin,
+    C: Future<Output = Result<U, ConnectFailure>>,
+{
+    let opaque = |upstream| Raced::Opaque {
+        upstream,
+        greeting: Vec::new(),
+    };
+    let mut detection = pin!(detect(client, prefix, wait));
+    let grace = CLIENT_FIRST_GRACE.min(wait);
+    if let Ok(verdict) = tokio::time::timeout(grace, &mut detection).await {
+        return Ok(match verdict? {
+            AppProtocol::Opaque => opaque(None),
+            http => Raced::Http(http),
+        });
+    }
+    let mut connecting = pin!(connect);
+    let connected = tokio::select! {
+        biased;
+        verdict = &mut detection => {
+            return Ok(match verdict? {
+                AppProtocol::Opaque => opaque(Some(connecting.await)),
+                http => Raced::Http(http),
+            });
+        }
+        connected = &mut connecting => connected,
+    };
+    let mut upstream = match connected {
+        Ok(upstream) => upstream,
+        // The client may still speak HTTP, which is forwarded on connections of its own.
+        Err(failure) => {
+            return Ok(match detection.await? {
+                AppProtocol::Opaque => opaque(Some(Err(failure))),
+                http => Raced::Http(http),
+            });
+        }
+    };
+    let mut greeting = vec![0u8; SERVER_GREETING_BUFFER];
+    tokio::select! {
+        biased;
+        verdict = &mut detection => Ok(match verdict? {
+            AppProtocol::Opaque => opaque(Some(Ok(upstream))),
+            http => Raced::Http(http),
+        }),
+        read = upstream.read(&mut greeting) => Ok(match read {
+            Ok(read) => {
+                greeting.truncate(read);
+                Raced::Opaque { upstream: Some(Ok(upstream)), greeting }
+            }
+            Err(error) => opaque(Some(Err(ConnectFailure {
+                reason: FailureReason::ConnectError,
+                error: format!("the upstream failed before the client spoke: {error}"),
+            }))),
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use tokio::io::{AsyncWriteExt, duplex};
@@ -112,6 +200,39 @@ mod tests {
                 assert_eq!(decided, detected);
             }
         });
+    }
+
+    #[tokio::test]
+    async fn a_server_greeting_ends_the_detection_of_a_silent_client() -> io::Result<()> {
+        let (_silent, mut client) = duplex(1024);
+        let (mut server, upstream) = duplex(1024);
+        server.write_all(b"220 ready\r\n").await?;
+        let mut prefix = Vec::new();
+        let connect = async { Ok(upstream) };
+        let raced =
+            detect_racing_server(&mut client, &mut prefix, Duration::from_secs(60), connect)
+                .await?;
+        let Raced::Opaque {
+            upstream: Some(Ok(_)),
+            greeting,
+        } = raced
+        else {
+            panic!("not relayed with the greeting");
+        };
+        assert_eq!(greeting, b"220 ready\r\n");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_client_speaking_http_needs_no_upstream() -> io::Result<()> {
+        let (mut writer, mut client) = duplex(1024);
+        writer.write_all(b"GET / HTTP/1.1\r\n").await?;
+        let mut prefix = Vec::new();
+        let never = std::future::pending::<Result<tokio::io::DuplexStream, ConnectFailure>>();
+        let raced =
+            detect_racing_server(&mut client, &mut prefix, Duration::from_secs(60), never).await?;
+        assert!(matches!(raced, Raced::Http(AppProtocol::Http1)));
+        Ok(())
     }
 
     #[tokio::test]

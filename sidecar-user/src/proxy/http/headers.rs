@@ -72,16 +72,10 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
 
 /// Adds the tracing and forwarding headers; returns the request id.
 pub fn add_request_headers(headers: &mut HeaderMap, client: IpAddr) -> String {
-    let request_id = match headers.get(X_REQUEST_ID).and_then(|v| v.to_str().ok()) {
-        Some(id) if !id.is_empty() => id.to_owned(),
-        _ => {
-            let id = new_request_id();
-            if let Ok(value) = HeaderValue::from_str(&id) {
-                headers.insert(X_REQUEST_ID, value);
-            }
-            id
-        }
-    };
+    let request_id = ensure_request_id(headers)
+        .to_str()
+        .unwrap_or_default()
+        .to_owned();
     let valid_traceparent = headers
         .get(TRACEPARENT)
         .and_then(|v| v.to_str().ok())
@@ -97,6 +91,19 @@ pub fn add_request_headers(headers: &mut HeaderMap, client: IpAddr) -> String {
         headers.insert(X_FORWARDED_FOR, value);
     }
     request_id
+}
+
+/// The request's `x-request-id`, set to a new one (a UUID v4) when absent, empty or not text.
+pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
+    if let Some(id) = headers
+        .get(X_REQUEST_ID)
+        .filter(|id| !id.is_empty() && id.to_str().is_ok())
+    {
+        return id.clone();
+    }
+    let id = HeaderValue::from_str(&new_request_id()).expect("hex digits and dashes");
+    headers.insert(X_REQUEST_ID, id.clone());
+    id
 }
 
 /// A random UUID (version 4) as text.
@@ -167,6 +174,17 @@ mod tests {
         remove_hop_by_hop(&mut upgrade, true);
         assert_eq!(upgrade[UPGRADE], "websocket");
         assert_eq!(upgrade[CONNECTION], "upgrade");
+    }
+
+    #[test]
+    fn a_request_id_is_kept_or_set() {
+        let mut headers = HeaderMap::new();
+        headers.insert(X_REQUEST_ID, HeaderValue::from_static("from-the-client"));
+        assert_eq!(ensure_request_id(&mut headers), "from-the-client");
+        headers.insert(X_REQUEST_ID, HeaderValue::from_static(""));
+        let id = ensure_request_id(&mut headers);
+        assert_eq!(id.len(), 36);
+        assert_eq!(headers[X_REQUEST_ID], id);
     }
 
     #[test]

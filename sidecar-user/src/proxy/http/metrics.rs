@@ -11,6 +11,8 @@ use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
 };
 
+use crate::proxy::{identity::SpiffeId, metrics::LocalWorkload};
+
 const UNKNOWN: &str = "unknown";
 
 /// Envoy's response flags, as Istio reports them in `response_flags`.
@@ -172,20 +174,110 @@ impl RequestLabels {
     }
 }
 
+/// The labels of the requests a peer sends on one inbound connection (Istio's destination
+/// reporter). All but the protocol, the response code and its flags are known once the
+/// connection is admitted, so they are built once per connection, not per request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InboundLabels {
+    source_workload_namespace: String,
+    source_principal: String,
+    destination_workload: String,
+    destination_workload_namespace: String,
+    destination_principal: String,
+    connection_security_policy: &'static str,
+}
+
+impl InboundLabels {
+    /// Requests to `local`; `mutual_tls` names (the peer, us) when the connection is mesh mTLS.
+    pub fn new(local: &LocalWorkload, mutual_tls: Option<(&SpiffeId, &SpiffeId)>) -> Self {
+        let (source_workload_namespace, source_principal, destination_principal, policy) =
+            match mutual_tls {
+                Some((peer, us)) => (
+                    peer.namespace().to_owned(),
+                    peer.to_string(),
+                    us.to_string(),
+                    "mutual_tls",
+                ),
+                None => (UNKNOWN.into(), UNKNOWN.into(), UNKNOWN.into(), "none"),
+            };
+        InboundLabels {
+            source_workload_namespace,
+            source_principal,
+            destination_workload: local.name.clone(),
+            destination_workload_namespace: local.namespace.clone(),
+            destination_principal,
+            connection_security_policy: policy,
+        }
+    }
+
+    pub fn source_principal(&self) -> &str {
+        &self.source_principal
+    }
+
+    pub fn destination_principal(&self) -> &str {
+        &self.destination_principal
+    }
+
+    pub fn connection_security_policy(&self) -> &'static str {
+        self.connection_security_policy
+    }
+
+    /// Every label's value, in [`RequestLabels::NAMES`]' order. The destination service is not
+    /// known on this side (a `Host` header is the client's to choose: unbounded).
+    pub fn values<'a>(
+        &'a self,
+        request_protocol: &'a str,
+        response_code: &'a str,
+        response_flags: &'a str,
+    ) -> [&'a str; 18] {
+        [
+            "destination",
+            UNKNOWN,
+            &self.source_workload_namespace,
+            &self.source_principal,
+            UNKNOWN,
+            UNKNOWN,
+            &self.destination_workload,
+            &self.destination_workload_namespace,
+            &self.destination_principal,
+            UNKNOWN,
+            UNKNOWN,
+            UNKNOWN,
+            UNKNOWN,
+            UNKNOWN,
+            request_protocol,
+            response_code,
+            response_flags,
+            self.connection_security_policy,
+        ]
+    }
+}
+
+/// The four request series of one label set, looked up once and then observed as often as
+/// requests end with that outcome.
+#[derive(Clone)]
+pub struct RequestSeries {
+    requests: IntCounter,
+    duration: Histogram,
+    request_bytes: Histogram,
+    response_bytes: Histogram,
+}
+
+impl RequestSeries {
+    pub fn observe(&self, duration_ms: f64, request_bytes: u64, response_bytes: u64) {
+        self.requests.inc();
+        self.duration.observe(duration_ms);
+        self.request_bytes.observe(request_bytes as f64);
+        self.response_bytes.observe(response_bytes as f64);
+    }
+}
+
 /// What one finished request reports.
 pub struct RequestOutcome<'a> {
     pub labels: &'a RequestLabels,
     pub duration_ms: f64,
     pub request_bytes: u64,
     pub response_bytes: u64,
-}
-
-/// The four request series of one label set, resolved.
-struct RequestSeries {
-    requests: IntCounter,
-    duration: Histogram,
-    request_bytes: Histogram,
-    response_bytes: Histogram,
 }
 
 pub struct HttpMetrics {
@@ -273,20 +365,26 @@ impl HttpMetrics {
                 .entry(outcome.labels.clone())
                 .or_insert_with(|| self.resolve(outcome.labels)),
         };
-        series.requests.inc();
-        series.duration.observe(outcome.duration_ms);
-        series.request_bytes.observe(outcome.request_bytes as f64);
-        series.response_bytes.observe(outcome.response_bytes as f64);
+        series.observe(
+            outcome.duration_ms,
+            outcome.request_bytes,
+            outcome.response_bytes,
+        );
     }
 
     fn resolve(&self, labels: &RequestLabels) -> RequestSeries {
         let values = labels.values();
-        let values: Vec<&str> = values.iter().map(String::as_str).collect();
+        let values: [&str; 18] = std::array::from_fn(|index| values[index].as_str());
+        self.series(&values)
+    }
+
+    /// The series of the label set `values` ([`RequestLabels::NAMES`]' order).
+    pub fn series(&self, values: &[&str; 18]) -> RequestSeries {
         RequestSeries {
-            requests: self.requests.with_label_values(&values),
-            duration: self.duration.with_label_values(&values),
-            request_bytes: self.request_bytes.with_label_values(&values),
-            response_bytes: self.response_bytes.with_label_values(&values),
+            requests: self.requests.with_label_values(values),
+            duration: self.duration.with_label_values(values),
+            request_bytes: self.request_bytes.with_label_values(values),
+            response_bytes: self.response_bytes.with_label_values(values),
         }
     }
 

@@ -1,11 +1,12 @@
 //! Upgrades (WebSocket, h2c upgrade...) pass through: the request goes upstream on a connection
 //! of its own, and on `101 Switching Protocols` both upgraded connections are joined and copied
-//! until either side closes. The connection is never pooled again.
-use std::{sync::Arc, time::Instant};
+//! until either side closes (`join`, which inbound upgrades use too). The connection is never
+//! pooled again.
+use std::{net::SocketAddr, sync::Arc, time::Instant};
 
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
+use hyper::{body::Incoming, upgrade::OnUpgrade};
 use hyper_util::rt::TokioIo;
 use tracing::debug;
 
@@ -19,7 +20,7 @@ use super::{
     pool::{self, AcquireError, Sender},
     record::RequestRecord,
 };
-use crate::proxy::{mesh::Mesh, outbound::OutboundProxy};
+use crate::proxy::{drain::Drain, mesh::Mesh, outbound::OutboundProxy};
 
 pub async fn forward(
     proxy: &OutboundProxy,
@@ -93,15 +94,36 @@ pub async fn forward(
         return respond(record, response);
     }
     let upstream_upgrade = hyper::upgrade::on(&mut response);
-    let peer = record.peer;
     // Still the app's connection: the drain and the idle exit wait for it.
     let open = proxy
         .app_activity
         .as_ref()
         .map(|activity| activity.opened());
-    proxy.drain.spawn(async move {
-        let _open = open;
-        match tokio::try_join!(downstream_upgrade, upstream_upgrade) {
+    join(
+        &proxy.drain,
+        downstream_upgrade,
+        upstream_upgrade,
+        record.peer,
+        open,
+    );
+    record.labels.response_code = StatusCode::SWITCHING_PROTOCOLS.as_u16();
+    record.finish();
+    let (parts, _empty) = response.into_parts();
+    Response::from_parts(parts, body::empty())
+}
+
+/// Joins both sides of an upgrade once each has switched, and copies between them until
+/// either closes, in a task the drain waits for; `hold` is kept until then.
+pub fn join(
+    drain: &Drain,
+    downstream: OnUpgrade,
+    upstream: OnUpgrade,
+    peer: SocketAddr,
+    hold: impl Send + 'static,
+) {
+    drain.spawn(async move {
+        let _hold = hold;
+        match tokio::try_join!(downstream, upstream) {
             Ok((downstream, upstream)) => {
                 let (mut downstream, mut upstream) =
                     (TokioIo::new(downstream), TokioIo::new(upstream));
@@ -114,8 +136,4 @@ pub async fn forward(
             Err(error) => debug!(%peer, %error, "the upgrade did not complete"),
         }
     });
-    record.labels.response_code = StatusCode::SWITCHING_PROTOCOLS.as_u16();
-    record.finish();
-    let (parts, _empty) = response.into_parts();
-    Response::from_parts(parts, body::empty())
 }
