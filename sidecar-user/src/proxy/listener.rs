@@ -138,7 +138,8 @@ pub struct AcceptLoops(JoinSet<()>);
 pub struct Accepting {
     /// Their open connections, together (v4 and v6 listeners share one cap).
     pub limit: Arc<ConnectionLimit>,
-    /// TCP keepalive on each accepted connection: idle time before the first probe.
+    /// TCP keepalive on each accepted connection (set on the listeners, which their accepted
+    /// sockets inherit): idle time before the first probe.
     pub tcp_keepalive: Option<Duration>,
     /// Serves each connection, and knows when none is left.
     pub drain: Arc<Drain>,
@@ -188,6 +189,7 @@ async fn accept_loop<H: Handler>(
     handler: Arc<H>,
     accepting: Arc<Accepting>,
 ) {
+    keepalive::configure_listener(&listener, accepting.tcp_keepalive);
     let mut relisten = accepting.relisten.clone();
     loop {
         let event = match relisten.as_mut() {
@@ -204,7 +206,10 @@ async fn accept_loop<H: Handler>(
             Event::Accepted(accepted) => accepted,
             Event::CaptureReinstalled => {
                 match listen_again(listener) {
-                    Some(new) => listener = new,
+                    Some(new) => {
+                        keepalive::configure_listener(&new, accepting.tcp_keepalive);
+                        listener = new;
+                    }
                     None => return, // a proxy missing a listener stops (see run_until)
                 }
                 continue;
@@ -227,11 +232,7 @@ async fn accept_loop<H: Handler>(
                         continue;
                     }
                 };
-                // Relayed small writes must not wait for Nagle: the peer chose its batching.
-                if let Err(error) = stream.set_nodelay(true) {
-                    debug!(%error, "cannot set TCP_NODELAY");
-                }
-                keepalive::enable(&stream, accepting.tcp_keepalive);
+                // TCP_NODELAY and keepalive come from the listener (`keepalive`).
                 let handler = handler.clone();
                 accepting.drain.spawn(async move {
                     handler.handle(stream, peer).await;

@@ -1,20 +1,12 @@
 //! Process-wide `tracing` setup: text for people, JSON for log pipelines; the level filter can
-//! be changed at runtime (admin `/logging?level=`).
-//!
-//! Lines are formatted where they are logged and written to stdout by a background thread, in
-//! batches: with the access log on, a `write` per request (and the wake-up of whatever reads
-//! the container's log pipe) was a tenth of the proxy's CPU per HTTP request. Nothing is
-//! dropped: a full queue makes logging wait (not tracing-appender's lossy default).
-use std::io::{BufWriter, IsTerminal};
+//! be changed at runtime (admin `/logging?level=`). Lines go to stdout through a buffer
+//! (`log_buffer`).
+use std::io::IsTerminal;
 
 use clap::ValueEnum;
-use tracing_appender::non_blocking::{NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::{EnvFilter, filter::LevelFilter};
 
-/// Lines queued for the writer thread before logging waits for it.
-const QUEUED_LINES: usize = 16 * 1024;
-/// A batch's buffer: many lines per `write`.
-const BATCH_BYTES: usize = 64 * 1024;
+use super::log_buffer::{BufferedStdout, FlushAtExit};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -45,18 +37,15 @@ impl LogLevel {
 }
 
 /// Installs the global subscriber; the level filter comes from `RUST_LOG` (default `info`).
-/// The guard writes the queued lines out when dropped: keep it until the process ends.
-pub fn init(format: LogFormat) -> anyhow::Result<(LogLevel, WorkerGuard)> {
+/// The guard writes the buffered lines out when dropped: keep it until the process ends.
+pub fn init(format: LogFormat) -> anyhow::Result<(LogLevel, FlushAtExit)> {
     // A typo in RUST_LOG should be reported, not silently turn logging back to the default.
     let filter = EnvFilter::builder()
         .with_default_directive(LevelFilter::INFO.into())
         .from_env()
         .map_err(|error| anyhow::anyhow!("invalid RUST_LOG: {error}"))?;
-    let (writer, guard) = NonBlockingBuilder::default()
-        .lossy(false)
-        .buffered_lines_limit(QUEUED_LINES)
-        .thread_name("log-writer")
-        .finish(BufWriter::with_capacity(BATCH_BYTES, std::io::stdout()));
+    let writer = BufferedStdout::start()?;
+    let flush_at_exit = writer.flush_at_exit();
     // Colour codes only help on a terminal; in container logs they are noise.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -78,5 +67,5 @@ pub fn init(format: LogFormat) -> anyhow::Result<(LogLevel, WorkerGuard)> {
             Box::new(move |filter| handle.reload(filter).map_err(|e| e.to_string()))
         }
     };
-    Ok((LogLevel(reload), guard))
+    Ok((LogLevel(reload), flush_at_exit))
 }

@@ -39,6 +39,7 @@ mod idle_exit;
 mod inbound;
 mod keepalive;
 mod listener;
+mod log_buffer;
 mod logging;
 mod mesh;
 mod mesh_config;
