@@ -22,7 +22,8 @@
 //!   (`/config_dump`, `/logging`, `/quitquitquit`, `/stats`) on a separate thread;
 //!   `admin_caller`: who calls them (only root, the proxy's user and the allowed UIDs may
 //!   change the proxy);
-//! - `logging`: the tracing subscriber, its level changeable at runtime.
+//! - `logging`: the tracing subscriber, its level changeable at runtime; `log_buffer`: its
+//!   output, buffered (one `write` per batch of lines, not per request).
 mod access_log;
 mod admin;
 mod admin_caller;
