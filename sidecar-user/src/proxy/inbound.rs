@@ -2,11 +2,15 @@
 //! port's mode (STRICT: mesh mTLS only; PERMISSIVE: mTLS or plaintext, told apart by a bounded
 //! sniff), terminate mTLS and authorize the peer, all once for the connection; then tell what
 //! the peer speaks (the port's declared protocol, or bounded detection racing the app's
-//! greeting). HTTP is served request by request (`http::inbound`: pooled connections to the
-//! app, the destination's request metrics, access lines); anything else is relayed as TCP.
-//! Either way the app is reached at the original destination from the passthrough address.
+//! greeting). A port with `tls` terminates TLS for any client with its own certificate (mesh
+//! mTLS still recognised by its ALPN) and refuses plaintext. HTTP is served request by request
+//! (`http::inbound`: pooled connections to the app, the port's rate limit, the destination's
+//! request metrics, access lines); anything else is relayed as TCP. Either way the app is
+//! reached at the original destination (or the port's `forwardTo` loopback address) from the
+//! passthrough address.
 use std::{fmt::Display, net::SocketAddr, sync::Arc};
 
+use rustls::ServerConfig;
 use tokio::{
     io::{AsyncRead, AsyncWrite},
     net::TcpStream,
@@ -21,7 +25,7 @@ use super::{
     drain::Drain,
     http::{
         self, AppPool, AppProtocol, PortProtocol, Raced, detect_racing_server,
-        inbound::InboundConnection, metrics::InboundLabels,
+        inbound::InboundConnection, metrics::InboundLabels, route_policy::RateLimiter,
     },
     identity::SpiffeId,
     listener::{Handler, is_own_listener},
@@ -55,6 +59,10 @@ pub struct InboundProxy {
 struct Admitted {
     peer: SocketAddr,
     orig_dst: SocketAddr,
+    /// Where the app is reached: the original destination, or the port's `forwardTo`.
+    app: SocketAddr,
+    /// The port's `rateLimit`, for its HTTP requests.
+    rate_limiter: Option<Arc<RateLimiter>>,
     /// (the peer, us), when the connection is mesh mTLS.
     mutual_tls: Option<(SpiffeId, SpiffeId)>,
     /// From the config the connection began with: the port's declared protocol, and whether
@@ -86,9 +94,11 @@ impl Handler for InboundProxy {
         let mesh = self.mesh.current();
         let policy = mesh.inbound_policy(orig_dst.port());
         log.inbound_mode = Some(policy.mode);
-        // A STRICT port accepts nothing but a ClientHello, so it can afford to wait for one; a
-        // PERMISSIVE port must not stall a server-speaks-first protocol.
+        let server_tls = mesh.server_tls(orig_dst.port());
+        // A STRICT or `tls` port accepts nothing but a ClientHello, so it can afford to wait for
+        // one; a PERMISSIVE port must not stall a server-speaks-first protocol.
         let first_bytes_timeout = match policy.mode {
+            _ if server_tls.is_some() => self.timeouts.tls_handshake,
             InboundMode::Strict => self.timeouts.tls_handshake,
             InboundMode::Permissive => self.timeouts.sniff,
         };
@@ -106,9 +116,15 @@ impl Handler for InboundProxy {
         };
         log.protocol = Some(sniffed.protocol);
         let routes = mesh.routes();
+        let app = match policy.forward_to {
+            Some(loopback) => SocketAddr::new(loopback, orig_dst.port()),
+            None => orig_dst,
+        };
         let admitted = |log| Admitted {
             peer,
             orig_dst,
+            app,
+            rate_limiter: mesh.inbound_rate_limiter(orig_dst.port()),
             mutual_tls: None,
             port_protocol: routes.config().port_protocol(orig_dst.port()),
             access_log: routes.config().access_log,
@@ -121,6 +137,20 @@ impl Handler for InboundProxy {
                 let authorization = &policy.authorization;
                 self.terminate_mtls(downstream, local_tls, authorization, admitted(log))
                     .await;
+            }
+            // Clients outside the mesh have no SPIFFE ID (even with a client certificate): they
+            // are authorized as plaintext peers are.
+            (Protocol::Tls, _) if let Some(server_tls) = server_tls => {
+                if let Err(denial) = policy.authorization.check(None) {
+                    return self.refuse(downstream, &log, FailureReason::Unauthorized, denial);
+                }
+                let downstream = Rewound::new(sniffed.prefix, downstream);
+                self.terminate_server_tls(downstream, server_tls.clone(), admitted(log))
+                    .await;
+            }
+            _ if server_tls.is_some() => {
+                let error = "the port serves TLS (`tls`): plaintext is refused";
+                self.refuse(downstream, &log, FailureReason::PlaintextRefused, error);
             }
             (protocol, _) if policy.mode == InboundMode::Strict => {
                 let error = match protocol {
@@ -195,6 +225,49 @@ impl InboundProxy {
         self.serve(tls_stream, Vec::new(), false, admitted).await;
     }
 
+    /// TLS with the port's own certificate, for a client outside the mesh; then served as a
+    /// plaintext peer's connection, in the protocol ALPN agreed on if any.
+    async fn terminate_server_tls(
+        &self,
+        downstream: Rewound<TcpStream>,
+        server_config: Arc<ServerConfig>,
+        mut admitted: Admitted,
+    ) {
+        let log = &mut admitted.log;
+        let handshake = TlsAcceptor::from(server_config)
+            .accept(downstream)
+            .into_fallible();
+        let tls_stream = match timeout(self.timeouts.tls_handshake, handshake).await {
+            Ok(Ok(tls_stream)) => tls_stream,
+            Ok(Err((error, downstream))) => {
+                let reason = tls::failure_reason(&error);
+                return refuse(
+                    &self.metrics,
+                    log,
+                    reason,
+                    tls::describe(&error),
+                    downstream,
+                    Close::Graceful,
+                );
+            }
+            Err(_elapsed) => {
+                let error = format!("no handshake within {:?}", self.timeouts.tls_handshake);
+                return record_refusal(
+                    &self.metrics,
+                    log,
+                    FailureReason::TlsHandshakeTimeout,
+                    error,
+                );
+            }
+        };
+        match tls_stream.get_ref().1.alpn_protocol() {
+            Some(b"h2") => admitted.port_protocol = PortProtocol::Http2,
+            Some(b"http/1.1") => admitted.port_protocol = PortProtocol::Http,
+            _ => {}
+        }
+        self.serve(tls_stream, Vec::new(), false, admitted).await;
+    }
+
     /// Serves an admitted connection whose first bytes (`prefix`) were read: as HTTP when the
     /// port declares it or detection finds it, else relayed as TCP. `client_silent`: the peer
     /// said nothing for the whole sniff, so its server speaks first (no detection).
@@ -217,7 +290,7 @@ impl InboundProxy {
             PortProtocol::Tcp => not_http,
             PortProtocol::Detect if client_silent => not_http,
             PortProtocol::Detect => {
-                let app = upstream::connect(admitted.orig_dst, Source::Passthrough, &self.timeouts);
+                let app = upstream::connect(admitted.app, Source::Passthrough, &self.timeouts);
                 match detect_racing_server(&mut downstream, &mut prefix, self.timeouts.sniff, app)
                     .await
                 {
@@ -233,6 +306,8 @@ impl InboundProxy {
         let Admitted {
             peer,
             orig_dst,
+            app,
+            rate_limiter,
             mutual_tls,
             access_log,
             mut log,
@@ -248,6 +323,8 @@ impl InboundProxy {
                     drain: self.drain.clone(),
                     peer,
                     orig_dst,
+                    app,
+                    rate_limiter,
                     access_log,
                     labels: InboundLabels::new(&self.local, mutual_tls),
                 };
@@ -255,10 +332,11 @@ impl InboundProxy {
             }
             Raced::Opaque { upstream, greeting } => {
                 // To the app at the original destination (its pod IP, not 127.0.0.1: apps
-                // bound to the pod IP must work), from the passthrough address.
+                // bound to the pod IP must work) unless the port says `forwardTo`, from the
+                // passthrough address.
                 let connected = match upstream {
                     Some(connected) => connected,
-                    None => upstream::connect(orig_dst, Source::Passthrough, &self.timeouts).await,
+                    None => upstream::connect(app, Source::Passthrough, &self.timeouts).await,
                 };
                 let app = match connected {
                     Ok(app) => app,

@@ -5,16 +5,19 @@
 //! snapshot no longer has are not reused.
 use std::{net::SocketAddr, sync::Arc};
 
+use std::collections::BTreeMap;
+
 use rustls::{ClientConfig, ServerConfig, crypto::CryptoProvider};
 use tokio::sync::watch;
 
 use super::{
-    http::{HttpConfig, config::ServiceConfig, router::RouteTable},
+    http::{HttpConfig, config::ServiceConfig, route_policy::RateLimiter, router::RouteTable},
     identity::SpiffeId,
     mesh_config::{InboundPolicy, MeshConfig, PortPolicy, Workload},
     tls::{
         self, TrustBundles, WorkloadCertificate,
         origination::{Originations, TlsOrigination},
+        termination::Terminations,
     },
 };
 
@@ -70,6 +73,10 @@ pub struct Mesh {
     routes: Arc<RouteTable>,
     /// The TLS origination of the services of `routes` with `tls`.
     originations: Originations,
+    /// The server TLS of the inbound ports with `tls`.
+    terminations: Terminations,
+    /// The token buckets of the inbound ports with `rateLimit`: a reload starts them afresh.
+    inbound_limiters: BTreeMap<u16, Arc<RateLimiter>>,
 }
 
 impl Mesh {
@@ -87,24 +94,38 @@ impl Mesh {
             tls: None,
             routes: Arc::new(RouteTable::new(http)),
             originations: Originations::default(),
+            terminations: Terminations::default(),
+            inbound_limiters: BTreeMap::new(),
         }
     }
 
     /// Without a certificate (a config without `identity`): plaintext, with the config's
-    /// routes and inbound policy. `originations`: built from `config.http`.
+    /// routes and inbound policy. `originations`: built from `config.http`; `terminations`:
+    /// from `config.inbound`.
     pub fn build(
         config: &MeshConfig,
         cert: Option<&WorkloadCertificate>,
         originations: Originations,
+        terminations: Terminations,
         provider: &Arc<CryptoProvider>,
     ) -> Result<Self, rustls::Error> {
         let routes = Arc::new(RouteTable::new(config.http.clone()));
+        let inbound_limiters = config
+            .inbound
+            .ports
+            .iter()
+            .filter_map(|(port, policy)| {
+                Some((*port, Arc::new(RateLimiter::new(policy.rate_limit?))))
+            })
+            .collect();
         let Some(cert) = cert else {
             return Ok(Mesh {
                 inbound: config.inbound.clone(),
                 tls: None,
                 routes,
                 originations,
+                terminations,
+                inbound_limiters,
             });
         };
         let destinations = config
@@ -135,7 +156,19 @@ impl Mesh {
             }),
             routes,
             originations,
+            terminations,
+            inbound_limiters,
         })
+    }
+
+    /// The server TLS of inbound `port`, if it has `tls`.
+    pub fn server_tls(&self, port: u16) -> Option<&Arc<ServerConfig>> {
+        self.terminations.get(port)
+    }
+
+    /// The token bucket of inbound `port`'s HTTP requests, if it has `rateLimit`.
+    pub fn inbound_rate_limiter(&self, port: u16) -> Option<Arc<RateLimiter>> {
+        self.inbound_limiters.get(&port).cloned()
     }
 
     pub fn inbound_policy(&self, port: u16) -> PortPolicy {

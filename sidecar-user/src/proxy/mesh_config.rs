@@ -18,7 +18,7 @@ use thiserror::Error;
 
 use super::{
     authz::{AllowRule, Authorization},
-    http::HttpConfig,
+    http::{HttpConfig, config::RateLimit},
     identity::{SpiffeId, validate_segment, validate_trust_domain},
 };
 
@@ -128,6 +128,74 @@ impl fmt::Display for InboundMode {
 pub struct PortPolicy {
     pub mode: InboundMode,
     pub authorization: Authorization,
+    /// TLS terminated for any client with the port's own certificate (mesh mTLS is still told
+    /// apart by its ALPN); plaintext is then refused.
+    pub server_tls: Option<ServerTls>,
+    /// The app listens on this loopback address (same port) rather than the pod IP.
+    pub forward_to: Option<IpAddr>,
+    /// A token bucket for the port's HTTP requests (429, flag `RL`).
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// An inbound port's server TLS (Istio's `ServerTLSSettings`, SIMPLE, or MUTUAL with
+/// `caCertificates`), as absolute paths.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServerTls {
+    /// PEM: the server certificate first, then any intermediates.
+    pub server_certificate: PathBuf,
+    /// PEM: its private key (PKCS#8, SEC1 or PKCS#1).
+    pub private_key: PathBuf,
+    /// PEM: the roots client certificates must lead to; absent: no client certificate asked.
+    pub ca_certificates: Option<PathBuf>,
+    /// Offered in ALPN, in order of preference. The app hears the protocol the client picks
+    /// (no translation), so only a port whose app speaks h2c should offer `h2`.
+    #[serde(default = "http1_only")]
+    pub alpn: Vec<ServerAlpn>,
+}
+
+fn http1_only() -> Vec<ServerAlpn> {
+    vec![ServerAlpn::Http1]
+}
+
+/// An ALPN protocol an inbound port can offer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub enum ServerAlpn {
+    #[serde(rename = "h2")]
+    Http2,
+    #[serde(rename = "http/1.1")]
+    Http1,
+}
+
+impl ServerAlpn {
+    pub const fn id(self) -> &'static [u8] {
+        match self {
+            ServerAlpn::Http2 => b"h2",
+            ServerAlpn::Http1 => b"http/1.1",
+        }
+    }
+}
+
+impl ServerTls {
+    pub fn paths(&self) -> impl Iterator<Item = &Path> {
+        [&self.server_certificate, &self.private_key]
+            .into_iter()
+            .chain(&self.ca_certificates)
+            .map(PathBuf::as_path)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) -> Result<(), String> {
+        for path in [&mut self.server_certificate, &mut self.private_key]
+            .into_iter()
+            .chain(&mut self.ca_certificates)
+        {
+            if path.as_os_str().is_empty() {
+                return Err("a `tls` file path is empty".into());
+            }
+            *path = base.join(&*path);
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -142,7 +210,7 @@ impl InboundPolicy {
     pub fn port(&self, port: u16) -> PortPolicy {
         self.ports.get(&port).cloned().unwrap_or(PortPolicy {
             mode: self.default_mode,
-            authorization: Authorization::AllowAll,
+            ..PortPolicy::default()
         })
     }
 }
@@ -240,13 +308,22 @@ impl MeshConfig {
                                 .collect(),
                         ),
                     };
+                    let mut server_tls = port.tls;
+                    if let Some(tls) = &mut server_tls {
+                        tls.resolve_paths(base).map_err(|error| {
+                            whole_file(&format!("inbound port {}: {error}", port.port))
+                        })?;
+                    }
                     let policy = PortPolicy {
                         mode: port.mode.unwrap_or(raw.inbound.mode),
                         authorization,
+                        server_tls,
+                        forward_to: port.forward_to.map(|loopback| loopback.0),
+                        rate_limit: port.rate_limit,
                     };
-                    (port.port.get(), policy)
+                    Ok((port.port.get(), policy))
                 })
-                .collect(),
+                .collect::<Result<_, ConfigError>>()?,
         };
         let mut http = raw.http;
         for tls in http.services.iter_mut().filter_map(|s| s.tls.as_mut()) {
@@ -409,6 +486,28 @@ struct RawPort {
     mode: Option<InboundMode>,
     /// Absent: everyone; present: only these (empty: nobody).
     allow: Option<Vec<RawAllowRule>>,
+    tls: Option<ServerTls>,
+    forward_to: Option<LoopbackIp>,
+    rate_limit: Option<RateLimit>,
+}
+
+/// `forwardTo`: only loopback, the one address a pod-IP destination can be swapped for without
+/// sending the app's traffic somewhere the pod does not own.
+#[derive(Deserialize)]
+#[serde(try_from = "String")]
+struct LoopbackIp(IpAddr);
+
+impl TryFrom<String> for LoopbackIp {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, String> {
+        match text.parse::<IpAddr>() {
+            Ok(ip) if ip.is_loopback() => Ok(LoopbackIp(ip)),
+            _ => Err(format!(
+                "`forwardTo` {text:?} is not a loopback address (127.0.0.1 or ::1)"
+            )),
+        }
+    }
 }
 
 /// `principal`, or `namespace` (with an optional `trustDomain`), or `trustDomain` alone.
@@ -603,10 +702,92 @@ inbound:
             config.inbound.port(1234),
             PortPolicy {
                 mode: InboundMode::Strict,
-                authorization: Authorization::AllowAll
+                ..PortPolicy::default()
             }
         );
         Ok(())
+    }
+
+    #[test]
+    fn an_inbound_port_takes_server_tls_forward_to_and_a_rate_limit() -> Result<(), ConfigError> {
+        let config = parse(
+            "inbound:
+  ports:
+    - port: 8080
+      tls:
+        serverCertificate: tls/tls.crt
+        privateKey: /secret/tls.key
+        caCertificates: tls/ca.crt
+        alpn: [h2, http/1.1]
+      forwardTo: 127.0.0.1
+      rateLimit: {requestsPerSecond: 10, burst: 20}
+    - port: 9090
+      tls: {serverCertificate: c.pem, privateKey: k.pem}
+      forwardTo: '::1'
+",
+        )?;
+        let port = config.inbound.port(8080);
+        assert_eq!(
+            port.server_tls,
+            Some(ServerTls {
+                server_certificate: "/etc/sidecar/tls/tls.crt".into(),
+                private_key: "/secret/tls.key".into(),
+                ca_certificates: Some("/etc/sidecar/tls/ca.crt".into()),
+                alpn: vec![ServerAlpn::Http2, ServerAlpn::Http1],
+            })
+        );
+        assert_eq!(port.forward_to, Some(IpAddr::from([127, 0, 0, 1])));
+        let limit = port.rate_limit.expect("rate limit");
+        assert_eq!(
+            (limit.requests_per_second.get(), limit.burst.get()),
+            (10, 20)
+        );
+        let other = config.inbound.port(9090);
+        let tls = other.server_tls.expect("tls");
+        assert_eq!(
+            (tls.ca_certificates, tls.alpn),
+            (None, vec![ServerAlpn::Http1]),
+            "no client certificate asked; HTTP/1.1 only, what a legacy app speaks"
+        );
+        assert_eq!(other.forward_to, Some(std::net::Ipv6Addr::LOCALHOST.into()));
+        assert_eq!(config.inbound.port(1234).server_tls, None);
+        Ok(())
+    }
+
+    #[test]
+    fn bad_inbound_port_settings_are_rejected_with_the_reason() {
+        for (port, reason, line) in [
+            (
+                "{port: 80, forwardTo: 198.18.0.9}",
+                "`forwardTo` \"198.18.0.9\" is not a loopback address",
+                Some(3),
+            ),
+            (
+                "{port: 80, tls: {serverCertificate: c.pem}}",
+                "missing field `privateKey`",
+                Some(3),
+            ),
+            (
+                "{port: 80, tls: {serverCertificate: c.pem, privateKey: k.pem, alpn: [h3]}}",
+                "unknown variant `h3`",
+                Some(3),
+            ),
+            (
+                "{port: 80, tls: {serverCertificate: '', privateKey: k.pem}}",
+                "inbound port 80: a `tls` file path is empty",
+                None,
+            ),
+            (
+                "{port: 80, rateLimit: {requestsPerSecond: 0}}",
+                "`rateLimit.requestsPerSecond` must be above 0",
+                Some(3),
+            ),
+        ] {
+            let text = format!("inbound:\n  ports:\n    - {port}\n");
+            let error = parse(&text).expect_err(port);
+            assert_eq!(error.location.map(|(line, _)| line), line, "{error}");
+            assert!(error.to_string().contains(reason), "{error}");
+        }
     }
 
     #[test]

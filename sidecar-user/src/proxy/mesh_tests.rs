@@ -931,3 +931,55 @@ async fn a_policy_without_resumption_gets_full_handshakes_only() -> anyhow::Resu
     assert_eq!(handshakes(&hop.server, "resumed"), 0);
     Ok(())
 }
+
+/// A port with `tls` still takes mesh mTLS (told apart by its ALPN), reported as mutual TLS
+/// with both identities, while a client outside the mesh gets the port's own certificate.
+#[tokio::test]
+async fn a_server_tls_port_still_takes_mesh_mutual_tls() -> anyhow::Result<()> {
+    use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+
+    let pki = Pki::new()?;
+    let server_dir = pki.workload("server", "server", valid(), None)?;
+    let client_dir = pki.workload("client", "client", valid(), None)?;
+    let partner = super::tls::server_pki::PartnerCa::new("legacy CA")?;
+    let own = partner.server(&["legacy.example"])?;
+    replace(&server_dir.join("tls.crt"), &own.cert_pem)?;
+    replace(&server_dir.join("tls.key"), &own.key_pem)?;
+    let app = start_http_app().await?;
+    let inbound = |port: u16| {
+        format!(
+            "inbound:\n  ports:\n    - {{port: {port}, tls: {{serverCertificate: tls.crt, privateKey: tls.key}}}}\n"
+        )
+    };
+    let hop = start_hop(&server_dir, &client_dir, inbound, &["server"], app).await?;
+
+    let mut client = TcpStream::connect(hop.client.addr).await?;
+    get_ok(&mut client, "/").await?;
+    let client_id = Pki::id("client").to_string();
+    let labels = [
+        ("reporter", "destination"),
+        ("connection_security_policy", "mutual_tls"),
+        ("source_principal", client_id.as_str()),
+        ("response_code", "200"),
+    ];
+    wait_until("the server reports the request over mutual TLS", || {
+        metric(&hop.server.metrics, "istio_requests_total", &labels) == 1
+    })
+    .await;
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(CertificateDer::from_pem_slice(
+        partner.cert_pem().as_bytes(),
+    )?)?;
+    let config = rustls::ClientConfig::builder_with_provider(super::tls::crypto_provider())
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let stream = TcpStream::connect(hop.server.addr).await?;
+    let name = ServerName::try_from("legacy.example")?;
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    tokio::time::timeout(PATIENCE, connector.connect(name, stream))
+        .await?
+        .map_err(|error| anyhow::anyhow!("the port's own certificate: {error}"))?;
+    Ok(())
+}

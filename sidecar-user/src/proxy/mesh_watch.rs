@@ -1,5 +1,5 @@
-//! Loads the mesh config and the certificate files it names (this workload's, and those of the
-//! HTTP services' TLS origination), and reloads them when they change on disk (notify), without
+//! Loads the mesh config and the certificate files it names (this workload's, those of the
+//! HTTP services' TLS origination and those of the inbound ports' server TLS), and reloads them when they change on disk (notify), without
 //! a restart. A file that does not load is rejected with a log line and a counter, and what was
 //! in force stays in force.
 use std::{
@@ -28,6 +28,7 @@ use super::{
         WorkloadCertificate,
         origination::{self, Originations, TlsFiles},
         rfc3339,
+        termination::{self, Terminations},
     },
 };
 
@@ -41,9 +42,10 @@ struct Loaded {
     certificate_bytes: Vec<Vec<u8>>,
     /// `None`: the config has no `identity` (plaintext, HTTP routing only).
     certificate: Option<WorkloadCertificate>,
-    /// The files of the services' `tls`, and what was built from them.
+    /// The files of the services' and the inbound ports' `tls`, and what was built from them.
     tls_files: TlsFiles,
     originations: Originations,
+    terminations: Terminations,
 }
 
 pub struct MeshSource {
@@ -68,13 +70,16 @@ impl MeshSource {
         let config = MeshConfig::parse(&config_bytes, config_path)?;
         let (certificate_bytes, certificate) =
             load_certificate(&config, &provider).map_err(anyhow::Error::msg)?;
-        let tls_files = origination::read_files(&config.http).map_err(anyhow::Error::msg)?;
+        let tls_files = read_tls_files(&config).map_err(anyhow::Error::msg)?;
         let originations =
             Originations::build(&config.http, &tls_files, &provider).map_err(anyhow::Error::msg)?;
+        let terminations = Terminations::build(&config.inbound, &tls_files, &provider)
+            .map_err(anyhow::Error::msg)?;
         let mesh = Mesh::build(
             &config,
             certificate.as_ref(),
             originations.clone(),
+            terminations.clone(),
             &provider,
         )
         .context("cannot build the TLS configuration")?;
@@ -101,6 +106,7 @@ impl MeshSource {
                 certificate,
                 tls_files,
                 originations,
+                terminations,
             },
             rejected_config: None,
         })
@@ -169,16 +175,26 @@ impl MeshSource {
         };
         let certificate_changed = certificate_bytes != self.loaded.certificate_bytes;
 
-        let tls_files = match origination::read_files(&config.http) {
+        let tls_files = match read_tls_files(config) {
             Ok(files) => files,
             Err(error) => return self.reject_tls_files(new_config.is_some(), &error),
         };
         let tls_files_changed = tls_files != self.loaded.tls_files;
-        let originations = if new_config.is_none() && !tls_files_changed {
-            self.loaded.originations.clone()
+        let (originations, terminations) = if new_config.is_none() && !tls_files_changed {
+            (
+                self.loaded.originations.clone(),
+                self.loaded.terminations.clone(),
+            )
         } else {
-            match Originations::build(&config.http, &tls_files, &self.provider) {
-                Ok(originations) => originations,
+            let built = Originations::build(&config.http, &tls_files, &self.provider).and_then(
+                |originations| {
+                    let terminations =
+                        Terminations::build(&config.inbound, &tls_files, &self.provider)?;
+                    Ok((originations, terminations))
+                },
+            );
+            match built {
+                Ok(built) => built,
                 Err(error) => return self.reject_tls_files(new_config.is_some(), &error),
             }
         };
@@ -189,6 +205,7 @@ impl MeshSource {
             config,
             certificate.as_ref(),
             originations.clone(),
+            terminations.clone(),
             &self.provider,
         ) {
             Ok(mesh) => mesh,
@@ -227,17 +244,19 @@ impl MeshSource {
         }
         if tls_files_changed {
             self.metrics.record_reload(ReloadKind::Certificates, true);
-            info!("TLS origination files reloaded; new upstream connections use them");
+            info!("TLS files (origination, inbound server TLS) reloaded; new connections use them");
             self.loaded.tls_files = tls_files;
         }
         self.loaded.originations = originations;
+        self.loaded.terminations = terminations;
     }
 
-    /// The files of a service's `tls` do not load: the new config, if any, is not applied.
+    /// The files of a service's or an inbound port's `tls` do not load: the new config, if
+    /// any, is not applied.
     fn reject_tls_files(&self, new_config: bool, error: &str) {
         if new_config {
             warn!(path = %self.config_path.display(),
-                "the new mesh config is not applied: its TLS origination files do not load");
+                "the new mesh config is not applied: its TLS files do not load");
         }
         self.reject(ReloadKind::Certificates, error);
     }
@@ -262,7 +281,7 @@ impl MeshSource {
                     .iter()
                     .flat_map(IdentityFiles::paths),
             )
-            .chain(origination::paths(&self.loaded.config.http))
+            .chain(tls_paths(&self.loaded.config))
             .map(|path| match path.parent() {
                 Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
                 _ => PathBuf::from("."),
@@ -331,6 +350,17 @@ fn update_watches(
     }
     *watched = wanted;
     Ok(())
+}
+
+/// The files of the services' TLS origination and of the inbound ports' server TLS.
+fn tls_paths(config: &MeshConfig) -> BTreeSet<&Path> {
+    let mut paths = origination::paths(&config.http);
+    paths.extend(termination::paths(&config.inbound));
+    paths
+}
+
+fn read_tls_files(config: &MeshConfig) -> Result<TlsFiles, String> {
+    origination::read_files(tls_paths(config))
 }
 
 /// The certificate files' bytes; none without `identity`.

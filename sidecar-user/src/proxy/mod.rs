@@ -56,6 +56,8 @@ mod upstream;
 #[cfg(test)]
 mod mesh_tests;
 #[cfg(test)]
+mod server_tls_tests;
+#[cfg(test)]
 mod testing;
 
 pub mod identity;

@@ -1,6 +1,7 @@
 //! Inbound HTTP: the requests a peer sends on a connection the inbound side has admitted (the
 //! port's mode and allow rules are applied once, to the connection, before any request is
-//! read). Each request goes to the app at the connection's original destination, from the
+//! read). A request beyond the port's `rateLimit` gets 429 (flag `RL`); the others go to the
+//! app at the connection's original destination (or the port's `forwardTo`), from the
 //! passthrough address, on a pooled keep-alive connection (`app_pool`); an upgrade gets a
 //! connection of its own. Each leaves Istio's request metrics as the destination reports them
 //! (`reporter="destination"`) and an access line.
@@ -34,6 +35,7 @@ use super::{
     headers::{ensure_request_id, is_upgrade, remove_hop_by_hop},
     metrics::{HttpMetrics, InboundLabels, RequestSeries, ResponseFlag, ResponseFlags},
     request_protocol,
+    route_policy::RateLimiter,
     server::{self, Downstream},
     upgrade,
 };
@@ -48,8 +50,12 @@ pub struct InboundConnection {
     pub timeouts: Timeouts,
     pub drain: Arc<Drain>,
     pub peer: SocketAddr,
-    /// The app: where the peer's connection was going.
+    /// Where the peer's connection was going.
     pub orig_dst: SocketAddr,
+    /// The app: `orig_dst`, or the port's `forwardTo` loopback address.
+    pub app: SocketAddr,
+    /// The port's token bucket (`rateLimit`), from the snapshot the connection began with.
+    pub rate_limiter: Option<Arc<RateLimiter>>,
     /// One `access` line per request (`http.accessLog` of the config the connection began with).
     pub access_log: bool,
     /// The labels of its requests' metrics but their protocol and outcome.
@@ -98,6 +104,15 @@ async fn handle(served: Arc<Served>, request: Request<Incoming>) -> Response<Pro
     remove_hop_by_hop(&mut parts.headers, upgrade);
     let request_id = ensure_request_id(&mut parts.headers);
     let record = InboundRecord::new(served, protocol, &parts, request_id);
+    let limiter = record.served.connection.rate_limiter.as_ref();
+    if limiter.is_some_and(|limiter| !limiter.admit()) {
+        return local_reply(
+            record,
+            StatusCode::TOO_MANY_REQUESTS,
+            ResponseFlag::RateLimited,
+            "local rate limit exceeded",
+        );
+    }
     let request = Request::from_parts(parts, body);
     if upgrade {
         return forward_upgrade(request, record).await;
@@ -131,11 +146,11 @@ async fn forward(request: Request<Incoming>, mut record: InboundRecord) -> Respo
         record.attempts += 1;
         let acquired = if stale_retry_done {
             let pool = &connection.app_pool;
-            pool.connect(connection.orig_dst, served.protocol, &connection.timeouts)
+            pool.connect(connection.app, served.protocol, &connection.timeouts)
                 .await
         } else {
             let pool = &connection.app_pool;
-            pool.acquire(connection.orig_dst, served.protocol, &connection.timeouts)
+            pool.acquire(connection.app, served.protocol, &connection.timeouts)
                 .await
         };
         let mut app = match acquired {
@@ -196,11 +211,11 @@ async fn forward_upgrade(
     let connection = &served.connection;
     let downstream_upgrade = hyper::upgrade::on(&mut request);
     record.attempts = 1;
-    let mut sender =
-        match app_pool::connect_for_upgrade(connection.orig_dst, &connection.timeouts).await {
-            Ok(sender) => sender,
-            Err(failure) => return connect_failed(record, failure),
-        };
+    let mut sender = match app_pool::connect_for_upgrade(connection.app, &connection.timeouts).await
+    {
+        Ok(sender) => sender,
+        Err(failure) => return connect_failed(record, failure),
+    };
     let (parts, incoming) = request.into_parts();
     let request = Request::from_parts(parts, incoming.map_err(Into::into).boxed_unsync());
     let mut response = match sender.send_request(request).await {

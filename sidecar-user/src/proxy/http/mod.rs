@@ -23,7 +23,7 @@ pub mod metrics;
 mod pool;
 mod random;
 mod record;
-mod route_policy;
+pub mod route_policy;
 pub mod router;
 mod server;
 mod upgrade;

@@ -11,7 +11,7 @@ use super::{
     random::random_below,
 };
 
-/// A route's token bucket.
+/// A route's (or an inbound port's) token bucket.
 pub struct RateLimiter(DefaultDirectRateLimiter);
 
 impl RateLimiter {
@@ -21,7 +21,7 @@ impl RateLimiter {
     }
 
     /// Takes a token if there is one.
-    fn admit(&self) -> bool {
+    pub fn admit(&self) -> bool {
         self.0.check().is_ok()
     }
 }

@@ -6,11 +6,14 @@
 //! - `verify`: SPIFFE ID and chain checks on both sides, each chain against the roots of the
 //!   trust domain its SPIFFE ID names;
 //! - `origination`: TLS to servers outside the mesh for HTTP services with `tls` (webpki
-//!   verification of the server's name, optionally a client certificate).
+//!   verification of the server's name, optionally a client certificate);
+//! - `termination`: TLS for any client on inbound ports with `tls` (the port's own certificate,
+//!   optionally a client certificate required).
 mod certs;
 pub mod origination;
 #[cfg(test)]
 pub mod server_pki;
+pub mod termination;
 mod trust;
 mod verify;
 

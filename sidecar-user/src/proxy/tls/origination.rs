@@ -102,7 +102,7 @@ impl TlsOrigination {
             (Some(chain_path), Some(key_path)) => {
                 let (chain_pem, key_pem) = (file(chain_path)?, file(key_path)?);
                 material.extend([chain_pem.clone(), key_pem.clone()]);
-                let key = client_key(chain_pem, key_pem, provider).map_err(|error| {
+                let key = certified_key(chain_pem, key_pem, provider).map_err(|error| {
                     format!(
                         "tls.clientCertificate {}, privateKey {}: {error}",
                         chain_path.display(),
@@ -218,9 +218,9 @@ pub fn paths(http: &HttpConfig) -> BTreeSet<&Path> {
         .collect()
 }
 
-/// Reads every file the services' `tls` settings name.
-pub fn read_files(http: &HttpConfig) -> Result<TlsFiles, String> {
-    paths(http)
+/// Reads every file of `paths` (those of [`paths`] and of the inbound ports' `tls`).
+pub fn read_files<'a>(paths: impl IntoIterator<Item = &'a Path>) -> Result<TlsFiles, String> {
+    paths
         .into_iter()
         .map(|path| {
             std::fs::read(path)
@@ -230,7 +230,7 @@ pub fn read_files(http: &HttpConfig) -> Result<TlsFiles, String> {
         .collect()
 }
 
-fn ca_bundle(pem: &[u8]) -> Result<Arc<RootCertStore>, String> {
+pub(super) fn ca_bundle(pem: &[u8]) -> Result<Arc<RootCertStore>, String> {
     let mut roots = RootCertStore::empty();
     for (index, root) in certificates(pem)?.into_iter().enumerate() {
         roots
@@ -240,7 +240,8 @@ fn ca_bundle(pem: &[u8]) -> Result<Arc<RootCertStore>, String> {
     Ok(Arc::new(roots))
 }
 
-fn client_key(
+/// A chain and its key, checked to belong together.
+pub(super) fn certified_key(
     chain_pem: &[u8],
     key_pem: &[u8],
     provider: &CryptoProvider,
@@ -524,7 +525,7 @@ mod tests {
             "services: [{{name: partner, tls: {{mode: SIMPLE, caCertificates: {}}}}}]",
             dir.path().join("missing.pem").display()
         ))?;
-        let error = read_files(&http).expect_err("missing");
+        let error = read_files(paths(&http)).expect_err("missing");
         assert!(
             error.starts_with(&format!(
                 "cannot read {}: No such file",
