@@ -8,6 +8,7 @@ Usage: python validate_manifests.py DEPLOY_DIR
 """
 
 import copy
+import fnmatch
 import pathlib
 import sys
 
@@ -50,14 +51,24 @@ def validate(resource, where, failures):
             failures.append(f"{where} ({version}): no schema: {error}")
 
 
+def ignored_by_git(file):
+    """Whether the .gitignore beside `file` names it: the certificates and keys a user creates
+    (`sidecar certs`, or their own server certificate), never committed."""
+    gitignore = file.parent / ".gitignore"
+    if not gitignore.exists():
+        return False
+    patterns = [line.strip() for line in gitignore.read_text().splitlines()]
+    return any(line and fnmatch.fnmatch(file.name, line) for line in patterns)
+
+
 def check_kustomization(path, failures):
-    """Every file a kustomization names exists (generated certificates excepted: they are
-    listed in certs/.gitignore and created by `sidecar certs`)."""
+    """Every file a kustomization names exists (secrets the user creates excepted: listed in
+    the .gitignore of their directory)."""
     (kustomization,) = documents(path)
     named = list(kustomization.get("resources", []))
     named += [p["path"] for p in kustomization.get("patches", [])]
     for generator in kustomization.get("secretGenerator", []):
-        named += [f for f in generator.get("files", []) if not f.startswith("certs/")]
+        named += [f for f in generator.get("files", []) if not ignored_by_git(path.parent / f)]
     for name in named:
         if not (path.parent / name).exists():
             failures.append(f"{path}: names {name}, which does not exist")
