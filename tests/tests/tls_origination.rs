@@ -12,6 +12,7 @@ use std::{
     net::{IpAddr, SocketAddr},
     os::unix::fs::chown,
     path::{Path, PathBuf},
+    thread,
     time::{Duration, Instant},
 };
 
@@ -350,6 +351,22 @@ impl OriginationLab {
     }
 
     /// The proxy's access lines (JSON) for requests.
+    /// The access lines so far, once one satisfies `wanted` (or after 5 s): the proxy writes
+    /// its log lines out in batches, within 100 ms (`proxy/log_buffer.rs`).
+    fn access_lines_once(
+        &self,
+        wanted: impl Fn(&serde_json::Value) -> bool,
+    ) -> Vec<serde_json::Value> {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let lines = self.access_lines();
+            if lines.iter().any(&wanted) || Instant::now() >= deadline {
+                return lines;
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     fn access_lines(&self) -> Vec<serde_json::Value> {
         let proxy = self.proxy.as_ref().expect("proxy started");
         proxy
@@ -412,12 +429,11 @@ fn the_apps_plaintext_request_leaves_as_verified_https_on_443() {
         ],
         1,
     );
-    let access = lab.access_lines();
     let upstream = format!("{}:{HTTPS_PORT}", lab.server.ipv4());
+    let names_upstream = |line: &serde_json::Value| line["fields"]["upstream"] == upstream.as_str();
+    let access = lab.access_lines_once(names_upstream);
     assert!(
-        access
-            .iter()
-            .any(|line| line["fields"]["upstream"] == upstream.as_str()),
+        access.iter().any(names_upstream),
         "the access line names the rewritten port: {access:?}"
     );
 
@@ -494,13 +510,14 @@ fn a_server_that_fails_verification_gets_503_uf_and_never_plaintext() {
             ],
             reloads,
         );
-        let access = lab.access_lines();
+        let failed_for_reason = |line: &serde_json::Value| {
+            let fields = &line["fields"];
+            fields["response_flags"] == "UF"
+                && fields["upstream_transport_failure_reason"] == reason
+        };
+        let access = lab.access_lines_once(failed_for_reason);
         assert!(
-            access.iter().any(|line| {
-                let fields = &line["fields"];
-                fields["response_flags"] == "UF"
-                    && fields["upstream_transport_failure_reason"] == reason
-            }),
+            access.iter().any(failed_for_reason),
             "an access line with UF and {reason}: {access:?}"
         );
         assert_eq!(

@@ -14,6 +14,8 @@ const APT_PACKAGES: &[&str] = &[
     "bpftool",    // debugging the loaded programs
     "tcpdump",    // captures in the tests
     "curl",       // the lab demo's HTTP client
+    "openssl",    // the server TLS tests' `openssl s_client`, as a client outside the mesh
+    "python3",    // the tests' apps (http.server, its ssl wrapper) and clients
     "util-linux", // setpriv, to run lab processes under the proxy UID
     "g++",        // libFuzzer, which bolero builds from source for `cargo xtask fuzz`
 ];

@@ -1,10 +1,12 @@
-//! Log lines to stdout through one buffer, written out when it fills, every
-//! [`FLUSH_INTERVAL`], at once for warnings and errors, and when the proxy exits.
+//! Log lines to stdout through one buffer, written out when a worker thread has nothing left
+//! to do (tokio's park hook), when it fills, at once for warnings and errors, when the proxy
+//! exits, and at the latest every [`FLUSH_INTERVAL`].
 //!
 //! Why: with the access log on, a `write` per request (and the wake-up of whatever reads the
-//! container's log pipe) was a tenth of the proxy's CPU per HTTP request. Envoy buffers its
-//! access logs the same way (`file_flush_interval_msec`, 1 s by default); ours waits a tenth
-//! of that. A line is never dropped: a full buffer is written out where the line is logged.
+//! container's log pipe) was a tenth of the proxy's CPU per HTTP request. Under load the
+//! worker seldom parks, so lines leave in batches; idle, they leave at once. Envoy buffers its
+//! access logs for up to 1 s (`file_flush_interval_msec`). A line is never dropped: a full
+//! buffer is written out where the line is logged.
 use std::{
     io::{self, BufWriter, Stdout, Write},
     sync::{Arc, Mutex, MutexGuard, PoisonError},
@@ -15,7 +17,7 @@ use std::{
 use tracing::{Level, Metadata};
 use tracing_subscriber::fmt::MakeWriter;
 
-/// How long an informational line may wait in the buffer.
+/// How long an informational line may wait in the buffer while the workers stay busy.
 pub const FLUSH_INTERVAL: Duration = Duration::from_millis(100);
 /// About two hundred access lines per `write`.
 const BUFFER_BYTES: usize = 64 * 1024;
@@ -38,10 +40,18 @@ impl BufferedStdout {
             .spawn(move || {
                 loop {
                     thread::sleep(FLUSH_INTERVAL);
-                    let _ = flushed.lock().flush();
+                    flushed.flush_now();
                 }
             })?;
         Ok(buffer)
+    }
+
+    /// Writes out what is buffered (a worker going idle, the proxy ending).
+    pub fn flush_now(&self) {
+        let mut out = self.lock();
+        if !out.buffer().is_empty() {
+            let _ = out.flush();
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, BufWriter<Stdout>> {
@@ -60,7 +70,7 @@ impl BufferedStdout {
 
 impl Drop for FlushAtExit {
     fn drop(&mut self) {
-        let _ = self.0.lock().flush();
+        self.0.flush_now();
     }
 }
 

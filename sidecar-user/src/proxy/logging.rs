@@ -6,7 +6,7 @@ use std::io::IsTerminal;
 use clap::ValueEnum;
 use tracing_subscriber::{EnvFilter, filter::LevelFilter};
 
-use super::log_buffer::{BufferedStdout, FlushAtExit};
+use super::log_buffer::BufferedStdout;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -37,15 +37,15 @@ impl LogLevel {
 }
 
 /// Installs the global subscriber; the level filter comes from `RUST_LOG` (default `info`).
-/// The guard writes the buffered lines out when dropped: keep it until the process ends.
-pub fn init(format: LogFormat) -> anyhow::Result<(LogLevel, FlushAtExit)> {
+/// Returns the output buffer, for the runtime to flush when a worker goes idle.
+pub fn init(format: LogFormat) -> anyhow::Result<(LogLevel, BufferedStdout)> {
     // A typo in RUST_LOG should be reported, not silently turn logging back to the default.
     let filter = EnvFilter::builder()
         .with_default_directive(LevelFilter::INFO.into())
         .from_env()
         .map_err(|error| anyhow::anyhow!("invalid RUST_LOG: {error}"))?;
-    let writer = BufferedStdout::start()?;
-    let flush_at_exit = writer.flush_at_exit();
+    let output = BufferedStdout::start()?;
+    let writer = output.clone();
     // Colour codes only help on a terminal; in container logs they are noise.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -67,5 +67,5 @@ pub fn init(format: LogFormat) -> anyhow::Result<(LogLevel, FlushAtExit)> {
             Box::new(move |filter| handle.reload(filter).map_err(|e| e.to_string()))
         }
     };
-    Ok((LogLevel(reload), flush_at_exit))
+    Ok((LogLevel(reload), output))
 }

@@ -115,11 +115,16 @@ pub struct Timeouts {
 
 /// Runs the proxy until it is asked to stop and has drained.
 pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
+    let (log_level, log_output) = logging::init(args.log_format)?;
     // Held to the end of `run`, so every line is written out before the process exits.
-    let (log_level, _flush_on_exit) = logging::init(args.log_format)?;
+    let _flush_at_exit = log_output.flush_at_exit();
     let config = ProxyConfig::try_from(&args)?;
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    runtime.enable_all().thread_name("proxy-worker");
+    runtime
+        .enable_all()
+        .thread_name("proxy-worker")
+        // A worker with nothing left to do writes the lines of what it just did.
+        .on_thread_park(move || log_output.flush_now());
     if let Some(threads) = args.worker_threads {
         runtime.worker_threads(threads.get());
     }

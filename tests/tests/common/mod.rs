@@ -14,6 +14,8 @@ use sidecar_tests::{
     ConnectReport, Lab, LabProcess, Pod, require_root, wait_for_http_ok, wait_for_tcp,
 };
 
+/// Longer than the proxy's log flush interval (100 ms), with room for a busy machine.
+pub const LOG_FLUSH_WAIT: Duration = Duration::from_millis(300);
 pub const ECHO_PORT: u16 = 8080;
 pub const OTHER_PORT: u16 = 9090;
 pub const PROXY_ID: u32 = 1337;
@@ -235,7 +237,10 @@ impl MeshLab {
         proxy_metric(&self.client, name, &[])
     }
 
+    /// Everything the proxy has logged, once the lines of what just happened are out: the
+    /// proxy writes informational lines in batches, within 100 ms (`proxy/log_buffer.rs`).
     pub fn proxy_log(&self) -> String {
+        std::thread::sleep(LOG_FLUSH_WAIT);
         let proxy = self.proxy.as_ref().expect("proxy started");
         format!("{}{}", proxy.stdout_text(), proxy.stderr_text())
     }

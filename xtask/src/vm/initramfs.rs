@@ -33,6 +33,7 @@ const HOST_PROGRAMS: &[&str] = &[
     "taskset",
     "prlimit",
     "curl",
+    "openssl",
     "unshare",
     "bpftool",
     "tcpdump",
