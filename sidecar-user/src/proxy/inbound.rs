@@ -16,7 +16,7 @@ use tokio::{
     net::TcpStream,
     time::timeout,
 };
-use tokio_rustls::TlsAcceptor;
+use tokio_rustls::{TlsAcceptor, server::TlsStream};
 
 use super::{
     Timeouts,
@@ -174,6 +174,43 @@ impl Handler for InboundProxy {
 }
 
 impl InboundProxy {
+    /// The server side of a TLS handshake within the handshake timeout; a failure is refused
+    /// (and logged, counted) here.
+    async fn accept_tls(
+        &self,
+        downstream: Rewound<TcpStream>,
+        config: Arc<ServerConfig>,
+        log: &AccessLog,
+    ) -> Option<TlsStream<Rewound<TcpStream>>> {
+        let handshake = TlsAcceptor::from(config).accept(downstream).into_fallible();
+        match timeout(self.timeouts.tls_handshake, handshake).await {
+            Ok(Ok(tls_stream)) => Some(tls_stream),
+            Ok(Err((error, downstream))) => {
+                // FIN, not RST: the alert saying why must reach the client first.
+                let reason = tls::failure_reason(&error);
+                refuse(
+                    &self.metrics,
+                    log,
+                    reason,
+                    tls::describe(&error),
+                    downstream,
+                    Close::Graceful,
+                );
+                None
+            }
+            Err(_elapsed) => {
+                let error = format!("no handshake within {:?}", self.timeouts.tls_handshake);
+                record_refusal(
+                    &self.metrics,
+                    log,
+                    FailureReason::TlsHandshakeTimeout,
+                    error,
+                );
+                None
+            }
+        }
+    }
+
     async fn terminate_mtls(
         &self,
         downstream: Rewound<TcpStream>,
@@ -183,31 +220,11 @@ impl InboundProxy {
     ) {
         let log = &mut admitted.log;
         log.dst_principal = Some(local_tls.identity.clone());
-        let acceptor = TlsAcceptor::from(local_tls.server_config.clone());
-        let handshake = acceptor.accept(downstream).into_fallible();
-        let tls_stream = match timeout(self.timeouts.tls_handshake, handshake).await {
-            Ok(Ok(tls_stream)) => tls_stream,
-            Ok(Err((error, downstream))) => {
-                // FIN, not RST: the alert saying why must reach the client first.
-                let reason = tls::failure_reason(&error);
-                return refuse(
-                    &self.metrics,
-                    log,
-                    reason,
-                    tls::describe(&error),
-                    downstream,
-                    Close::Graceful,
-                );
-            }
-            Err(_elapsed) => {
-                let error = format!("no handshake within {:?}", self.timeouts.tls_handshake);
-                return record_refusal(
-                    &self.metrics,
-                    log,
-                    FailureReason::TlsHandshakeTimeout,
-                    error,
-                );
-            }
+        let Some(tls_stream) = self
+            .accept_tls(downstream, local_tls.server_config.clone(), log)
+            .await
+        else {
+            return;
         };
         self.metrics
             .record_inbound_handshake(tls::handshake_kind(tls_stream.get_ref().1));
@@ -233,32 +250,11 @@ impl InboundProxy {
         server_config: Arc<ServerConfig>,
         mut admitted: Admitted,
     ) {
-        let log = &mut admitted.log;
-        let handshake = TlsAcceptor::from(server_config)
-            .accept(downstream)
-            .into_fallible();
-        let tls_stream = match timeout(self.timeouts.tls_handshake, handshake).await {
-            Ok(Ok(tls_stream)) => tls_stream,
-            Ok(Err((error, downstream))) => {
-                let reason = tls::failure_reason(&error);
-                return refuse(
-                    &self.metrics,
-                    log,
-                    reason,
-                    tls::describe(&error),
-                    downstream,
-                    Close::Graceful,
-                );
-            }
-            Err(_elapsed) => {
-                let error = format!("no handshake within {:?}", self.timeouts.tls_handshake);
-                return record_refusal(
-                    &self.metrics,
-                    log,
-                    FailureReason::TlsHandshakeTimeout,
-                    error,
-                );
-            }
+        let Some(tls_stream) = self
+            .accept_tls(downstream, server_config, &admitted.log)
+            .await
+        else {
+            return;
         };
         match tls_stream.get_ref().1.alpn_protocol() {
             Some(b"h2") => admitted.port_protocol = PortProtocol::Http2,
