@@ -75,10 +75,11 @@ pub fn run_tests(opts: &TestOptions) -> Result<()> {
     println!("test: the oldest and newest kernels of the matrix, in qemu (docs/KERNELS.md)");
     run(xtask(&root).args(["vm-test", "--kernel", "5.10,7.2"]))?;
     println!("test: the benchmark harness, quick (proves it works; no thresholds)");
-    // Through our own binary, as a user runs it; results stay out of bench/results.
+    // Through our own binary, as a user runs it; results stay out of bench/results. One
+    // repetition: every scenario, cell, gate, profiler and report still runs once.
     let quick_results = root.join("target/bench-quick");
     run(xtask(&root)
-        .args(["bench", "--quick", "--out-dir"])
+        .args(["bench", "--quick", "--reps", "1", "--out-dir"])
         .arg(&quick_results))?;
     println!("test: all passed");
     Ok(())

@@ -16,7 +16,7 @@ mod report;
 mod rootfs;
 mod test_build;
 
-use std::{path::PathBuf, time::Duration};
+use std::{path::PathBuf, thread, time::Duration};
 
 use anyhow::{Context, Result, bail, ensure};
 use clap::Args;
@@ -47,8 +47,9 @@ pub struct VmShellOptions {
     pub kernel: String,
 }
 
-/// Boots each selected kernel in turn (one VM at a time: the machine has two cores) and
-/// prints one result line per kernel; fails if any kernel did not pass.
+/// Boots the selected kernels side by side (each VM has one vCPU, the machine two cores; their
+/// console lines are prefixed with the kernel) and prints one result line per kernel; fails
+/// if any kernel did not pass.
 pub fn run_tests(opts: &VmTestOptions) -> Result<()> {
     ensure!(opts.timeout > 0, "--timeout must be at least 1 second");
     let pins = Pins::load()?;
@@ -58,7 +59,7 @@ pub fn run_tests(opts: &VmTestOptions) -> Result<()> {
     let qemu = Qemu::prepare(&pins.qemu, &cache)?;
     let binaries = test_build::build()?;
     let common = initramfs::build_common(&work, &binaries, &opts.test_args)?;
-    let mut reports = Vec::new();
+    let mut prepared = Vec::new();
     for kernel in &selected {
         let image = kernel_image::prepare(kernel, &cache)?;
         let initramfs = initramfs::for_kernel(&common, kernel, &image, &work)?;
@@ -69,18 +70,46 @@ pub fn run_tests(opts: &VmTestOptions) -> Result<()> {
             kernel.version(),
             timeout.as_secs()
         );
-        let console_log = work.join(&kernel.name).join("console.log");
-        let vm = Vm {
-            qemu: &qemu,
-            vmlinux: &image.vmlinux,
-            initramfs: &initramfs,
-            mode: GuestMode::Tests,
-        };
-        let boot = qemu::boot_and_watch(&vm, timeout, &console_log)?;
-        let report = report::KernelReport::new(kernel, &boot, timeout, console_log);
-        println!("\n{report}");
-        reports.push(report);
+        prepared.push((kernel, image, initramfs));
     }
+    let prefixed = prepared.len() > 1;
+    let boots: Vec<Result<report::KernelReport>> = thread::scope(|scope| {
+        let running: Vec<_> = prepared
+            .iter()
+            .map(|(kernel, image, initramfs)| {
+                let (qemu, work) = (&qemu, &work);
+                scope.spawn(move || {
+                    let console_log = work.join(&kernel.name).join("console.log");
+                    let vm = Vm {
+                        qemu,
+                        vmlinux: &image.vmlinux,
+                        initramfs,
+                        mode: GuestMode::Tests,
+                    };
+                    let prefix = if prefixed {
+                        format!("[{}] ", kernel.name)
+                    } else {
+                        String::new()
+                    };
+                    let boot = qemu::boot_and_watch(&vm, timeout, &console_log, &prefix)?;
+                    Ok(report::KernelReport::new(
+                        kernel,
+                        &boot,
+                        timeout,
+                        console_log,
+                    ))
+                })
+            })
+            .collect();
+        running
+            .into_iter()
+            .map(|boot| {
+                boot.join()
+                    .unwrap_or_else(|_| bail!("a VM's watcher panicked"))
+            })
+            .collect()
+    });
+    let reports = boots.into_iter().collect::<Result<Vec<_>>>()?;
     println!("\n== vm-test summary");
     for report in &reports {
         println!("{report}");

@@ -61,9 +61,15 @@ pub struct Boot {
     pub elapsed: Duration,
 }
 
-/// Boots `vm`, streaming the serial console to stdout and to `console_log`; kills the VM after
+/// Boots `vm`, streaming the serial console to stdout (each line after `prefix`, so that the
+/// consoles of VMs booted side by side stay readable) and to `console_log`; kills the VM after
 /// `timeout`.
-pub fn boot_and_watch(vm: &Vm, timeout: Duration, console_log: &Path) -> Result<Boot> {
+pub fn boot_and_watch(
+    vm: &Vm,
+    timeout: Duration,
+    console_log: &Path,
+    prefix: &str,
+) -> Result<Boot> {
     let started = Instant::now();
     let mut log = File::create(console_log)
         .with_context(|| format!("cannot create {}", console_log.display()))?;
@@ -73,19 +79,23 @@ pub fn boot_and_watch(vm: &Vm, timeout: Duration, console_log: &Path) -> Result<
         .spawn()
         .with_context(|| format!("cannot start {}", vm.qemu.binary.display()))?;
     let mut console_pipe = child.stdout.take().context("qemu has no stdout")?;
+    let prefix = prefix.as_bytes().to_vec();
     let streamer = thread::spawn(move || -> std::io::Result<Vec<u8>> {
         let mut console = Vec::new();
         let mut chunk = [0u8; 4096];
+        // Printed from here, up to the last complete line.
+        let mut printed = 0;
         loop {
             let read = console_pipe.read(&mut chunk)?;
             if read == 0 {
+                if printed < console.len() {
+                    print_lines(&prefix, &console[printed..], true)?;
+                }
                 return Ok(console);
             }
-            let mut stdout = std::io::stdout().lock();
-            stdout.write_all(&chunk[..read])?;
-            stdout.flush()?;
             log.write_all(&chunk[..read])?;
             console.extend_from_slice(&chunk[..read]);
+            printed += print_lines(&prefix, &console[printed..], false)?;
         }
     });
     let status = wait_or_kill(&mut child, started + timeout)?;
@@ -142,6 +152,26 @@ fn command(vm: &Vm, serial: &str) -> Command {
         .arg(vm.initramfs)
         .args(["-append", &kernel_command_line]);
     command
+}
+
+/// Prints the complete lines of `text` (all of it when `last`), each after `prefix`; returns
+/// how many bytes it printed.
+fn print_lines(prefix: &[u8], text: &[u8], last: bool) -> std::io::Result<usize> {
+    let complete = match text.iter().rposition(|&byte| byte == b'\n') {
+        Some(end) => end + 1,
+        None if last => text.len(),
+        None => return Ok(0),
+    };
+    let mut stdout = std::io::stdout().lock();
+    for line in text[..complete].split_inclusive(|&byte| byte == b'\n') {
+        stdout.write_all(prefix)?;
+        stdout.write_all(line)?;
+    }
+    if last && !text.ends_with(b"\n") {
+        stdout.write_all(b"\n")?;
+    }
+    stdout.flush()?;
+    Ok(complete)
 }
 
 fn wait_or_kill(child: &mut Child, deadline: Instant) -> Result<Option<ExitStatus>> {
