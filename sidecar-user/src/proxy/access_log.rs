@@ -1,7 +1,15 @@
 //! The one structured line each connection leaves, on target `access` (as ztunnel does).
-use std::{fmt::Display, io, net::SocketAddr, time::Instant};
+use std::{
+    fmt::{self, Display},
+    io,
+    net::SocketAddr,
+    time::Instant,
+};
+
+use tracing::Level;
 
 use super::{
+    access_line::AccessLine,
     copy::Transferred,
     identity::SpiffeId,
     mesh_config::InboundMode,
@@ -29,28 +37,6 @@ pub struct AccessLog {
     started: Instant,
 }
 
-/// One event with every field of `$log`, at `$level`, plus the outcome fields.
-macro_rules! access_event {
-    ($level:ident, $log:expr, $($outcome:tt)*) => {
-        tracing::$level!(
-            target: "access",
-            direction = $log.direction.name(),
-            src = %$log.src,
-            orig_dst = $log.orig_dst.map(tracing::field::display),
-            orig_dst_source = $log.orig_dst_source,
-            dst_workload = $log.dst_workload.as_deref(),
-            src_principal = $log.src_principal.as_ref().map(tracing::field::display),
-            dst_principal = $log.dst_principal.as_ref().map(tracing::field::display),
-            security_policy = $log.security_policy.name(),
-            inbound_mode = $log.inbound_mode.map(InboundMode::name),
-            protocol = $log.protocol.map(Protocol::name),
-            relay = $log.relay.map(RelayMode::name),
-            duration_ms = $log.duration_ms(),
-            $($outcome)*
-        )
-    };
-}
-
 impl AccessLog {
     pub fn new(direction: Direction, src: SocketAddr, orig_dst_source: &'static str) -> Self {
         AccessLog {
@@ -73,50 +59,81 @@ impl AccessLog {
         u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
+    /// A line at `level` with every field known so far, or `None` when access lines are off.
+    fn line(&self, level: Level, message: fmt::Arguments<'_>) -> Option<AccessLine> {
+        let mut line = AccessLine::start(level, message)?;
+        line.str("direction", self.direction.name())
+            .addr("src", self.src)
+            .opt_addr("orig_dst", self.orig_dst)
+            .str("orig_dst_source", self.orig_dst_source)
+            .opt_str("dst_workload", self.dst_workload.as_deref())
+            .opt_display("src_principal", self.src_principal.as_ref())
+            .opt_display("dst_principal", self.dst_principal.as_ref())
+            .str("security_policy", self.security_policy.name())
+            .opt_str("inbound_mode", self.inbound_mode.map(InboundMode::name))
+            .opt_str("protocol", self.protocol.map(Protocol::name))
+            .opt_str("relay", self.relay.map(RelayMode::name))
+            .u64("duration_ms", self.duration_ms());
+        Some(line)
+    }
+
+    /// The outcome fields every line ends with.
+    fn emit(
+        &self,
+        level: Level,
+        message: fmt::Arguments<'_>,
+        transferred: Transferred,
+        end: impl FnOnce(&mut AccessLine),
+    ) {
+        if let Some(mut line) = self.line(level, message) {
+            line.u64("bytes_sent", transferred.sent)
+                .u64("bytes_received", transferred.received);
+            end(&mut line);
+            line.emit();
+        }
+    }
+
     pub fn completed(&self, transferred: Transferred) {
-        access_event!(
-            info,
-            self,
-            bytes_sent = transferred.sent,
-            bytes_received = transferred.received,
-            "connection complete"
+        self.emit(
+            Level::INFO,
+            format_args!("connection complete"),
+            transferred,
+            |_| {},
         );
     }
 
     pub fn aborted(&self, transferred: Transferred, error: &io::Error) {
-        access_event!(
-            info,
-            self,
-            bytes_sent = transferred.sent,
-            bytes_received = transferred.received,
-            error = %error,
-            "connection aborted"
+        self.emit(
+            Level::INFO,
+            format_args!("connection aborted"),
+            transferred,
+            |line| {
+                line.display("error", error);
+            },
         );
     }
 
     /// Closed by the proxy after the idle timeout.
     pub fn idle_timeout(&self, transferred: Transferred, error: &io::Error) {
-        access_event!(
-            info,
-            self,
-            bytes_sent = transferred.sent,
-            bytes_received = transferred.received,
-            error = %error,
-            "connection closed: idle timeout"
+        self.emit(
+            Level::INFO,
+            format_args!("connection closed: idle timeout"),
+            transferred,
+            |line| {
+                line.display("error", error);
+            },
         );
     }
 
     /// Not proxied, or (for [`FailureReason::TlsRejectedByPeer`]) cut short by the peer.
     pub fn refused(&self, reason: FailureReason, transferred: Transferred, error: &dyn Display) {
-        access_event!(
-            warn,
-            self,
-            bytes_sent = transferred.sent,
-            bytes_received = transferred.received,
-            reason = reason.name(),
-            error = %error,
-            "{}",
-            reason.headline()
+        self.emit(
+            Level::WARN,
+            format_args!("{}", reason.headline()),
+            transferred,
+            |line| {
+                line.str("reason", reason.name()).display("error", error);
+            },
         );
     }
 }

@@ -54,6 +54,16 @@ impl BufferedStdout {
         }
     }
 
+    /// Appends whole lines formatted elsewhere (the access log), written out at once if
+    /// `urgent`.
+    pub fn append(&self, lines: &[u8], urgent: bool) {
+        let mut out = self.lock();
+        let _ = out.write_all(lines);
+        if urgent {
+            let _ = out.flush();
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, BufWriter<Stdout>> {
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }

@@ -6,7 +6,7 @@ use std::io::IsTerminal;
 use clap::ValueEnum;
 use tracing_subscriber::{EnvFilter, filter::LevelFilter};
 
-use super::log_buffer::BufferedStdout;
+use super::{access_line, log_buffer::BufferedStdout};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -45,6 +45,7 @@ pub fn init(format: LogFormat) -> anyhow::Result<(LogLevel, BufferedStdout)> {
         .from_env()
         .map_err(|error| anyhow::anyhow!("invalid RUST_LOG: {error}"))?;
     let output = BufferedStdout::start()?;
+    access_line::install(format, output.clone());
     let writer = output.clone();
     // Colour codes only help on a terminal; in container logs they are noise.
     let builder = tracing_subscriber::fmt()

@@ -24,6 +24,7 @@
 //!   change the proxy);
 //! - `logging`: the tracing subscriber, its level changeable at runtime; `log_buffer`: its
 //!   output, buffered (one `write` per batch of lines, not per request).
+mod access_line;
 mod access_log;
 mod admin;
 mod admin_caller;

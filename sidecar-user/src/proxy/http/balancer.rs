@@ -33,7 +33,7 @@ type ServiceKey = (String, Option<SocketAddr>);
 /// unchanged keeps its pools and ejections.
 #[derive(Default)]
 pub struct Upstreams {
-    services: Mutex<HashMap<ServiceKey, Arc<ServiceState>>>,
+    services: Mutex<HashMap<ServiceKey, Arc<ServiceState>, foldhash::fast::RandomState>>,
 }
 
 impl Upstreams {
@@ -44,7 +44,7 @@ impl Upstreams {
         let key = (config.name.clone(), key_dst);
         let mut services = self.services.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(state) = services.get(&key)
-            && *state.config == **config
+            && (Arc::ptr_eq(&state.config, config) || *state.config == **config)
         {
             return state.clone();
         }

@@ -9,6 +9,7 @@ use std::{
     net::SocketAddr,
     num::{NonZeroU16, NonZeroU32},
     path::{Path, PathBuf},
+    sync::{Arc, LazyLock},
     time::Duration,
 };
 
@@ -134,6 +135,14 @@ pub struct ServiceConfig {
 
 impl ServiceConfig {
     /// A service with defaults for a destination nothing in the config names.
+    /// The passthrough service, shared: requests to no declared service are most of a
+    /// plain proxy's requests, and each used to build its own.
+    pub fn shared_passthrough() -> Arc<ServiceConfig> {
+        static PASSTHROUGH: LazyLock<Arc<ServiceConfig>> =
+            LazyLock::new(|| Arc::new(ServiceConfig::passthrough()));
+        PASSTHROUGH.clone()
+    }
+
     pub fn passthrough() -> Self {
         ServiceConfig {
             name: "unknown".into(),

@@ -34,29 +34,46 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = String> + '_ {
         .filter(|token| !token.is_empty())
 }
 
+/// The headers that only concern one hop, besides those `Connection` names.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    CONNECTION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    PROXY_AUTHENTICATE,
+    PROXY_AUTHORIZATION,
+    TRAILER,
+    TRANSFER_ENCODING,
+    TE,
+    UPGRADE,
+];
+
 /// Removes the headers that only concern one hop. An upgrade keeps `Connection: upgrade` and
 /// `Upgrade`, which the next hop needs to switch protocols. `TE: trailers` stays (gRPC needs it).
 pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    let listed: Vec<String> = connection_tokens(headers)
-        .filter(|token| !(upgrade && token == "upgrade"))
+    // One pass over the few names present, compared without allocating: this runs on every
+    // request and response, and most carry none or only `Connection: keep-alive`.
+    let connection = headers.get_all(CONNECTION);
+    let listed = |name: &HeaderName| {
+        connection
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case(name.as_str()))
+    };
+    let kept_for_upgrade = |name: &HeaderName| upgrade && (*name == CONNECTION || *name == UPGRADE);
+    let doomed: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| HOP_BY_HOP.contains(name) || listed(name))
+        .filter(|name| !kept_for_upgrade(name))
+        .cloned()
         .collect();
-    for name in listed {
-        if let Ok(name) = HeaderName::from_bytes(name.as_bytes()) {
-            headers.remove(name);
-        }
+    if doomed.is_empty() && !upgrade {
+        return;
     }
     let te_trailers = headers
         .get(TE)
         .is_some_and(|value| value.as_bytes().eq_ignore_ascii_case(b"trailers"));
-    for name in [
-        KEEP_ALIVE,
-        PROXY_CONNECTION,
-        PROXY_AUTHENTICATE,
-        PROXY_AUTHORIZATION,
-        TRAILER,
-        TRANSFER_ENCODING,
-        TE,
-    ] {
+    for name in doomed {
         headers.remove(name);
     }
     if te_trailers {
@@ -64,9 +81,6 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
     if upgrade {
         headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
-    } else {
-        headers.remove(CONNECTION);
-        headers.remove(UPGRADE);
     }
 }
 
@@ -111,24 +125,38 @@ fn new_request_id() -> String {
     let (high, low) = (random_u64(), random_u64());
     let high = (high & 0xffff_ffff_ffff_0fff) | 0x4000;
     let low = (low & 0x3fff_ffff_ffff_ffff) | 0x8000_0000_0000_0000;
-    format!(
-        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
-        high >> 32,
-        (high >> 16) & 0xffff,
-        high & 0xffff,
-        low >> 48,
-        low & 0xffff_ffff_ffff
-    )
+    let mut id = String::with_capacity(36);
+    push_hex(&mut id, high >> 32, 8);
+    id.push('-');
+    push_hex(&mut id, high >> 16, 4);
+    id.push('-');
+    push_hex(&mut id, high, 4);
+    id.push('-');
+    push_hex(&mut id, low >> 48, 4);
+    id.push('-');
+    push_hex(&mut id, low, 12);
+    id
 }
 
 /// Version 00, a random trace id and parent id, sampled.
 fn new_traceparent() -> String {
-    format!(
-        "00-{:016x}{:016x}-{:016x}-01",
-        random_u64(),
-        random_u64(),
-        random_u64() | 1
-    )
+    let mut value = String::with_capacity(55);
+    value.push_str("00-");
+    push_hex(&mut value, random_u64(), 16);
+    push_hex(&mut value, random_u64(), 16);
+    value.push('-');
+    push_hex(&mut value, random_u64() | 1, 16);
+    value.push_str("-01");
+    value
+}
+
+/// The low `digits` hex digits of `value`, lower case, zero-padded (`format!("{:0N$x}")`
+/// without the formatter: this runs twice per request).
+fn push_hex(text: &mut String, value: u64, digits: u32) {
+    for shift in (0..digits).rev() {
+        let nibble = (value >> (shift * 4)) & 0xf;
+        text.push(char::from(b"0123456789abcdef"[nibble as usize]));
+    }
 }
 
 /// `00-<32 hex, not all zero>-<16 hex, not all zero>-<2 hex>`.
@@ -174,6 +202,50 @@ mod tests {
         remove_hop_by_hop(&mut upgrade, true);
         assert_eq!(upgrade[UPGRADE], "websocket");
         assert_eq!(upgrade[CONNECTION], "upgrade");
+    }
+
+    #[test]
+    fn ids_are_zero_padded_lower_case_hex() {
+        for value in [0, 0xa, 0xdead_beef, u64::MAX] {
+            for digits in [4, 8, 12, 16] {
+                let mut text = String::new();
+                push_hex(&mut text, value, digits);
+                let mask = if digits == 16 {
+                    u64::MAX
+                } else {
+                    (1 << (digits * 4)) - 1
+                };
+                let expected = format!("{:0width$x}", value & mask, width = digits as usize);
+                assert_eq!(text, expected);
+            }
+        }
+        let id = new_request_id();
+        let groups: Vec<usize> = id.split('-').map(str::len).collect();
+        assert_eq!(groups, [8, 4, 4, 4, 12], "{id}");
+        assert_eq!(&id[14..15], "4", "version 4: {id}");
+        assert!("89ab".contains(&id[19..20]), "RFC 4122 variant: {id}");
+        assert!(is_valid_traceparent(&new_traceparent()));
+    }
+
+    #[test]
+    fn an_upgrade_always_leaves_with_connection_upgrade_alone() {
+        let mut upgrade = HeaderMap::new();
+        upgrade.insert(CONNECTION, HeaderValue::from_static("keep-alive, Upgrade"));
+        upgrade.insert(UPGRADE, HeaderValue::from_static("websocket"));
+        remove_hop_by_hop(&mut upgrade, true);
+        assert_eq!(upgrade[CONNECTION], "upgrade");
+        assert_eq!(upgrade[UPGRADE], "websocket");
+    }
+
+    #[test]
+    fn hop_by_hop_headers_in_any_position_are_removed() {
+        for name in HOP_BY_HOP {
+            let mut headers = HeaderMap::new();
+            headers.insert("x-app", HeaderValue::from_static("kept"));
+            headers.insert(name.clone(), HeaderValue::from_static("x"));
+            remove_hop_by_hop(&mut headers, false);
+            assert_eq!(headers.len(), 1, "{name}: {headers:?}");
+        }
     }
 
     #[test]

@@ -27,6 +27,7 @@ use http::{
 use http_body_util::BodyExt;
 use hyper::body::{Body, Incoming};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tracing::Level;
 
 use super::{
     app_pool::{self, AppPool, AppSender},
@@ -40,7 +41,8 @@ use super::{
     upgrade,
 };
 use crate::proxy::{
-    Timeouts, access_log::AccessLog, drain::Drain, metrics::Metrics, upstream::ConnectFailure,
+    Timeouts, access_line::AccessLine, access_log::AccessLog, drain::Drain, metrics::Metrics,
+    upstream::ConnectFailure,
 };
 
 /// What the requests of one inbound connection share.
@@ -433,29 +435,37 @@ impl InboundRecord {
         let Some(line) = &self.line else {
             return;
         };
+        let Some(mut access) = AccessLine::start(Level::INFO, format_args!("request complete"))
+        else {
+            return;
+        };
         let labels = &connection.labels;
-        tracing::info!(
-            target: "access",
-            direction = "inbound",
-            src = %connection.peer,
-            orig_dst = %connection.orig_dst,
-            protocol = self.request_protocol,
-            method = line.method.as_str(),
-            authority = line.authority(),
-            path = line.uri.path(),
-            request_id = line.request_id.to_str().unwrap_or_default(),
-            attempts = self.attempts,
-            response_code = self.status.map_or(0, |status| status.as_u16()),
-            response_flags = self.flags.render(),
-            src_principal = labels.source_principal(),
-            dst_principal = labels.destination_principal(),
-            security_policy = labels.connection_security_policy(),
-            bytes_received = request_bytes,
-            bytes_sent = response_bytes,
-            duration_ms = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
-            error = self.error.as_deref(),
-            "request complete"
-        );
+        access
+            .str("direction", "inbound")
+            .addr("src", connection.peer)
+            .addr("orig_dst", connection.orig_dst)
+            .str("protocol", self.request_protocol)
+            .str("method", line.method.as_str())
+            .str("authority", line.authority())
+            .str("path", line.uri.path())
+            .str("request_id", line.request_id.to_str().unwrap_or_default())
+            .u64("attempts", self.attempts.into())
+            .u64(
+                "response_code",
+                self.status.map_or(0, |status| status.as_u16()).into(),
+            )
+            .str("response_flags", &self.flags.render())
+            .str("src_principal", labels.source_principal())
+            .str("dst_principal", labels.destination_principal())
+            .str("security_policy", labels.connection_security_policy())
+            .u64("bytes_received", request_bytes)
+            .u64("bytes_sent", response_bytes)
+            .u64(
+                "duration_ms",
+                u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
+            )
+            .opt_str("error", self.error.as_deref());
+        access.emit();
     }
 }
 

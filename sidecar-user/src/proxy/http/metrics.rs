@@ -3,6 +3,7 @@
 //! ejection counters. Label values come from the config (services), the mTLS identities and the
 //! response: no raw path, client address or request id, so series stay bounded.
 use std::{
+    borrow::Cow,
     collections::HashMap,
     sync::{Mutex, PoisonError},
 };
@@ -69,38 +70,47 @@ impl ResponseFlags {
         }
     }
 
-    pub fn render(&self) -> String {
-        if self.0.is_empty() {
-            return "-".into();
+    pub fn render(&self) -> Label {
+        match self.0.as_slice() {
+            [] => Cow::Borrowed("-"),
+            [flag] => Cow::Borrowed(flag.code()),
+            flags => Cow::Owned(
+                flags
+                    .iter()
+                    .map(|flag| flag.code())
+                    .collect::<Vec<_>>()
+                    .join(","),
+            ),
         }
-        self.0
-            .iter()
-            .map(|flag| flag.code())
-            .collect::<Vec<_>>()
-            .join(",")
     }
 }
+
+/// A label value: most are `unknown` or fixed words, borrowed; the rest are copied from the
+/// config or an identity. Built per request, so the borrowed ones cost nothing.
+pub type Label = Cow<'static, str>;
+
+const UNKNOWN_LABEL: Label = Cow::Borrowed(UNKNOWN);
 
 /// Every label of Istio's request metrics, `unknown` when not known.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct RequestLabels {
     pub reporter: &'static str,
-    pub source_workload: String,
-    pub source_workload_namespace: String,
-    pub source_principal: String,
-    pub source_app: String,
-    pub source_version: String,
-    pub destination_workload: String,
-    pub destination_workload_namespace: String,
-    pub destination_principal: String,
-    pub destination_service: String,
-    pub destination_service_name: String,
-    pub destination_service_namespace: String,
-    pub destination_app: String,
-    pub destination_version: String,
+    pub source_workload: Label,
+    pub source_workload_namespace: Label,
+    pub source_principal: Label,
+    pub source_app: Label,
+    pub source_version: Label,
+    pub destination_workload: Label,
+    pub destination_workload_namespace: Label,
+    pub destination_principal: Label,
+    pub destination_service: Label,
+    pub destination_service_name: Label,
+    pub destination_service_namespace: Label,
+    pub destination_app: Label,
+    pub destination_version: Label,
     pub request_protocol: &'static str,
     pub response_code: u16,
-    pub response_flags: String,
+    pub response_flags: Label,
     pub connection_security_policy: &'static str,
 }
 
@@ -130,22 +140,22 @@ impl RequestLabels {
     pub fn outbound(workload: &str, namespace: &str, request_protocol: &'static str) -> Self {
         RequestLabels {
             reporter: "source",
-            source_workload: workload.to_owned(),
-            source_workload_namespace: namespace.to_owned(),
-            source_principal: UNKNOWN.into(),
-            source_app: UNKNOWN.into(),
-            source_version: UNKNOWN.into(),
-            destination_workload: UNKNOWN.into(),
-            destination_workload_namespace: UNKNOWN.into(),
-            destination_principal: UNKNOWN.into(),
-            destination_service: UNKNOWN.into(),
-            destination_service_name: UNKNOWN.into(),
-            destination_service_namespace: UNKNOWN.into(),
-            destination_app: UNKNOWN.into(),
-            destination_version: UNKNOWN.into(),
+            source_workload: Cow::Owned(workload.to_owned()),
+            source_workload_namespace: Cow::Owned(namespace.to_owned()),
+            source_principal: UNKNOWN_LABEL,
+            source_app: UNKNOWN_LABEL,
+            source_version: UNKNOWN_LABEL,
+            destination_workload: UNKNOWN_LABEL,
+            destination_workload_namespace: UNKNOWN_LABEL,
+            destination_principal: UNKNOWN_LABEL,
+            destination_service: UNKNOWN_LABEL,
+            destination_service_name: UNKNOWN_LABEL,
+            destination_service_namespace: UNKNOWN_LABEL,
+            destination_app: UNKNOWN_LABEL,
+            destination_version: UNKNOWN_LABEL,
             request_protocol,
             response_code: 0,
-            response_flags: "-".into(),
+            response_flags: Cow::Borrowed("-"),
             connection_security_policy: "none",
         }
     }
@@ -153,22 +163,22 @@ impl RequestLabels {
     fn values(&self) -> [String; 18] {
         [
             self.reporter.to_owned(),
-            self.source_workload.clone(),
-            self.source_workload_namespace.clone(),
-            self.source_principal.clone(),
-            self.source_app.clone(),
-            self.source_version.clone(),
-            self.destination_workload.clone(),
-            self.destination_workload_namespace.clone(),
-            self.destination_principal.clone(),
-            self.destination_service.clone(),
-            self.destination_service_name.clone(),
-            self.destination_service_namespace.clone(),
-            self.destination_app.clone(),
-            self.destination_version.clone(),
+            self.source_workload.to_string(),
+            self.source_workload_namespace.to_string(),
+            self.source_principal.to_string(),
+            self.source_app.to_string(),
+            self.source_version.to_string(),
+            self.destination_workload.to_string(),
+            self.destination_workload_namespace.to_string(),
+            self.destination_principal.to_string(),
+            self.destination_service.to_string(),
+            self.destination_service_name.to_string(),
+            self.destination_service_namespace.to_string(),
+            self.destination_app.to_string(),
+            self.destination_version.to_string(),
             self.request_protocol.to_owned(),
             self.response_code.to_string(),
-            self.response_flags.clone(),
+            self.response_flags.to_string(),
             self.connection_security_policy.to_owned(),
         ]
     }
@@ -285,7 +295,7 @@ pub struct HttpMetrics {
     /// instead of 18 label values copied and hashed once per metric (that was most of the
     /// recording's cost). Bounded as the registry's series are: label values come from the
     /// config, the identities and the response.
-    series: Mutex<HashMap<RequestLabels, RequestSeries>>,
+    series: Mutex<HashMap<RequestLabels, RequestSeries, foldhash::fast::RandomState>>,
     requests: IntCounterVec,
     duration: HistogramVec,
     request_bytes: HistogramVec,

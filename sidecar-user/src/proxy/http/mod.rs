@@ -120,7 +120,7 @@ async fn handle(
             limiter,
         } => (service.clone(), Some(route), limiter),
         Decision::Service(service) => (service.clone(), None, None),
-        Decision::Passthrough => (Arc::new(ServiceConfig::passthrough()), None, None),
+        Decision::Passthrough => (ServiceConfig::shared_passthrough(), None, None),
         Decision::NoRoute => {
             return local_reply(
                 record,

@@ -10,12 +10,15 @@ use std::{
     time::Instant,
 };
 
+use tracing::Level;
+
 use super::{
     body::{BodyEnd, BoxError},
     config::ServiceConfig,
-    metrics::{RequestLabels, RequestOutcome, ResponseFlag, ResponseFlags},
+    metrics::{Label, RequestLabels, RequestOutcome, ResponseFlag, ResponseFlags},
 };
 use crate::proxy::{
+    access_line::AccessLine,
     metrics::Metrics,
     upstream::{ConnectFailure, MutualTls},
 };
@@ -90,17 +93,13 @@ impl RequestRecord {
     /// The destination service's labels (bounded: they come from the config).
     pub fn set_service(&mut self, service: &ServiceConfig) {
         let labels = &mut self.labels;
-        let or_unknown = |value: &Option<String>| value.clone().unwrap_or_else(|| "unknown".into());
-        labels.destination_service = service
-            .hosts
-            .first()
-            .cloned()
-            .unwrap_or_else(|| service.name.clone());
-        labels.destination_service_name = service.name.clone();
-        labels.destination_service_namespace = service.namespace.clone();
+        let or_unknown = |value: &Option<String>| value.as_deref().map_or(label("unknown"), label);
+        labels.destination_service = label(service.hosts.first().unwrap_or(&service.name));
+        labels.destination_service_name = label(&service.name);
+        labels.destination_service_namespace = label(&service.namespace);
         labels.destination_workload = or_unknown(&service.workload);
         if service.workload.is_some() {
-            labels.destination_workload_namespace = service.namespace.clone();
+            labels.destination_workload_namespace = label(&service.namespace);
         }
         labels.destination_app = or_unknown(&service.app);
         labels.destination_version = or_unknown(&service.version);
@@ -108,10 +107,10 @@ impl RequestRecord {
 
     /// The upstream connection was mesh mTLS between these identities.
     pub fn set_mutual_tls(&mut self, mtls: &MutualTls) {
-        self.labels.source_principal = mtls.local.to_string();
-        self.labels.destination_principal = mtls.peer.to_string();
+        self.labels.source_principal = mtls.local.to_string().into();
+        self.labels.destination_principal = mtls.peer.to_string().into();
         if self.labels.destination_workload == "unknown" {
-            self.labels.destination_workload = mtls.workload.clone();
+            self.labels.destination_workload = label(&mtls.workload);
         }
         self.labels.connection_security_policy = "mutual_tls";
     }
@@ -149,33 +148,48 @@ impl RequestRecord {
         if !self.access_log {
             return;
         }
+        let Some(mut line) = AccessLine::start(Level::INFO, format_args!("request complete"))
+        else {
+            return;
+        };
         let labels = &self.labels;
-        tracing::info!(
-            target: "access",
-            direction = "outbound",
-            src = %self.peer,
-            orig_dst = %self.orig_dst,
-            protocol = labels.request_protocol,
-            method = self.method,
-            authority = self.authority,
-            path = self.path,
-            request_id = self.request_id,
-            route = self.route.as_deref(),
-            dst_service = labels.destination_service_name,
-            upstream = self.upstream.map(tracing::field::display),
-            attempts = self.attempts,
-            response_code = labels.response_code,
-            response_flags = labels.response_flags,
-            src_principal = labels.source_principal,
-            dst_principal = labels.destination_principal,
-            security_policy = labels.connection_security_policy,
-            bytes_received = request_bytes,
-            bytes_sent = response_bytes,
-            duration_ms = u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
-            error = self.error.as_deref(),
-            upstream_transport_failure_reason = self.upstream_transport_failure,
-            "request complete"
-        );
+        line.str("direction", "outbound")
+            .addr("src", self.peer)
+            .addr("orig_dst", self.orig_dst)
+            .str("protocol", labels.request_protocol)
+            .str("method", &self.method)
+            .str("authority", &self.authority)
+            .str("path", &self.path)
+            .str("request_id", &self.request_id)
+            .opt_str("route", self.route.as_deref())
+            .str("dst_service", &labels.destination_service_name)
+            .opt_addr("upstream", self.upstream)
+            .u64("attempts", self.attempts.into())
+            .u64("response_code", labels.response_code.into())
+            .str("response_flags", &labels.response_flags)
+            .str("src_principal", &labels.source_principal)
+            .str("dst_principal", &labels.destination_principal)
+            .str("security_policy", labels.connection_security_policy)
+            .u64("bytes_received", request_bytes)
+            .u64("bytes_sent", response_bytes)
+            .u64(
+                "duration_ms",
+                u64::try_from(duration.as_millis()).unwrap_or(u64::MAX),
+            )
+            .opt_str("error", self.error.as_deref())
+            .opt_str(
+                "upstream_transport_failure_reason",
+                self.upstream_transport_failure,
+            );
+        line.emit();
+    }
+}
+
+/// `unknown` (the passthrough service's name and namespace) borrowed, anything else copied.
+fn label(value: &str) -> Label {
+    match value {
+        "unknown" => Label::Borrowed("unknown"),
+        value => Label::Owned(value.to_owned()),
     }
 }
 
