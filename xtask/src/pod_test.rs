@@ -22,6 +22,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use serde_yaml::{Mapping, Value};
+use sidecar_common::{CaptureReport, PinLayout, StatusReport};
 
 use crate::{
     image,
@@ -149,28 +150,29 @@ fn exercise(podman: &Podman, work: &Path, sidecar: &Path, pods: &mut Vec<PlayedP
         "== capture (sidecar status): the client pod's own cgroup only, its annotations applied"
     );
     let status = capture_status(sidecar)?;
-    let captured: Vec<&serde_json::Value> = status
+    let captured: Vec<&CaptureReport> = status
+        .ebpf
         .iter()
         .filter(|entry| {
-            entry["cgroup"]
-                .as_str()
-                .is_some_and(|path| path.contains("libpod_parent/"))
+            entry
+                .cgroup
+                .as_ref()
+                .is_some_and(|path| path.to_string_lossy().contains("libpod_parent/"))
         })
         .collect();
     let ours = |pod: &PlayedPod| {
         captured.iter().find(|entry| {
-            entry["cgroup"]
-                .as_str()
-                .is_some_and(|p| p.ends_with(&pod.id))
+            entry
+                .cgroup
+                .as_ref()
+                .is_some_and(|path| path.to_string_lossy().ends_with(&pod.id))
         })
     };
     let client_capture = ours(client).context("no capture listed for the client pod")?;
-    let excluded = client_capture["excluded_ports"]
-        .as_str()
-        .with_context(|| format!("no `excluded_ports` in the capture: {client_capture}"))?;
+    let excluded = &client_capture.excluded_ports;
     println!(
-        "client pod {}: excluded ports {excluded}, counters {}",
-        client_capture["cgroup"], client_capture["counters"]
+        "client pod {:?}: excluded ports {excluded}, counters {:?}",
+        client_capture.cgroup, client_capture.counters
     );
     if !excluded.split(',').any(|p| p == ANNOTATED_EXCLUDED_PORT) {
         bail!("the pod annotation excludeOutboundPorts={ANNOTATED_EXCLUDED_PORT} was not applied");
@@ -276,14 +278,9 @@ fn wait_until_ready(podman: &Podman, app: &str) -> Result<()> {
     }
 }
 
-fn capture_status(sidecar: &Path) -> Result<Vec<serde_json::Value>> {
+fn capture_status(sidecar: &Path) -> Result<StatusReport> {
     let out = checked(Command::new(sidecar).args(["status", "--json"]))?;
-    let status: serde_json::Value =
-        serde_json::from_slice(&out.stdout).context("sidecar status --json")?;
-    status["ebpf"]
-        .as_array()
-        .cloned()
-        .ok_or_else(|| anyhow::anyhow!("`status --json` has no `ebpf` list: {status}"))
+    StatusReport::from_json(&out.stdout).map_err(|error| anyhow::anyhow!(error))
 }
 
 /// Removes the pods, the capture, and the cgroup directories podman leaves behind; then checks
@@ -294,7 +291,7 @@ fn teardown(podman: &Podman, sidecar: &Path, pods: &[PlayedPod]) -> Result<()> {
     let pin_dirs: Vec<PathBuf> = pods
         .iter()
         .filter_map(|pod| std::fs::metadata(v2_root.join(rel(&pod.cgroup))).ok())
-        .map(|meta| PathBuf::from(format!("/sys/fs/bpf/sidecar/cgroup-{}", meta.ino())))
+        .map(|meta| PinLayout::default().capture_dir(meta.ino()))
         .collect();
     for pod in pods {
         podman.output(&["pod", "rm", "-f", "-t", "0", &pod.id])?;
