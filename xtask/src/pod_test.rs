@@ -23,6 +23,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use serde_yaml::{Mapping, Value};
 use sidecar_common::{CaptureReport, PinLayout, StatusReport};
+use sidecar_tests::prometheus;
 
 use crate::{
     image,
@@ -122,20 +123,17 @@ fn exercise(podman: &Podman, work: &Path, sidecar: &Path, pods: &mut Vec<PlayedP
 
     println!("== the proxy's metrics and access log");
     let (_, metrics) = podman.http_get(&client_app, "http://127.0.0.1:15020/stats/prometheus")?;
-    // Outbound series: TCP connections, and HTTP requests when the proxy detects HTTP.
-    let opened: Vec<&str> = metrics
-        .lines()
-        .filter(|line| {
-            (line.starts_with("istio_tcp_connections_opened_total{")
-                || line.starts_with("istio_requests_total{"))
-                && line.contains("reporter=\"source\"")
-        })
-        .collect();
-    let count: f64 = opened
-        .iter()
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
-    opened.iter().for_each(|line| println!("{line}"));
+    // Outbound series: TCP connections (exported from the start), and HTTP requests when the
+    // proxy detects HTTP (exported once the first request is counted).
+    let source = [("reporter", "source")];
+    let scrape = |error: String| anyhow::anyhow!("the proxy's metrics: {error}");
+    let opened =
+        prometheus::sum(&metrics, "istio_tcp_connections_opened_total", &source).map_err(scrape)?;
+    let requests = prometheus::sum_if_exported(&metrics, "istio_requests_total", &source)
+        .map_err(scrape)?
+        .unwrap_or(0.0);
+    println!("outbound: {opened} TCP connections opened, {requests} HTTP requests");
+    let count = opened + requests;
     if count < 1.0 {
         bail!("the proxy's metrics count no outbound connection or request: {metrics}");
     }

@@ -301,13 +301,32 @@ pub fn assert_fully_attached(cgroup: &Path) {
 }
 
 /// Sum of the samples of `name` having every `label="value"` in the metrics of `pod`'s proxy
-/// (which must be a valid exposition).
+/// (which must be a valid exposition). The metric must be there with a series for those
+/// labels: a misspelt or renamed one fails, naming what is there.
 pub fn proxy_metric(pod: &Pod, name: &str, labels: &[(&str, &str)]) -> u64 {
-    let body = wait_for_http_ok(pod, "http://127.0.0.1:15020/stats/prometheus", READY)
+    sidecar_tests::prometheus::sum(&scrape_proxy(pod), name, labels)
+        .unwrap_or_else(|error| panic!("the proxy's metrics: {error}")) as u64
+}
+
+/// As [`proxy_metric`], but 0 while the metric has no series for those labels yet (a series
+/// the proxy creates on first use): for waiting until it counts. The metric must be there.
+pub fn proxy_metric_or_zero(pod: &Pod, name: &str, labels: &[(&str, &str)]) -> u64 {
+    sidecar_tests::prometheus::sum_or_zero_if_family_present(&scrape_proxy(pod), name, labels)
+        .unwrap_or_else(|error| panic!("the proxy's metrics: {error}")) as u64
+}
+
+/// As [`proxy_metric`], but None while the proxy does not export a series of `name` with those
+/// labels at all (a gauge exported once it has something to say).
+pub fn proxy_metric_if_exported(pod: &Pod, name: &str, labels: &[(&str, &str)]) -> Option<u64> {
+    sidecar_tests::prometheus::sum_if_exported(&scrape_proxy(pod), name, labels)
+        .unwrap_or_else(|error| panic!("the proxy's metrics do not parse: {error}"))
+        .map(|value| value as u64)
+}
+
+fn scrape_proxy(pod: &Pod) -> String {
+    wait_for_http_ok(pod, "http://127.0.0.1:15020/stats/prometheus", READY)
         .expect("scrape proxy metrics")
-        .body;
-    sidecar_tests::prometheus::sum(&body, name, labels)
-        .unwrap_or_else(|error| panic!("the proxy's metrics do not parse: {error}")) as u64
+        .body
 }
 
 /// IPv4-mapped addresses as plain IPv4, so dual-stack servers' reports compare equal.

@@ -380,20 +380,12 @@ impl Side {
         Ok(accepted as u64)
     }
 
-    /// HTTP requests the sidecar has proxied as the source's reporter. Before the first
-    /// request the series does not exist yet: that reads as 0 (a renamed metric then fails the
-    /// gate that compares it with the requests the load generator sent).
+    /// HTTP requests the sidecar has proxied as the source's reporter. Read once the warm-up
+    /// has sent requests: a series missing then (a renamed metric) is an error.
     fn scrape_requests(&self) -> Result<u64> {
-        let samples = prometheus::parse(&self.scrape()?)
-            .map_err(|error| anyhow!("the proxy's metrics do not parse: {error}"))?;
-        let requests: f64 = samples
-            .iter()
-            .filter(|sample| {
-                sample.name == "istio_requests_total"
-                    && sample.labels.get("reporter").map(String::as_str) == Some("source")
-            })
-            .map(|sample| sample.value)
-            .sum();
+        let labels = [("reporter", "source")];
+        let requests = prometheus::sum(&self.scrape()?, "istio_requests_total", &labels)
+            .map_err(|error| anyhow!("the proxy's metrics: {error}"))?;
         Ok(requests as u64)
     }
 }
