@@ -1,8 +1,22 @@
 //! Types shared by the kernel programs (sidecar-ebpf) and the userspace loader and proxy.
 //!
 //! Everything here is `#[repr(C)]` and plain data: the same bytes are written by one side and
-//! read by the other through BPF maps.
+//! read by the other through BPF maps. With the `std` feature, the userspace types the binary
+//! shares with its tests and tools: where the capture is pinned ([`PinLayout`]) and what
+//! `sidecar status --json` prints ([`StatusReport`]).
 #![no_std]
+
+#[cfg(feature = "std")]
+extern crate std;
+
+#[cfg(feature = "std")]
+mod pin_layout;
+#[cfg(feature = "std")]
+mod status_report;
+#[cfg(feature = "std")]
+pub use pin_layout::{AttachPoint, DEFAULT_BPFFS, PinLayout};
+#[cfg(feature = "std")]
+pub use status_report::{CaptureReport, LinkReport, StatusReport};
 
 /// Istio's outbound capture port, the default redirect target.
 pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
@@ -117,6 +131,43 @@ impl CaptureConfig {
     /// (`init --when-proxy-down direct`); without it, it goes to the dead loopback port and is
     /// refused there.
     pub const DIRECT_WHEN_PROXY_DOWN: u32 = 2;
+
+    /// The policy the flags say.
+    pub const fn when_proxy_down(&self) -> WhenProxyDown {
+        if self.flags & Self::DIRECT_WHEN_PROXY_DOWN != 0 {
+            WhenProxyDown::Direct
+        } else {
+            WhenProxyDown::Refuse
+        }
+    }
+}
+
+/// What an app's outbound connect gets while no proxy listens (crashed, restarting, not
+/// started yet): `init --when-proxy-down`. Inbound always fails closed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[cfg_attr(
+    feature = "std",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(rename_all = "lowercase")
+)]
+#[cfg_attr(feature = "user", derive(clap::ValueEnum))]
+pub enum WhenProxyDown {
+    /// Refused at once (ECONNREFUSED, from the proxy's loopback port), as under Istio's
+    /// iptables: nothing leaves the pod outside the mesh.
+    #[default]
+    Refuse,
+    /// Sent to its original destination, uncaptured: fail open, for apps that prefer plaintext
+    /// to an outage (no mTLS, no mesh policy). eBPF mode only.
+    Direct,
+}
+
+impl WhenProxyDown {
+    pub const fn name(self) -> &'static str {
+        match self {
+            WhenProxyDown::Refuse => "refuse",
+            WhenProxyDown::Direct => "direct",
+        }
+    }
 }
 
 /// An IPv4 or IPv6 endpoint as the kernel sees it.

@@ -1,11 +1,12 @@
 //! The BPF filesystem, where links and maps are pinned so capture outlives `sidecar init`.
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{Context, Result};
+pub use sidecar_common::DEFAULT_BPFFS;
+use sidecar_common::PinLayout;
 
 // FsWord: statfs.f_type has a different integer type on each architecture.
 const BPF_FS_MAGIC: rustix::fs::FsWord = 0xcafe_4a11;
-pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
 
 /// Mounts bpffs at `root` unless one is already there.
 pub fn ensure_mounted(root: &Path) -> Result<()> {
@@ -23,21 +24,6 @@ pub fn is_bpffs(path: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// Where the pins of the capture for the cgroup with inode `cgroup_id` live.
-pub fn pin_dir(root: &Path, cgroup_id: u64) -> PathBuf {
-    sidecar_dir(root).join(format!("cgroup-{cgroup_id}"))
-}
-
-/// The directory holding one sub-directory per captured cgroup.
-pub fn sidecar_dir(root: &Path) -> PathBuf {
-    root.join("sidecar")
-}
-
-/// Node-wide state shared by every capture: the kernel log ring.
-pub fn node_dir(root: &Path) -> PathBuf {
-    sidecar_dir(root).join("node")
-}
-
 /// An exclusive lock on this node's sidecar pins, held while a capture is installed or
 /// removed: two `init` of one pod (a restarted init container racing its predecessor, say)
 /// or an init and a cleanup never interleave. Released when dropped.
@@ -48,11 +34,11 @@ pub struct PinLock {
 /// Takes the lock, waiting for whoever holds it (an install takes a fraction of a second).
 /// The directory may be removed by a cleanup that held the lock before us: then the lock is
 /// on a dead directory, so it is taken again on the current one.
-pub fn lock(root: &Path) -> Result<PinLock> {
+pub fn lock(layout: &PinLayout) -> Result<PinLock> {
     use std::os::unix::fs::MetadataExt;
 
     use rustix::fs::{FlockOperation, Mode, OFlags, flock, fstat, open};
-    let dir = sidecar_dir(root);
+    let dir = layout.sidecar_dir();
     loop {
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create {}", dir.display()))?;
@@ -72,6 +58,6 @@ pub fn lock(root: &Path) -> Result<PinLock> {
 }
 
 /// Removes the node's sidecar directory if it is empty (under the lock).
-pub fn remove_sidecar_dir_if_empty(root: &Path, _lock: &PinLock) {
-    let _ = std::fs::remove_dir(sidecar_dir(root));
+pub fn remove_sidecar_dir_if_empty(layout: &PinLayout, _lock: &PinLock) {
+    let _ = std::fs::remove_dir(layout.sidecar_dir());
 }

@@ -1,7 +1,6 @@
 //! What `sidecar init` is asked to capture, parsed and validated before anything is touched.
 use std::{fmt, ops::RangeInclusive, str::FromStr};
 
-use clap::ValueEnum;
 use ipnet::IpNet;
 use serde::Serialize;
 use sidecar_common::{MAX_EXCLUDED_CIDRS, MAX_EXCLUDED_PORT_PREFIXES, PROXY_PORTS};
@@ -21,28 +20,8 @@ pub struct CaptureSettings {
     pub when_proxy_down: WhenProxyDown,
 }
 
-/// What an app's outbound connect gets while no proxy listens (crashed, restarting, not
-/// started yet): `init --when-proxy-down`. Inbound always fails closed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum WhenProxyDown {
-    /// Refused at once (ECONNREFUSED, from the proxy's loopback port), as under Istio's
-    /// iptables: nothing leaves the pod outside the mesh.
-    #[default]
-    Refuse,
-    /// Sent to its original destination, uncaptured: fail open, for apps that prefer plaintext
-    /// to an outage (no mTLS, no mesh policy). eBPF mode only.
-    Direct,
-}
-
-impl WhenProxyDown {
-    pub fn name(self) -> &'static str {
-        match self {
-            WhenProxyDown::Refuse => "refuse",
-            WhenProxyDown::Direct => "direct",
-        }
-    }
-}
+/// `init --when-proxy-down`, shared with `status`'s report.
+pub use sidecar_common::WhenProxyDown;
 
 impl CaptureSettings {
     /// The ports capture sends traffic to, which only the proxy may bind.

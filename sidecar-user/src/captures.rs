@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
+use sidecar_common::PinLayout;
 
 use crate::{bpffs, cgroup::Cgroup, ebpf_capture};
 
@@ -21,9 +22,9 @@ impl Capture {
     }
 }
 
-/// Every capture under `bpffs_root`, each with its cgroup looked up in one walk of the tree.
-pub fn list(bpffs_root: &Path) -> Result<Vec<Capture>> {
-    let pin_dirs = pin_dirs(bpffs_root);
+/// Every capture under `layout`, each with its cgroup looked up in one walk of the tree.
+pub fn list(layout: &PinLayout) -> Result<Vec<Capture>> {
+    let pin_dirs = layout.capture_dirs();
     if pin_dirs.is_empty() {
         return Ok(Vec::new());
     }
@@ -38,24 +39,6 @@ pub fn list(bpffs_root: &Path) -> Result<Vec<Capture>> {
         .collect())
 }
 
-/// `(cgroup id, pin directory)` of every capture, sorted by id.
-fn pin_dirs(bpffs_root: &Path) -> Vec<(u64, PathBuf)> {
-    let mut found: Vec<(u64, PathBuf)> = std::fs::read_dir(bpffs::sidecar_dir(bpffs_root))
-        .map(|entries| {
-            entries
-                .flatten()
-                .filter_map(|entry| {
-                    let name = entry.file_name().to_string_lossy().into_owned();
-                    let id = name.strip_prefix("cgroup-")?.parse().ok()?;
-                    Some((id, entry.path()))
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    found.sort();
-    found
-}
-
 /// Removes one capture's pins, which detaches its programs and frees them with their maps;
 /// returns the pins removed. The caller holds the node's lock.
 pub fn remove(pin_dir: &Path, _lock: &bpffs::PinLock) -> Result<Vec<String>> {
@@ -67,18 +50,22 @@ pub fn remove(pin_dir: &Path, _lock: &bpffs::PinLock) -> Result<Vec<String>> {
 
 /// Once no capture is left, removes the node-wide state (the log ring) and the directory.
 pub fn remove_node_state_if_unused(
-    bpffs_root: &Path,
+    layout: &PinLayout,
     lock: &bpffs::PinLock,
 ) -> Result<Vec<String>> {
-    if !pin_dirs(bpffs_root).is_empty() {
+    if !layout.capture_dirs().is_empty() {
         return Ok(Vec::new());
     }
-    let removed = remove(&bpffs::node_dir(bpffs_root), lock)?;
-    bpffs::remove_sidecar_dir_if_empty(bpffs_root, lock);
+    let removed = remove(&layout.node_dir(), lock)?;
+    bpffs::remove_sidecar_dir_if_empty(layout, lock);
     Ok(removed)
 }
 
-/// The cgroup ids of the captures under `bpffs_root` (no walk of the cgroup tree).
-pub fn ids(bpffs_root: &Path) -> Vec<u64> {
-    pin_dirs(bpffs_root).into_iter().map(|(id, _)| id).collect()
+/// The cgroup ids of the captures under `layout` (no walk of the cgroup tree).
+pub fn ids(layout: &PinLayout) -> Vec<u64> {
+    layout
+        .capture_dirs()
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect()
 }

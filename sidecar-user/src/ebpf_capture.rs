@@ -27,7 +27,7 @@ use aya_obj::generated::bpf_attach_type::{
     BPF_CGROUP_INET6_POST_BIND, BPF_CGROUP_SOCK_OPS, BPF_SK_LOOKUP, BPF_SK_MSG_VERDICT,
 };
 use ipnet::IpNet;
-use sidecar_common::{CaptureConfig, Counter, Endpoint, NO_ID, map_names};
+use sidecar_common::{AttachPoint, CaptureConfig, Counter, Endpoint, NO_ID, PinLayout, map_names};
 
 use crate::{
     capture_settings::{CaptureSettings, PortRanges, WhenProxyDown},
@@ -126,25 +126,6 @@ const PINNED_MAPS: &[&str] = &[
     map_names::SHORTCUT_FALLBACK,
 ];
 
-/// Where a hook is attached, which also names its link pin.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AttachPoint {
-    PodCgroup,
-    ProxyCgroup,
-    Netns,
-}
-
-pub fn link_pin_name(program: &str, point: AttachPoint) -> String {
-    match point {
-        AttachPoint::PodCgroup | AttachPoint::Netns => format!("link_{program}"),
-        AttachPoint::ProxyCgroup => format!("link_{program}_proxy_cgroup"),
-    }
-}
-
-pub fn map_pin_path(pin_dir: &Path, map: &str) -> PathBuf {
-    pin_dir.join(format!("map_{map}"))
-}
-
 /// Where and how the eBPF capture attaches.
 #[derive(Clone, Copy)]
 pub struct EbpfTarget<'a> {
@@ -202,18 +183,27 @@ fn install_inner(
     let cgroup_fd = cgroup.open()?;
     for hook in POD_HOOKS {
         let link = attach(&mut ebpf, hook, cgroup_fd.as_fd(), &cgroup.path)?;
-        links.push((link_pin_name(hook.program, AttachPoint::PodCgroup), link));
+        links.push((
+            PinLayout::link_pin_name(hook.program, AttachPoint::PodCgroup),
+            link,
+        ));
     }
     if let Some(proxy) = proxy_cgroup {
         let proxy_fd = proxy.open()?;
         for hook in PROXY_HOOKS {
             let link = attach(&mut ebpf, hook, proxy_fd.as_fd(), &proxy.path)?;
-            links.push((link_pin_name(hook.program, AttachPoint::ProxyCgroup), link));
+            links.push((
+                PinLayout::link_pin_name(hook.program, AttachPoint::ProxyCgroup),
+                link,
+            ));
         }
     }
     if let Some((netns_file, netns_path)) = netns {
         let link = attach(&mut ebpf, NETNS_HOOK, netns_file.as_fd(), netns_path)?;
-        links.push((link_pin_name(NETNS_HOOK.program, AttachPoint::Netns), link));
+        links.push((
+            PinLayout::link_pin_name(NETNS_HOOK.program, AttachPoint::Netns),
+            link,
+        ));
     }
     swap_in_links(pin_dir, links)?;
     // Last: until here a failure leaves the previous configuration in force (a re-init's new
@@ -225,7 +215,7 @@ fn install_inner(
 fn load(pin_dir: &Path, shortcut_capacity: u32) -> Result<Ebpf> {
     let paths: Vec<(&str, PathBuf)> = PINNED_MAPS
         .iter()
-        .map(|name| (*name, map_pin_path(pin_dir, name)))
+        .map(|name| (*name, PinLayout::map_pin(pin_dir, name)))
         .collect();
     let mut loader = EbpfLoader::new();
     // Applies when the hash is created: a reused pinned hash keeps its capacity (see
@@ -233,10 +223,12 @@ fn load(pin_dir: &Path, shortcut_capacity: u32) -> Result<Ebpf> {
     loader.map_max_entries(map_names::SHORTCUT_SOCKETS, shortcut_capacity);
     // One log ring per node, shared by every capture: a ring per pod would cost more kernel
     // memory than all its other maps together.
-    let node_dir = node_dir_of(pin_dir)?;
+    let layout = PinLayout::of_capture_dir(pin_dir)
+        .ok_or_else(|| anyhow!("{} is not a capture's pin directory", pin_dir.display()))?;
+    let node_dir = layout.node_dir();
     std::fs::create_dir_all(&node_dir)
         .with_context(|| format!("cannot create {}", node_dir.display()))?;
-    let ring = map_pin_path(&node_dir, map_names::KERNEL_LOGS);
+    let ring = layout.kernel_log_ring();
     loader.map_pin_path(map_names::KERNEL_LOGS, ring.as_path());
     for (name, path) in &paths {
         loader.map_pin_path(name, path.as_path());
@@ -261,17 +253,17 @@ fn drop_incompatible_pins(pin_dir: &Path, shortcut_capacity: u32) -> Result<()> 
         .map_err(|e| anyhow!("cannot parse the BPF object: {e}"))?;
     let ours: BTreeSet<String> = PINNED_MAPS
         .iter()
-        .map(|name| format!("map_{name}"))
+        .map(|name| PinLayout::map_pin_name(name))
         .collect();
     for entry in std::fs::read_dir(pin_dir)?.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with("map_") && !ours.contains(&name) {
+        if PinLayout::is_map_pin(&name) && !ours.contains(&name) {
             std::fs::remove_file(entry.path())
                 .with_context(|| format!("cannot remove the stale pin {name}"))?;
         }
     }
     for name in PINNED_MAPS {
-        let path = map_pin_path(pin_dir, name);
+        let path = PinLayout::map_pin(pin_dir, name);
         let Ok(pinned) = aya::maps::MapInfo::from_pin(&path) else {
             continue;
         };
@@ -294,14 +286,6 @@ fn drop_incompatible_pins(pin_dir: &Path, shortcut_capacity: u32) -> Result<()> 
         }
     }
     Ok(())
-}
-
-/// The node-wide directory beside a capture's pin directory.
-fn node_dir_of(pin_dir: &Path) -> Result<PathBuf> {
-    let sidecar_dir = pin_dir
-        .parent()
-        .ok_or_else(|| anyhow!("pin directory {} has no parent", pin_dir.display()))?;
-    Ok(sidecar_dir.join("node"))
 }
 
 fn load_program(ebpf: &mut Ebpf, hook: &Hook) -> Result<()> {
@@ -374,8 +358,7 @@ fn attach_shortcut(ebpf: &mut Ebpf) -> Result<()> {
 fn swap_in_links(pin_dir: &Path, links: Vec<(String, OwnedFd)>) -> Result<()> {
     let mut staged = Vec::new();
     for (name, fd) in &links {
-        // bpffs refuses names with a dot, hence a prefix rather than a ".new" suffix.
-        let staging = pin_dir.join(format!("staging_{name}"));
+        let staging = PinLayout::staging_pin(pin_dir, name);
         let _ = std::fs::remove_file(&staging);
         if let Err(e) = sys::obj_pin(fd.as_fd(), &staging) {
             for path in &staged {
@@ -392,7 +375,7 @@ fn swap_in_links(pin_dir: &Path, links: Vec<(String, OwnedFd)>) -> Result<()> {
     }
     for entry in std::fs::read_dir(pin_dir)?.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with("link_") && !keep.contains(&name) {
+        if PinLayout::is_link_pin(&name) && !keep.contains(&name) {
             std::fs::remove_file(entry.path())
                 .with_context(|| format!("cannot remove stale link pin {name}"))?;
         }
@@ -462,15 +445,6 @@ fn flag(on: bool, bit: u32) -> u32 {
     if on { bit } else { 0 }
 }
 
-/// The `--when-proxy-down` choice a configuration carries.
-pub fn when_proxy_down_of(config: &CaptureConfig) -> WhenProxyDown {
-    if config.flags & CaptureConfig::DIRECT_WHEN_PROXY_DOWN != 0 {
-        WhenProxyDown::Direct
-    } else {
-        WhenProxyDown::Refuse
-    }
-}
-
 /// Makes the trie hold exactly `keys`: new ones are inserted before stale ones are removed,
 /// so an address excluded before and after is never briefly captured. If an insert fails,
 /// the ones it added are taken out again: the trie is left as it was.
@@ -524,7 +498,7 @@ pub fn remove_pins(pin_dir: &Path) -> Result<Vec<String>> {
     let mut paths: Vec<PathBuf> = entries.flatten().map(|e| e.path()).collect();
     paths.sort_by_key(|p| {
         !p.file_name()
-            .is_some_and(|n| n.to_string_lossy().starts_with("link_"))
+            .is_some_and(|n| PinLayout::is_link_pin(&n.to_string_lossy()))
     });
     for path in paths {
         std::fs::remove_file(&path)
@@ -561,7 +535,7 @@ pub fn read_counter(pin_dir: &Path, counter: Counter) -> Result<u64> {
 }
 
 fn open_counters(pin_dir: &Path) -> Result<PerCpuArray<MapData, u64>> {
-    let data = MapData::from_pin(map_pin_path(pin_dir, map_names::COUNTERS))?;
+    let data = MapData::from_pin(PinLayout::map_pin(pin_dir, map_names::COUNTERS))?;
     Ok(PerCpuArray::try_from(aya::maps::Map::PerCpuArray(data))?)
 }
 
@@ -572,7 +546,7 @@ fn sum_counter(counters: &PerCpuArray<MapData, u64>, counter: Counter) -> Result
 /// How many original destinations wait for the proxy's end of their handshake right now: 0
 /// whenever no connect is in flight (each entry moves to the proxy's socket at once).
 pub fn read_pending_handoffs(pin_dir: &Path) -> Result<usize> {
-    let data = MapData::from_pin(map_pin_path(pin_dir, map_names::ORIG_DST_HANDOFF))?;
+    let data = MapData::from_pin(PinLayout::map_pin(pin_dir, map_names::ORIG_DST_HANDOFF))?;
     let handoffs: LpmTrie<MapData, Endpoint, Endpoint> =
         LpmTrie::try_from(aya::maps::Map::LpmTrie(data))?;
     Ok(handoffs.keys().filter(|key| key.is_ok()).count())
@@ -580,7 +554,7 @@ pub fn read_pending_handoffs(pin_dir: &Path) -> Result<usize> {
 
 /// Reads back the configuration pinned in `pin_dir`.
 pub fn read_config(pin_dir: &Path) -> Result<CaptureConfig> {
-    let data = MapData::from_pin(map_pin_path(pin_dir, map_names::CONFIG))?;
+    let data = MapData::from_pin(PinLayout::map_pin(pin_dir, map_names::CONFIG))?;
     let config: Array<MapData, CaptureConfig> = Array::try_from(aya::maps::Map::Array(data))?;
     Ok(config.get(&0, 0)?)
 }
@@ -588,7 +562,7 @@ pub fn read_config(pin_dir: &Path) -> Result<CaptureConfig> {
 /// Reads back an excluded-port set (`map_names::EXCLUDED_PORTS` or `EXCLUDED_INBOUND_PORTS`)
 /// pinned in `pin_dir`.
 pub fn read_port_ranges(pin_dir: &Path, map: &str) -> Result<PortRanges> {
-    let data = MapData::from_pin(map_pin_path(pin_dir, map))?;
+    let data = MapData::from_pin(PinLayout::map_pin(pin_dir, map))?;
     let ports: LpmTrie<MapData, [u8; 2], u8> = LpmTrie::try_from(aya::maps::Map::LpmTrie(data))?;
     let prefixes: Vec<(u32, u16)> = ports
         .keys()
@@ -601,7 +575,7 @@ pub fn read_port_ranges(pin_dir: &Path, map: &str) -> Result<PortRanges> {
 /// Reads back the excluded CIDRs pinned in `pin_dir`.
 pub fn read_excluded_cidrs(pin_dir: &Path) -> Result<Vec<IpNet>> {
     let mut out = Vec::new();
-    let data = MapData::from_pin(map_pin_path(pin_dir, map_names::EXCLUDED_CIDR4))?;
+    let data = MapData::from_pin(PinLayout::map_pin(pin_dir, map_names::EXCLUDED_CIDR4))?;
     let v4: LpmTrie<MapData, [u8; 4], u8> = LpmTrie::try_from(aya::maps::Map::LpmTrie(data))?;
     for key in v4.keys().flatten() {
         out.push(IpNet::new(
@@ -609,7 +583,7 @@ pub fn read_excluded_cidrs(pin_dir: &Path) -> Result<Vec<IpNet>> {
             key.prefix_len() as u8,
         )?);
     }
-    let data = MapData::from_pin(map_pin_path(pin_dir, map_names::EXCLUDED_CIDR6))?;
+    let data = MapData::from_pin(PinLayout::map_pin(pin_dir, map_names::EXCLUDED_CIDR6))?;
     let v6: LpmTrie<MapData, [u8; 16], u8> = LpmTrie::try_from(aya::maps::Map::LpmTrie(data))?;
     for key in v6.keys().flatten() {
         out.push(IpNet::new(

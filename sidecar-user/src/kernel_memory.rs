@@ -9,6 +9,7 @@ use std::{
 
 use anyhow::{Context, Result};
 use aya::maps::MapInfo;
+use sidecar_common::PinLayout;
 
 /// Every loaded program's memlock and maps, read once for all captures.
 pub struct KernelMemory {
@@ -60,7 +61,7 @@ fn pinned_map_ids(dir: &Path) -> Vec<u32> {
         .map(|entries| {
             entries
                 .flatten()
-                .filter(|e| e.file_name().to_string_lossy().starts_with("map_"))
+                .filter(|e| PinLayout::is_map_pin(&e.file_name().to_string_lossy()))
                 .filter_map(|e| MapInfo::from_pin(e.path()).ok().map(|info| info.id()))
                 .collect()
         })

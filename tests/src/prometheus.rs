@@ -116,21 +116,64 @@ fn parse_labels(mut body: &str) -> Result<BTreeMap<String, String>, String> {
 
 /// Sum of the samples of `name` whose labels include every `(label, value)` of `labels`, in an
 /// exposition that must parse. A metric the exposition does not have at all is an error, not a
-/// 0: a misspelt or renamed name must fail the test that reads it.
+/// 0: a misspelt or renamed name must fail the test that reads it. So is a metric with no
+/// series for those labels: a check that expects 0 there says so with
+/// [`sum_or_zero_if_family_present`].
 pub fn sum(text: &str, name: &str, labels: &[(&str, &str)]) -> Result<f64, String> {
+    let found = matching(text, name, labels)?;
+    if found.is_empty() {
+        return Err(format!(
+            "metric {name} has no series with {labels:?}; its series: {:?}",
+            series_of(text, name)?
+        ));
+    }
+    Ok(found.iter().map(|sample| sample.value).sum())
+}
+
+/// As [`sum`], but 0 when the metric is there with no series for those labels (yet): for the
+/// series a proxy creates on first use. The metric itself must be in the exposition.
+pub fn sum_or_zero_if_family_present(
+    text: &str,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> Result<f64, String> {
     Ok(matching(text, name, labels)?
         .iter()
         .map(|sample| sample.value)
         .sum())
 }
 
+/// As [`sum`], but None while no series of `name` has those labels, the metric itself included:
+/// for a series the proxy exports only once it has something to say, waited for.
+pub fn sum_if_exported(
+    text: &str,
+    name: &str,
+    labels: &[(&str, &str)],
+) -> Result<Option<f64>, String> {
+    let samples = parse(text)?;
+    let found: Vec<f64> = samples
+        .iter()
+        .filter(|sample| {
+            sample.name == name
+                && labels.iter().all(|(label, value)| {
+                    sample.labels.get(*label).map(String::as_str) == Some(*value)
+                })
+        })
+        .map(|sample| sample.value)
+        .collect();
+    Ok((!found.is_empty()).then(|| found.iter().sum()))
+}
+
 /// The samples of `name` whose labels include every `(label, value)` of `labels`, each with all
-/// its labels, in an exposition that must parse; as for [`sum`], a metric the exposition does
-/// not have at all is an error.
+/// its labels, in an exposition that must parse; possibly none, but a metric the exposition
+/// does not have at all is an error naming the metrics it has.
 pub fn matching(text: &str, name: &str, labels: &[(&str, &str)]) -> Result<Vec<Sample>, String> {
     let samples = parse(text)?;
     if !samples.iter().any(|sample| sample.name == name) {
-        return Err(format!("no metric {name} in the exposition"));
+        let present: BTreeSet<&str> = samples.iter().map(|sample| sample.name.as_str()).collect();
+        return Err(format!(
+            "no metric {name} in the exposition; it has {present:?}"
+        ));
     }
     Ok(samples
         .into_iter()
@@ -140,6 +183,14 @@ pub fn matching(text: &str, name: &str, labels: &[(&str, &str)]) -> Result<Vec<S
                     sample.labels.get(*label).map(String::as_str) == Some(*value)
                 })
         })
+        .collect())
+}
+
+/// The label sets of `name`'s series, for error messages.
+fn series_of(text: &str, name: &str) -> Result<Vec<BTreeMap<String, String>>, String> {
+    Ok(matching(text, name, &[])?
+        .into_iter()
+        .map(|sample| sample.labels)
         .collect())
 }
 
@@ -156,12 +207,31 @@ mod tests {
         assert_eq!(samples[1].labels["a"], "y\"q");
         assert_eq!(sum(GOOD, "c_total", &[]).unwrap(), 5.0);
         assert_eq!(sum(GOOD, "c_total", &[("a", "x")]).unwrap(), 2.0);
-        assert_eq!(sum(GOOD, "c_total", &[("a", "z")]).unwrap(), 0.0);
+        let missing = sum(GOOD, "c_totl", &[]).unwrap_err();
+        assert!(missing.contains("no metric c_totl"), "{missing}");
         assert!(
-            sum(GOOD, "c_totl", &[])
-                .unwrap_err()
-                .contains("no metric c_totl")
+            missing.contains("\"c_total\""),
+            "names what is there: {missing}"
         );
+        let no_series = sum(GOOD, "c_total", &[("a", "z")]).unwrap_err();
+        assert!(no_series.contains("no series"), "{no_series}");
+        assert!(no_series.contains("\"x\""), "lists the series: {no_series}");
+        assert_eq!(
+            sum_or_zero_if_family_present(GOOD, "c_total", &[("a", "z")]).unwrap(),
+            0.0
+        );
+        assert_eq!(
+            sum_or_zero_if_family_present(GOOD, "c_total", &[("a", "x")]).unwrap(),
+            2.0
+        );
+        assert!(sum_or_zero_if_family_present(GOOD, "c_totl", &[]).is_err());
+        assert_eq!(
+            sum_if_exported(GOOD, "c_total", &[("a", "x")]),
+            Ok(Some(2.0))
+        );
+        assert_eq!(sum_if_exported(GOOD, "c_total", &[("a", "z")]), Ok(None));
+        assert_eq!(sum_if_exported(GOOD, "c_totl", &[]), Ok(None));
+        assert!(sum_if_exported("c 1\n", "c", &[]).is_err());
         let found = matching(GOOD, "c_total", &[("a", "x")]).unwrap();
         assert_eq!(found.len(), 1);
         assert_eq!(found[0].labels["a"], "x");

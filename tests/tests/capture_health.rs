@@ -23,8 +23,9 @@ fn readiness(mesh: &MeshLab) -> HttpResponse {
         .expect("readiness answers")
 }
 
-fn capture_active(mesh: &MeshLab, direction: &str) -> u64 {
-    proxy_metric(
+/// The gauge, or None before the proxy's first capture check (exported only from then on).
+fn capture_active(mesh: &MeshLab, direction: &str) -> Option<u64> {
+    proxy_metric_if_exported(
         &mesh.client,
         "sidecar_capture_active",
         &[("direction", direction)],
@@ -40,7 +41,7 @@ fn wait_for(mesh: &MeshLab, status: u16, active: u64) {
             capture_active(mesh, "outbound"),
             capture_active(mesh, "inbound"),
         ];
-        if ready.status == status && gauges == [active, active] {
+        if ready.status == status && gauges == [Some(active), Some(active)] {
             return;
         }
         assert!(

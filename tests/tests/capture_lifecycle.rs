@@ -5,9 +5,10 @@
 //! other tests' programs).
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use common::*;
+use sidecar_common::{AttachPoint, PinLayout};
 use sidecar_tests::{Lab, Pod, require_root};
 
 /// The bar: a captured pod at idle costs at most this much kernel memory, on kernels whose
@@ -93,8 +94,9 @@ fn kernel_memory_per_pod_stale_collection_and_safe_installs() {
     let reported: Vec<u64> = pods
         .iter()
         .map(|pod| {
-            let capture = status_of(pod.cgroup()).expect("capture listed");
-            capture["kernel_memory_bytes"].as_u64().unwrap()
+            status_of(pod.cgroup())
+                .expect("capture listed")
+                .kernel_memory_bytes
         })
         .collect();
     for bytes in &reported {
@@ -107,14 +109,9 @@ fn kernel_memory_per_pod_stale_collection_and_safe_installs() {
     // Half the pods are deleted (their cgroup goes; the kernel detaches their programs but
     // their pins would keep programs and maps alive).
     let (deleted, live) = pods.split_at(PODS / 2);
-    let pin_dir_of = |pod: &Pod| -> String {
-        status_of(pod.cgroup()).unwrap()["pin_dir"]
-            .as_str()
-            .unwrap()
-            .to_owned()
-    };
-    let deleted_pins: Vec<String> = deleted.iter().map(pin_dir_of).collect();
-    let live_pins: Vec<String> = live.iter().chain([&first]).map(pin_dir_of).collect();
+    let pin_dir_of = |pod: &Pod| -> PathBuf { status_of(pod.cgroup()).unwrap().pin_dir };
+    let deleted_pins: Vec<PathBuf> = deleted.iter().map(pin_dir_of).collect();
+    let live_pins: Vec<PathBuf> = live.iter().chain([&first]).map(pin_dir_of).collect();
     for pod in deleted {
         std::fs::remove_dir(pod.cgroup()).expect("remove the pod's cgroup");
     }
@@ -138,13 +135,17 @@ fn kernel_memory_per_pod_stale_collection_and_safe_installs() {
         assert_fully_attached(pod.cgroup());
     }
     for pin_dir in &deleted_pins {
+        let link = PinLayout::link_pin(pin_dir, "connect4", AttachPoint::PodCgroup);
         assert!(
-            removed.contains(&format!("{pin_dir}/link_connect4")),
-            "{pin_dir} not collected:\n{removed}"
+            removed.contains(&*link.to_string_lossy()),
+            "{pin_dir:?} not collected:\n{removed}"
         );
     }
     for pin_dir in &live_pins {
-        assert!(!removed.contains(pin_dir), "{pin_dir} removed:\n{removed}");
+        assert!(
+            !removed.contains(&*pin_dir.to_string_lossy()),
+            "{pin_dir:?} removed:\n{removed}"
+        );
     }
     let after_stale = node_bpf_memlock();
     assert_eq!(
@@ -186,11 +187,10 @@ fn kernel_memory_per_pod_stale_collection_and_safe_installs() {
             assert!(out.status.success(), "round {round}: {}", text(&out));
         }
         assert_fully_attached(racer.cgroup());
-        let capture = status_of(racer.cgroup()).unwrap();
-        let pin_dir = Path::new(capture["pin_dir"].as_str().unwrap());
-        let stray: Vec<String> = pins_under(pin_dir)
+        let pin_dir = status_of(racer.cgroup()).unwrap().pin_dir;
+        let stray: Vec<String> = pins_under(&pin_dir)
             .into_iter()
-            .filter(|p| p.starts_with("staging_"))
+            .filter(|p| !PinLayout::is_link_pin(p) && !PinLayout::is_map_pin(p))
             .collect();
         assert!(stray.is_empty(), "round {round}: stray pins {stray:?}");
     }
@@ -218,8 +218,8 @@ fn kernel_memory_per_pod_stale_collection_and_safe_installs() {
     ]);
     assert!(!failed.status.success(), "{}", text(&failed));
     let after = status_of(racer.cgroup()).unwrap();
-    assert_eq!(after["excluded_ports"], before["excluded_ports"], "{after}");
-    assert_eq!(after["links"], before["links"], "{after}");
+    assert_eq!(after.excluded_ports, before.excluded_ports, "{after:?}");
+    assert_eq!(after.links, before.links, "{after:?}");
 
     // Each remaining pod by name: the node is back where it started.
     for pod in live.iter().chain([&first]) {

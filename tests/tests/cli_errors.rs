@@ -4,6 +4,7 @@ mod common;
 use std::process::Command;
 
 use common::*;
+use sidecar_common::PinLayout;
 use sidecar_tests::{Lab, cgroup2_root, require_root};
 
 fn assert_fails_with(out: &std::process::Output, needle: &str) {
@@ -19,24 +20,12 @@ fn assert_fails_with(out: &std::process::Output, needle: &str) {
 }
 
 fn no_pins_left() {
-    let leftover = std::fs::read_dir("/sys/fs/bpf/sidecar")
-        .map(|d| d.flatten().map(|e| e.path()).collect::<Vec<_>>())
-        .unwrap_or_default();
     // Other tests may run in parallel; only fail on pins for cgroups that no longer exist.
-    for dir in leftover {
-        let listed = sidecar(&["status", "--json"]);
-        let status: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
-        let entry = status["ebpf"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["pin_dir"] == dir.to_string_lossy().as_ref())
-            .cloned();
+    let status = status_report();
+    for (_, dir) in PinLayout::default().capture_dirs() {
+        let entry = status.ebpf.iter().find(|c| c.pin_dir == dir);
         if let Some(entry) = entry {
-            assert!(
-                !entry["cgroup"].is_null(),
-                "stale pins left behind: {dir:?}"
-            );
+            assert!(entry.cgroup.is_some(), "stale pins left behind: {dir:?}");
         }
     }
 }

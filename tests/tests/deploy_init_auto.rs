@@ -25,22 +25,6 @@ fn init_from(cgroup: &Path, private_cgroupns: bool, args: &[&str]) -> std::proce
     command.output().expect("cannot run sh")
 }
 
-fn captured_cgroups() -> Vec<serde_json::Value> {
-    let out = sidecar(&["status", "--json"]);
-    assert!(out.status.success(), "{}", text(&out));
-    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    status["ebpf"]
-        .as_array()
-        .cloned()
-        .unwrap_or_else(|| panic!("`status --json` has no `ebpf` list: {status}"))
-}
-
-fn capture_of(pod_cgroup: &Path) -> Option<serde_json::Value> {
-    captured_cgroups()
-        .into_iter()
-        .find(|entry| entry["cgroup"].as_str() == Some(pod_cgroup.to_str().unwrap()))
-}
-
 fn cleanup(pod_cgroup: &Path) {
     let out = sidecar(&["cleanup", "--cgroup", pod_cgroup.to_str().unwrap()]);
     assert!(out.status.success(), "{}", text(&out));
@@ -77,12 +61,12 @@ fn cgroup_auto_attaches_to_the_parent_of_the_callers_cgroup() {
             "private cgroupns: {private_cgroupns}\n{}",
             text(&out)
         );
-        let capture = capture_of(pod.cgroup())
+        let capture = status_of(pod.cgroup())
             .unwrap_or_else(|| panic!("no capture on {:?}: {}", pod.cgroup(), text(&out)));
-        assert_eq!(capture["excluded_ports"], "5432,6379");
-        assert_eq!(capture["excluded_cidrs"][0], "192.0.2.0/24");
+        assert_eq!(capture.excluded_ports, "5432,6379");
+        assert_eq!(capture.excluded_cidrs, ["192.0.2.0/24"]);
         cleanup(pod.cgroup());
-        assert!(capture_of(pod.cgroup()).is_none());
+        assert!(status_of(pod.cgroup()).is_none());
     }
 
     // --cgroup-root names the host tree explicitly.
@@ -99,7 +83,7 @@ fn cgroup_auto_attaches_to_the_parent_of_the_callers_cgroup() {
         ],
     );
     assert!(out.status.success(), "{}", text(&out));
-    assert!(capture_of(pod.cgroup()).is_some());
+    assert!(status_of(pod.cgroup()).is_some());
     cleanup(pod.cgroup());
 
     // A tree that does not hold the caller's cgroup is a clear error.
@@ -170,6 +154,6 @@ fn fail_policy_decides_the_exit_status_and_bad_annotations_always_fail() {
         "{}",
         text(&out)
     );
-    assert!(capture_of(pod.cgroup()).is_none());
+    assert!(status_of(pod.cgroup()).is_none());
     lab.teardown().expect("teardown");
 }

@@ -151,18 +151,15 @@ impl RoutingLab {
         format!("http://{}:{V1_PORT}{path}", self.server.ipv4())
     }
 
-    /// Samples of `name` having every `label="value"`, summed.
-    fn metric(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
-        proxy_metric(&self.client, name, labels)
-    }
-
     fn wait_for_metric(&self, name: &str, labels: &[(&str, &str)], expected: u64) {
         let deadline = Instant::now() + PATIENCE;
-        while self.metric(name, labels) != expected {
+        // The series may not exist until the first request it counts.
+        let value = || proxy_metric_or_zero(&self.client, name, labels);
+        while value() != expected {
             assert!(
                 Instant::now() < deadline,
                 "{name}{labels:?} never reached {expected} (is {})\n{}",
-                self.metric(name, labels),
+                value(),
                 self.logs()
             );
             std::thread::sleep(Duration::from_millis(50));

@@ -117,16 +117,9 @@ impl InboundLab {
     }
 
     fn counters(&self) -> std::collections::BTreeMap<String, u64> {
-        let out = sidecar(&["status", "--json"]);
-        let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        let cgroup = self.server.cgroup().to_string_lossy().into_owned();
-        let entry = status["ebpf"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|c| c["cgroup"] == cgroup.as_str())
-            .cloned();
-        serde_json::from_value(entry.expect("server capture")["counters"].clone()).unwrap()
+        status_of(self.server.cgroup())
+            .expect("server capture")
+            .counters
     }
 }
 
@@ -226,19 +219,16 @@ fn inbound_capture_can_be_turned_off() {
         .unwrap();
     assert!(report.echo_ok);
     assert_eq!(served(&mesh.app), 1);
-    let out = sidecar(&["status", "--json"]);
-    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let cgroup = mesh.server.cgroup().to_string_lossy().into_owned();
-    let entry = status["ebpf"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["cgroup"] == cgroup.as_str())
-        .cloned()
-        .unwrap();
-    assert!(entry["inbound_port"].is_null(), "{entry}");
-    let links = entry["links"].to_string();
-    assert!(!links.contains("steer_inbound"), "{links}");
+    let entry = status_of(mesh.server.cgroup()).expect("server capture");
+    assert_eq!(entry.inbound_port, None, "{entry:?}");
+    assert!(
+        entry
+            .links
+            .iter()
+            .all(|link| link.program != "steer_inbound"),
+        "{:?}",
+        entry.links
+    );
 }
 
 #[test]

@@ -212,7 +212,7 @@ impl MtlsLab {
 
     fn wait_for_metric(&self, pod: &Pod, name: &str, labels: &[(&str, &str)], at_least: u64) {
         let deadline = Instant::now() + PATIENCE;
-        while proxy_metric(pod, name, labels) < at_least {
+        while proxy_metric_or_zero(pod, name, labels) < at_least {
             assert!(
                 Instant::now() < deadline,
                 "{name}{labels:?} in {} never reached {at_least}\n{}",
@@ -829,7 +829,7 @@ fn pooled_connections_follow_mesh_config_reloads(capture: Capture, test: &str) {
     // Waits until the server proxy's `name`{`labels`} is exactly `count`.
     let wait_for = |name: &str, labels: &[(&str, &str)], count: u64| {
         let deadline = Instant::now() + PATIENCE;
-        while proxy_metric(&mesh.server, name, labels) != count {
+        while proxy_metric_or_zero(&mesh.server, name, labels) != count {
             assert!(
                 Instant::now() < deadline,
                 "{name}{labels:?} never became {count}\n{}",

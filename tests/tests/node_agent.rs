@@ -7,12 +7,14 @@ mod common;
 
 use std::{
     io::{BufRead, BufReader},
+    path::PathBuf,
     process::{Child, Command, Stdio},
     sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
 use common::*;
+use sidecar_common::PinLayout;
 use sidecar_tests::{
     Lab, Pod, require_root,
     tools::http::{self, HttpTarget},
@@ -127,21 +129,18 @@ fn init(pod: &Pod) {
     assert!(out.status.success(), "{}", text(&out));
 }
 
-fn pin_dirs() -> Vec<String> {
-    std::fs::read_dir("/sys/fs/bpf/sidecar")
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|name| name.starts_with("cgroup-"))
-                .collect()
-        })
-        .unwrap_or_default()
+fn pin_dirs() -> Vec<PathBuf> {
+    PinLayout::default()
+        .capture_dirs()
+        .into_iter()
+        .map(|(_, dir)| dir)
+        .collect()
 }
 
-fn pin_dir_of(pod: &Pod) -> String {
+fn pin_dir_of(pod: &Pod) -> PathBuf {
     use std::os::unix::fs::MetadataExt;
     let id = std::fs::metadata(pod.cgroup()).unwrap().ino();
-    format!("cgroup-{id}")
+    PinLayout::default().capture_dir(id)
 }
 
 fn node_bpf_memlock() -> u64 {
@@ -185,7 +184,7 @@ fn the_node_agent_collects_500_deleted_pods_and_nothing_live() {
                 });
             }
         });
-        let pins: Vec<String> = pods.iter().map(pin_dir_of).collect();
+        let pins: Vec<PathBuf> = pods.iter().map(pin_dir_of).collect();
         for pod in &pods {
             std::fs::remove_dir(pod.cgroup()).expect("delete the pod's cgroup");
         }

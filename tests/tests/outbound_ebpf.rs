@@ -4,6 +4,7 @@ mod common;
 use std::{net::SocketAddr, process::Command};
 
 use common::*;
+use sidecar_common::{AttachPoint, Counter, PinLayout, map_names};
 
 /// The app's connects to IPv4, IPv6 and IPv4-mapped IPv6 destinations reach the proxy, which
 /// dials the original destination; the app's getpeername shows the real peer.
@@ -67,8 +68,8 @@ fn intercepts_ipv4_ipv6_and_mapped_with_the_proxy_in_the_pod() {
     // Each original destination moved to the proxy's socket: nothing waits in the handoff.
     let status = mesh.ebpf_status().expect("status");
     assert_eq!(
-        status["pending_handoffs"], 0,
-        "handoff entries left behind: {status}"
+        status.pending_handoffs, 0,
+        "handoff entries left behind: {status:?}"
     );
 }
 
@@ -133,25 +134,16 @@ fn excluded_port_cidr_and_proxy_uid_go_direct() {
     // The same app, on a port that is not excluded, is captured.
     assert_intercepted(&mesh, &[by_uid]);
     let status = mesh.ebpf_status().expect("status");
-    assert_eq!(status["excluded_ports"], "9000-9100");
-    assert_eq!(status["excluded_cidrs"][0], excluded_cidr.as_str());
+    assert_eq!(status.excluded_ports, "9000-9100");
+    assert_eq!(status.excluded_cidrs, [excluded_cidr]);
 }
 
-fn attached_ids(mesh: &MeshLab) -> Vec<(String, Vec<u64>)> {
+fn attached_ids(mesh: &MeshLab) -> Vec<(String, Vec<u32>)> {
     let status = mesh.ebpf_status().expect("status");
-    status["links"]
-        .as_array()
-        .expect("links")
-        .iter()
-        .map(|l| {
-            let ids = l["attached_program_ids"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_u64().unwrap())
-                .collect();
-            (l["pin"].as_str().unwrap().to_string(), ids)
-        })
+    status
+        .links
+        .into_iter()
+        .map(|link| (link.pin, link.attached_program_ids))
         .collect()
 }
 
@@ -178,7 +170,8 @@ fn init_twice_replaces_and_cleanup_leaves_nothing() {
         "eight cgroup hooks and the netns one: {second:?}"
     );
     // The kernel is asked about the cgroup hooks (the netns link is checked by behaviour).
-    for (pin, ids) in second.iter().filter(|(pin, _)| pin != "link_steer_inbound") {
+    let netns_link = PinLayout::link_pin_name("steer_inbound", AttachPoint::Netns);
+    for (pin, ids) in second.iter().filter(|(pin, _)| *pin != netns_link) {
         assert_eq!(
             ids.len(),
             1,
@@ -201,23 +194,13 @@ fn init_twice_replaces_and_cleanup_leaves_nothing() {
     assert_eq!(mesh.bpf_counters()["redirected"], 2);
 
     // Every program our links hold, the netns one included, must be unloaded by cleanup.
-    let loaded: Vec<u64> = mesh.ebpf_status().unwrap()["links"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l["program_id"].as_u64().unwrap())
-        .collect();
+    let status = mesh.ebpf_status().unwrap();
+    let loaded: Vec<u32> = status.links.iter().map(|l| l.program_id).collect();
     assert_eq!(loaded.len(), 9);
-    let pin_dir = mesh.ebpf_status().unwrap()["pin_dir"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let pin_dir = status.pin_dir;
     let out = sidecar(&["cleanup", "--cgroup", &cgroup]);
     assert!(out.status.success(), "{}", text(&out));
-    assert!(
-        !std::path::Path::new(&pin_dir).exists(),
-        "pins left in {pin_dir}"
-    );
+    assert!(!pin_dir.exists(), "pins left in {pin_dir:?}");
     assert!(mesh.ebpf_status().is_none(), "status still lists the pod");
     let listed = bpftool(&["cgroup", "show", &cgroup]);
     assert!(
@@ -335,7 +318,7 @@ fn long_lived_connections_hold_no_kernel_entry_and_kernel_logs_follow() {
         .wait_for_stdout("held", std::time::Duration::from_secs(5))
         .expect("holder connected");
     let status = mesh.ebpf_status().expect("status");
-    assert_eq!(status["pending_handoffs"], 0, "{status}");
+    assert_eq!(status.pending_handoffs, 0, "{status:?}");
     assert!(mesh.connect(mesh.server_v4(ECHO_PORT)).echo_ok);
     let counters = mesh.bpf_counters();
     assert_eq!(counters["errors"], 0, "{counters:?}");
@@ -380,24 +363,25 @@ fn init_mounts_bpffs_where_it_is_missing() {
     );
     let out = sidecar(&["cleanup", "--cgroup", &cgroup, "--bpffs", &bpffs]);
     assert!(out.status.success(), "{}", text(&out));
-    assert!(!dir.join("sidecar").exists(), "pins left under {bpffs}");
+    let layout = PinLayout::new(&dir);
+    assert!(!layout.sidecar_dir().exists(), "pins left under {bpffs}");
 }
 
 #[test]
 fn reinit_over_an_older_layout_replaces_its_maps() {
     let mesh = MeshLab::new("ebpf-upgrade", Layout::EbpfProxyInPod);
     mesh.init(&[]);
-    let status = mesh.ebpf_status().expect("status");
-    let pin_dir = std::path::PathBuf::from(status["pin_dir"].as_str().unwrap());
+    let pin_dir = mesh.ebpf_status().expect("status").pin_dir;
     // What an older build left: a map this build no longer has, one of another type under a
     // name this build uses (the port exclusions were an array before they were a trie), and
     // counters without the newer reasons.
-    for (pin, kind, key, value) in [
-        ("map_ORIG_DST_BY_PEER", "hash", "20", "20"),
-        ("map_EXCLUDED_PORTS", "array", "4", "8"),
-        ("map_COUNTERS", "percpu_array", "4", "8"),
+    const GONE_MAP: &str = "ORIG_DST_BY_PEER";
+    for (map, kind, key, value) in [
+        (GONE_MAP, "hash", "20", "20"),
+        (map_names::EXCLUDED_PORTS, "array", "4", "8"),
+        (map_names::COUNTERS, "percpu_array", "4", "8"),
     ] {
-        let path = pin_dir.join(pin);
+        let path = PinLayout::map_pin(&pin_dir, map);
         std::fs::remove_file(&path).ok();
         let made = Command::new("bpftool")
             .args(["map", "create"])
@@ -409,16 +393,16 @@ fn reinit_over_an_older_layout_replaces_its_maps() {
         assert!(made.status.success(), "{made:?}");
     }
     mesh.init(&["--exclude-ports", "9000-9100"]);
-    assert!(!pin_dir.join("map_ORIG_DST_BY_PEER").exists());
+    assert!(!PinLayout::map_pin(&pin_dir, GONE_MAP).exists());
     let status = mesh.ebpf_status().expect("status");
-    assert_eq!(status["excluded_ports"], "9000-9100", "{status}");
+    assert_eq!(status.excluded_ports, "9000-9100", "{status:?}");
     assert!(
-        status["counters"]["outbound_no_proxy_direct"].is_u64(),
-        "the counters of the older layout were kept: {status}"
+        status.counter(Counter::OutboundNoProxyDirect).is_some(),
+        "the counters of the older layout were kept: {status:?}"
     );
     let map = Command::new("bpftool")
         .args(["map", "show", "pinned"])
-        .arg(pin_dir.join("map_EXCLUDED_PORTS"))
+        .arg(PinLayout::map_pin(&pin_dir, map_names::EXCLUDED_PORTS))
         .output()
         .expect("bpftool");
     assert!(

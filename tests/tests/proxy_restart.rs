@@ -10,6 +10,7 @@ use std::{
 };
 
 use common::*;
+use sidecar_common::WhenProxyDown;
 use sidecar_tests::LabProcess;
 
 /// The client pod's own app server, for inbound load (captured by the client's proxy).
@@ -149,7 +150,10 @@ fn when_proxy_down_direct_connects_go_to_their_destination_until_a_proxy_is_back
     mesh.start_proxy();
     mesh.init(&["--when-proxy-down", "direct"]);
     assert_captured(&mesh, &three_families(&mesh));
-    assert_eq!(mesh.ebpf_status().unwrap()["when_proxy_down"], "direct");
+    assert_eq!(
+        mesh.ebpf_status().unwrap().when_proxy_down,
+        WhenProxyDown::Direct
+    );
 
     mesh.kill_proxy();
     let [v4, v6, mapped] = three_families(&mesh);
@@ -186,7 +190,10 @@ fn when_proxy_down_refuse_connects_fail_at_once_until_a_proxy_is_back() {
     mesh.init(&[]);
     mesh.start_proxy();
     assert_captured(&mesh, &three_families(&mesh));
-    assert_eq!(mesh.ebpf_status().unwrap()["when_proxy_down"], "refuse");
+    assert_eq!(
+        mesh.ebpf_status().unwrap().when_proxy_down,
+        WhenProxyDown::Refuse
+    );
 
     mesh.kill_proxy();
     let [v4, v6, mapped] = three_families(&mesh);

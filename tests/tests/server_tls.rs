@@ -238,11 +238,13 @@ impl LegacyLab {
 
     fn wait_for_metric(&self, name: &str, labels: &[(&str, &str)], expected: u64) {
         let deadline = Instant::now() + PATIENCE;
-        while self.metric(name, labels) != expected {
+        // The series may not exist until the first request it counts.
+        let value = || proxy_metric_or_zero(&self.server, name, labels);
+        while value() != expected {
             assert!(
                 Instant::now() < deadline,
                 "{name}{labels:?} never reached {expected} (is {})\n{}",
-                self.metric(name, labels),
+                value(),
                 self.logs()
             );
             std::thread::sleep(Duration::from_millis(50));

@@ -144,18 +144,9 @@ impl ShortcutLab {
 
     /// Kernel counters of `pod`'s capture, from `sidecar status --json`.
     fn counters(&self, pod: &Pod) -> BTreeMap<String, u64> {
-        let out = sidecar(&["status", "--json"]);
-        assert!(out.status.success(), "status: {}", text(&out));
-        let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
-        let cgroup = pod.cgroup().to_string_lossy().into_owned();
-        let capture = status["ebpf"]
-            .as_array()
-            .expect("ebpf list")
-            .iter()
-            .find(|c| c["cgroup"].as_str() == Some(cgroup.as_str()))
-            .cloned()
-            .expect("capture of the pod");
-        serde_json::from_value(capture["counters"].clone()).expect("counters")
+        status_of(pod.cgroup())
+            .expect("capture of the pod")
+            .counters
     }
 
     fn server_v4(&self, port: u16) -> SocketAddr {

@@ -312,17 +312,15 @@ impl OriginationLab {
             .unwrap_or_else(|error| panic!("not the HTTPS server's JSON ({error}): {body}"))
     }
 
-    fn metric(&self, name: &str, labels: &[(&str, &str)]) -> u64 {
-        proxy_metric(&self.client, name, labels)
-    }
-
     fn wait_for_metric(&self, name: &str, labels: &[(&str, &str)], expected: u64) {
         let deadline = Instant::now() + PATIENCE;
-        while self.metric(name, labels) != expected {
+        // The series may not exist until the first request it counts.
+        let value = || proxy_metric_or_zero(&self.client, name, labels);
+        while value() != expected {
             assert!(
                 Instant::now() < deadline,
                 "{name}{labels:?} never reached {expected} (is {})\n{}",
-                self.metric(name, labels),
+                value(),
                 self.logs()
             );
             std::thread::sleep(Duration::from_millis(50));

@@ -10,8 +10,9 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, ValueEnum};
+use sidecar_common::StatusReport;
 use sidecar_tests::{Lab, Pod, wait_for_http_ok, wait_for_tcp};
 
 use crate::{
@@ -232,22 +233,30 @@ fn write_mesh_config(dir: &Path, role: MeshRole<'_>) -> Result<()> {
 }
 
 fn print_status(client: &Pod, sidecar: &Path, mode: Mode) -> Result<()> {
-    let status = match mode {
-        Mode::Ebpf => Command::new(sidecar).arg("status").output()?,
-        Mode::Iptables => client.command(sidecar).arg("status").run()?,
+    let output = match mode {
+        Mode::Ebpf => Command::new(sidecar).args(["status", "--json"]).output()?,
+        Mode::Iptables => client.command(sidecar).args(["status", "--json"]).run()?,
     };
-    let text = String::from_utf8_lossy(&status.stdout);
-    let ours = client.cgroup().display().to_string();
-    let mut in_ours = false;
+    if !output.status.success() {
+        bail!(
+            "sidecar status failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+    let status = StatusReport::from_json(&output.stdout).map_err(|error| anyhow!(error))?;
+    let text = match mode {
+        Mode::Ebpf => status
+            .capture_of(client.cgroup())
+            .with_context(|| format!("no eBPF capture listed for {:?}", client.cgroup()))?
+            .to_string(),
+        Mode::Iptables if status.iptables.is_empty() => bail!("no iptables capture in the pod"),
+        Mode::Iptables => format!(
+            "iptables capture (the pod's netns):\n{}",
+            status.iptables.join("\n")
+        ),
+    };
     for line in text.lines() {
-        if line.starts_with("eBPF capture on") {
-            in_ours = line.contains(&ours);
-        } else if line.starts_with("iptables") || line.starts_with("eBPF capture:") {
-            in_ours = mode == Mode::Iptables;
-        }
-        if in_ours {
-            println!("  {line}");
-        }
+        println!("  {line}");
     }
     Ok(())
 }

@@ -22,6 +22,8 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use serde_yaml::{Mapping, Value};
+use sidecar_common::{CaptureReport, PinLayout, StatusReport};
+use sidecar_tests::prometheus;
 
 use crate::{
     image,
@@ -121,20 +123,17 @@ fn exercise(podman: &Podman, work: &Path, sidecar: &Path, pods: &mut Vec<PlayedP
 
     println!("== the proxy's metrics and access log");
     let (_, metrics) = podman.http_get(&client_app, "http://127.0.0.1:15020/stats/prometheus")?;
-    // Outbound series: TCP connections, and HTTP requests when the proxy detects HTTP.
-    let opened: Vec<&str> = metrics
-        .lines()
-        .filter(|line| {
-            (line.starts_with("istio_tcp_connections_opened_total{")
-                || line.starts_with("istio_requests_total{"))
-                && line.contains("reporter=\"source\"")
-        })
-        .collect();
-    let count: f64 = opened
-        .iter()
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
-    opened.iter().for_each(|line| println!("{line}"));
+    // Outbound series: TCP connections (exported from the start), and HTTP requests when the
+    // proxy detects HTTP (exported once the first request is counted).
+    let source = [("reporter", "source")];
+    let scrape = |error: String| anyhow::anyhow!("the proxy's metrics: {error}");
+    let opened =
+        prometheus::sum(&metrics, "istio_tcp_connections_opened_total", &source).map_err(scrape)?;
+    let requests = prometheus::sum_if_exported(&metrics, "istio_requests_total", &source)
+        .map_err(scrape)?
+        .unwrap_or(0.0);
+    println!("outbound: {opened} TCP connections opened, {requests} HTTP requests");
+    let count = opened + requests;
     if count < 1.0 {
         bail!("the proxy's metrics count no outbound connection or request: {metrics}");
     }
@@ -149,28 +148,29 @@ fn exercise(podman: &Podman, work: &Path, sidecar: &Path, pods: &mut Vec<PlayedP
         "== capture (sidecar status): the client pod's own cgroup only, its annotations applied"
     );
     let status = capture_status(sidecar)?;
-    let captured: Vec<&serde_json::Value> = status
+    let captured: Vec<&CaptureReport> = status
+        .ebpf
         .iter()
         .filter(|entry| {
-            entry["cgroup"]
-                .as_str()
-                .is_some_and(|path| path.contains("libpod_parent/"))
+            entry
+                .cgroup
+                .as_ref()
+                .is_some_and(|path| path.to_string_lossy().contains("libpod_parent/"))
         })
         .collect();
     let ours = |pod: &PlayedPod| {
         captured.iter().find(|entry| {
-            entry["cgroup"]
-                .as_str()
-                .is_some_and(|p| p.ends_with(&pod.id))
+            entry
+                .cgroup
+                .as_ref()
+                .is_some_and(|path| path.to_string_lossy().ends_with(&pod.id))
         })
     };
     let client_capture = ours(client).context("no capture listed for the client pod")?;
-    let excluded = client_capture["excluded_ports"]
-        .as_str()
-        .with_context(|| format!("no `excluded_ports` in the capture: {client_capture}"))?;
+    let excluded = &client_capture.excluded_ports;
     println!(
-        "client pod {}: excluded ports {excluded}, counters {}",
-        client_capture["cgroup"], client_capture["counters"]
+        "client pod {:?}: excluded ports {excluded}, counters {:?}",
+        client_capture.cgroup, client_capture.counters
     );
     if !excluded.split(',').any(|p| p == ANNOTATED_EXCLUDED_PORT) {
         bail!("the pod annotation excludeOutboundPorts={ANNOTATED_EXCLUDED_PORT} was not applied");
@@ -276,14 +276,9 @@ fn wait_until_ready(podman: &Podman, app: &str) -> Result<()> {
     }
 }
 
-fn capture_status(sidecar: &Path) -> Result<Vec<serde_json::Value>> {
+fn capture_status(sidecar: &Path) -> Result<StatusReport> {
     let out = checked(Command::new(sidecar).args(["status", "--json"]))?;
-    let status: serde_json::Value =
-        serde_json::from_slice(&out.stdout).context("sidecar status --json")?;
-    status["ebpf"]
-        .as_array()
-        .cloned()
-        .ok_or_else(|| anyhow::anyhow!("`status --json` has no `ebpf` list: {status}"))
+    StatusReport::from_json(&out.stdout).map_err(|error| anyhow::anyhow!(error))
 }
 
 /// Removes the pods, the capture, and the cgroup directories podman leaves behind; then checks
@@ -294,7 +289,7 @@ fn teardown(podman: &Podman, sidecar: &Path, pods: &[PlayedPod]) -> Result<()> {
     let pin_dirs: Vec<PathBuf> = pods
         .iter()
         .filter_map(|pod| std::fs::metadata(v2_root.join(rel(&pod.cgroup))).ok())
-        .map(|meta| PathBuf::from(format!("/sys/fs/bpf/sidecar/cgroup-{}", meta.ino())))
+        .map(|meta| PinLayout::default().capture_dir(meta.ino()))
         .collect();
     for pod in pods {
         podman.output(&["pod", "rm", "-f", "-t", "0", &pod.id])?;

@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use clap::Args;
 
+use sidecar_common::PinLayout;
+
 use crate::{bpffs, captures, cgroup::Cgroup, iptables_capture};
 
 #[derive(Args, Debug)]
@@ -38,11 +40,12 @@ pub fn run(args: CleanupArgs) -> Result<()> {
     }
     let mut removed = Vec::new();
     if args.cgroup.is_some() || args.stale || args.all {
-        let lock = bpffs::lock(&args.bpffs)?;
+        let layout = PinLayout::new(&args.bpffs);
+        let lock = bpffs::lock(&layout)?;
         let pin_dirs = if let Some(path) = &args.cgroup {
-            vec![bpffs::pin_dir(&args.bpffs, Cgroup::resolve(path)?.id)]
+            vec![layout.capture_dir(Cgroup::resolve(path)?.id)]
         } else {
-            let all = captures::list(&args.bpffs)?;
+            let all = captures::list(&layout)?;
             let live: Vec<String> = all
                 .iter()
                 .filter_map(|c| c.cgroup.as_ref().map(|p| p.display().to_string()))
@@ -64,7 +67,7 @@ pub fn run(args: CleanupArgs) -> Result<()> {
         for dir in pin_dirs {
             removed.extend(captures::remove(&dir, &lock)?);
         }
-        removed.extend(captures::remove_node_state_if_unused(&args.bpffs, &lock)?);
+        removed.extend(captures::remove_node_state_if_unused(&layout, &lock)?);
     }
     if args.iptables {
         removed.extend(iptables_capture::remove()?);

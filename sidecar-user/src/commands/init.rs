@@ -4,7 +4,9 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use ipnet::IpNet;
-use sidecar_common::{DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT, DEFAULT_SHORTCUT_CONNECTIONS};
+use sidecar_common::{
+    DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT, DEFAULT_SHORTCUT_CONNECTIONS, PinLayout,
+};
 
 use crate::{
     bpffs,
@@ -268,8 +270,9 @@ fn init_ebpf(args: &InitArgs, settings: &CaptureSettings) -> Result<()> {
     }
     bpffs::ensure_mounted(&args.bpffs)?;
     // Held until init exits: a concurrent init or cleanup waits for a complete capture.
-    let _lock = bpffs::lock(&args.bpffs)?;
-    let pin_dir = bpffs::pin_dir(&args.bpffs, cgroup.id);
+    let layout = PinLayout::new(&args.bpffs);
+    let _lock = bpffs::lock(&layout)?;
+    let pin_dir = layout.capture_dir(cgroup.id);
     let target = ebpf_capture::EbpfTarget {
         cgroup: &cgroup,
         proxy_cgroup: proxy_cgroup.as_ref(),

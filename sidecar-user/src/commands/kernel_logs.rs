@@ -15,6 +15,8 @@ use aya_log::EbpfLogger;
 use clap::Args;
 use rustix::event::{PollFd, PollFlags, poll};
 
+use sidecar_common::{AttachPoint, PinLayout};
+
 use crate::{bpffs, cgroup::Cgroup, ebpf_capture};
 
 #[derive(Args, Debug)]
@@ -52,12 +54,12 @@ impl log::Log for StdoutLog {
 pub fn run(args: KernelLogsArgs) -> Result<()> {
     super::require_root("sidecar kernel-logs")?;
     let cgroup = Cgroup::resolve(&args.cgroup)?;
-    let pin_dir = bpffs::pin_dir(&args.bpffs, cgroup.id);
     // Every program shares the node's log ring: any of the pod's attached programs finds it.
-    let link_pin = pin_dir.join(ebpf_capture::link_pin_name(
+    let link_pin = PinLayout::link_pin(
+        &PinLayout::new(&args.bpffs).capture_dir(cgroup.id),
         ebpf_capture::POD_HOOKS[0].program,
-        ebpf_capture::AttachPoint::PodCgroup,
-    ));
+        AttachPoint::PodCgroup,
+    );
     let link = PinnedLink::from_pin(&link_pin).with_context(|| {
         format!(
             "no capture installed for {} (run `sidecar init`)",

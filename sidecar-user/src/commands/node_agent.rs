@@ -33,7 +33,7 @@ use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 use prometheus::{IntCounter, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 use tokio::{net::TcpListener, signal::unix::SignalKind, sync::mpsc};
 
-use sidecar_common::Counter;
+use sidecar_common::{Counter, PinLayout};
 
 use crate::{bpffs, captures, ebpf_capture, kernel_memory::KernelMemory};
 
@@ -69,7 +69,7 @@ async fn agent(args: NodeAgentArgs) -> Result<()> {
         "sidecar node-agent: metrics on http://{}/stats/prometheus, collecting deleted pods' \
          captures under {}",
         listener.local_addr()?,
-        bpffs::sidecar_dir(&args.bpffs).display()
+        PinLayout::new(&args.bpffs).sidecar_dir().display()
     );
     tokio::spawn(serve(listener, metrics.clone()));
 
@@ -86,7 +86,7 @@ async fn agent(args: NodeAgentArgs) -> Result<()> {
     )
     .context("cannot watch cgroup directories (inotify)")?;
     let mut agent = Agent {
-        bpffs: args.bpffs.clone(),
+        pins: PinLayout::new(&args.bpffs),
         watcher,
         watched: HashMap::new(),
         parents: HashMap::new(),
@@ -112,7 +112,7 @@ async fn agent(args: NodeAgentArgs) -> Result<()> {
 
 /// The captures being watched, by cgroup id, with their cgroup directory.
 struct Agent {
-    bpffs: PathBuf,
+    pins: PinLayout,
     watcher: RecommendedWatcher,
     watched: HashMap<u64, PathBuf>,
     /// Watched parent directories, with how many watched cgroups each has.
@@ -129,7 +129,7 @@ impl Agent {
     /// Watches captures that appeared since the last look (their cgroup is found with one walk
     /// of the tree, only when there are new ones) and forgets the ones removed by others.
     fn rescan(&mut self) {
-        let present: BTreeSet<u64> = captures::ids(&self.bpffs).into_iter().collect();
+        let present: BTreeSet<u64> = captures::ids(&self.pins).into_iter().collect();
         let gone: Vec<u64> = self
             .watched
             .keys()
@@ -151,7 +151,7 @@ impl Agent {
     /// Logs and counts the binds of a proxy port refused in each pod since the last look.
     fn report_refused_binds(&mut self) {
         for (id, cgroup) in &self.watched {
-            let pin_dir = bpffs::pin_dir(&self.bpffs, *id);
+            let pin_dir = self.pins.capture_dir(*id);
             let Ok(now) = ebpf_capture::read_counter(&pin_dir, Counter::ProxyPortBindRefused)
             else {
                 continue; // removed meanwhile: the next rescan forgets it
@@ -173,7 +173,7 @@ impl Agent {
 
     /// Checks every capture against the cgroup tree: collects the stale ones, watches the rest.
     fn sweep(&mut self) {
-        let all = match captures::list(&self.bpffs) {
+        let all = match captures::list(&self.pins) {
             Ok(all) => all,
             Err(error) => {
                 eprintln!("sidecar node-agent: cannot list captures: {error:#}");
@@ -203,14 +203,14 @@ impl Agent {
         if std::fs::metadata(cgroup).is_ok_and(|meta| meta.ino() == id) {
             return;
         }
-        self.collect(id, &bpffs::pin_dir(&self.bpffs, id));
+        self.collect(id, &self.pins.capture_dir(id));
     }
 
     fn collect(&mut self, id: u64, pin_dir: &Path) {
         self.forget(id);
-        let removed = bpffs::lock(&self.bpffs).and_then(|lock| {
+        let removed = bpffs::lock(&self.pins).and_then(|lock| {
             let mut removed = captures::remove(pin_dir, &lock)?;
-            removed.extend(captures::remove_node_state_if_unused(&self.bpffs, &lock)?);
+            removed.extend(captures::remove_node_state_if_unused(&self.pins, &lock)?);
             Ok(removed)
         });
         match removed {
@@ -270,7 +270,7 @@ impl Agent {
 
     fn update_gauges(&mut self) {
         self.gauges_stale = false;
-        let ids = captures::ids(&self.bpffs);
+        let ids = captures::ids(&self.pins);
         let live = self.watched.len() as i64;
         let all = ids.len() as i64;
         self.metrics.captures.with_label_values(&["live"]).set(live);
@@ -278,11 +278,11 @@ impl Agent {
             .captures
             .with_label_values(&["stale"])
             .set((all - live).max(0));
-        let node_dir = bpffs::node_dir(&self.bpffs);
+        let node_dir = self.pins.node_dir();
         let memory = KernelMemory::scan(&node_dir).and_then(|memory| {
             let mut total = memory.of_node_state(&node_dir)?;
             for id in ids {
-                total += memory.of_capture(&bpffs::pin_dir(&self.bpffs, id))?;
+                total += memory.of_capture(&self.pins.capture_dir(id))?;
             }
             Ok(total)
         });

@@ -48,7 +48,9 @@ use super::{
     mesh::MeshHandle,
     metrics::{DownstreamTimeout, Metrics},
 };
-use crate::{bpffs, ebpf_capture};
+use sidecar_common::PinLayout;
+
+use crate::ebpf_capture;
 
 pub const METRICS_PATH: &str = "/stats/prometheus";
 pub const READY_PATH: &str = "/healthz/ready";
@@ -470,18 +472,18 @@ fn logging(query: Option<&str>, state: &AdminState) -> Response<Full<Bytes>> {
 /// The capture's kernel counters, summed over CPUs, one `bpf.<pin dir>.<counter>: value` line
 /// each; or why they cannot be read (the proxy usually runs without BPF privileges).
 fn bpf_counters(bpffs_root: &Path) -> String {
-    let dir = bpffs::sidecar_dir(bpffs_root);
-    let entries = match std::fs::read_dir(&dir) {
-        Ok(entries) => entries,
-        Err(error) => return format!("bpf: unavailable: cannot read {}: {error}\n", dir.display()),
-    };
+    let layout = PinLayout::new(bpffs_root);
+    let dir = layout.sidecar_dir();
+    if let Err(error) = std::fs::read_dir(&dir) {
+        return format!("bpf: unavailable: cannot read {}: {error}\n", dir.display());
+    }
     let mut out = String::new();
-    for entry in entries.flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if !name.starts_with("cgroup-") {
-            continue;
-        }
-        match ebpf_capture::read_counters(&entry.path()) {
+    for (_, capture_dir) in layout.capture_dirs() {
+        let name = capture_dir
+            .file_name()
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        match ebpf_capture::read_counters(&capture_dir) {
             Ok(counters) => {
                 for (counter, value) in counters {
                     let _ = writeln!(out, "bpf.{name}.{}: {value}", counter.name());

@@ -609,7 +609,10 @@ impl Metrics {
 
 #[cfg(test)]
 mod tests {
+    use sidecar_tests::prometheus as prometheus_text;
+
     use super::*;
+    use crate::proxy::testing::metric;
 
     fn local() -> LocalWorkload {
         LocalWorkload {
@@ -626,33 +629,62 @@ mod tests {
             .opened
             .inc();
         metrics.record_failure(Direction::Outbound, FailureReason::Loop);
-        let text = metrics.render()?;
-        let labels = concat!(
-            r#"{connection_security_policy="none",destination_principal="unknown","#,
-            r#"destination_service="unknown",destination_workload="unknown","#,
-            r#"reporter="source",request_protocol="tcp",source_principal="unknown","#,
-            r#"source_workload="web",source_workload_namespace="shop"}"#
+        let outbound = [
+            ("connection_security_policy", "none"),
+            ("destination_principal", "unknown"),
+            ("destination_service", "unknown"),
+            ("destination_workload", "unknown"),
+            ("reporter", "source"),
+            ("request_protocol", "tcp"),
+            ("source_principal", "unknown"),
+            ("source_workload", "web"),
+            ("source_workload_namespace", "shop"),
+        ];
+        for (name, expected) in [
+            ("istio_tcp_connections_opened_total", 1),
+            ("istio_tcp_connections_closed_total", 0),
+            ("istio_tcp_sent_bytes_total", 0),
+            ("istio_tcp_received_bytes_total", 0),
+        ] {
+            assert_eq!(metric(&metrics, name, &outbound), expected, "{name}");
+        }
+        let inbound = [("reporter", "destination")];
+        assert_eq!(
+            metric(&metrics, "istio_tcp_connections_opened_total", &inbound),
+            0
         );
-        assert!(text.contains(&format!("istio_tcp_connections_opened_total{labels} 1")));
-        assert!(text.contains(&format!("istio_tcp_connections_closed_total{labels} 0")));
-        assert!(text.contains(&format!("istio_tcp_sent_bytes_total{labels} 0")));
-        assert!(text.contains(&format!("istio_tcp_received_bytes_total{labels} 0")));
-        assert!(text.contains(r#"reporter="destination""#));
-        assert!(text.contains(r#"sidecar_outbound_failures_total{reason="loop"} 1"#));
-        assert!(text.contains(r#"sidecar_outbound_failures_total{reason="connect_timeout"} 0"#));
-        assert!(text.contains(r#"sidecar_inbound_failures_total{reason="plaintext_refused"} 0"#));
-        assert!(!text.contains(r#"sidecar_outbound_failures_total{reason="unauthorized"}"#));
-        assert!(text.contains(r#"sidecar_certificate_reloads_total{result="failure"} 0"#));
-        assert!(
-            !text.contains("sidecar_certificate_expiration_seconds"),
+        let failures = |direction: &str, reason: &str| {
+            let name = format!("sidecar_{direction}_failures_total");
+            metric(&metrics, &name, &[("reason", reason)])
+        };
+        assert_eq!(failures("outbound", "loop"), 1);
+        assert_eq!(failures("outbound", "connect_timeout"), 0);
+        assert_eq!(failures("inbound", "plaintext_refused"), 0);
+        let unauthorized = [("reason", "unauthorized")];
+        let text = metrics.render()?;
+        assert_eq!(
+            prometheus_text::matching(&text, "sidecar_outbound_failures_total", &unauthorized),
+            Ok(vec![]),
+            "an inbound-only reason is not exported outbound"
+        );
+        assert_eq!(
+            metric(
+                &metrics,
+                "sidecar_certificate_reloads_total",
+                &[("result", "failure")]
+            ),
+            0
+        );
+        assert_eq!(
+            prometheus_text::sum_if_exported(&text, "sidecar_certificate_expiration_seconds", &[]),
+            Ok(None),
             "no certificate yet"
         );
         metrics.set_certificate_expiration(1_900_000_000);
         metrics.set_certificate_expiration(1_900_000_001);
-        assert!(
-            metrics
-                .render()?
-                .contains("sidecar_certificate_expiration_seconds 1900000001")
+        assert_eq!(
+            metric(&metrics, "sidecar_certificate_expiration_seconds", &[]),
+            1_900_000_001
         );
         Ok(())
     }
@@ -664,16 +696,21 @@ mod tests {
         let labels = TcpLabels::new(Direction::Inbound, &local()).with_mutual_tls(&client, &server);
         let metrics = Metrics::new(&local())?;
         metrics.tcp(&labels).opened.inc();
-        let text = metrics.render()?;
-        let expected = concat!(
-            r#"istio_tcp_connections_opened_total{connection_security_policy="mutual_tls","#,
-            r#"destination_principal="spiffe://td/ns/shop/sa/web","#,
-            r#"destination_service="unknown",destination_workload="web","#,
-            r#"reporter="destination",request_protocol="tcp","#,
-            r#"source_principal="spiffe://td/ns/front/sa/client","#,
-            r#"source_workload="unknown",source_workload_namespace="front"} 1"#
+        let series = [
+            ("connection_security_policy", "mutual_tls"),
+            ("destination_principal", "spiffe://td/ns/shop/sa/web"),
+            ("destination_service", "unknown"),
+            ("destination_workload", "web"),
+            ("reporter", "destination"),
+            ("request_protocol", "tcp"),
+            ("source_principal", "spiffe://td/ns/front/sa/client"),
+            ("source_workload", "unknown"),
+            ("source_workload_namespace", "front"),
+        ];
+        assert_eq!(
+            metric(&metrics, "istio_tcp_connections_opened_total", &series),
+            1
         );
-        assert!(text.contains(expected), "{text}");
         Ok(())
     }
 }

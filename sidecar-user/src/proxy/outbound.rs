@@ -378,24 +378,25 @@ mod tests {
             .closed;
         wait_until("every connection is closed", || closed.get() == 3).await;
 
-        let total: usize = requests.iter().map(|r| r.len()).sum();
-        let text = metrics.render()?;
-        let labels = concat!(
-            r#"{connection_security_policy="none",destination_principal="unknown","#,
-            r#"destination_service="unknown",destination_workload="unknown","#,
-            r#"reporter="source",request_protocol="tcp",source_principal="unknown","#,
-            r#"source_workload="client",source_workload_namespace="test-ns"}"#
-        );
-        for expected in [
-            format!("istio_tcp_connections_opened_total{labels} 3"),
-            format!("istio_tcp_connections_closed_total{labels} 3"),
-            format!("istio_tcp_received_bytes_total{labels} {total}"),
-            format!("istio_tcp_sent_bytes_total{labels} {total}"),
+        let total = requests.iter().map(|r| r.len() as u64).sum();
+        let series = [
+            ("connection_security_policy", "none"),
+            ("destination_principal", "unknown"),
+            ("destination_service", "unknown"),
+            ("destination_workload", "unknown"),
+            ("reporter", "source"),
+            ("request_protocol", "tcp"),
+            ("source_principal", "unknown"),
+            ("source_workload", "client"),
+            ("source_workload_namespace", "test-ns"),
+        ];
+        for (name, expected) in [
+            ("istio_tcp_connections_opened_total", 3),
+            ("istio_tcp_connections_closed_total", 3),
+            ("istio_tcp_received_bytes_total", total),
+            ("istio_tcp_sent_bytes_total", total),
         ] {
-            assert!(
-                text.lines().any(|line| line == expected),
-                "missing {expected} in\n{text}"
-            );
+            assert_eq!(metric(&metrics, name, &series), expected, "{name}");
         }
         Ok(())
     }

@@ -10,6 +10,7 @@ use std::{
     time::Duration,
 };
 
+use sidecar_common::{AttachPoint, CaptureReport, StatusReport};
 use sidecar_tests::{
     ConnectReport, Lab, LabProcess, Pod, require_root, wait_for_http_ok, wait_for_tcp,
 };
@@ -247,14 +248,13 @@ impl MeshLab {
 
     /// The kernel-side counters of the client pod's capture, from `sidecar status --json`.
     pub fn bpf_counters(&self) -> BTreeMap<String, u64> {
-        let capture = self
-            .ebpf_status()
-            .expect("capture installed for the client pod");
-        serde_json::from_value(capture["counters"].clone()).expect("counters")
+        self.ebpf_status()
+            .expect("capture installed for the client pod")
+            .counters
     }
 
     /// The client pod's entry in `sidecar status --json`, if any.
-    pub fn ebpf_status(&self) -> Option<serde_json::Value> {
+    pub fn ebpf_status(&self) -> Option<CaptureReport> {
         status_of(self.client.cgroup())
     }
 
@@ -270,43 +270,63 @@ impl MeshLab {
     }
 }
 
-/// The entry of the capture of `cgroup` in `sidecar status --json`, if any.
-pub fn status_of(cgroup: &Path) -> Option<serde_json::Value> {
+/// `sidecar status --json`, typed: a key missing or renamed fails here, naming it.
+pub fn status_report() -> StatusReport {
     let out = sidecar(&["status", "--json"]);
     assert!(out.status.success(), "status failed:\n{}", text(&out));
-    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
-    let cgroup = cgroup.to_string_lossy();
-    status["ebpf"]
-        .as_array()
-        .expect("ebpf list")
-        .iter()
-        .find(|c| c["cgroup"].as_str() == Some(&*cgroup))
-        .cloned()
+    StatusReport::from_json(&out.stdout).unwrap_or_else(|error| panic!("{error}"))
+}
+
+/// The entry of the capture of `cgroup` in `sidecar status --json`, if any.
+pub fn status_of(cgroup: &Path) -> Option<CaptureReport> {
+    status_report().capture_of(cgroup).cloned()
 }
 
 /// The capture of `cgroup` has its nine links, and each pod-cgroup hook has exactly its
 /// own program attached to the cgroup.
 pub fn assert_fully_attached(cgroup: &Path) {
     let capture = status_of(cgroup).unwrap_or_else(|| panic!("no capture for {cgroup:?}"));
-    let links = capture["links"].as_array().unwrap();
-    assert_eq!(links.len(), 9, "{capture}");
-    for link in links.iter().filter(|l| l["attached_to"] == "PodCgroup") {
+    assert_eq!(capture.links.len(), 9, "{capture:?}");
+    for link in capture
+        .links
+        .iter()
+        .filter(|l| l.attached_to == AttachPoint::PodCgroup)
+    {
         assert_eq!(
-            link["attached_program_ids"],
-            serde_json::json!([link["program_id"]]),
-            "{cgroup:?}: {link}"
+            link.attached_program_ids,
+            [link.program_id],
+            "{cgroup:?}: {link:?}"
         );
     }
 }
 
 /// Sum of the samples of `name` having every `label="value"` in the metrics of `pod`'s proxy
-/// (which must be a valid exposition).
+/// (which must be a valid exposition). The metric must be there with a series for those
+/// labels: a misspelt or renamed one fails, naming what is there.
 pub fn proxy_metric(pod: &Pod, name: &str, labels: &[(&str, &str)]) -> u64 {
-    let body = wait_for_http_ok(pod, "http://127.0.0.1:15020/stats/prometheus", READY)
+    sidecar_tests::prometheus::sum(&scrape_proxy(pod), name, labels)
+        .unwrap_or_else(|error| panic!("the proxy's metrics: {error}")) as u64
+}
+
+/// As [`proxy_metric`], but 0 while the metric has no series for those labels yet (a series
+/// the proxy creates on first use): for waiting until it counts. The metric must be there.
+pub fn proxy_metric_or_zero(pod: &Pod, name: &str, labels: &[(&str, &str)]) -> u64 {
+    sidecar_tests::prometheus::sum_or_zero_if_family_present(&scrape_proxy(pod), name, labels)
+        .unwrap_or_else(|error| panic!("the proxy's metrics: {error}")) as u64
+}
+
+/// As [`proxy_metric`], but None while the proxy does not export a series of `name` with those
+/// labels at all (a gauge exported once it has something to say).
+pub fn proxy_metric_if_exported(pod: &Pod, name: &str, labels: &[(&str, &str)]) -> Option<u64> {
+    sidecar_tests::prometheus::sum_if_exported(&scrape_proxy(pod), name, labels)
+        .unwrap_or_else(|error| panic!("the proxy's metrics do not parse: {error}"))
+        .map(|value| value as u64)
+}
+
+fn scrape_proxy(pod: &Pod) -> String {
+    wait_for_http_ok(pod, "http://127.0.0.1:15020/stats/prometheus", READY)
         .expect("scrape proxy metrics")
-        .body;
-    sidecar_tests::prometheus::sum(&body, name, labels)
-        .unwrap_or_else(|error| panic!("the proxy's metrics do not parse: {error}")) as u64
+        .body
 }
 
 /// IPv4-mapped addresses as plain IPv4, so dual-stack servers' reports compare equal.

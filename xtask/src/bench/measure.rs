@@ -15,6 +15,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+use sidecar_common::Counter;
 use sidecar_tests::{
     LabProcess,
     tools::load::{LoadReport, LoadSpec, WARM_LINE, Workload, client::report_from_output},
@@ -300,9 +301,10 @@ fn counters_delta(
     Some(
         after?
             .into_iter()
-            .map(|(name, value)| {
-                let since = value.saturating_sub(before.get(&name).copied().unwrap_or(0));
-                (name, since)
+            // A counter missing from either reading is left out: the gates then name it.
+            .filter_map(|(name, value)| {
+                let since = value.saturating_sub(*before.get(&name)?);
+                Some((name, since))
             })
             .collect(),
     )
@@ -362,39 +364,49 @@ fn gate_failures(measurement: &Measurement, scenario: Scenario) -> Vec<String> {
     let mut check_counters = |pod: &str,
                               counters: &BTreeMap<String, u64>,
                               expected: u64,
-                              equal: &[&str],
-                              zero: &[&str]| {
-        let counter = |name: &str| counters.get(name).copied().unwrap_or(0);
-        for name in equal.iter().filter(|name| counter(name) != expected) {
-            failures.push(format!(
-                "{pod} kernel counter {name} = {}, expected {expected}",
-                counter(name)
-            ));
+                              equal: &[Counter],
+                              zero: &[Counter]| {
+        let mut check =
+            |counter: Counter, wanted: u64, what: &str| match counters.get(counter.name()) {
+                Some(&value) if value == wanted => {}
+                Some(value) => failures.push(format!(
+                    "{pod} kernel counter {} = {value}, expected {what}",
+                    counter.name()
+                )),
+                None => failures.push(format!(
+                    "{pod} kernel counter {} is not in `sidecar status --json` (has {:?})",
+                    counter.name(),
+                    counters.keys().collect::<Vec<_>>()
+                )),
+            };
+        for &counter in equal {
+            check(counter, expected, &expected.to_string());
         }
-        let ends = counter("shortcut_sockets");
-        if shortcut && ends != 2 * expected {
-            failures.push(format!(
-                "{pod}: {ends} sockets entered the sockmap shortcut, expected 2 per connection ({expected} connections)"
-            ));
+        if shortcut {
+            check(
+                Counter::ShortcutSockets,
+                2 * expected,
+                &format!("2 per connection ({expected} connections)"),
+            );
         }
-        for name in zero.iter().filter(|name| counter(name) != 0) {
-            failures.push(format!("{pod} kernel counter {name} = {}", counter(name)));
+        for &counter in zero {
+            check(counter, 0, "0");
         }
     };
     if let Some(counters) = &measurement.kernel_counters {
-        let equal = ["redirected", "orig_dst_served"];
+        let equal = [Counter::Redirected, Counter::OrigDstServed];
         // The proxy was there for every connect: none refused or sent direct for its absence.
         let zero = [
-            "errors",
-            "orig_dst_missing",
-            "outbound_no_proxy_refused",
-            "outbound_no_proxy_direct",
+            Counter::Errors,
+            Counter::OrigDstMissing,
+            Counter::OutboundNoProxyRefused,
+            Counter::OutboundNoProxyDirect,
         ];
         check_counters("client", counters, connections, &equal, &zero);
     }
     if let Some(counters) = &measurement.server_kernel_counters {
-        let zero = ["errors", "inbound_no_proxy"];
-        let equal = ["inbound_redirected"];
+        let zero = [Counter::Errors, Counter::InboundNoProxy];
+        let equal = [Counter::InboundRedirected];
         check_counters("server", counters, server_connections, &equal, &zero);
     }
     if let Some(grown) = measurement.orig_dst_index_growth

@@ -19,6 +19,7 @@ use std::{
 use anyhow::{Context, Result, anyhow, bail, ensure};
 use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
+use sidecar_common::{CaptureReport, StatusReport};
 use sidecar_tests::{Lab, LabProcess, Pod, PodCommand, prometheus, wait_for_http_ok, wait_for_tcp};
 
 use super::{haproxy, mesh, metrics, workload::WorkloadKind};
@@ -379,20 +380,12 @@ impl Side {
         Ok(accepted as u64)
     }
 
-    /// HTTP requests the sidecar has proxied as the source's reporter. Before the first
-    /// request the series does not exist yet: that reads as 0 (a renamed metric then fails the
-    /// gate that compares it with the requests the load generator sent).
+    /// HTTP requests the sidecar has proxied as the source's reporter. Read once the warm-up
+    /// has sent requests: a series missing then (a renamed metric) is an error.
     fn scrape_requests(&self) -> Result<u64> {
-        let samples = prometheus::parse(&self.scrape()?)
-            .map_err(|error| anyhow!("the proxy's metrics do not parse: {error}"))?;
-        let requests: f64 = samples
-            .iter()
-            .filter(|sample| {
-                sample.name == "istio_requests_total"
-                    && sample.labels.get("reporter").map(String::as_str) == Some("source")
-            })
-            .map(|sample| sample.value)
-            .sum();
+        let labels = [("reporter", "source")];
+        let requests = prometheus::sum(&self.scrape()?, "istio_requests_total", &labels)
+            .map_err(|error| anyhow!("the proxy's metrics: {error}"))?;
         Ok(requests as u64)
     }
 }
@@ -537,11 +530,8 @@ impl ScenarioLab {
         if self.scenario.capture() != Capture::Ebpf {
             return Ok(None);
         }
-        let capture = self.ebpf_status(&self.client.pod)?;
-        let pending = capture["pending_handoffs"]
-            .as_u64()
-            .context("pending_handoffs in `sidecar status --json`")?;
-        Ok(Some(pending as usize))
+        let pending = self.ebpf_status(&self.client.pod)?.pending_handoffs;
+        Ok(Some(usize::try_from(pending)?))
     }
 
     /// `(name, program id)` of every program attached for the pods; the server pod's programs
@@ -563,28 +553,19 @@ impl ScenarioLab {
         if self.scenario.capture() != Capture::Ebpf {
             return Ok(None);
         }
-        let capture = self.ebpf_status(pod)?;
-        serde_json::from_value(capture["counters"].clone())
-            .context("counters in `sidecar status --json`")
-            .map(Some)
+        Ok(Some(self.ebpf_status(pod)?.counters))
     }
 
     fn programs_of(&self, pod: &Pod, prefix: &str) -> Result<Vec<(String, u32)>> {
         let capture = self.ebpf_status(pod)?;
-        let links = capture["links"]
-            .as_array()
-            .context("links in `sidecar status --json`")?;
-        links
-            .iter()
-            .map(|link| {
-                let name = link["program"].as_str().context("link program name")?;
-                let id = link["program_id"].as_u64().context("link program id")?;
-                Ok((format!("{prefix}{name}"), u32::try_from(id)?))
-            })
-            .collect()
+        Ok(capture
+            .links
+            .into_iter()
+            .map(|link| (format!("{prefix}{}", link.program), link.program_id))
+            .collect())
     }
 
-    fn ebpf_status(&self, pod: &Pod) -> Result<serde_json::Value> {
+    fn ebpf_status(&self, pod: &Pod) -> Result<CaptureReport> {
         let output = Command::new(&self.sidecar)
             .args(["status", "--json"])
             .output()
@@ -594,15 +575,11 @@ impl ScenarioLab {
             "sidecar status failed: {}",
             String::from_utf8_lossy(&output.stderr)
         );
-        let status: serde_json::Value = serde_json::from_slice(&output.stdout)?;
-        let cgroup = pod.cgroup().to_string_lossy();
-        status["ebpf"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|capture| capture["cgroup"].as_str() == Some(&cgroup))
+        let status = StatusReport::from_json(&output.stdout).map_err(|error| anyhow!(error))?;
+        status
+            .capture_of(pod.cgroup())
             .cloned()
-            .with_context(|| format!("no eBPF capture listed for {cgroup}"))
+            .with_context(|| format!("no eBPF capture listed for {}", pod.cgroup().display()))
     }
 
     fn start_server(&mut self) -> Result<()> {
