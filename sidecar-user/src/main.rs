@@ -4,19 +4,8 @@
 //! - `sidecar cleanup`: removes everything `init` created.
 //! - `sidecar status`: what is attached where, with the kernel-side counters.
 //! - `sidecar proxy`: the userspace proxy the captured connections are sent to.
-mod bpffs;
-mod capture_settings;
-mod captures;
-mod cgroup;
 mod commands;
-mod ebpf_capture;
-mod iptables_capture;
-mod kernel_memory;
-mod pod_annotations;
-mod pod_netns;
-mod probe;
 mod proxy;
-mod sys;
 
 use clap::{Parser, Subcommand};
 

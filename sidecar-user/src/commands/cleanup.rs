@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use clap::Args;
 
-use crate::{bpffs, captures, cgroup::Cgroup, iptables_capture};
+use sidecar_capture::{bpffs, captures, cgroup::Cgroup, iptables_capture};
 
 #[derive(Args, Debug)]
 pub struct CleanupArgs {

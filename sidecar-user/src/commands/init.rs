@@ -6,7 +6,7 @@ use clap::{Args, ValueEnum};
 use ipnet::IpNet;
 use sidecar_common::{DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT, DEFAULT_SHORTCUT_CONNECTIONS};
 
-use crate::{
+use sidecar_capture::{
     bpffs,
     capture_settings::{CaptureSettings, PortRanges, WhenProxyDown, parse_cidr},
     cgroup::Cgroup,

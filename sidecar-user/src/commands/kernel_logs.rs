@@ -15,7 +15,7 @@ use aya_log::EbpfLogger;
 use clap::Args;
 use rustix::event::{PollFd, PollFlags, poll};
 
-use crate::{bpffs, cgroup::Cgroup, ebpf_capture};
+use sidecar_capture::{bpffs, cgroup::Cgroup, ebpf_capture};
 
 #[derive(Args, Debug)]
 pub struct KernelLogsArgs {

@@ -11,7 +11,7 @@ use serde::Serialize;
 
 use sidecar_common::map_names;
 
-use crate::{
+use sidecar_capture::{
     bpffs,
     capture_settings::WhenProxyDown,
     captures,

@@ -48,7 +48,7 @@ use super::{
     mesh::MeshHandle,
     metrics::{DownstreamTimeout, Metrics},
 };
-use crate::{bpffs, ebpf_capture};
+use sidecar_capture::{bpffs, ebpf_capture};
 
 pub const METRICS_PATH: &str = "/stats/prometheus";
 pub const READY_PATH: &str = "/healthz/ready";

@@ -125,7 +125,7 @@ pub struct ProxyArgs {
     pub admin_allowed_uids: Vec<u32>,
 
     /// bpffs mount holding the capture's pinned maps, for the kernel counters in `/stats`.
-    #[arg(long, default_value = crate::bpffs::DEFAULT_BPFFS)]
+    #[arg(long, default_value = sidecar_capture::bpffs::DEFAULT_BPFFS)]
     pub bpffs: PathBuf,
 
     /// Whether this pod's eBPF capture is checked (not ready while it is missing): `auto` once

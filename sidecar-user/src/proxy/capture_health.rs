@@ -25,7 +25,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::metrics::Metrics;
-use crate::sys;
+use sidecar_capture::sys;
 
 /// Whether the proxy expects eBPF capture in its pod.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -1,4 +1,4 @@
-//! Embeds the BPF object built by `cargo xtask build-ebpf` into the `sidecar` binary.
+//! Embeds the BPF object built by `cargo xtask build-ebpf` into the loader (`ebpf_capture.rs`).
 use std::path::PathBuf;
 
 fn main() {
