@@ -5,7 +5,7 @@ use anyhow::{Context, Result};
 
 // FsWord: statfs.f_type has a different integer type on each architecture.
 const BPF_FS_MAGIC: rustix::fs::FsWord = 0xcafe_4a11;
-pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
+pub use sidecar_common::DEFAULT_BPFFS;
 
 /// Mounts bpffs at `root` unless one is already there.
 pub fn ensure_mounted(root: &Path) -> Result<()> {

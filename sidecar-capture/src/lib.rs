@@ -11,6 +11,7 @@
 //! - `cgroup`: the pod's cgroup v2; `pod_netns`: what `init` sets in the pod's namespace;
 //! - `probe`: the kernel features checked before loading; `kernel_memory`: what each
 //!   capture holds of kernel memory;
+//! - `proxy_hooks`: what the proxy asks of the capture (its status, its counters);
 //! - `sys`: the few system calls no safe wrapper offers.
 #![deny(unsafe_code)]
 
@@ -24,5 +25,6 @@ pub mod kernel_memory;
 pub mod pod_annotations;
 pub mod pod_netns;
 pub mod probe;
+pub mod proxy_hooks;
 #[allow(unsafe_code)]
 pub mod sys;

@@ -25,6 +25,8 @@ pub const PASSTHROUGH_SOURCE_V6: [u8; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
 pub const DEFAULT_PROXY_ID: u32 = 1337;
 /// "No UID/GID exemption configured": no real process runs with id `(uid_t)-1`.
 pub const NO_ID: u32 = u32::MAX;
+/// Where bpffs is mounted: the loader pins the capture under it, the proxy reads its counters.
+pub const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
 
 /// `SO_ORIGINAL_DST` (and `IP6T_SO_ORIGINAL_DST`): the option the proxy asks for.
 pub const SO_ORIGINAL_DST: i32 = 80;

@@ -32,24 +32,24 @@ struct Target {
 const TARGETS: &[Target] = &[
     Target {
         name: "client_hello",
-        package: "sidecar-user",
-        test: "proxy::sniff::tests::fuzz_client_hello",
-        dir: "sidecar-user/src/proxy/__fuzz__/client_hello",
+        package: "sidecar-proxy",
+        test: "sniff::tests::fuzz_client_hello",
+        dir: "sidecar-proxy/src/__fuzz__/client_hello",
         // A whole record (5 + 2^14 bytes) and a little beyond.
         max_len: Some(16_500),
     },
     Target {
         name: "http_detection",
-        package: "sidecar-user",
-        test: "proxy::http::detect::tests::fuzz_http_detection",
-        dir: "sidecar-user/src/proxy/http/__fuzz__/http_detection",
+        package: "sidecar-proxy",
+        test: "http::detect::tests::fuzz_http_detection",
+        dir: "sidecar-proxy/src/http/__fuzz__/http_detection",
         max_len: None,
     },
     Target {
         name: "mesh_config",
-        package: "sidecar-user",
-        test: "proxy::mesh_config::tests::fuzz_mesh_config",
-        dir: "sidecar-user/src/proxy/__fuzz__/mesh_config",
+        package: "sidecar-proxy",
+        test: "mesh_config::tests::fuzz_mesh_config",
+        dir: "sidecar-proxy/src/__fuzz__/mesh_config",
         max_len: None,
     },
     Target {
@@ -101,7 +101,7 @@ pub fn run_fuzz(opts: &FuzzOptions) -> Result<()> {
     if which("cargo-bolero").is_none() {
         bail!("cargo-bolero is not installed: run `cargo xtask setup`");
     }
-    // sidecar-capture's build script embeds the BPF object.
+    // sidecar-capture's build script embeds the BPF object (the binary's and its own targets).
     build::build_ebpf(&build::BuildOptions::default())?;
     let root = workspace_root();
     let seconds = opts.time_per_target.as_secs().max(1);
