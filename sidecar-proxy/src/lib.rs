@@ -41,17 +41,17 @@ mod connection_limit;
 mod copy;
 mod deadlines;
 mod drain;
-mod http;
+pub mod http;
 mod idle_exit;
 mod inbound;
 mod keepalive;
 mod listener;
 mod log_buffer;
 mod logging;
-mod mesh;
-mod mesh_config;
+pub mod mesh;
+pub mod mesh_config;
 mod mesh_watch;
-mod metrics;
+pub mod metrics;
 mod orig_dst;
 mod outbound;
 mod relay;
@@ -59,12 +59,9 @@ mod sniff;
 mod splice;
 mod upstream;
 
-#[cfg(test)]
-mod mesh_tests;
-#[cfg(test)]
-mod server_tls_tests;
-#[cfg(test)]
-mod testing;
+/// The test rig of the component tests (`tests/components`) and the unit tests.
+#[cfg(any(test, feature = "testing"))]
+pub mod testing;
 
 pub mod identity;
 pub mod tls;

@@ -305,7 +305,7 @@ impl ListenerMetrics {
         }
     }
 
-    #[cfg(test)]
+    #[cfg(any(test, feature = "testing"))]
     pub fn timeout_count(&self, timeout: DownstreamTimeout) -> u64 {
         match timeout {
             DownstreamTimeout::RequestHeaders => self.request_headers_timeouts.get(),
@@ -588,14 +588,14 @@ impl Metrics {
         TextEncoder::new().encode_to_string(&self.registry.gather())
     }
 
-    #[cfg(test)]
+    #[cfg(any(test, feature = "testing"))]
     pub fn failure_count(&self, direction: Direction, reason: FailureReason) -> u64 {
         self.failures(direction)
             .with_label_values(&[reason.name()])
             .get()
     }
 
-    #[cfg(test)]
+    #[cfg(any(test, feature = "testing"))]
     pub fn reload_count(&self, kind: ReloadKind, success: bool) -> u64 {
         let counter = match kind {
             ReloadKind::MeshConfig => &self.mesh_config_reloads,

@@ -392,7 +392,7 @@ impl HttpMetrics {
         self.retries.with_label_values(&[service, reason]).inc();
     }
 
-    #[cfg(test)]
+    #[cfg(any(test, feature = "testing"))]
     pub fn retry_count(&self, service: &str, reason: &str) -> u64 {
         self.retries.with_label_values(&[service, reason]).get()
     }

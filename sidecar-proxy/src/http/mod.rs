@@ -28,13 +28,6 @@ pub mod router;
 mod server;
 mod upgrade;
 
-#[cfg(test)]
-mod inbound_tests;
-#[cfg(test)]
-mod tests;
-#[cfg(test)]
-mod tls_origination_tests;
-
 use std::{net::SocketAddr, sync::Arc};
 
 use http::{Request, Response, StatusCode, header::CONTENT_TYPE};

@@ -13,7 +13,7 @@
 mod certs;
 pub mod issue;
 pub mod origination;
-#[cfg(test)]
+#[cfg(any(test, feature = "testing"))]
 pub mod server_pki;
 pub mod termination;
 mod trust;

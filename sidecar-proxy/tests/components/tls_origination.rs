@@ -12,8 +12,8 @@ use tokio::{
     time::timeout,
 };
 
-use super::HttpConfig;
-use crate::{
+use sidecar_proxy::{
+    http::HttpConfig,
     mesh::{Mesh, MeshHandle},
     metrics::Metrics,
     testing::*,

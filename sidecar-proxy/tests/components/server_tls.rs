@@ -20,12 +20,11 @@ use tokio::{
 use tokio_rustls::{TlsConnector, client::TlsStream};
 use x509_parser::{certificate::X509Certificate, prelude::FromDer};
 
-use super::{
+use sidecar_proxy::{
     metrics::{Direction, FailureReason, Metrics},
     testing::*,
-    tls::{crypto_provider, server_pki::PartnerCa},
+    tls::{crypto_provider, issue::Issued, server_pki::PartnerCa},
 };
-use crate::tls::issue::Issued;
 
 const SERVER_NAME: &str = "legacy.example";
 

@@ -13,12 +13,12 @@ use tokio::{
     net::{TcpListener, TcpStream},
 };
 
-use super::{
+use sidecar_proxy::{
     Timeouts,
     metrics::{Direction, FailureReason, Metrics, ReloadKind},
     testing::*,
+    tls::issue::Validity,
 };
-use crate::tls::issue::Validity;
 
 /// The two proxies of a hop, and what crossed the wire between them.
 struct Hop {
@@ -941,7 +941,7 @@ async fn a_server_tls_port_still_takes_mesh_mutual_tls() -> anyhow::Result<()> {
     let pki = Pki::new()?;
     let server_dir = pki.workload("server", "server", valid(), None)?;
     let client_dir = pki.workload("client", "client", valid(), None)?;
-    let partner = super::tls::server_pki::PartnerCa::new("legacy CA")?;
+    let partner = sidecar_proxy::tls::server_pki::PartnerCa::new("legacy CA")?;
     let own = partner.server(&["legacy.example"])?;
     replace(&server_dir.join("tls.crt"), &own.cert_pem)?;
     replace(&server_dir.join("tls.key"), &own.key_pem)?;
@@ -971,7 +971,7 @@ async fn a_server_tls_port_still_takes_mesh_mutual_tls() -> anyhow::Result<()> {
     roots.add(CertificateDer::from_pem_slice(
         partner.cert_pem().as_bytes(),
     )?)?;
-    let config = rustls::ClientConfig::builder_with_provider(super::tls::crypto_provider())
+    let config = rustls::ClientConfig::builder_with_provider(sidecar_proxy::tls::crypto_provider())
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_no_client_auth();

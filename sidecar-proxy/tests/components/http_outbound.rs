@@ -21,9 +21,9 @@ use tokio::{
     time::timeout,
 };
 
-use super::HttpConfig;
-use crate::{
+use sidecar_proxy::{
     Timeouts,
+    http::HttpConfig,
     mesh::{Mesh, MeshHandle},
     metrics::{Metrics, ReloadKind},
     testing::*,
@@ -652,8 +652,14 @@ fn the_http_section_rejects_bad_input_with_the_reason() {
     assert!(error("services: [{name: s, lb: x}]").contains("unknown field `lb`"));
     let config: HttpConfig =
         serde_yaml::from_str("ports: [{port: 3306, protocol: tcp}]").expect("valid");
-    assert_eq!(config.port_protocol(3306), super::PortProtocol::Tcp);
-    assert_eq!(config.port_protocol(80), super::PortProtocol::Detect);
+    assert_eq!(
+        config.port_protocol(3306),
+        sidecar_proxy::http::PortProtocol::Tcp
+    );
+    assert_eq!(
+        config.port_protocol(80),
+        sidecar_proxy::http::PortProtocol::Detect
+    );
 }
 
 #[test]
@@ -669,7 +675,7 @@ http:
       destinations: [{service: web-v3}]
 ";
     let path = std::path::Path::new("/etc/sidecar/mesh.yaml");
-    let error = crate::mesh_config::MeshConfig::parse(text.as_bytes(), path)
+    let error = sidecar_proxy::mesh_config::MeshConfig::parse(text.as_bytes(), path)
         .expect_err("an unknown service");
     assert_eq!(error.location.map(|(line, _)| line), Some(4), "{error}");
     let shown = error.to_string();
@@ -682,7 +688,7 @@ http:
         "{shown}"
     );
 
-    let error = crate::mesh_config::MeshConfig::parse(
+    let error = sidecar_proxy::mesh_config::MeshConfig::parse(
         text.replace("{service: web-v3}", "{service: web}")
             .replace(
                 "    - name: web\n",
@@ -868,8 +874,8 @@ async fn invalid_http_is_answered_400_and_counted() -> anyhow::Result<()> {
     assert!(response.starts_with("HTTP/1.1 400"), "{response}");
     wait_until("the protocol error is counted", || {
         proxy.metrics.failure_count(
-            crate::metrics::Direction::Outbound,
-            crate::metrics::FailureReason::HttpProtocolError,
+            sidecar_proxy::metrics::Direction::Outbound,
+            sidecar_proxy::metrics::FailureReason::HttpProtocolError,
         ) == 1
     })
     .await;

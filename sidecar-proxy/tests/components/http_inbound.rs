@@ -3,7 +3,7 @@
 //! scripted behaviour. The mTLS side is in `mesh_tests`.
 use std::{
     collections::BTreeMap,
-    net::{IpAddr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicUsize, Ordering},
@@ -22,13 +22,13 @@ use tokio::{
     time::timeout,
 };
 
-use super::HttpConfig;
-use crate::{
+use sidecar_common::PASSTHROUGH_SOURCE_V4;
+use sidecar_proxy::{
     Timeouts,
+    http::HttpConfig,
     mesh::{Mesh, MeshHandle},
     metrics::{Direction, DownstreamTimeout, FailureReason, Metrics},
     testing::*,
-    upstream::PASSTHROUGH_SOURCE_V4,
 };
 
 /// An HTTP/1 (or, `http2`, HTTP/2) app answering `200 app` with the protocol version it got in
@@ -173,7 +173,7 @@ async fn plaintext_requests_reach_the_app_on_a_pooled_connection_and_are_reporte
     );
     assert_eq!(
         *app.peers.lock().unwrap_or_else(PoisonError::into_inner),
-        [IpAddr::V4(PASSTHROUGH_SOURCE_V4)],
+        [IpAddr::V4(Ipv4Addr::from_octets(PASSTHROUGH_SOURCE_V4))],
         "the app is reached from the passthrough address"
     );
     wait_for_series(&proxy.metrics, &plaintext_labels(&[]), 3.0).await;
