@@ -4,19 +4,9 @@
 //! - `sidecar cleanup`: removes everything `init` created.
 //! - `sidecar status`: what is attached where, with the kernel-side counters.
 //! - `sidecar proxy`: the userspace proxy the captured connections are sent to.
-mod bpffs;
-mod capture_settings;
-mod captures;
-mod cgroup;
+#![forbid(unsafe_code)]
+
 mod commands;
-mod ebpf_capture;
-mod iptables_capture;
-mod kernel_memory;
-mod pod_annotations;
-mod pod_netns;
-mod probe;
-mod proxy;
-mod sys;
 
 use clap::{Parser, Subcommand};
 
@@ -48,7 +38,7 @@ enum Command {
     KernelLogs(commands::kernel_logs::KernelLogsArgs),
     /// Run the proxy.
     // Boxed: its options outweigh every other command's.
-    Proxy(Box<proxy::ProxyArgs>),
+    Proxy(Box<sidecar_proxy::ProxyArgs>),
     /// Create a lab CA and SPIFFE workload certificates.
     Certs(commands::certs::CertsArgs),
     /// Add the init container and the proxy to Kubernetes workload YAML (like kube-inject).
@@ -62,7 +52,7 @@ fn main() {
         Command::Status(args) => commands::status::run(args),
         Command::NodeAgent(args) => commands::node_agent::run(args),
         Command::KernelLogs(args) => commands::kernel_logs::run(args),
-        Command::Proxy(args) => proxy::run(*args),
+        Command::Proxy(args) => commands::proxy::run(*args),
         Command::Certs(args) => commands::certs::run(args),
         Command::Inject(args) => commands::inject::run(args),
     };

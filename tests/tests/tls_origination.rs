@@ -350,7 +350,7 @@ impl OriginationLab {
 
     /// The proxy's access lines (JSON) for requests.
     /// The access lines so far, once one satisfies `wanted` (or after 5 s): the proxy writes
-    /// its log lines out in batches, within 100 ms (`proxy/log_buffer.rs`).
+    /// its log lines out in batches, within 100 ms (`sidecar-proxy/src/log_buffer.rs`).
     fn access_lines_once(
         &self,
         wanted: impl Fn(&serde_json::Value) -> bool,

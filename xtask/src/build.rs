@@ -25,7 +25,7 @@ fn cargo_ebpf_object() -> PathBuf {
     bpf_target_dir().join("bpfel-unknown-none/release/sidecar-ebpf")
 }
 
-/// Where `build-ebpf` publishes the object; sidecar-user's build script embeds it from here.
+/// Where `build-ebpf` publishes the object; sidecar-capture's build script embeds it from here.
 /// It is rewritten only when its bytes change, so a BPF rebuild that produces the same object
 /// does not make cargo rebuild the `sidecar` binary.
 pub fn ebpf_object() -> PathBuf {

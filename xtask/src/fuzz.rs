@@ -1,6 +1,6 @@
 //! `cargo xtask fuzz`: every fuzz target under libFuzzer, coverage-guided, for a bounded time.
 //!
-//! A target is a `bolero::check!` unit test of sidecar-user; plain `cargo test` replays its
+//! A target is a `bolero::check!` unit test of one crate; plain `cargo test` replays its
 //! committed corpus (`__fuzz__/<target>/corpus` beside the code) and a second of random inputs.
 //! Here cargo-bolero builds the same test with coverage instrumentation and AddressSanitizer
 //! (`RUSTC_BOOTSTRAP=1` for `-Z sanitizer`, in its own target directory, as the BPF build does)
@@ -19,6 +19,8 @@ use crate::{
 
 struct Target {
     name: &'static str,
+    /// The package whose unit test it is.
+    package: &'static str,
     /// The unit test holding the `bolero::check!`.
     test: &'static str,
     /// Its work directory (bolero's `__fuzz__/<name>`): `corpus/`, and `dict` if there is one.
@@ -30,31 +32,36 @@ struct Target {
 const TARGETS: &[Target] = &[
     Target {
         name: "client_hello",
-        test: "proxy::sniff::tests::fuzz_client_hello",
-        dir: "sidecar-user/src/proxy/__fuzz__/client_hello",
+        package: "sidecar-proxy",
+        test: "sniff::tests::fuzz_client_hello",
+        dir: "sidecar-proxy/src/__fuzz__/client_hello",
         // A whole record (5 + 2^14 bytes) and a little beyond.
         max_len: Some(16_500),
     },
     Target {
         name: "http_detection",
-        test: "proxy::http::detect::tests::fuzz_http_detection",
-        dir: "sidecar-user/src/proxy/http/__fuzz__/http_detection",
+        package: "sidecar-proxy",
+        test: "http::detect::tests::fuzz_http_detection",
+        dir: "sidecar-proxy/src/http/__fuzz__/http_detection",
         max_len: None,
     },
     Target {
         name: "mesh_config",
-        test: "proxy::mesh_config::tests::fuzz_mesh_config",
-        dir: "sidecar-user/src/proxy/__fuzz__/mesh_config",
+        package: "sidecar-proxy",
+        test: "mesh_config::tests::fuzz_mesh_config",
+        dir: "sidecar-proxy/src/__fuzz__/mesh_config",
         max_len: None,
     },
     Target {
         name: "pod_annotations",
+        package: "sidecar-capture",
         test: "pod_annotations::tests::fuzz_pod_annotations",
-        dir: "sidecar-user/src/__fuzz__/pod_annotations",
+        dir: "sidecar-capture/src/__fuzz__/pod_annotations",
         max_len: None,
     },
     Target {
         name: "inject",
+        package: "sidecar-user",
         test: "commands::inject::tests::fuzz_inject",
         dir: "sidecar-user/src/commands/__fuzz__/inject",
         max_len: None,
@@ -94,7 +101,7 @@ pub fn run_fuzz(opts: &FuzzOptions) -> Result<()> {
     if which("cargo-bolero").is_none() {
         bail!("cargo-bolero is not installed: run `cargo xtask setup`");
     }
-    // sidecar-user's build script embeds the BPF object.
+    // sidecar-capture's build script embeds the BPF object (the binary's and its own targets).
     build::build_ebpf(&build::BuildOptions::default())?;
     let root = workspace_root();
     let seconds = opts.time_per_target.as_secs().max(1);
@@ -117,7 +124,7 @@ pub fn run_fuzz(opts: &FuzzOptions) -> Result<()> {
         };
         let mut cmd = Command::new("cargo");
         cmd.current_dir(&root)
-            .args(["bolero", "test", target.test, "--package", "sidecar-user"])
+            .args(["bolero", "test", target.test, "--package", target.package])
             .args([
                 "--rustc-bootstrap",
                 "--profile",
@@ -144,11 +151,12 @@ pub fn run_fuzz(opts: &FuzzOptions) -> Result<()> {
         run(&mut cmd).with_context(|| {
             format!(
                 "fuzz target {} failed: the input is in {}; copy it into {}/crashes/ to \
-                 replay it with `cargo test -p sidecar-user {}`, fix the code and keep the \
+                 replay it with `cargo test -p {} {}`, fix the code and keep the \
                  input as a regression test",
                 target.name,
                 crashes.display(),
                 target.dir,
+                target.package,
                 target.test
             )
         })?;

@@ -7,7 +7,7 @@ use clap::Args;
 
 use sidecar_common::PinLayout;
 
-use crate::{bpffs, captures, cgroup::Cgroup, iptables_capture};
+use sidecar_capture::{bpffs, captures, cgroup::Cgroup, iptables_capture};
 
 #[derive(Args, Debug)]
 pub struct CleanupArgs {

@@ -8,7 +8,7 @@ use sidecar_common::{
     DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT, DEFAULT_SHORTCUT_CONNECTIONS, PinLayout,
 };
 
-use crate::{
+use sidecar_capture::{
     bpffs,
     capture_settings::{CaptureSettings, PortRanges, WhenProxyDown, parse_cidr},
     cgroup::Cgroup,

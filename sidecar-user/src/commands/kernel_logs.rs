@@ -17,7 +17,7 @@ use rustix::event::{PollFd, PollFlags, poll};
 
 use sidecar_common::{AttachPoint, PinLayout};
 
-use crate::{bpffs, cgroup::Cgroup, ebpf_capture};
+use sidecar_capture::{bpffs, cgroup::Cgroup, ebpf_capture};
 
 #[derive(Args, Debug)]
 pub struct KernelLogsArgs {

@@ -1,4 +1,4 @@
-//! One module per CLI subcommand; each is a thin layer over the capture modules.
+//! One module per CLI subcommand; each is a thin layer over `sidecar-capture` or `sidecar-proxy`.
 pub mod certs;
 pub mod cleanup;
 pub mod init;
@@ -6,6 +6,7 @@ pub mod inject;
 mod inject_probes;
 pub mod kernel_logs;
 pub mod node_agent;
+pub mod proxy;
 pub mod status;
 
 use anyhow::{Result, bail};

@@ -35,7 +35,7 @@ use tokio::{net::TcpListener, signal::unix::SignalKind, sync::mpsc};
 
 use sidecar_common::{Counter, PinLayout};
 
-use crate::{bpffs, captures, ebpf_capture, kernel_memory::KernelMemory};
+use sidecar_capture::{bpffs, captures, ebpf_capture, kernel_memory::KernelMemory};
 
 #[derive(Args, Debug)]
 pub struct NodeAgentArgs {

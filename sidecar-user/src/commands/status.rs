@@ -6,7 +6,7 @@ use aya::programs::links::{FdLink, PinnedLink};
 use clap::Args;
 use sidecar_common::{AttachPoint, CaptureReport, LinkReport, PinLayout, StatusReport, map_names};
 
-use crate::{
+use sidecar_capture::{
     bpffs, captures,
     ebpf_capture::{self, Hook, NETNS_HOOK, POD_HOOKS, PROXY_HOOKS},
     iptables_capture,

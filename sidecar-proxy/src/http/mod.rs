@@ -1,0 +1,191 @@
+//! HTTP-aware proxying of connections that speak HTTP/1.x or HTTP/2 (prior knowledge). Outbound,
+//! each request is routed (`router`) to a service, balanced over its endpoints (`balancer`),
+//! sent on a pooled connection within the service's circuit breaker (`pool`), with timeouts
+//! and retries (`forward`), and leaves Istio's request metrics and an access log line
+//! (`record`, `metrics`). Inbound (`inbound`), each request goes to the app and is reported
+//! by the destination.
+//!
+//! - `config`: the `http` section of the mesh config; `detect`: bounded protocol detection;
+//! - `server`: serving a downstream connection (deadlines, drain), for both sides;
+//! - `inbound`: the requests peers send to the app, forwarded on pooled connections to it
+//!   (`app_pool`) with the destination's request metrics and access lines;
+//! - `headers`: hop-by-hop, request id, traceparent, x-forwarded-for; `upgrade`: WebSocket and
+//!   other upgrades, passed through; `body`: counted bodies; `random`: cheap randomness.
+mod app_pool;
+mod balancer;
+mod body;
+pub mod config;
+mod detect;
+mod forward;
+mod headers;
+pub mod inbound;
+pub mod metrics;
+mod pool;
+mod random;
+mod record;
+pub mod route_policy;
+pub mod router;
+mod server;
+mod upgrade;
+
+use std::{net::SocketAddr, sync::Arc};
+
+use http::{Request, Response, StatusCode, header::CONTENT_TYPE};
+use hyper::body::Incoming;
+use tokio::io::{AsyncRead, AsyncWrite};
+
+pub use self::{
+    app_pool::AppPool,
+    balancer::Upstreams,
+    config::{HttpConfig, PortProtocol},
+    detect::{AppProtocol, Raced, detect, detect_racing_server},
+};
+use self::{
+    body::ProxyBody,
+    config::ServiceConfig,
+    headers::{add_request_headers, is_upgrade, remove_hop_by_hop},
+    metrics::{RequestLabels, ResponseFlag},
+    record::{RequestOrigin, RequestRecord},
+    route_policy::Verdict,
+    router::{Decision, RequestView},
+};
+use super::{access_log::AccessLog, metrics::Direction, outbound::OutboundProxy};
+
+/// Serves the HTTP requests the app sends on one outbound connection (`server::serve`: the
+/// deadlines and the drain), each routed and forwarded by [`handle`].
+pub async fn serve<D>(
+    proxy: Arc<OutboundProxy>,
+    downstream: D,
+    protocol: AppProtocol,
+    peer: SocketAddr,
+    orig_dst: SocketAddr,
+) where
+    D: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+{
+    let mut log = AccessLog::new(Direction::Outbound, peer, "unknown");
+    log.orig_dst = Some(orig_dst);
+    let connection = server::Downstream {
+        metrics: proxy.metrics.clone(),
+        timeouts: proxy.timeouts,
+        drain: proxy.drain.clone(),
+        log,
+    };
+    server::serve(downstream, protocol, connection, move |request| {
+        handle(proxy.clone(), request, protocol, peer, orig_dst)
+    })
+    .await;
+}
+
+async fn handle(
+    proxy: Arc<OutboundProxy>,
+    request: Request<Incoming>,
+    protocol: AppProtocol,
+    peer: SocketAddr,
+    orig_dst: SocketAddr,
+) -> Response<ProxyBody> {
+    // A snapshot per request: a reload applies to the next request of a kept-alive connection.
+    let mesh = proxy.mesh.current();
+    let routes = mesh.routes();
+    let (mut parts, body) = request.into_parts();
+    let request_protocol = request_protocol(protocol, &parts.headers);
+    let mut record = RequestRecord::new(RequestOrigin {
+        metrics: proxy.metrics.clone(),
+        access_log: routes.config().access_log,
+        labels: RequestLabels::outbound(
+            &proxy.local.name,
+            &proxy.local.namespace,
+            request_protocol,
+        ),
+        request: &parts,
+        peer,
+        orig_dst,
+    });
+    let upgrade = is_upgrade(&parts.headers);
+    remove_hop_by_hop(&mut parts.headers, upgrade);
+    record.request_id = add_request_headers(&mut parts.headers, peer.ip());
+    let request = Request::from_parts(parts, body);
+
+    let view = RequestView::new(&request, orig_dst);
+    let (service, route, limiter) = match routes.decide(&view) {
+        Decision::Route {
+            route,
+            service,
+            limiter,
+        } => (service.clone(), Some(route), limiter),
+        Decision::Service(service) => (service.clone(), None, None),
+        Decision::Passthrough => (ServiceConfig::shared_passthrough(), None, None),
+        Decision::NoRoute => {
+            return local_reply(
+                record,
+                StatusCode::NOT_FOUND,
+                ResponseFlag::NoRoute,
+                "no route matches this request",
+            );
+        }
+    };
+    record.set_service(&service);
+    record.route = route.map(|route| route.name.clone());
+    if let Some(route) = route {
+        match route_policy::before_upstream(route, limiter).await {
+            Verdict::Proceed { delayed: false } => {}
+            Verdict::Proceed { delayed: true } => record.flag(ResponseFlag::DelayInjected),
+            Verdict::Reply {
+                status,
+                flag,
+                reason,
+            } => return local_reply(record, status, flag, reason),
+        }
+    }
+    let state = proxy.upstreams.service(&service, orig_dst);
+    if upgrade {
+        return upgrade::forward(&proxy, &mesh, &state, request, record).await;
+    }
+    forward::forward(
+        forward::Forward {
+            proxy: &proxy,
+            mesh: &mesh,
+            service: state,
+            route,
+            protocol,
+            record,
+        },
+        request,
+    )
+    .await
+}
+
+/// Istio's `request_protocol`: `grpc` for HTTP/2 requests of `application/grpc...`, else `http`.
+fn request_protocol(protocol: AppProtocol, headers: &http::HeaderMap) -> &'static str {
+    let grpc = protocol == AppProtocol::Http2
+        && headers
+            .get(CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+    if grpc { "grpc" } else { "http" }
+}
+
+/// A response the proxy makes itself (no route, no healthy upstream, overflow, timeout...):
+/// counted with its flag and logged like any other.
+fn local_reply(
+    mut record: RequestRecord,
+    status: StatusCode,
+    flag: ResponseFlag,
+    reason: &str,
+) -> Response<ProxyBody> {
+    record.flag(flag);
+    record.labels.response_code = status.as_u16();
+    if record.error.is_none() {
+        record.error = Some(reason.to_owned());
+    }
+    let text = format!("{reason}\n");
+    record
+        .response_bytes
+        .store(text.len() as u64, std::sync::atomic::Ordering::Relaxed);
+    let mut response = Response::new(body::full(text));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    record.finish();
+    response
+}

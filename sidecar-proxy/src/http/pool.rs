@@ -1,0 +1,387 @@
+//! Pooled upstream connections of one endpoint, within the service's circuit breaker: at most
+//! `maxConnections` open (one semaphore permit each, held by the connection's task), at most
+//! `maxPendingRequests` waiting for one (beyond: overflow, 503 UO). Idle HTTP/1 connections are
+//! closed after `idleTimeout`, below the apps' own keep-alive timeouts, so the proxy is not the
+//! one reusing a connection the app is closing; HTTP/2 connections are shared. A connection
+//! serves a request only under the security it was made under (plaintext, mesh mTLS with its
+//! policy, or the service's TLS origination with its files): after a reload that changes it
+//! for its endpoint, it is closed. So a TLS and a plaintext connection are never mixed.
+use std::{
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Instant,
+};
+
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::sync::OwnedSemaphorePermit;
+use tracing::debug;
+
+use super::{
+    balancer::{Endpoint, ServiceState},
+    body::ProxyBody,
+    detect::AppProtocol,
+    metrics::HttpMetrics,
+};
+use crate::{
+    Timeouts,
+    mesh::{Mesh, MeshHandle, UpstreamSecurity},
+    metrics::FailureReason,
+    tls::origination::Alpn,
+    upstream::{self, ConnectFailure, Established, MutualTls},
+};
+
+pub enum Sender {
+    Http1(http1::SendRequest<ProxyBody>),
+    Http2(http2::SendRequest<ProxyBody>),
+}
+
+/// A connection taken from (or opened for) the pool, for one request.
+pub struct Connection {
+    pub sender: Sender,
+    /// It served a request before: it may have been closed by the server meanwhile.
+    pub reused: bool,
+    requests: u32,
+    pub mtls: Option<MutualTls>,
+    /// What it was made under.
+    pub security: UpstreamSecurity,
+}
+
+struct Idle {
+    connection: Connection,
+    since: Instant,
+}
+
+/// The multiplexed HTTP/2 connection of an endpoint.
+struct SharedHttp2 {
+    sender: http2::SendRequest<ProxyBody>,
+    mtls: Option<MutualTls>,
+    security: UpstreamSecurity,
+}
+
+#[derive(Default)]
+pub struct EndpointPool {
+    idle: Mutex<Vec<Idle>>,
+    shared_http2: Mutex<Option<SharedHttp2>>,
+    /// A task is closing this pool's idle connections at their timeout.
+    reaper_running: AtomicBool,
+}
+
+impl EndpointPool {
+    /// Closes the idle connections made under another security than `current`, the one the
+    /// reloaded config gives their endpoint (`None`: none may be used); the shared HTTP/2
+    /// connection, no longer handed out, closes once its requests in flight are done.
+    pub fn close_stale(&self, current: Option<&UpstreamSecurity>) {
+        self.idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .retain(|entry| Some(&entry.connection.security) == current);
+        let mut shared = self
+            .shared_http2
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if shared
+            .as_ref()
+            .is_some_and(|shared| Some(&shared.security) != current)
+        {
+            *shared = None;
+        }
+    }
+}
+
+pub enum AcquireError {
+    /// The circuit breaker's limits are reached.
+    Overflow,
+    Connect(ConnectFailure),
+}
+
+/// Leaves the pending count when the wait ends, however it ends.
+struct Pending<'a>(&'a ServiceState);
+
+impl<'a> Pending<'a> {
+    fn enter(service: &'a ServiceState) -> Option<Self> {
+        let max = service.config.connection_pool.max_pending_requests;
+        let before = service.pending.fetch_add(1, Ordering::AcqRel);
+        if before >= max {
+            service.pending.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Pending(service))
+    }
+}
+
+impl Drop for Pending<'_> {
+    fn drop(&mut self) {
+        self.0.pending.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What a new connection is opened with, besides the endpoint.
+struct Opening<'a> {
+    service: &'a ServiceState,
+    protocol: AppProtocol,
+    security: UpstreamSecurity,
+    mesh: &'a Mesh,
+    timeouts: &'a Timeouts,
+    metrics: &'a HttpMetrics,
+}
+
+/// A connection to `endpoint` speaking `protocol`: an idle one, a new one, or (at the
+/// connection limit) the first one freed while this request waits as pending. Failed TLS
+/// originations are counted in `metrics`.
+pub async fn acquire(
+    service: &ServiceState,
+    endpoint: &Endpoint,
+    protocol: AppProtocol,
+    mesh: &Mesh,
+    timeouts: &Timeouts,
+    metrics: &HttpMetrics,
+) -> Result<Connection, AcquireError> {
+    let Some(security) = mesh.upstream_security(&service.config, endpoint.addr) else {
+        // The routing and this snapshot disagree on the service's `tls`: never plaintext.
+        let failure = ConnectFailure {
+            reason: FailureReason::TlsHandshakeFailed,
+            error: format!(
+                "service {}: its `tls` is not built in this config",
+                service.config.name
+            ),
+        };
+        metrics.record_tls_origination_failure(&service.config.name, failure.reason.name());
+        return Err(AcquireError::Connect(failure));
+    };
+    let opening = Opening {
+        service,
+        protocol,
+        security,
+        mesh,
+        timeouts,
+        metrics,
+    };
+    loop {
+        if let Some(connection) = reusable(service, endpoint, protocol, &opening.security) {
+            return Ok(connection);
+        }
+        if let Ok(permit) = service.connection_permits.clone().try_acquire_owned() {
+            return open(endpoint, &opening, permit).await;
+        }
+        let Some(_pending) = Pending::enter(service) else {
+            return Err(AcquireError::Overflow);
+        };
+        tokio::select! {
+            permit = service.connection_permits.clone().acquire_owned() => {
+                let permit = permit.map_err(|_closed| AcquireError::Overflow)?;
+                return open(endpoint, &opening, permit).await;
+            }
+            () = service.connection_returned.notified() => {}
+        }
+    }
+}
+
+/// A pooled connection to `endpoint` made under `security` (the one in force); the idle ones
+/// passed over are closed.
+fn reusable(
+    service: &ServiceState,
+    endpoint: &Endpoint,
+    protocol: AppProtocol,
+    security: &UpstreamSecurity,
+) -> Option<Connection> {
+    let pool = &endpoint.pool;
+    if protocol == AppProtocol::Http2 {
+        let shared = pool
+            .shared_http2
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let shared = shared
+            .as_ref()
+            .filter(|shared| !shared.sender.is_closed() && shared.security == *security)?;
+        return Some(Connection {
+            sender: Sender::Http2(shared.sender.clone()),
+            reused: true,
+            requests: 0,
+            mtls: shared.mtls.clone(),
+            security: shared.security.clone(),
+        });
+    }
+    let idle_timeout = service.config.connection_pool.idle_timeout;
+    let mut idle = pool.idle.lock().unwrap_or_else(PoisonError::into_inner);
+    // Most recently used first: the warmest connection, the least likely to be closed.
+    while let Some(entry) = idle.pop() {
+        let open = match &entry.connection.sender {
+            Sender::Http1(sender) => sender.is_ready(),
+            Sender::Http2(sender) => !sender.is_closed(),
+        };
+        if open && entry.since.elapsed() < idle_timeout && entry.connection.security == *security {
+            return Some(entry.connection);
+        }
+    }
+    None
+}
+
+async fn open(
+    endpoint: &Endpoint,
+    opening: &Opening<'_>,
+    permit: OwnedSemaphorePermit,
+) -> Result<Connection, AcquireError> {
+    let protocol = opening.protocol;
+    let established = match &opening.security {
+        UpstreamSecurity::OriginatedTls(origination) => {
+            let alpn = match protocol {
+                AppProtocol::Http2 => Alpn::Http2,
+                _ => Alpn::Http1,
+            };
+            match origination
+                .connect(endpoint.addr, alpn, opening.timeouts)
+                .await
+            {
+                Ok(stream) => Established {
+                    io: Box::new(stream),
+                    mtls: None,
+                },
+                Err(failure) => {
+                    opening.metrics.record_tls_origination_failure(
+                        &opening.service.config.name,
+                        failure.reason.name(),
+                    );
+                    return Err(AcquireError::Connect(failure));
+                }
+            }
+        }
+        UpstreamSecurity::Plaintext | UpstreamSecurity::MeshMtls(_) => {
+            upstream::establish(endpoint.addr, opening.mesh, opening.timeouts)
+                .await
+                .map_err(AcquireError::Connect)?
+        }
+    };
+    let io = TokioIo::new(established.io);
+    let handshake_failed = |error: hyper::Error| {
+        AcquireError::Connect(ConnectFailure {
+            reason: FailureReason::ConnectError,
+            error: format!("HTTP handshake failed: {error}"),
+        })
+    };
+    let addr = endpoint.addr;
+    let sender = if protocol == AppProtocol::Http2 {
+        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+            .handshake(io)
+            .await
+            .map_err(handshake_failed)?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                debug!(%addr, %error, "upstream HTTP/2 connection ended with an error");
+            }
+            drop(permit);
+        });
+        *endpoint
+            .pool
+            .shared_http2
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(SharedHttp2 {
+            sender: sender.clone(),
+            mtls: established.mtls.clone(),
+            security: opening.security.clone(),
+        });
+        Sender::Http2(sender)
+    } else {
+        let (sender, connection) = http1::Builder::new()
+            // The app's header case reaches the server as written (some servers care).
+            .preserve_header_case(true)
+            .handshake(io)
+            .await
+            .map_err(handshake_failed)?;
+        tokio::spawn(async move {
+            if let Err(error) = connection.with_upgrades().await {
+                debug!(%addr, %error, "upstream HTTP/1 connection ended with an error");
+            }
+            drop(permit);
+        });
+        Sender::Http1(sender)
+    };
+    Ok(Connection {
+        sender,
+        reused: false,
+        requests: 0,
+        mtls: established.mtls,
+        security: opening.security.clone(),
+    })
+}
+
+/// Puts an HTTP/1 connection back once its response is fully read (hyper says it is ready),
+/// unless it reached `maxRequestsPerConnection` or a reload changed its security meanwhile.
+/// HTTP/2 connections stay shared in the pool.
+pub fn release(
+    mut connection: Connection,
+    service: Arc<ServiceState>,
+    endpoint: usize,
+    mesh: Arc<MeshHandle>,
+) {
+    if matches!(connection.sender, Sender::Http2(_)) {
+        return;
+    }
+    connection.requests += 1;
+    let limit = service.config.connection_pool.max_requests_per_connection;
+    if limit.is_some_and(|limit| connection.requests >= limit) {
+        return;
+    }
+    tokio::spawn(async move {
+        let Sender::Http1(sender) = &mut connection.sender else {
+            return;
+        };
+        if sender.ready().await.is_err() {
+            return;
+        }
+        let Some(target) = service.endpoints.get(endpoint) else {
+            return;
+        };
+        connection.reused = true;
+        {
+            let mut idle = target
+                .pool
+                .idle
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            // Read under the lock: a reload either shows here, or its sweep of the pool comes
+            // after this push.
+            let current = mesh
+                .current()
+                .upstream_security(&service.config, target.addr);
+            if current.as_ref() != Some(&connection.security) {
+                return;
+            }
+            idle.push(Idle {
+                connection,
+                since: Instant::now(),
+            });
+        }
+        service.connection_returned.notify_one();
+        if !target.pool.reaper_running.swap(true, Ordering::AcqRel) {
+            reap_idle(&service, target).await;
+        }
+    });
+}
+
+/// Closes idle connections as they reach the idle timeout (dropping the sender closes the
+/// connection), so the proxy closes before the server does; ends when none is left idle.
+async fn reap_idle(service: &ServiceState, endpoint: &Endpoint) {
+    let idle_timeout = service.config.connection_pool.idle_timeout;
+    loop {
+        let next_expiry = {
+            let mut idle = endpoint
+                .pool
+                .idle
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            idle.retain(|entry| entry.since.elapsed() < idle_timeout);
+            match idle.iter().map(|entry| entry.since).min() {
+                Some(oldest) => oldest + idle_timeout,
+                None => {
+                    // Under the lock: a connection pushed after this starts a new reaper.
+                    endpoint.pool.reaper_running.store(false, Ordering::Release);
+                    return;
+                }
+            }
+        };
+        tokio::time::sleep_until(next_expiry.into()).await;
+    }
+}

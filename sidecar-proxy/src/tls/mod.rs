@@ -1,0 +1,178 @@
+//! Mesh mTLS with rustls: TLS 1.3 only, ring, SPIFFE identities, and an ALPN value that marks a
+//! connection as mesh traffic (so a PERMISSIVE port can tell it from the app's own TLS).
+//!
+//! - `certs`: this workload's certificate, key and trust bundles;
+//! - `issue`: issuing a lab CA and workload certificates (rcgen), for tests and `sidecar certs`;
+//! - `trust`: the roots of each trust domain (ours and federated ones);
+//! - `verify`: SPIFFE ID and chain checks on both sides, each chain against the roots of the
+//!   trust domain its SPIFFE ID names;
+//! - `origination`: TLS to servers outside the mesh for HTTP services with `tls` (webpki
+//!   verification of the server's name, optionally a client certificate);
+//! - `termination`: TLS for any client on inbound ports with `tls` (the port's own certificate,
+//!   optionally a client certificate required).
+mod certs;
+pub mod issue;
+pub mod origination;
+#[cfg(any(test, feature = "testing"))]
+pub mod server_pki;
+pub mod termination;
+mod trust;
+mod verify;
+
+use std::{io, sync::Arc};
+
+use rustls::{
+    CertificateError as RustlsCertError, ClientConfig, CommonState, ServerConfig,
+    client::Resumption, crypto::CryptoProvider, sign::SingleCertAndKey, version::TLS13,
+};
+
+use self::verify::{IdentityError, SpiffeClientVerifier, SpiffeServerVerifier, TrustError};
+pub use self::{
+    certs::{WorkloadCertificate, rfc3339},
+    trust::TrustBundles,
+    verify::spiffe_id_of,
+};
+use super::{identity::SpiffeId, metrics::FailureReason};
+
+/// The ALPN protocol that marks sidecar-to-sidecar mTLS (Istio uses `istio-peer-exchange` and
+/// friends for the same purpose).
+pub const MESH_ALPN: &[u8] = b"sidecar-mesh/1";
+
+pub fn crypto_provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+/// Sessions a client config keeps for resumption (each destination has its own config).
+const CLIENT_SESSIONS: usize = 64;
+
+/// The inbound side: present our certificate, require and verify the peer's. With
+/// `session_resumption`, clients get one TLS 1.3 ticket per handshake: a resumed handshake
+/// proves the identity of the full one it came from (rustls keeps the client's certificate
+/// chain in the ticket), and the tickets are sealed with a key of this config alone, so a
+/// rotated certificate or trust bundle (a new config) turns every older ticket into a full
+/// handshake.
+pub fn server_config(
+    cert: &WorkloadCertificate,
+    provider: &Arc<CryptoProvider>,
+    session_resumption: bool,
+) -> Result<Arc<ServerConfig>, rustls::Error> {
+    let verifier = SpiffeClientVerifier::new(&cert.trust, provider.clone())
+        .map_err(|error| rustls::Error::General(format!("client verifier: {error}")))?;
+    let mut config = ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&TLS13])?
+        .with_client_cert_verifier(Arc::new(verifier))
+        .with_cert_resolver(Arc::new(SingleCertAndKey::from(cert.certified_key.clone())));
+    config.alpn_protocols = vec![MESH_ALPN.to_vec()];
+    if session_resumption {
+        config.ticketer = rustls::crypto::ring::Ticketer::new()?;
+        config.send_tls13_tickets = 1;
+    } else {
+        config.send_tls13_tickets = 0;
+    }
+    Ok(Arc::new(config))
+}
+
+/// The outbound side towards one destination: present our certificate, and accept only a
+/// server that chains to the trust bundle of its trust domain and is one of `expected`.
+pub fn client_config(
+    cert: &WorkloadCertificate,
+    expected: Vec<SpiffeId>,
+    provider: &Arc<CryptoProvider>,
+    session_resumption: bool,
+) -> Result<Arc<ClientConfig>, rustls::Error> {
+    let verifier = SpiffeServerVerifier::new(cert.trust.clone(), expected, provider);
+    let mut config = ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&TLS13])?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_cert_resolver(Arc::new(SingleCertAndKey::from(cert.certified_key.clone())));
+    config.alpn_protocols = vec![MESH_ALPN.to_vec()];
+    // A resumed session skips certificate verification. That is sound here because the
+    // session cache belongs to this config, which exists for one set of expected identities,
+    // trust bundles and certificate: a reload or a rotation builds a new config with an empty
+    // cache, and a peer that rotated refuses the old ticket (see `server_config`).
+    config.resumption = if session_resumption {
+        Resumption::in_memory_sessions(CLIENT_SESSIONS)
+    } else {
+        Resumption::disabled()
+    };
+    config.enable_sni = false;
+    Ok(Arc::new(config))
+}
+
+/// `full` or `resumed`, for the handshake counter.
+pub fn handshake_kind(connection: &CommonState) -> &'static str {
+    match connection.handshake_kind() {
+        Some(rustls::HandshakeKind::Resumed) => "resumed",
+        _ => "full",
+    }
+}
+
+/// The peer's SPIFFE ID after a completed handshake (already verified).
+pub fn peer_identity(connection: &CommonState) -> Option<SpiffeId> {
+    let leaf = connection.peer_certificates()?.first()?;
+    spiffe_id_of(leaf).ok()
+}
+
+/// Why a handshake failed, for the failure counter.
+pub fn failure_reason(error: &io::Error) -> FailureReason {
+    let Some(tls) = error
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    else {
+        return FailureReason::TlsHandshakeFailed;
+    };
+    match tls {
+        rustls::Error::InvalidCertificate(cert_error) => match cert_error {
+            RustlsCertError::Expired | RustlsCertError::ExpiredContext { .. } => {
+                FailureReason::PeerCertExpired
+            }
+            RustlsCertError::NotValidYet | RustlsCertError::NotValidYetContext { .. } => {
+                FailureReason::PeerCertNotYetValid
+            }
+            // webpki's verdicts, for TLS origination (the mesh verifier says it in its own
+            // words, below).
+            RustlsCertError::UnknownIssuer | RustlsCertError::BadSignature => {
+                FailureReason::PeerCertUnknownCa
+            }
+            RustlsCertError::NotValidForName | RustlsCertError::NotValidForNameContext { .. } => {
+                FailureReason::PeerIdentityMismatch
+            }
+            RustlsCertError::Other(other) if other.0.downcast_ref::<TrustError>().is_some() => {
+                FailureReason::PeerCertUnknownCa
+            }
+            RustlsCertError::Other(other) if other.0.downcast_ref::<IdentityError>().is_some() => {
+                FailureReason::PeerIdentityMismatch
+            }
+            _ => FailureReason::TlsHandshakeFailed,
+        },
+        rustls::Error::AlertReceived(_) => FailureReason::TlsRejectedByPeer,
+        _ => FailureReason::TlsHandshakeFailed,
+    }
+}
+
+/// A handshake or relay error in words for the log: rustls prints some certificate errors
+/// (our identity checks among them) only in their debug form.
+pub fn describe(error: &io::Error) -> String {
+    let Some(tls) = error
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+    else {
+        return error.to_string();
+    };
+    match tls {
+        rustls::Error::InvalidCertificate(RustlsCertError::Other(other)) => {
+            format!("invalid peer certificate: {}", other.0)
+        }
+        rustls::Error::AlertReceived(alert) => {
+            format!("the peer refused the connection with the TLS alert {alert:?}")
+        }
+        other => other.to_string(),
+    }
+}
+
+/// Whether a relay error is the peer sending a TLS alert: after a TLS 1.3 handshake the client
+/// learns only at its first read that the server refused its certificate.
+pub fn is_alert_from_peer(error: &io::Error) -> bool {
+    failure_reason(error) == FailureReason::TlsRejectedByPeer
+}
