@@ -13,7 +13,6 @@
 //!   capture holds of kernel memory;
 //! - `proxy_hooks`: what the proxy asks of the capture (its status, its counters);
 //! - `sys`: the few system calls no safe wrapper offers.
-#![deny(unsafe_code)]
 
 pub mod bpffs;
 pub mod capture_settings;

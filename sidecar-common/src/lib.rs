@@ -322,7 +322,10 @@ impl Counter {
     }
 }
 
+// The workspace denies `unsafe`; aya's `Pod` is an unsafe trait by nature (a promise about
+// the layout), and these two promises are all the `unsafe` this crate holds.
 #[cfg(feature = "user")]
+#[allow(unsafe_code)]
 mod pod {
     // SAFETY: both are repr(C) plain integers with no padding and no invalid bit patterns.
     unsafe impl aya::Pod for super::CaptureConfig {}

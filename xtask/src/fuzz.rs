@@ -12,10 +12,7 @@ use std::{path::Path, process::Command, time::Duration};
 use anyhow::{Context, Result, bail};
 use clap::{Args, builder::PossibleValuesParser};
 
-use crate::{
-    build,
-    util::{run, which, workspace_root},
-};
+use crate::util::{run, which, workspace_root};
 
 struct Target {
     name: &'static str,
@@ -101,8 +98,6 @@ pub fn run_fuzz(opts: &FuzzOptions) -> Result<()> {
     if which("cargo-bolero").is_none() {
         bail!("cargo-bolero is not installed: run `cargo xtask setup`");
     }
-    // sidecar-capture's build script embeds the BPF object (the binary's and its own targets).
-    build::build_ebpf(&build::BuildOptions::default())?;
     let root = workspace_root();
     let seconds = opts.time_per_target.as_secs().max(1);
     for target in TARGETS

@@ -8,7 +8,6 @@ use std::{
 use anyhow::{Context, Result, bail};
 
 use crate::{
-    build::{self, BuildOptions},
     setup,
     util::{run, workspace_root},
 };
@@ -24,8 +23,6 @@ pub const PODMAN_PACKAGES: &[&str] = &["podman", "buildah", "runc", "catatonit"]
 /// Builds both images; returns the directory of the static binaries.
 pub fn build_images() -> Result<PathBuf> {
     setup::ensure_packages("podman, buildah, runc, catatonit", PODMAN_PACKAGES)?;
-    // The sidecar binary embeds the BPF object: it must be built first.
-    build::build_ebpf(&BuildOptions::default())?;
     let bin_dir = build_static_binaries()?;
     for (image, binary) in [(SIDECAR_IMAGE, "sidecar"), (LABTOOL_IMAGE, "labtool")] {
         build_image(image, &bin_dir.join(binary))?;

@@ -25,9 +25,9 @@ struct Cli {
 enum Task {
     /// Install what a fresh machine lacks (idempotent, one line per step).
     Setup,
-    /// Build the BPF object that the `sidecar` binary embeds.
-    BuildEbpf(build::BuildOptions),
-    /// Build the BPF object, then the `sidecar` binary.
+    /// Build the BPF object on its own (`cargo build` also builds it, for the binary to embed).
+    BuildEbpf,
+    /// Build the BPF object and every binary (`sidecar`, `labtool`).
     Build(build::BuildOptions),
     /// Setup, build, then run every test (unit and root integration tests).
     Test(test::TestOptions),
@@ -52,7 +52,7 @@ enum Task {
 fn main() -> Result<()> {
     match Cli::parse().task {
         Task::Setup => setup::run(),
-        Task::BuildEbpf(opts) => build::build_ebpf(&opts),
+        Task::BuildEbpf => build::build_ebpf(),
         Task::Build(opts) => build::build_all(&opts).map(|_| ()),
         Task::Test(opts) => test::run_tests(&opts),
         Task::Fuzz(opts) => fuzz::run_fuzz(&opts),
