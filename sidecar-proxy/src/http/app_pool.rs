@@ -76,7 +76,9 @@ impl AppPool {
                 addr,
             });
         }
-        self.connect(addr, protocol, timeouts).await
+        // Boxed: opening a connection is a large future, rarely awaited; inline, it would
+        // size (and be copied with) every request's future.
+        Box::pin(self.connect(addr, protocol, timeouts)).await
     }
 
     /// A new connection, pooled after its request like any other.

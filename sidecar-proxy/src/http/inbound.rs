@@ -116,10 +116,12 @@ async fn handle(served: Arc<Served>, request: Request<Incoming>) -> Response<Pro
         );
     }
     let request = Request::from_parts(parts, body);
+    // Boxed, as outbound's: the request's future is moved whole (into a task per HTTP/2
+    // stream), and these two are most of its size.
     if upgrade {
-        return forward_upgrade(request, record).await;
+        return Box::pin(forward_upgrade(request, record)).await;
     }
-    forward(request, record).await
+    Box::pin(forward(request, record)).await
 }
 
 fn is_idempotent(method: &Method) -> bool {
@@ -148,8 +150,7 @@ async fn forward(request: Request<Incoming>, mut record: InboundRecord) -> Respo
         record.attempts += 1;
         let acquired = if stale_retry_done {
             let pool = &connection.app_pool;
-            pool.connect(connection.app, served.protocol, &connection.timeouts)
-                .await
+            Box::pin(pool.connect(connection.app, served.protocol, &connection.timeouts)).await
         } else {
             let pool = &connection.app_pool;
             pool.acquire(connection.app, served.protocol, &connection.timeouts)

@@ -163,8 +163,11 @@ pub async fn acquire(
         if let Some(connection) = reusable(service, endpoint, protocol, &opening.security) {
             return Ok(connection);
         }
+        // Boxed: opening (connect, TLS handshake, HTTP handshake) is a large future, and it
+        // would otherwise make every request's future as large, moved whole on each spawn
+        // and poll even when a pooled connection is reused (most of the HTTP/2 path's cost).
         if let Ok(permit) = service.connection_permits.clone().try_acquire_owned() {
-            return open(endpoint, &opening, permit).await;
+            return Box::pin(open(endpoint, &opening, permit)).await;
         }
         let Some(_pending) = Pending::enter(service) else {
             return Err(AcquireError::Overflow);
@@ -172,7 +175,7 @@ pub async fn acquire(
         tokio::select! {
             permit = service.connection_permits.clone().acquire_owned() => {
                 let permit = permit.map_err(|_closed| AcquireError::Overflow)?;
-                return open(endpoint, &opening, permit).await;
+                return Box::pin(open(endpoint, &opening, permit)).await;
             }
             () = service.connection_returned.notified() => {}
         }
