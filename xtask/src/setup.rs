@@ -40,6 +40,11 @@ pub fn run() -> Result<()> {
         || which("cargo-bolero").is_some(),
         install_cargo_bolero,
     )?;
+    step(
+        "cargo-deny (licenses, bans, sources)",
+        || which("cargo-deny").is_some(),
+        install_cargo_deny,
+    )?;
     println!("setup: done");
     Ok(())
 }
@@ -148,5 +153,17 @@ fn install_cargo_bolero() -> Result<()> {
         "--no-default-features",
         "--features",
         "libfuzzer",
+    ]))
+}
+
+/// The dependency policy checker the test command runs (`deny.toml`); pinned, as the checks'
+/// configuration format follows its version.
+fn install_cargo_deny() -> Result<()> {
+    run_cmd(Command::new("cargo").args([
+        "install",
+        "cargo-deny",
+        "--version",
+        "0.20.2",
+        "--locked",
     ]))
 }

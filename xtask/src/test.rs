@@ -48,6 +48,17 @@ pub fn run_tests(opts: &TestOptions) -> Result<()> {
         ]))?;
         println!("test: cargo clippy (BPF programs)");
         run(build::bpf_cargo("clippy").args(["--", "-D", "warnings"]))?;
+        // Advisories are not checked here: their database is fetched from GitHub, which these
+        // machines cannot reach.
+        println!("test: cargo deny (licenses, bans, sources: deny.toml)");
+        run(Command::new("cargo").current_dir(&root).args([
+            "deny",
+            "--workspace",
+            "check",
+            "licenses",
+            "bans",
+            "sources",
+        ]))?;
     }
     println!("test: cargo test (integration tests run as root on the real kernel)");
     run(Command::new("cargo")
