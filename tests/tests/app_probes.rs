@@ -9,7 +9,8 @@ use std::{net::SocketAddr, process::Stdio, time::Duration};
 
 use common::*;
 use sidecar_tests::{
-    Lab, LabProcess, Pod, require_root, tools::http::HttpResponse, wait_for_http_ok, wait_for_tcp,
+    Lab, LabProcess, MeshPki, Pod, SidecarPod, identity_config, require_root,
+    tools::http::HttpResponse, wait_for_tcp,
 };
 
 const READY: Duration = Duration::from_secs(10);
@@ -70,10 +71,9 @@ fn injected_probers() -> String {
 
 struct ProbeLab {
     lab: Lab,
-    server: Pod,
+    server: SidecarPod,
     kubelet: Pod,
     _apps: Vec<LabProcess>,
-    proxy: LabProcess,
 }
 
 impl ProbeLab {
@@ -113,78 +113,33 @@ impl ProbeLab {
                 .expect("app listening");
         }
 
-        let pki = lab.dir().join("pki");
-        let path = |name: &str| pki.join(name).to_string_lossy().into_owned();
-        for args in [
-            vec![
-                "certs",
-                "ca",
-                "--out",
-                &path("ca"),
-                "--trust-domain",
-                "cluster.local",
-            ],
-            vec![
-                "certs",
-                "workload",
-                "--ca",
-                &path("ca"),
-                "--ns",
-                "default",
-                "--sa",
-                "server",
-                "--out",
-                &path("server"),
-                "--owner",
-                "1337:1337",
-            ],
-        ] {
-            let out = sidecar(&args);
-            assert!(out.status.success(), "{}", text(&out));
-        }
-        let config = pki.join("server").join("mesh.yaml");
-        std::fs::write(
-            &config,
-            "trustDomain: cluster.local\nidentity:\n  certificateChain: cert-chain.pem\n  \
-             privateKey: key.pem\n  trustBundle: root-cert.pem\ninbound:\n  mode: STRICT\n",
-        )
-        .unwrap();
-
-        let cgroup = server.cgroup().to_string_lossy().into_owned();
-        let netns = server.netns_path().to_string_lossy().into_owned();
-        let out = sidecar(&["init", "--cgroup", &cgroup, "--netns", &netns]);
-        assert!(out.status.success(), "init: {}", text(&out));
-        lab.on_teardown(move || {
-            let _ = sidecar(&["cleanup", "--cgroup", &cgroup]);
-        });
-
-        let proxy = server
-            .command(sidecar_bin())
-            .in_cgroup(server.cgroup_child("proxy").unwrap())
-            .as_user(PROXY_ID, PROXY_ID)
-            .env("SIDECAR_APP_PROBERS", injected_probers())
-            .args([
-                "proxy",
-                "--workload-name",
-                "server",
-                "--metrics-addr",
-                "[::]:15020",
-            ])
-            .args(["--mesh-config", &config.to_string_lossy()])
-            .spawn()
-            .expect("proxy");
-        let ready = wait_for_http_ok(&server, "http://127.0.0.1:15021/healthz/ready", READY);
-        assert!(
-            ready.is_ok(),
-            "proxy not ready: {ready:?}\n{}",
-            proxy.stdout_text()
+        let pki = MeshPki::create(sidecar_bin(), lab.dir().join("pki"), Some("cluster.local"))
+            .expect("lab CA");
+        let config = pki
+            .issue("server", "default", "server", &[])
+            .expect("the server's certificate")
+            .join("mesh.yaml");
+        let text = format!(
+            "{}inbound:\n  mode: STRICT\n",
+            identity_config("cluster.local")
         );
+        std::fs::write(&config, text).unwrap();
+
+        let mut server = sidecar_pod(&lab, server);
+        server
+            .install_capture(CaptureMode::Ebpf, &[])
+            .expect("init");
+        let proxy = server
+            .proxy_command()
+            .env("SIDECAR_APP_PROBERS", injected_probers())
+            .args(["--workload-name", "server", "--metrics-addr", "[::]:15020"])
+            .args(["--mesh-config", &config.to_string_lossy()]);
+        server.start_proxy(proxy).expect("proxy");
         ProbeLab {
             lab,
             server,
             kubelet,
             _apps: vec![web, grpc, grpc_down],
-            proxy,
         }
     }
 
@@ -218,7 +173,7 @@ fn kubelet_probes_pass_under_strict_through_the_proxy() {
             response.status,
             200,
             "{host}{path}: {response:?}\n{}",
-            mesh.proxy.stdout_text()
+            mesh.server.proxy().expect("proxy started").stdout_text()
         );
     }
     for (path, reason) in [

@@ -100,7 +100,7 @@ struct Delivery {
 /// what the sink got.
 fn send_and_close(mesh: &MeshLab, sink: &LabProcess, target: SocketAddr) -> Delivery {
     let before = lines_with(sink, "received").len();
-    let proxy = mesh.proxy.as_ref().expect("proxy started");
+    let proxy = mesh.client.proxy().expect("proxy started");
     let pinned = std::process::Command::new("taskset")
         .args(["-a", "-p", "-c", "0", &proxy.pid().to_string()])
         .output()

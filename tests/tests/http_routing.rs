@@ -4,28 +4,24 @@
 //! with Istio's request metrics; an invalid config edit is rejected and routing goes on.
 mod common;
 
-use std::{
-    fs,
-    net::SocketAddr,
-    path::{Path, PathBuf},
-    time::{Duration, Instant},
-};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use common::*;
-use sidecar_tests::{Lab, LabProcess, Pod, require_root, wait_for_http_ok, wait_for_tcp};
+use sidecar_tests::{
+    Lab, LabProcess, MeshPki, Pod, SidecarPod, identity_config, replace_file, require_root,
+    wait_for_tcp,
+};
 
 const V1_PORT: u16 = 8081;
 const V2_PORT: u16 = 8082;
 const READY: Duration = Duration::from_secs(10);
-const PATIENCE: Duration = Duration::from_secs(10);
 
 struct RoutingLab {
     _lab: Lab,
-    client: Pod,
+    client: SidecarPod,
     server: Pod,
     config: PathBuf,
     _servers: Vec<LabProcess>,
-    proxy: LabProcess,
 }
 
 impl RoutingLab {
@@ -56,68 +52,30 @@ impl RoutingLab {
                 .expect("http server listening");
         }
 
-        let pki = lab.dir().join("pki");
-        let pki_path = |name: &str| pki.join(name).to_string_lossy().into_owned();
-        let certs = |args: &[&str]| {
-            let out = sidecar(&[&["certs"], args].concat());
-            assert!(
-                out.status.success(),
-                "sidecar certs failed:\n{}",
-                text(&out)
-            );
-        };
-        certs(&[
-            "ca",
-            "--out",
-            &pki_path("ca"),
-            "--trust-domain",
-            "cluster.local",
-        ]);
-        certs(&[
-            "workload",
-            "--ca",
-            &pki_path("ca"),
-            "--ns",
-            "default",
-            "--sa",
-            "client",
-            "--out",
-            &pki_path("client"),
-            "--owner",
-            "1337:1337",
-        ]);
-        let config = pki.join("client").join("mesh.yaml");
+        let pki = MeshPki::create(sidecar_bin(), lab.dir().join("pki"), Some("cluster.local"))
+            .expect("lab CA");
+        let config = pki
+            .issue("client", "default", "client", &[])
+            .expect("the client's certificate")
+            .join("mesh.yaml");
         write_config(&config, &http_section(&server, "v2"));
 
-        let cgroup = client.cgroup().to_string_lossy().into_owned();
-        let netns = client.netns_path().to_string_lossy().into_owned();
-        let out = sidecar(&["init", "--cgroup", &cgroup, "--netns", &netns]);
-        assert!(out.status.success(), "sidecar init failed:\n{}", text(&out));
-        lab.on_teardown(move || {
-            let _ = sidecar(&["cleanup", "--cgroup", &cgroup]);
-        });
+        let mut client = sidecar_pod(&lab, client);
+        client
+            .install_capture(CaptureMode::Ebpf, &[])
+            .expect("sidecar init");
         let proxy = client
-            .command(sidecar_bin())
-            .in_cgroup(client.cgroup_child("proxy").expect("proxy cgroup"))
-            .as_user(PROXY_ID, PROXY_ID)
+            .proxy_command()
             .env("POD_NAMESPACE", "default")
-            .args(["proxy", "--log-format", "json", "--workload-name", "client"])
-            .args(["--mesh-config", &config.to_string_lossy()])
-            .spawn()
-            .expect("proxy");
-        let ready = wait_for_http_ok(&client, "http://127.0.0.1:15021/healthz/ready", READY);
-        assert!(
-            ready.is_ok(),
-            "proxy not ready: {ready:?}\n{}",
-            proxy.stdout_text()
-        );
+            .args(["--log-format", "json", "--workload-name", "client"])
+            .args(["--mesh-config", &config.to_string_lossy()]);
+        client.start_proxy(proxy).expect("proxy");
         RoutingLab {
             _lab: lab,
             client,
             server,
             config,
             _servers: servers,
-            proxy,
         }
     }
 
@@ -126,7 +84,7 @@ impl RoutingLab {
         let out = self
             .client
             .command(labtool())
-            .in_cgroup(self.client.cgroup_child("app").expect("app cgroup"))
+            .in_cgroup(self.client.app_cgroup().expect("app cgroup"))
             .args(["http-get", url])
             .run()
             .expect("run labtool http-get");
@@ -152,22 +110,17 @@ impl RoutingLab {
     }
 
     fn wait_for_metric(&self, name: &str, labels: &[(&str, &str)], expected: u64) {
-        let deadline = Instant::now() + PATIENCE;
-        // The series may not exist until the first request it counts.
-        let value = || proxy_metric_or_zero(&self.client, name, labels);
-        while value() != expected {
-            assert!(
-                Instant::now() < deadline,
-                "{name}{labels:?} never reached {expected} (is {})\n{}",
-                value(),
-                self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_for_metric(
+            &self.client,
+            name,
+            labels,
+            MetricGoal::Exactly(expected),
+            || self.logs(),
+        );
     }
 
     fn logs(&self) -> String {
-        format!("{}{}", self.proxy.stdout_text(), self.proxy.stderr_text())
+        self.client.proxy_logs()
     }
 }
 
@@ -186,13 +139,9 @@ fn http_section(server: &Pod, canary: &str) -> String {
     )
 }
 
-fn write_config(path: &Path, http: &str) {
-    let text = format!(
-        "trustDomain: cluster.local\nidentity:\n  certificateChain: cert-chain.pem\n  privateKey: key.pem\n  trustBundle: root-cert.pem\n{http}"
-    );
-    let temporary = path.with_extension("tmp");
-    fs::write(&temporary, text).expect("write mesh config");
-    fs::rename(temporary, path).expect("install mesh config");
+fn write_config(path: &std::path::Path, http: &str) {
+    let text = format!("{}{http}", identity_config("cluster.local"));
+    replace_file(path, &text).expect("install mesh config");
 }
 
 #[test]

@@ -8,14 +8,14 @@ mod common;
 use std::{net::SocketAddr, time::Duration};
 
 use common::*;
-use sidecar_tests::{Lab, LabProcess, Pod, require_root, wait_for_tcp};
+use sidecar_tests::{Lab, LabProcess, Pod, SidecarPod, require_root, wait_for_tcp};
 
 const INBOUND_PORT: u16 = 15006;
 
 struct InboundLab {
     lab: Lab,
     client: Pod,
-    server: Pod,
+    server: SidecarPod,
     app: LabProcess,
 }
 
@@ -43,15 +43,10 @@ impl InboundLab {
             Duration::from_secs(5),
         )
         .unwrap();
-        let cgroup = server.cgroup().to_string_lossy().into_owned();
-        let netns = server.netns_path().to_string_lossy().into_owned();
-        let mut args = vec!["init", "--cgroup", &cgroup, "--netns", &netns];
-        args.extend_from_slice(init_args);
-        let out = sidecar(&args);
-        assert!(out.status.success(), "init: {}", text(&out));
-        lab.on_teardown(move || {
-            let _ = sidecar(&["cleanup", "--cgroup", &cgroup]);
-        });
+        let server = sidecar_pod(&lab, server);
+        server
+            .install_capture(CaptureMode::Ebpf, init_args)
+            .expect("init");
         InboundLab {
             lab,
             client,
@@ -64,9 +59,7 @@ impl InboundLab {
     fn start_listener(&self) -> LabProcess {
         let listener = self
             .server
-            .command(labtool())
-            .in_cgroup(self.server.cgroup_child("proxy").unwrap())
-            .as_user(PROXY_ID, PROXY_ID)
+            .proxy_place_command(labtool())
             .args(["echo-server", "--listen", &format!("[::]:{INBOUND_PORT}")])
             .spawn()
             .expect("inbound listener");

@@ -7,14 +7,16 @@ mod common;
 
 use std::{
     collections::BTreeMap,
-    fs,
     net::SocketAddr,
     path::Path,
     time::{Duration, Instant},
 };
 
 use common::*;
-use sidecar_tests::{Lab, LabProcess, Pod, require_root, wait_for_http_ok, wait_for_tcp};
+use sidecar_tests::{
+    Lab, LabProcess, MeshPki, Pod, SidecarPod, identity_config, proxy_metrics, replace_file,
+    require_root, wait_for_tcp,
+};
 
 /// The app's HTTP port, STRICT (the server's default mode).
 const STRICT_PORT: u16 = 8080;
@@ -49,12 +51,10 @@ fn spiffe(sa: &str) -> String {
 
 struct InboundLab {
     lab: Lab,
-    client: Pod,
-    server: Pod,
+    client: SidecarPod,
+    server: SidecarPod,
     outsider: Pod,
     _app: LabProcess,
-    client_proxy: LabProcess,
-    server_proxy: LabProcess,
 }
 
 impl InboundLab {
@@ -78,27 +78,13 @@ impl InboundLab {
                 .expect("the server's app listening");
         }
 
-        let pki = lab.dir().join("pki");
-        certs(
-            &["ca", "--trust-domain", TRUST_DOMAIN, "--out"],
-            &pki.join("ca"),
-        );
+        let pki = MeshPki::create(sidecar_bin(), lab.dir().join("pki"), Some(TRUST_DOMAIN))
+            .expect("lab CA");
         for pod in [&client, &server] {
-            let ca = pki.join("ca").to_string_lossy().into_owned();
-            let args = [
-                "workload",
-                "--ca",
-                &ca,
-                "--ns",
-                NAMESPACE,
-                "--sa",
-                pod.name(),
-            ];
-            certs(
-                &[&args[..], &["--owner", "1337:1337", "--out"]].concat(),
-                &pki.join(pod.name()),
-            );
+            pki.issue(pod.name(), NAMESPACE, pod.name(), &[])
+                .expect("workload certificate");
         }
+        let pki = pki.dir();
         write_mesh_config(
             &pki.join("client"),
             &format!(
@@ -114,19 +100,20 @@ impl InboundLab {
                 "inbound:\n  mode: STRICT\n  ports:\n    - port: {PERMISSIVE_PORT}\n      mode: PERMISSIVE\n"
             ),
         );
+        let mut client = sidecar_pod(&lab, client);
+        let mut server = sidecar_pod(&lab, server);
         for pod in [&client, &server] {
-            install_capture(&lab, pod);
+            pod.install_capture(CaptureMode::Ebpf, &[])
+                .expect("sidecar init");
         }
-        let client_proxy = start_proxy(&client, &pki.join("client"));
-        let server_proxy = start_proxy(&server, &pki.join("server"));
+        start_proxy(&mut client, &pki.join("client"));
+        start_proxy(&mut server, &pki.join("server"));
         InboundLab {
             lab,
             client,
             server,
             outsider,
             _app: app,
-            client_proxy,
-            server_proxy,
         }
     }
 
@@ -163,9 +150,7 @@ impl InboundLab {
         );
         let deadline = Instant::now() + PATIENCE;
         loop {
-            let text = wait_for_http_ok(pod, "http://127.0.0.1:15020/stats/prometheus", READY)
-                .expect("scrape the proxy's metrics")
-                .body;
+            let text = proxy_metrics(pod).expect("scrape the proxy's metrics");
             let reporter = [("reporter", expected["reporter"])];
             let series =
                 sidecar_tests::prometheus::matching(&text, "istio_requests_total", &reporter)
@@ -195,67 +180,30 @@ impl InboundLab {
     }
 
     fn logs(&self) -> String {
-        [&self.client_proxy, &self.server_proxy]
+        [&self.client, &self.server]
             .iter()
-            .map(|proxy| format!("{}{}", proxy.stdout_text(), proxy.stderr_text()))
+            .map(|pod| pod.proxy_logs())
             .collect::<Vec<_>>()
             .join("\n----\n")
     }
 }
 
-fn certs(args: &[&str], out: &Path) {
-    let out = sidecar(&[&["certs"], args, &[&out.to_string_lossy()]].concat());
-    assert!(
-        out.status.success(),
-        "sidecar certs failed:\n{}",
-        text(&out)
-    );
-}
-
 /// The mesh config in `dir`, naming the certificate files `sidecar certs` wrote there.
 fn write_mesh_config(dir: &Path, rest: &str) {
-    let config = format!(
-        "trustDomain: {TRUST_DOMAIN}\nidentity:\n  certificateChain: cert-chain.pem\n  privateKey: key.pem\n  trustBundle: root-cert.pem\n{rest}"
-    );
-    fs::write(dir.join("mesh.yaml"), config).expect("write the mesh config");
-}
-
-fn install_capture(lab: &Lab, pod: &Pod) {
-    let cgroup = pod.cgroup().to_string_lossy().into_owned();
-    let netns = pod.netns_path().to_string_lossy().into_owned();
-    let out = sidecar(&["init", "--cgroup", &cgroup, "--netns", &netns]);
-    assert!(out.status.success(), "sidecar init failed:\n{}", text(&out));
-    lab.on_teardown(move || {
-        let _ = sidecar(&["cleanup", "--cgroup", &cgroup]);
-    });
+    let config = format!("{}{rest}", identity_config(TRUST_DOMAIN));
+    replace_file(&dir.join("mesh.yaml"), &config).expect("write the mesh config");
 }
 
 /// The proxy as Kubernetes runs it: UID 1337, in the pod, named after the pod.
-fn start_proxy(pod: &Pod, dir: &Path) -> LabProcess {
-    let proxy = pod
-        .command(sidecar_bin())
-        .in_cgroup(pod.cgroup_child("proxy").expect("proxy cgroup"))
-        .as_user(PROXY_ID, PROXY_ID)
-        .args(["proxy", "--log-format", "json"])
-        .args([
-            "--workload-name",
-            pod.name(),
-            "--workload-namespace",
-            NAMESPACE,
-        ])
+fn start_proxy(pod: &mut SidecarPod, dir: &Path) {
+    let name = pod.name().to_owned();
+    let command = pod
+        .proxy_command()
+        .args(["--log-format", "json"])
+        .args(["--workload-name", &name, "--workload-namespace", NAMESPACE])
         .arg("--mesh-config")
-        .arg(dir.join("mesh.yaml"))
-        .spawn()
-        .expect("proxy");
-    let ready = wait_for_http_ok(pod, "http://127.0.0.1:15021/healthz/ready", READY);
-    assert!(
-        ready.is_ok(),
-        "the proxy in {} is not ready: {ready:?}\n{}{}",
-        pod.name(),
-        proxy.stdout_text(),
-        proxy.stderr_text()
-    );
-    proxy
+        .arg(dir.join("mesh.yaml"));
+    pod.start_proxy(command).expect("proxy");
 }
 
 /// curl from a meshed pod to a meshed pod under mTLS, plaintext from outside the mesh to a
@@ -345,7 +293,7 @@ fn ebpf_inbound_http_is_reported_by_the_destination() {
     assert_eq!(status, "503", "{body}\n{}", mesh.logs());
     mesh.wait_for_series(&mesh.server, &mutual_tls("503", "UF"), 1.0);
 
-    let server_log = mesh.server_proxy.stdout_text();
+    let server_log = mesh.server.proxy().expect("proxy started").stdout_text();
     let access = |path: &str, principal: &str| {
         server_log.lines().any(|line| {
             line.contains(r#""target":"access""#)

@@ -13,7 +13,8 @@ use std::{
 
 use common::*;
 use sidecar_tests::{
-    ConnectReport, Lab, LabProcess, Pod, require_root, wait_for_http_ok, wait_for_tcp,
+    ConnectReport, Lab, LabProcess, MeshPki, Pod, SidecarPod, identity_config, replace_file,
+    require_root, wait_for_tcp,
 };
 
 const STRICT_PORT: u16 = 8080;
@@ -34,18 +35,27 @@ enum Capture {
     Iptables,
 }
 
+impl Capture {
+    fn mode(self) -> CaptureMode {
+        match self {
+            Capture::Ebpf => CaptureMode::Ebpf,
+            Capture::Iptables => CaptureMode::Iptables,
+        }
+    }
+}
+
 fn spiffe(sa: &str) -> String {
     format!("spiffe://{TRUST_DOMAIN}/ns/default/sa/{sa}")
 }
 
 struct MtlsLab {
     lab: Lab,
-    client: Pod,
-    server: Pod,
+    client: SidecarPod,
+    server: SidecarPod,
     outsider: Pod,
     pki: PathBuf,
+    certs: MeshPki,
     app: LabProcess,
-    proxies: Vec<LabProcess>,
     /// What the client's and the server's mesh configs say after the identity block.
     client_config: String,
     server_config: String,
@@ -85,25 +95,19 @@ impl MtlsLab {
             "inbound:\n  mode: STRICT\n  ports:\n    - port: {PERMISSIVE_PORT}\n      mode: PERMISSIVE\n    - port: {ADMIN_ONLY_PORT}\n      allow:\n        - principal: {}\n",
             spiffe("admin")
         );
+        let certs = MeshPki::create(sidecar_bin(), &pki, Some(TRUST_DOMAIN)).expect("lab CA");
         let mut mesh = MtlsLab {
+            client: sidecar_pod(&lab, client),
+            server: sidecar_pod(&lab, server),
             lab,
-            client,
-            server,
             outsider,
             pki,
+            certs,
             app,
-            proxies: Vec::new(),
             client_config,
             server_config,
         };
 
-        mesh.certs(&[
-            "ca",
-            "--out",
-            &mesh.pki_path("ca"),
-            "--trust-domain",
-            TRUST_DOMAIN,
-        ]);
         mesh.certs(&["ca", "--out", &mesh.pki_path("other-ca")]);
         mesh.issue("client", "client", &[]);
         mesh.issue("server", "server", &[]);
@@ -111,11 +115,12 @@ impl MtlsLab {
         mesh.write_mesh_config("server", &mesh.server_config);
 
         for pod in [&mesh.client, &mesh.server] {
-            install_capture(&mesh.lab, pod, capture);
+            pod.install_capture(capture.mode(), &[])
+                .expect("sidecar init");
         }
-        let client_proxy = start_proxy(&mesh.client, &mesh.pki.join("client"));
-        let server_proxy = start_proxy(&mesh.server, &mesh.pki.join("server"));
-        mesh.proxies = vec![client_proxy, server_proxy];
+        let (client_dir, server_dir) = (mesh.pki.join("client"), mesh.pki.join("server"));
+        start_proxy(&mut mesh.client, &client_dir);
+        start_proxy(&mut mesh.server, &server_dir);
         mesh
     }
 
@@ -124,35 +129,16 @@ impl MtlsLab {
     }
 
     fn certs(&self, args: &[&str]) {
-        let mut all = vec!["certs"];
-        all.extend_from_slice(args);
-        let out = sidecar(&all);
-        assert!(
-            out.status.success(),
-            "sidecar certs failed:\n{}",
-            text(&out)
-        );
+        if let Err(error) = self.certs.certs(args) {
+            panic!("{error:#}");
+        }
     }
 
     /// (Re)issues the certificate of `sa` into `pki/<dir>/`, readable by the proxy.
     fn issue(&self, dir: &str, sa: &str, extra: &[&str]) {
-        let ca = self.pki_path("ca");
-        let out = self.pki_path(dir);
-        let mut args = vec![
-            "workload",
-            "--ca",
-            &ca,
-            "--ns",
-            "default",
-            "--sa",
-            sa,
-            "--out",
-            &out,
-            "--owner",
-            "1337:1337",
-        ];
-        args.extend_from_slice(extra);
-        self.certs(&args);
+        if let Err(error) = self.certs.issue(dir, "default", sa, extra) {
+            panic!("{error:#}");
+        }
     }
 
     fn write_mesh_config(&self, dir: &str, rest: &str) {
@@ -168,9 +154,7 @@ impl MtlsLab {
         federated: &[(&str, &str)],
         rest: &str,
     ) {
-        let mut text = format!(
-            "trustDomain: {trust_domain}\nidentity:\n  certificateChain: cert-chain.pem\n  privateKey: key.pem\n  trustBundle: root-cert.pem\n"
-        );
+        let mut text = identity_config(trust_domain);
         if !federated.is_empty() {
             text.push_str("  federatedTrustBundles:\n");
             for (domain, file) in federated {
@@ -178,10 +162,7 @@ impl MtlsLab {
             }
         }
         text.push_str(rest);
-        let path = self.pki.join(dir).join("mesh.yaml");
-        let temporary = path.with_extension("tmp");
-        fs::write(&temporary, text).expect("write mesh config");
-        fs::rename(temporary, path).expect("install mesh config");
+        replace_file(&self.pki.join(dir).join("mesh.yaml"), &text).expect("install mesh config");
     }
 
     /// `labtool connect` from `pod`'s app (captured, when the pod has a sidecar).
@@ -211,16 +192,9 @@ impl MtlsLab {
     }
 
     fn wait_for_metric(&self, pod: &Pod, name: &str, labels: &[(&str, &str)], at_least: u64) {
-        let deadline = Instant::now() + PATIENCE;
-        while proxy_metric_or_zero(pod, name, labels) < at_least {
-            assert!(
-                Instant::now() < deadline,
-                "{name}{labels:?} in {} never reached {at_least}\n{}",
-                pod.name(),
-                self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_for_metric(pod, name, labels, MetricGoal::AtLeast(at_least), || {
+            self.logs()
+        });
     }
 
     fn failures(&self, pod: &Pod, direction: &str, reason: &str) -> u64 {
@@ -233,11 +207,18 @@ impl MtlsLab {
 
     /// Both proxies' logs, for failure messages.
     fn logs(&self) -> String {
-        self.proxies
+        [&self.client, &self.server]
             .iter()
-            .map(|p| format!("{}{}", p.stdout_text(), p.stderr_text()))
+            .map(|pod| pod.proxy_logs())
             .collect::<Vec<_>>()
             .join("\n----\n")
+    }
+
+    /// The proxy of the client (0) or the server (1).
+    fn proxy(&self, side: usize) -> &LabProcess {
+        [&self.client, &self.server][side]
+            .proxy()
+            .expect("proxy started")
     }
 
     /// Re-issues a certificate in place and waits until `pod`'s proxy has reloaded it.
@@ -256,55 +237,16 @@ impl MtlsLab {
     }
 }
 
-fn install_capture(lab: &Lab, pod: &Pod, capture: Capture) {
-    match capture {
-        Capture::Ebpf => {
-            let cgroup = pod.cgroup().to_string_lossy().into_owned();
-            let netns = pod.netns_path().to_string_lossy().into_owned();
-            let out = sidecar(&["init", "--cgroup", &cgroup, "--netns", &netns]);
-            assert!(out.status.success(), "sidecar init failed:\n{}", text(&out));
-            lab.on_teardown(move || {
-                let _ = sidecar(&["cleanup", "--cgroup", &cgroup]);
-            });
-        }
-        Capture::Iptables => {
-            let out = pod
-                .command(sidecar_bin())
-                .args(["init", "--mode", "iptables"])
-                .run()
-                .expect("run sidecar init in the pod");
-            assert!(out.status.success(), "sidecar init failed:\n{}", text(&out));
-        }
-    }
-}
-
 /// The proxy as Kubernetes runs it: UID 1337, in the pod (its own container cgroup).
-fn start_proxy(pod: &Pod, dir: &Path) -> LabProcess {
+fn start_proxy(pod: &mut SidecarPod, dir: &Path) {
     let config = dir.join("mesh.yaml").to_string_lossy().into_owned();
-    let proxy = pod
-        .command(sidecar_bin())
-        .in_cgroup(pod.cgroup_child("proxy").expect("proxy cgroup"))
-        .as_user(PROXY_ID, PROXY_ID)
+    let name = pod.name().to_owned();
+    let command = pod
+        .proxy_command()
         .env("POD_NAMESPACE", "default")
-        .args([
-            "proxy",
-            "--log-format",
-            "json",
-            "--workload-name",
-            pod.name(),
-        ])
-        .args(["--mesh-config", &config])
-        .spawn()
-        .expect("proxy");
-    let ready = wait_for_http_ok(pod, "http://127.0.0.1:15021/healthz/ready", READY);
-    assert!(
-        ready.is_ok(),
-        "proxy in {} not ready: {ready:?}\n{}{}",
-        pod.name(),
-        proxy.stdout_text(),
-        proxy.stderr_text()
-    );
-    proxy
+        .args(["--log-format", "json", "--workload-name", &name])
+        .args(["--mesh-config", &config]);
+    pod.start_proxy(command).expect("proxy");
 }
 
 /// Records the server pod's side of its veth (`eth0`) while `work` runs.
@@ -414,7 +356,7 @@ fn mesh_traffic_is_mutual_tls(capture: Capture, test: &str) {
         ],
         2,
     );
-    let server_log = mesh.proxies[1].stdout_text();
+    let server_log = mesh.proxy(1).stdout_text();
     assert!(
         server_log
             .lines()
@@ -491,7 +433,7 @@ fn mesh_traffic_is_mutual_tls(capture: Capture, test: &str) {
         1,
     );
     assert!(
-        mesh.proxies[1]
+        mesh.proxy(1)
             .stdout_text()
             .contains("no allow rule of the port matches"),
         "{}",
@@ -617,7 +559,7 @@ fn certificates_rotate_and_bad_ones_are_refused(capture: Capture, test: &str) {
         "outbound",
         "peer_identity_mismatch",
     );
-    let client_log = mesh.proxies[0].stdout_text();
+    let client_log = mesh.proxy(0).stdout_text();
     assert!(
         client_log.contains(&format!("the peer is {}", spiffe("imposter"))),
         "no clear log line for the wrong identity:\n{client_log}"
@@ -750,15 +692,17 @@ fn a_partner_ca_is_trusted_for_its_trust_domain_only(capture: Capture, test: &st
         &[(TRUST_DOMAIN, "our-root.pem")],
         &mesh.client_config,
     );
-    install_capture(&mesh.lab, &mesh.outsider, capture);
-    let partner_proxy = start_proxy(&mesh.outsider, &mesh.pki.join("partner"));
+    let mut partner = sidecar_pod(&mesh.lab, mesh.outsider.clone());
+    partner
+        .install_capture(capture.mode(), &[])
+        .expect("sidecar init");
+    start_proxy(&mut partner, &mesh.pki.join("partner"));
     let report = mesh
         .connect(&mesh.outsider, server_v4)
         .unwrap_or_else(|error| {
             panic!(
-                "the partner's workload was refused: {error}\n{}{}\n{}",
-                partner_proxy.stdout_text(),
-                partner_proxy.stderr_text(),
+                "the partner's workload was refused: {error}\n{}\n{}",
+                partner.proxy_logs(),
                 mesh.logs()
             )
         });

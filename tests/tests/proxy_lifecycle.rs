@@ -13,7 +13,7 @@ use std::{
 
 use common::*;
 use rustix::process::Signal;
-use sidecar_tests::{Lab, LabProcess, Pod, PodCommand, require_root, wait_for_tcp};
+use sidecar_tests::{Lab, LabProcess, Pod, PodCommand, SidecarPod, require_root, wait_for_tcp};
 
 const APP_PORT: u16 = 8080;
 /// The app's user: not root, not the proxy's.
@@ -28,10 +28,9 @@ const ENDLESS: &str = "/delay/60000";
 
 struct LifecycleLab {
     lab: Lab,
-    web: Pod,
+    web: SidecarPod,
     peer: Pod,
     _apps: [LabProcess; 2],
-    proxy: Option<LabProcess>,
 }
 
 impl LifecycleLab {
@@ -59,54 +58,34 @@ impl LifecycleLab {
             serve(&web, Some(web.cgroup_child("app").expect("app cgroup"))),
             serve(&peer, None),
         ];
-        let cgroup = web.cgroup().to_string_lossy().into_owned();
-        let netns = web.netns_path().to_string_lossy().into_owned();
-        let out = sidecar(&["init", "--cgroup", &cgroup, "--netns", &netns]);
-        assert!(out.status.success(), "sidecar init failed:\n{}", text(&out));
-        lab.on_teardown(move || {
-            let _ = sidecar(&["cleanup", "--cgroup", &cgroup]);
-        });
+        let web = sidecar_pod(&lab, web);
+        web.install_capture(CaptureMode::Ebpf, &[])
+            .expect("sidecar init");
         LifecycleLab {
             lab,
             web,
             peer,
             _apps: apps,
-            proxy: None,
         }
     }
 
     /// The web pod's proxy, as Kubernetes runs it (UID 1337, in the pod), with `extra` options.
     fn start_proxy(&mut self, extra: &[&str]) {
-        let proxy = self
+        let command = self
             .web
-            .command(sidecar_bin())
-            .in_cgroup(self.web.cgroup_child("proxy").expect("proxy cgroup"))
-            .as_user(PROXY_ID, PROXY_ID)
-            .args(["proxy", "--log-format", "json", "--workload-name", "web"])
-            .args(extra)
-            .spawn()
-            .expect("proxy");
-        let ready = sidecar_tests::wait_for_http_ok(
-            &self.web,
-            "http://127.0.0.1:15021/healthz/ready",
-            READY,
-        );
-        assert!(
-            ready.is_ok(),
-            "proxy not ready: {ready:?}\n{}{}",
-            proxy.stdout_text(),
-            proxy.stderr_text()
-        );
-        self.proxy = Some(proxy);
+            .proxy_command()
+            .args(["--log-format", "json", "--workload-name", "web"])
+            .args(extra);
+        self.web.start_proxy(command).expect("proxy");
     }
 
     fn proxy(&self) -> &LabProcess {
-        self.proxy.as_ref().expect("proxy started")
+        self.web.proxy().expect("proxy started")
     }
 
     fn logs(&self) -> String {
-        let proxy = self.proxy();
-        format!("{}{}", proxy.stdout_text(), proxy.stderr_text())
+        self.proxy();
+        self.web.proxy_logs()
     }
 
     /// The app (its cgroup and user) GETs `path` from the peer: the proxy's outbound side.

@@ -11,7 +11,7 @@ mod common;
 use std::{fs, net::SocketAddr, time::Duration};
 
 use common::*;
-use sidecar_tests::{ConnectReport, Lab, LabProcess, Pod, require_root, wait_for_tcp};
+use sidecar_tests::{ConnectReport, Lab, LabProcess, Pod, SidecarPod, require_root, wait_for_tcp};
 
 const APP_PORT: u16 = 8080;
 const READY_PORT: u16 = 15021;
@@ -30,9 +30,8 @@ const ADMIN_CAP: usize = 128;
 struct LimitsLab {
     lab: Lab,
     client: Pod,
-    server: Pod,
+    server: SidecarPod,
     _app: LabProcess,
-    proxy: Option<LabProcess>,
 }
 
 impl LimitsLab {
@@ -54,58 +53,39 @@ impl LimitsLab {
             READY,
         )
         .expect("server app listening");
-        let cgroup = server.cgroup().to_string_lossy().into_owned();
-        let netns = server.netns_path().to_string_lossy().into_owned();
-        let out = sidecar(&["init", "--cgroup", &cgroup, "--netns", &netns]);
-        assert!(out.status.success(), "sidecar init failed:\n{}", text(&out));
-        lab.on_teardown(move || {
-            let _ = sidecar(&["cleanup", "--cgroup", &cgroup]);
-        });
+        let server = sidecar_pod(&lab, server);
+        server
+            .install_capture(CaptureMode::Ebpf, &[])
+            .expect("sidecar init");
         LimitsLab {
             lab,
             client,
             server,
             _app: app,
-            proxy: None,
         }
     }
 
     /// The server's proxy, as Kubernetes runs it (UID 1337, in the pod), under a hard limit of
     /// [`FD_LIMIT`] open files, with `extra` options.
     fn start_proxy(&mut self, extra: &[&str]) {
-        let proxy = self
+        let command = self
             .server
-            .command("prlimit")
-            .in_cgroup(self.server.cgroup_child("proxy").expect("proxy cgroup"))
-            .as_user(PROXY_ID, PROXY_ID)
+            .proxy_place_command("prlimit")
             .arg(format!("--nofile={FD_LIMIT}:{FD_LIMIT}"))
             .arg("--")
             .arg(sidecar_bin())
             .args(["proxy", "--log-format", "json", "--workload-name", "server"])
-            .args(extra)
-            .spawn()
-            .expect("proxy");
-        let ready = sidecar_tests::wait_for_http_ok(
-            &self.server,
-            "http://127.0.0.1:15021/healthz/ready",
-            READY,
-        );
-        assert!(
-            ready.is_ok(),
-            "proxy not ready: {ready:?}\n{}{}",
-            proxy.stdout_text(),
-            proxy.stderr_text()
-        );
-        self.proxy = Some(proxy);
+            .args(extra);
+        self.server.start_proxy(command).expect("proxy");
     }
 
     fn proxy(&self) -> &LabProcess {
-        self.proxy.as_ref().expect("proxy started")
+        self.server.proxy().expect("proxy started")
     }
 
     fn logs(&self) -> String {
-        let proxy = self.proxy();
-        format!("{}{}", proxy.stdout_text(), proxy.stderr_text())
+        self.proxy();
+        self.server.proxy_logs()
     }
 
     /// Descriptors the proxy holds now (its pid is the program's: the pod wrapper, setpriv

@@ -10,15 +10,12 @@ use std::{
     net::{IpAddr, SocketAddr},
     os::unix::fs::chown,
     path::{Path, PathBuf},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use common::*;
-use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
-};
-use sidecar_tests::{Lab, LabProcess, Pod, require_root, wait_for_http_ok, wait_for_tcp};
+use common::{x509::*, *};
+use rcgen::{ExtendedKeyUsagePurpose, KeyPair, SanType};
+use sidecar_tests::{Lab, LabProcess, Pod, SidecarPod, require_root, wait_for_tcp};
 
 /// Server TLS, no client certificate asked.
 const SIMPLE_PORT: u16 = 8080;
@@ -28,41 +25,6 @@ const MUTUAL_PORT: u16 = 8081;
 const LIMITED_PORT: u16 = 8082;
 const SERVER_NAME: &str = "legacy.example";
 const READY: Duration = Duration::from_secs(10);
-const PATIENCE: Duration = Duration::from_secs(10);
-
-fn named(common_name: &str) -> DistinguishedName {
-    let mut name = DistinguishedName::new();
-    name.push(DnType::CommonName, common_name);
-    name
-}
-
-fn self_signed_ca(name: &str) -> (String, KeyPair) {
-    let key = KeyPair::generate().expect("CA key");
-    let mut params = CertificateParams::default();
-    params.distinguished_name = named(name);
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    (params.self_signed(&key).expect("CA").pem(), key)
-}
-
-/// A leaf signed by the CA `(ca_pem, ca_key)`: the certificate and key PEMs.
-fn leaf(
-    ca: &(String, KeyPair),
-    common_name: &str,
-    sans: Vec<SanType>,
-    usage: ExtendedKeyUsagePurpose,
-) -> (String, String) {
-    let ca_key = KeyPair::from_pem(&ca.1.serialize_pem()).expect("CA key");
-    let issuer = Issuer::from_ca_cert_pem(&ca.0, ca_key).expect("issuer");
-    let key = KeyPair::generate().expect("key");
-    let mut params = CertificateParams::default();
-    params.distinguished_name = named(common_name);
-    params.subject_alt_names = sans;
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![usage];
-    let cert = params.signed_by(&key, &issuer).expect("certificate");
-    (cert.pem(), key.serialize_pem())
-}
 
 /// Writes `contents` beside `path` and renames it into place, as Kubernetes updates a Secret.
 fn replace(path: &Path, contents: &str) {
@@ -74,12 +36,11 @@ fn replace(path: &Path, contents: &str) {
 
 struct LegacyLab {
     _lab: Lab,
-    server: Pod,
+    server: SidecarPod,
     outsider: Pod,
     dir: PathBuf,
     server_ca: (String, KeyPair),
     _apps: Vec<LabProcess>,
-    proxy: LabProcess,
 }
 
 impl LegacyLab {
@@ -115,7 +76,7 @@ impl LegacyLab {
         let server_ca = self_signed_ca("legacy server CA");
         let client_ca = self_signed_ca("legacy client CA");
         let (client, client_key) = leaf(
-            &client_ca,
+            &issuer(&client_ca),
             "partner",
             Vec::new(),
             ExtendedKeyUsagePurpose::ClientAuth,
@@ -150,29 +111,16 @@ impl LegacyLab {
             ),
         );
 
-        let cgroup = server.cgroup().to_string_lossy().into_owned();
-        let netns = server.netns_path().to_string_lossy().into_owned();
-        let out = sidecar(&["init", "--cgroup", &cgroup, "--netns", &netns]);
-        assert!(out.status.success(), "sidecar init failed:\n{}", text(&out));
-        lab.on_teardown(move || {
-            let _ = sidecar(&["cleanup", "--cgroup", &cgroup]);
-        });
+        let mut server = sidecar_pod(&lab, server);
+        server
+            .install_capture(CaptureMode::Ebpf, &[])
+            .expect("sidecar init");
         let proxy = server
-            .command(sidecar_bin())
-            .in_cgroup(server.cgroup_child("proxy").expect("proxy cgroup"))
-            .as_user(PROXY_ID, PROXY_ID)
-            .args(["proxy", "--log-format", "json", "--workload-name", "server"])
+            .proxy_command()
+            .args(["--log-format", "json", "--workload-name", "server"])
             .arg("--mesh-config")
-            .arg(dir.join("mesh.yaml"))
-            .spawn()
-            .expect("proxy");
-        let ready = wait_for_http_ok(&server, "http://127.0.0.1:15021/healthz/ready", READY);
-        assert!(
-            ready.is_ok(),
-            "proxy not ready: {ready:?}\n{}{}",
-            proxy.stdout_text(),
-            proxy.stderr_text()
-        );
+            .arg(dir.join("mesh.yaml"));
+        server.start_proxy(proxy).expect("proxy");
         LegacyLab {
             _lab: lab,
             server,
@@ -180,8 +128,11 @@ impl LegacyLab {
             dir,
             server_ca,
             _apps: apps,
-            proxy,
         }
+    }
+
+    fn proxy(&self) -> &LabProcess {
+        self.server.proxy().expect("proxy started")
     }
 
     fn arg(&self, name: &str) -> String {
@@ -237,26 +188,18 @@ impl LegacyLab {
     }
 
     fn wait_for_metric(&self, name: &str, labels: &[(&str, &str)], expected: u64) {
-        let deadline = Instant::now() + PATIENCE;
         // The series may not exist until the first request it counts.
-        let value = || proxy_metric_or_zero(&self.server, name, labels);
-        while value() != expected {
-            assert!(
-                Instant::now() < deadline,
-                "{name}{labels:?} never reached {expected} (is {})\n{}",
-                value(),
-                self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_for_metric(
+            &self.server,
+            name,
+            labels,
+            MetricGoal::Exactly(expected),
+            || self.logs(),
+        );
     }
 
     fn logs(&self) -> String {
-        format!(
-            "\nproxy:\n{}{}",
-            self.proxy.stdout_text(),
-            self.proxy.stderr_text()
-        )
+        format!("\nproxy:\n{}", self.server.proxy_logs())
     }
 }
 
@@ -272,7 +215,12 @@ impl LegacyServer<'_> {
             SanType::DnsName(SERVER_NAME.try_into().expect("DNS name")),
             SanType::IpAddress(self.ip),
         ];
-        let (cert, key) = leaf(ca, SERVER_NAME, sans, ExtendedKeyUsagePurpose::ServerAuth);
+        let (cert, key) = leaf(
+            &issuer(ca),
+            SERVER_NAME,
+            sans,
+            ExtendedKeyUsagePurpose::ServerAuth,
+        );
         replace(&self.dir.join("tls.key"), &key);
         replace(&self.dir.join("tls.crt"), &cert);
     }
@@ -362,7 +310,9 @@ fn https_reaches_a_localhost_only_app_through_the_proxy() {
         "the old certificate serves: {codes}"
     );
     assert!(
-        lab.proxy.stdout_text().contains("no PEM certificate found"),
+        lab.proxy()
+            .stdout_text()
+            .contains("no PEM certificate found"),
         "the reason is logged{}",
         lab.logs()
     );

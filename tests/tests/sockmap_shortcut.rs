@@ -13,9 +13,9 @@ use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
 use common::*;
 use sidecar_tests::{
-    ConnectReport, Lab, LabProcess, Pod, require_root,
+    ConnectReport, Lab, LabProcess, Pod, SidecarPod, require_root,
     tools::load::{LoadSpec, Workload, client::report_from_output, histogram},
-    wait_for_http_ok, wait_for_tcp,
+    wait_for_tcp,
 };
 
 const ECHO: u16 = 8080;
@@ -28,10 +28,9 @@ const STALL: Duration = Duration::from_secs(1);
 
 struct ShortcutLab {
     _lab: Lab,
-    client: Pod,
-    server: Pod,
+    client: SidecarPod,
+    server: SidecarPod,
     _apps: Vec<LabProcess>,
-    proxies: Vec<LabProcess>,
 }
 
 impl ShortcutLab {
@@ -62,45 +61,31 @@ impl ShortcutLab {
             wait_for_tcp(&server, SocketAddr::new(server.ipv4().into(), port), READY)
                 .expect("server app listening");
         }
-        for pod in [&client, &server] {
-            let cgroup = pod.cgroup().to_string_lossy().into_owned();
-            let netns = pod.netns_path().to_string_lossy().into_owned();
-            let mut args = vec!["init", "--cgroup", &cgroup, "--netns", &netns];
-            args.extend_from_slice(init_extra);
-            let out = sidecar(&args);
-            assert!(out.status.success(), "init {}: {}", pod.name(), text(&out));
-            lab.on_teardown(move || {
-                let _ = sidecar(&["cleanup", "--cgroup", &cgroup]);
-            });
+        let mut pods = [sidecar_pod(&lab, client), sidecar_pod(&lab, server)];
+        for pod in &pods {
+            pod.install_capture(CaptureMode::Ebpf, init_extra)
+                .expect("sidecar init");
         }
         // After init: the proxy's inbound listener is registered when it listens.
-        let mut proxies = Vec::new();
-        for pod in [&client, &server] {
-            let proxy = pod
-                .command(sidecar_bin())
-                .in_cgroup(pod.cgroup_child("proxy").expect("proxy cgroup"))
-                .as_user(PROXY_ID, PROXY_ID)
-                .args(["proxy", "--workload-name", pod.name()])
-                .spawn()
-                .expect("proxy");
-            let ready = wait_for_http_ok(pod, "http://127.0.0.1:15021/healthz/ready", READY);
-            assert!(ready.is_ok(), "{} proxy not ready: {ready:?}", pod.name());
-            proxies.push(proxy);
+        for pod in &mut pods {
+            let name = pod.name().to_owned();
+            let proxy = pod.proxy_command().args(["--workload-name", &name]);
+            pod.start_proxy(proxy).expect("proxy");
         }
+        let [client, server] = pods;
         ShortcutLab {
             _lab: lab,
             client,
             server,
             _apps: apps,
-            proxies,
         }
     }
 
     /// Every relayed connection both proxies logged relayed `mode` (`splice`, `copy`), and
     /// there was at least one on each side.
     fn assert_relayed_by(&self, mode: &str) {
-        for proxy in &self.proxies {
-            let logs = proxy.stdout_text();
+        for pod in [&self.client, &self.server] {
+            let logs = pod.proxy().expect("proxy started").stdout_text();
             let relayed: Vec<&str> = logs
                 .lines()
                 .filter(|line| line.contains("connection complete"))

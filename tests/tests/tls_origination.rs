@@ -12,22 +12,17 @@ use std::{
     net::{IpAddr, SocketAddr},
     os::unix::fs::chown,
     path::{Path, PathBuf},
-    thread,
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use common::*;
-use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType,
-};
-use sidecar_tests::{Lab, LabProcess, Pod, require_root, wait_for_http_ok, wait_for_tcp};
+use common::{x509::*, *};
+use rcgen::{ExtendedKeyUsagePurpose, Issuer, SanType};
+use sidecar_tests::{Lab, LabProcess, Pod, SidecarPod, replace_file, require_root, wait_for_tcp};
 
 const HTTPS_PORT: u16 = 443;
 const APP_PORT: u16 = 80;
 const PARTNER_HOST: &str = "api.partner";
 const READY: Duration = Duration::from_secs(10);
-const PATIENCE: Duration = Duration::from_secs(10);
 
 /// An HTTPS server answering each GET with what its connection showed, as JSON; each
 /// handshake (or failed one) is logged. A client certificate is asked for, and verified
@@ -142,38 +137,6 @@ impl PartnerPki {
     }
 }
 
-fn named(common_name: &str) -> DistinguishedName {
-    let mut name = DistinguishedName::new();
-    name.push(DnType::CommonName, common_name);
-    name
-}
-
-fn self_signed_ca(name: &str) -> (String, KeyPair) {
-    let key = KeyPair::generate().expect("CA key");
-    let mut params = CertificateParams::default();
-    params.distinguished_name = named(name);
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-    let cert = params.self_signed(&key).expect("CA certificate");
-    (cert.pem(), key)
-}
-
-fn leaf(
-    issuer: &Issuer<'_, KeyPair>,
-    common_name: &str,
-    sans: Vec<SanType>,
-    usage: ExtendedKeyUsagePurpose,
-) -> (String, String) {
-    let key = KeyPair::generate().expect("key");
-    let mut params = CertificateParams::default();
-    params.distinguished_name = named(common_name);
-    params.subject_alt_names = sans;
-    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-    params.extended_key_usages = vec![usage];
-    let cert = params.signed_by(&key, issuer).expect("certificate");
-    (cert.pem(), key.serialize_pem())
-}
-
 /// The partner service as the app knows it: `api.partner` at the server pod's address, port
 /// 80, sent to 443 with `tls` (YAML, one flow mapping).
 fn partner_config(server: &Pod, tls: &str) -> String {
@@ -193,13 +156,12 @@ fn partner_config(server: &Pod, tls: &str) -> String {
 
 struct OriginationLab {
     _lab: Lab,
-    client: Pod,
+    client: SidecarPod,
     server: Pod,
     pki: PartnerPki,
     config: PathBuf,
     https: LabProcess,
     _plaintext: LabProcess,
-    proxy: Option<LabProcess>,
 }
 
 impl OriginationLab {
@@ -236,13 +198,10 @@ impl OriginationLab {
                 .expect("server listening");
         }
 
-        let cgroup = client.cgroup().to_string_lossy().into_owned();
-        let netns = client.netns_path().to_string_lossy().into_owned();
-        let out = sidecar(&["init", "--cgroup", &cgroup, "--netns", &netns]);
-        assert!(out.status.success(), "sidecar init failed:\n{}", text(&out));
-        lab.on_teardown(move || {
-            let _ = sidecar(&["cleanup", "--cgroup", &cgroup]);
-        });
+        let client = sidecar_pod(&lab, client);
+        client
+            .install_capture(CaptureMode::Ebpf, &[])
+            .expect("sidecar init");
         let config = pki.path("mesh.yaml");
         OriginationLab {
             _lab: lab,
@@ -252,40 +211,24 @@ impl OriginationLab {
             config,
             https,
             _plaintext: plaintext,
-            proxy: None,
         }
     }
 
     /// Starts the proxy (UID 1337, in the pod) with `config` as its mesh config, and `env`.
     fn start_proxy(&mut self, config: &str, env: &[(&str, &str)]) {
         self.write_config(config);
-        let mut command = self
-            .client
-            .command(sidecar_bin())
-            .in_cgroup(self.client.cgroup_child("proxy").expect("proxy cgroup"))
-            .as_user(PROXY_ID, PROXY_ID);
+        let mut command = self.client.proxy_command();
         for (key, value) in env {
             command = command.env(key, value);
         }
-        let proxy = command
-            .args(["proxy", "--log-format", "json", "--workload-name", "client"])
-            .args(["--mesh-config", &self.config.to_string_lossy()])
-            .spawn()
-            .expect("proxy");
-        let ready = wait_for_http_ok(&self.client, "http://127.0.0.1:15021/healthz/ready", READY);
-        assert!(
-            ready.is_ok(),
-            "proxy not ready: {ready:?}\n{}{}",
-            proxy.stdout_text(),
-            proxy.stderr_text()
-        );
-        self.proxy = Some(proxy);
+        let command = command
+            .args(["--log-format", "json", "--workload-name", "client"])
+            .args(["--mesh-config", &self.config.to_string_lossy()]);
+        self.client.start_proxy(command).expect("proxy");
     }
 
     fn write_config(&self, text: &str) {
-        let temporary = self.config.with_extension("tmp");
-        fs::write(&temporary, text).expect("write mesh config");
-        fs::rename(temporary, &self.config).expect("install mesh config");
+        replace_file(&self.config, text).expect("install mesh config");
     }
 
     /// The app (its cgroup) runs `curl http://<server ip>:80<path>`: the status and the body.
@@ -294,7 +237,7 @@ impl OriginationLab {
         let out = self
             .client
             .command("curl")
-            .in_cgroup(self.client.cgroup_child("app").expect("app cgroup"))
+            .in_cgroup(self.client.app_cgroup().expect("app cgroup"))
             .args(["-sS", "--max-time", "8", "-w", "\n%{http_code}"])
             .arg(&url)
             .run()
@@ -313,18 +256,14 @@ impl OriginationLab {
     }
 
     fn wait_for_metric(&self, name: &str, labels: &[(&str, &str)], expected: u64) {
-        let deadline = Instant::now() + PATIENCE;
         // The series may not exist until the first request it counts.
-        let value = || proxy_metric_or_zero(&self.client, name, labels);
-        while value() != expected {
-            assert!(
-                Instant::now() < deadline,
-                "{name}{labels:?} never reached {expected} (is {})\n{}",
-                value(),
-                self.logs()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_for_metric(
+            &self.client,
+            name,
+            labels,
+            MetricGoal::Exactly(expected),
+            || self.logs(),
+        );
     }
 
     /// Rewrites the mesh config and waits until the proxy took it (`reloads` successes).
@@ -338,40 +277,25 @@ impl OriginationLab {
     }
 
     fn logs(&self) -> String {
-        let proxy = self.proxy.as_ref().expect("proxy started");
+        assert!(self.client.proxy().is_some(), "proxy started");
         format!(
-            "proxy:\n{}{}\nHTTPS server:\n{}{}",
-            proxy.stdout_text(),
-            proxy.stderr_text(),
+            "proxy:\n{}\nHTTPS server:\n{}{}",
+            self.client.proxy_logs(),
             self.https.stdout_text(),
             self.https.stderr_text()
         )
     }
 
-    /// The proxy's access lines (JSON) for requests.
-    /// The access lines so far, once one satisfies `wanted` (or after 5 s): the proxy writes
-    /// its log lines out in batches, within 100 ms (`sidecar-proxy/src/log_buffer.rs`).
+    /// The proxy's access lines for GET requests, once one satisfies `wanted` (or after 5 s).
     fn access_lines_once(
         &self,
         wanted: impl Fn(&serde_json::Value) -> bool,
     ) -> Vec<serde_json::Value> {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let lines = self.access_lines();
-            if lines.iter().any(&wanted) || Instant::now() >= deadline {
-                return lines;
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn access_lines(&self) -> Vec<serde_json::Value> {
-        let proxy = self.proxy.as_ref().expect("proxy started");
-        proxy
-            .stdout_text()
-            .lines()
-            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-            .filter(|line| line["target"] == "access" && line["fields"]["method"] == "GET")
+        let is_get = |line: &serde_json::Value| line["fields"]["method"] == "GET";
+        self.client
+            .wait_for_access_line(|line| is_get(line) && wanted(line), Duration::from_secs(5))
+            .into_iter()
+            .filter(is_get)
             .collect()
     }
 }

@@ -3,17 +3,15 @@
 //! inbound on the other, carried over mTLS between the two proxies; both proxies' access lines
 //! (with the peer identities), their request metrics (the client's as Istio's source reports
 //! them, the server's as its destination does) and the capture counters printed; all torn down.
-use std::{
-    net::SocketAddr,
-    path::{Path, PathBuf},
-    process::Command,
-    time::Duration,
-};
+use std::{net::SocketAddr, path::Path, time::Duration};
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, ValueEnum};
 use sidecar_common::StatusReport;
-use sidecar_tests::{Lab, Pod, wait_for_http_ok, wait_for_tcp};
+use sidecar_tests::{
+    CaptureMode, Lab, MeshPki, PROXY_ID, Pod, ProxyPlacement, SidecarPod, identity_config,
+    proxy_metrics, status_report, wait_for_tcp,
+};
 
 use crate::{
     build::{self, BuildOptions},
@@ -26,6 +24,15 @@ pub enum Mode {
     Iptables,
 }
 
+impl Mode {
+    fn capture(self) -> CaptureMode {
+        match self {
+            Mode::Ebpf => CaptureMode::Ebpf,
+            Mode::Iptables => CaptureMode::Iptables,
+        }
+    }
+}
+
 #[derive(Args)]
 pub struct LabOptions {
     /// Capture mechanism for the client pod.
@@ -36,7 +43,6 @@ pub struct LabOptions {
     pub release: bool,
 }
 
-const PROXY_ID: u32 = 1337;
 const WAIT: Duration = Duration::from_secs(10);
 
 pub fn run(opts: &LabOptions) -> Result<()> {
@@ -80,68 +86,33 @@ fn demo(lab: &Lab, bin: &Path, mode: Mode) -> Result<()> {
     wait_for_tcp(&server, SocketAddr::new(server.ipv4().into(), 8080), WAIT)?;
 
     println!("\n== certificates (sidecar certs): a lab CA, one SPIFFE identity per pod");
-    let certs = lab.dir().join("certs");
-    run_sidecar(
-        &sidecar,
-        &[
-            "certs",
-            "ca",
-            "--out",
-            &path(&certs.join("ca")),
-            "--trust-domain",
-            TRUST_DOMAIN,
-        ],
-    )?;
+    let pki = MeshPki::create(&sidecar, lab.dir().join("certs"), Some(TRUST_DOMAIN))?;
     for pod in [&client, &server] {
-        let dir = certs.join(pod.name());
-        run_sidecar(
-            &sidecar,
-            &[
-                "certs",
-                "workload",
-                "--ca",
-                &path(&certs.join("ca")),
-                "--ns",
-                NAMESPACE,
-                "--sa",
-                pod.name(),
-                "--out",
-                &path(&dir),
-                "--owner",
-                "1337:1337",
-            ],
-        )?;
+        pki.issue(pod.name(), NAMESPACE, pod.name(), &[])?;
         println!("  {}: {}", pod.name(), spiffe_id(pod.name()));
     }
-    write_mesh_config(&certs.join("client"), MeshRole::Client(&server))?;
-    write_mesh_config(&certs.join("server"), MeshRole::Server)?;
+    write_mesh_config(&pki.dir().join("client"), MeshRole::Client(&server))?;
+    write_mesh_config(&pki.dir().join("server"), MeshRole::Server)?;
 
-    let mut proxies = Vec::new();
+    let mut pods = Vec::new();
     for pod in [&client, &server] {
         println!("\n== sidecar init ({mode:?}) for the {} pod", pod.name());
-        install_capture(lab, pod, &sidecar, mode)?;
-        let mesh_config = certs.join(pod.name()).join("mesh.yaml");
+        let mut pod = SidecarPod::new(lab, pod.clone(), &sidecar, ProxyPlacement::InPod)?;
+        let output = pod.install_capture(mode.capture(), &[])?;
+        print!("{}", String::from_utf8_lossy(&output.stdout));
+        let mesh_config = pki.dir().join(pod.name()).join("mesh.yaml");
+        let name = pod.name().to_owned();
         let proxy = pod
-            .command(&sidecar)
-            .in_cgroup(pod.cgroup_child("proxy")?)
-            .as_user(PROXY_ID, PROXY_ID)
-            .args([
-                "proxy",
-                "--workload-name",
-                pod.name(),
-                "--workload-namespace",
-                NAMESPACE,
-            ])
+            .proxy_command()
+            .args(["--workload-name", &name, "--workload-namespace", NAMESPACE])
             .arg("--mesh-config")
-            .arg(&mesh_config)
-            .spawn()?;
-        wait_for_http_ok(pod, "http://127.0.0.1:15021/healthz/ready", WAIT)
-            .with_context(|| format!("the {} proxy did not become ready", pod.name()))?;
+            .arg(&mesh_config);
+        pod.start_proxy(proxy)?;
         println!(
             "proxy ready (UID {PROXY_ID}, cgroup {})",
-            pod.cgroup_child("proxy")?.display()
+            pod.proxy_cgroup().display()
         );
-        proxies.push((pod, proxy));
+        pods.push(pod);
     }
 
     let url = format!("http://{}:8080/hello", server.ipv4());
@@ -155,17 +126,16 @@ fn demo(lab: &Lab, bin: &Path, mode: Mode) -> Result<()> {
     println!("(the server app sees the connection at its own pod IP, from the proxy's 127.0.0.6)");
 
     std::thread::sleep(Duration::from_millis(200));
-    for (pod, proxy) in &proxies {
+    for pod in &pods {
         println!("\n== the {} proxy's access log", pod.name());
-        let log = format!("{}{}", proxy.stdout_text(), proxy.stderr_text());
-        for line in log.lines().filter(|l| l.contains("access")) {
+        for line in pod.proxy_logs().lines().filter(|l| l.contains("access")) {
             println!("  {line}");
         }
         println!(
             "== the {} proxy's request metrics (127.0.0.1:15020/stats/prometheus)",
             pod.name()
         );
-        let metrics = wait_for_http_ok(pod, "http://127.0.0.1:15020/stats/prometheus", WAIT)?.body;
+        let metrics = proxy_metrics(pod)?;
         let requests: Vec<&str> = metrics
             .lines()
             .filter(|l| l.starts_with("istio_requests_total"))
@@ -188,22 +158,6 @@ fn spiffe_id(service_account: &str) -> String {
     format!("spiffe://{TRUST_DOMAIN}/ns/{NAMESPACE}/sa/{service_account}")
 }
 
-fn path(path: &Path) -> String {
-    path.to_string_lossy().into_owned()
-}
-
-fn run_sidecar(sidecar: &Path, args: &[&str]) -> Result<()> {
-    let out = Command::new(sidecar).args(args).output()?;
-    if !out.status.success() {
-        bail!(
-            "sidecar {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
-}
-
 enum MeshRole<'a> {
     /// Dials the server pod, which must prove the server identity.
     Client(&'a Pod),
@@ -213,10 +167,7 @@ enum MeshRole<'a> {
 
 /// Writes `mesh.yaml` (docs/MESH_CONFIG.md) next to the pod's certificate files.
 fn write_mesh_config(dir: &Path, role: MeshRole<'_>) -> Result<()> {
-    let mut yaml = format!(
-        "trustDomain: {TRUST_DOMAIN}\nidentity:\n  certificateChain: cert-chain.pem\n  \
-         privateKey: key.pem\n  trustBundle: root-cert.pem\n"
-    );
+    let mut yaml = identity_config(TRUST_DOMAIN);
     match role {
         MeshRole::Client(server) => yaml.push_str(&format!(
             "workloads:\n  - name: server\n    addresses: [\"{}\", \"{}\"]\n    identities: [{}]\n",
@@ -233,17 +184,19 @@ fn write_mesh_config(dir: &Path, role: MeshRole<'_>) -> Result<()> {
 }
 
 fn print_status(client: &Pod, sidecar: &Path, mode: Mode) -> Result<()> {
-    let output = match mode {
-        Mode::Ebpf => Command::new(sidecar).args(["status", "--json"]).output()?,
-        Mode::Iptables => client.command(sidecar).args(["status", "--json"]).run()?,
+    let status = match mode {
+        Mode::Ebpf => status_report(sidecar)?,
+        Mode::Iptables => {
+            let output = client.command(sidecar).args(["status", "--json"]).run()?;
+            if !output.status.success() {
+                bail!(
+                    "sidecar status failed: {}",
+                    String::from_utf8_lossy(&output.stderr)
+                );
+            }
+            StatusReport::from_json(&output.stdout).map_err(|error| anyhow!(error))?
+        }
     };
-    if !output.status.success() {
-        bail!(
-            "sidecar status failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    let status = StatusReport::from_json(&output.stdout).map_err(|error| anyhow!(error))?;
     let text = match mode {
         Mode::Ebpf => status
             .capture_of(client.cgroup())
@@ -257,42 +210,6 @@ fn print_status(client: &Pod, sidecar: &Path, mode: Mode) -> Result<()> {
     };
     for line in text.lines() {
         println!("  {line}");
-    }
-    Ok(())
-}
-
-fn install_capture(lab: &Lab, pod: &Pod, sidecar: &Path, mode: Mode) -> Result<()> {
-    let output = match mode {
-        Mode::Ebpf => {
-            let cgroup: PathBuf = pod.cgroup().to_path_buf();
-            let out = Command::new(sidecar)
-                .arg("init")
-                .arg("--cgroup")
-                .arg(&cgroup)
-                .arg("--netns")
-                .arg(pod.netns_path())
-                .output()?;
-            let cleanup_bin = sidecar.to_path_buf();
-            lab.on_teardown(move || {
-                let _ = Command::new(cleanup_bin)
-                    .arg("cleanup")
-                    .arg("--cgroup")
-                    .arg(cgroup)
-                    .output();
-            });
-            out
-        }
-        Mode::Iptables => pod
-            .command(sidecar)
-            .args(["init", "--mode", "iptables"])
-            .run()?,
-    };
-    print!("{}", String::from_utf8_lossy(&output.stdout));
-    if !output.status.success() {
-        bail!(
-            "sidecar init failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
     }
     Ok(())
 }

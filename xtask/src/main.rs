@@ -1,5 +1,4 @@
 //! Project tasks: `cargo xtask <setup|build-ebpf|build|test|fuzz|lab|bench|image|pod-test|validate-manifests|vm-test|vm-shell>`.
-mod bench;
 mod build;
 mod fuzz;
 mod image;
@@ -36,7 +35,7 @@ enum Task {
     /// Demo: two pods, an HTTP request from one to the other intercepted by the proxy.
     Lab(lab::LabOptions),
     /// Benchmark: eBPF vs iptables redirection, every scenario and workload (docs/BENCHMARKS.md).
-    Bench(bench::BenchOptions),
+    Bench(sidecar_bench::BenchOptions),
     /// Build the FROM-scratch images (static binaries) the deploy/ manifests name, with podman.
     Image,
     /// Play deploy/kubernetes under `podman kube play`: capture, interception, teardown.
@@ -57,7 +56,13 @@ fn main() -> Result<()> {
         Task::Test(opts) => test::run_tests(&opts),
         Task::Fuzz(opts) => fuzz::run_fuzz(&opts),
         Task::Lab(opts) => lab::run(&opts),
-        Task::Bench(opts) => bench::run(&opts),
+        Task::Bench(opts) => sidecar_bench::run(
+            &opts,
+            &sidecar_bench::TaskRunner {
+                setup: &setup::run,
+                build_release: &|| build::build_all(&build::BuildOptions { release: true }),
+            },
+        ),
         Task::Image => image::build_images().map(|_| ()),
         Task::PodTest => pod_test::run_pod_test(),
         Task::ValidateManifests => manifests::validate(),

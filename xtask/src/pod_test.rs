@@ -23,7 +23,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use serde_yaml::{Mapping, Value};
 use sidecar_common::{CaptureReport, PinLayout, StatusReport};
-use sidecar_tests::prometheus;
+use sidecar_tests::{MeshPki, PROXY_METRICS_URL, PROXY_READY_URL, prometheus};
 
 use crate::{
     image,
@@ -122,7 +122,7 @@ fn exercise(podman: &Podman, work: &Path, sidecar: &Path, pods: &mut Vec<PlayedP
     }
 
     println!("== the proxy's metrics and access log");
-    let (_, metrics) = podman.http_get(&client_app, "http://127.0.0.1:15020/stats/prometheus")?;
+    let (_, metrics) = podman.http_get(&client_app, PROXY_METRICS_URL)?;
     // Outbound series: TCP connections (exported from the start), and HTTP requests when the
     // proxy detects HTTP (exported once the first request is counted).
     let source = [("reporter", "source")];
@@ -265,7 +265,7 @@ fn run_job(
 fn wait_until_ready(podman: &Podman, app: &str) -> Result<()> {
     let deadline = Instant::now() + READY_TIMEOUT;
     loop {
-        let answer = podman.http_get(app, "http://127.0.0.1:15021/healthz/ready");
+        let answer = podman.http_get(app, PROXY_READY_URL);
         if answer.as_ref().is_ok_and(|(status, _)| *status == 200) {
             return Ok(());
         }
@@ -559,19 +559,11 @@ fn yaml_file(path: &Path) -> Result<Value> {
     serde_yaml::from_str(&text).with_context(|| format!("{} is not YAML", path.display()))
 }
 
-/// The Secret's stand-in: a lab CA and the workload's SPIFFE certificate, readable by 1337.
+/// The Secret's stand-in: a lab CA (`<work>/ca`) and the workload's SPIFFE certificate
+/// (`<work>/certs`), readable by 1337.
 fn write_certs(work: &Path, sidecar: &Path) -> Result<PathBuf> {
-    let (ca, certs) = (work.join("ca"), work.join("certs"));
-    run(Command::new(sidecar)
-        .args(["certs", "ca", "--out"])
-        .arg(&ca))?;
-    run(Command::new(sidecar)
-        .args(["certs", "workload", "--ns", POD_NAMESPACE, "--sa", "demo"])
-        .args(["--owner", "1337:1337", "--ca"])
-        .arg(&ca)
-        .arg("--out")
-        .arg(&certs))?;
-    Ok(certs)
+    let pki = MeshPki::create(sidecar, work, None)?;
+    pki.issue("certs", POD_NAMESPACE, "demo", &[])
 }
 
 /// The ConfigMap's stand-in: its `mesh.yaml` key as a file.

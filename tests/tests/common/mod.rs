@@ -2,6 +2,8 @@
 //! init`, the real proxy running inside the pod, an echo server in a second pod.
 #![allow(dead_code)] // each test binary uses a different part of this harness
 
+pub mod x509;
+
 use std::{
     collections::BTreeMap,
     net::{IpAddr, SocketAddr},
@@ -12,14 +14,17 @@ use std::{
 
 use sidecar_common::{AttachPoint, CaptureReport, StatusReport};
 use sidecar_tests::{
-    ConnectReport, Lab, LabProcess, Pod, require_root, wait_for_http_ok, wait_for_tcp,
+    ConnectReport, Lab, LabProcess, Pod, ProxyPlacement, SidecarPod, proxy_metrics, require_root,
+    wait_for_proxy_metric, wait_for_tcp,
 };
+
+#[allow(unused_imports)] // as dead_code above: not every test binary names each of them
+pub use sidecar_tests::{CaptureMode, MetricGoal, PROXY_ID};
 
 /// Longer than the proxy's log flush interval (100 ms), with room for a busy machine.
 pub const LOG_FLUSH_WAIT: Duration = Duration::from_millis(300);
 pub const ECHO_PORT: u16 = 8080;
 pub const OTHER_PORT: u16 = 9090;
-pub const PROXY_ID: u32 = 1337;
 const READY: Duration = Duration::from_secs(10);
 
 /// The `sidecar` binary under test: `$SIDECAR_BIN` (set by `cargo xtask test`) or the debug build.
@@ -60,6 +65,12 @@ pub fn text(out: &Output) -> String {
     )
 }
 
+/// `pod` with its sidecar's place ready: the proxy in the pod as UID/GID 1337, the Kubernetes
+/// layout. Nothing installed or started yet.
+pub fn sidecar_pod(lab: &Lab, pod: Pod) -> SidecarPod {
+    SidecarPod::new(lab, pod, sidecar_bin(), ProxyPlacement::InPod).expect("the sidecar's cgroup")
+}
+
 /// How the capture is installed and where the proxy lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Layout {
@@ -71,13 +82,28 @@ pub enum Layout {
     Iptables,
 }
 
+impl Layout {
+    fn capture(self) -> CaptureMode {
+        match self {
+            Layout::Iptables => CaptureMode::Iptables,
+            Layout::EbpfProxyInPod | Layout::EbpfProxyInSibling => CaptureMode::Ebpf,
+        }
+    }
+
+    fn placement(self) -> ProxyPlacement {
+        match self {
+            Layout::EbpfProxyInSibling => ProxyPlacement::Sibling,
+            Layout::EbpfProxyInPod | Layout::Iptables => ProxyPlacement::InPod,
+        }
+    }
+}
+
 pub struct MeshLab {
     pub lab: Lab,
-    pub client: Pod,
+    pub client: SidecarPod,
     pub server: Pod,
     pub layout: Layout,
     pub app_cgroup: PathBuf,
-    pub proxy: Option<LabProcess>,
     pub echo: LabProcess,
 }
 
@@ -89,7 +115,9 @@ impl MeshLab {
         let lab = Lab::new(test).expect("lab");
         let client = lab.add_pod("client").expect("client pod");
         let server = lab.add_pod("server").expect("server pod");
-        let app_cgroup = client.cgroup_child("app").expect("app cgroup");
+        let client = SidecarPod::new(&lab, client, sidecar_bin(), layout.placement())
+            .expect("the client's sidecar cgroup");
+        let app_cgroup = client.app_cgroup().expect("app cgroup");
         let echo = server
             .command(labtool())
             .args([
@@ -111,56 +139,25 @@ impl MeshLab {
             server,
             layout,
             app_cgroup,
-            proxy: None,
             echo,
         }
     }
 
-    /// Installs capture with `extra` init options and registers its removal at teardown.
+    /// Installs capture with `extra` init options; it is removed at teardown.
     pub fn init(&self, extra: &[&str]) -> Output {
         let out = self.run_init(extra);
         assert!(out.status.success(), "sidecar init failed:\n{}", text(&out));
-        let cgroup = self.client.cgroup().to_path_buf();
-        match self.layout {
-            Layout::Iptables => {} // the rules go with the netns
-            _ => self.lab.on_teardown(move || {
-                let _ = sidecar(&["cleanup", "--cgroup", &cgroup.to_string_lossy()]);
-            }),
-        }
         out
     }
 
     pub fn run_init(&self, extra: &[&str]) -> Output {
-        match self.layout {
-            Layout::Iptables => self
-                .client
-                .command(sidecar_bin())
-                .args(["init", "--mode", "iptables"])
-                .args(extra)
-                .run()
-                .expect("run sidecar init in the pod netns"),
-            Layout::EbpfProxyInPod | Layout::EbpfProxyInSibling => {
-                let cgroup = self.client.cgroup().to_string_lossy().into_owned();
-                let netns = self.client.netns_path().to_string_lossy().into_owned();
-                let proxy_cgroup = self.proxy_cgroup().to_string_lossy().into_owned();
-                let mut args = vec!["init", "--cgroup", &cgroup, "--netns", &netns];
-                if self.layout == Layout::EbpfProxyInSibling {
-                    args.extend(["--proxy-cgroup", &proxy_cgroup]);
-                }
-                args.extend_from_slice(extra);
-                sidecar(&args)
-            }
-        }
+        self.client
+            .init(self.layout.capture(), extra)
+            .expect("run sidecar init")
     }
 
     pub fn proxy_cgroup(&self) -> PathBuf {
-        match self.layout {
-            Layout::EbpfProxyInSibling => self
-                .lab
-                .sibling_cgroup("client-proxy")
-                .expect("sibling cgroup"),
-            _ => self.client.cgroup_child("proxy").expect("proxy cgroup"),
-        }
+        self.client.proxy_cgroup().to_path_buf()
     }
 
     /// Starts the proxy in the client pod and waits for its readiness endpoint.
@@ -170,28 +167,19 @@ impl MeshLab {
 
     /// [`MeshLab::start_proxy`] with `extra` proxy options.
     pub fn start_proxy_with(&mut self, extra: &[&str]) {
-        let mut cmd = self
+        let command = self
             .client
-            .command(sidecar_bin())
-            .in_cgroup(self.proxy_cgroup())
-            .args(["proxy", "--log-format", "json", "--workload-name", "client"])
+            .proxy_command()
+            .args(["--log-format", "json", "--workload-name", "client"])
             .args(extra);
-        if self.layout != Layout::EbpfProxyInSibling {
-            cmd = cmd.as_user(PROXY_ID, PROXY_ID);
+        if let Err(error) = self.client.start_proxy(command) {
+            panic!("{error:#}");
         }
-        let proxy = cmd.spawn().expect("proxy");
-        let ready = wait_for_http_ok(&self.client, "http://127.0.0.1:15021/healthz/ready", READY);
-        assert!(
-            ready.is_ok(),
-            "proxy not ready: {ready:?}\n{}",
-            proxy.stdout_text()
-        );
-        self.proxy = Some(proxy);
     }
 
     /// SIGKILLs the proxy (a crash: nothing of it runs on the way out) and reaps it.
     pub fn kill_proxy(&mut self) {
-        let proxy = self.proxy.take().expect("proxy started");
+        let proxy = self.client.take_proxy().expect("proxy started");
         proxy.kill().expect("SIGKILL the proxy");
     }
 
@@ -242,8 +230,8 @@ impl MeshLab {
     /// proxy writes informational lines in batches, within 100 ms (`sidecar-proxy/src/log_buffer.rs`).
     pub fn proxy_log(&self) -> String {
         std::thread::sleep(LOG_FLUSH_WAIT);
-        let proxy = self.proxy.as_ref().expect("proxy started");
-        format!("{}{}", proxy.stdout_text(), proxy.stderr_text())
+        assert!(self.client.proxy().is_some(), "proxy started");
+        self.client.proxy_logs()
     }
 
     /// The kernel-side counters of the client pod's capture, from `sidecar status --json`.
@@ -272,9 +260,7 @@ impl MeshLab {
 
 /// `sidecar status --json`, typed: a key missing or renamed fails here, naming it.
 pub fn status_report() -> StatusReport {
-    let out = sidecar(&["status", "--json"]);
-    assert!(out.status.success(), "status failed:\n{}", text(&out));
-    StatusReport::from_json(&out.stdout).unwrap_or_else(|error| panic!("{error}"))
+    sidecar_tests::status_report(&sidecar_bin()).unwrap_or_else(|error| panic!("{error:#}"))
 }
 
 /// The entry of the capture of `cgroup` in `sidecar status --json`, if any.
@@ -324,9 +310,7 @@ pub fn proxy_metric_if_exported(pod: &Pod, name: &str, labels: &[(&str, &str)]) 
 }
 
 fn scrape_proxy(pod: &Pod) -> String {
-    wait_for_http_ok(pod, "http://127.0.0.1:15020/stats/prometheus", READY)
-        .expect("scrape proxy metrics")
-        .body
+    proxy_metrics(pod).unwrap_or_else(|error| panic!("{error:#}"))
 }
 
 /// IPv4-mapped addresses as plain IPv4, so dual-stack servers' reports compare equal.
@@ -336,4 +320,21 @@ pub fn canonical(addr: SocketAddr) -> SocketAddr {
 
 pub fn is_loopback(ip: IpAddr) -> bool {
     ip.to_canonical().is_loopback()
+}
+
+/// How long a test waits for a metric to reach what it expects.
+pub const METRIC_PATIENCE: Duration = Duration::from_secs(10);
+
+/// Waits until the sum of `name`{`labels`} in `pod`'s proxy reaches `goal` (a series not there
+/// yet counts 0; the metric must be in the exposition); panics with `logs()` if it never does.
+pub fn wait_for_metric(
+    pod: &Pod,
+    name: &str,
+    labels: &[(&str, &str)],
+    goal: MetricGoal,
+    logs: impl FnOnce() -> String,
+) {
+    if let Err(error) = wait_for_proxy_metric(pod, name, labels, goal, METRIC_PATIENCE) {
+        panic!("{error:#}\n{}", logs());
+    }
 }

@@ -1,7 +1,8 @@
-//! `cargo xtask bench`: eBPF against iptables redirection, side by side, following
+//! The benchmark: eBPF against iptables redirection, side by side, following
 //! docs/BENCHMARKS.md: the same release binaries and proxy configuration in every scenario,
 //! CPU-pinned pods, warm-up, repetitions with scenarios interleaved in a seeded shuffled order,
 //! correctness gates, histograms merged before percentiles, ratios taken within a repetition.
+//! `cargo xtask bench` calls [`run`] with its options, its setup and its release build.
 //!
 //! - `scenario`: what each scenario installs, and the lab it runs in;
 //! - `workload`: the workloads and their settings (cells);
@@ -47,11 +48,6 @@ use self::{
     results::{BenchRun, Meta, ScenarioRun},
     scenario::{Binaries, CLIENT_CPU, SERVER_CPU, Scenario},
     workload::{Cell, Timing, WorkloadKind},
-};
-use crate::{
-    build::{self, BuildOptions},
-    setup,
-    util::workspace_root,
 };
 
 #[derive(Args)]
@@ -146,9 +142,18 @@ fn in_order<T: Copy + PartialEq>(all: &[T], chosen: &[T]) -> Vec<T> {
         .collect()
 }
 
-pub fn run(opts: &BenchOptions) -> Result<()> {
+/// What the bench needs of the task runner that calls it (`cargo xtask bench`).
+pub struct TaskRunner<'a> {
+    /// Installs what the machine lacks (`cargo xtask setup`).
+    pub setup: &'a dyn Fn() -> Result<()>,
+    /// Builds the BPF object and the release binaries; returns their directory.
+    pub build_release: &'a dyn Fn() -> Result<PathBuf>,
+}
+
+/// Runs the bench with `opts` and writes its results (by default in `bench/results/`).
+pub fn run(opts: &BenchOptions, runner: &TaskRunner<'_>) -> Result<()> {
     let began = Instant::now();
-    setup::run()?;
+    (runner.setup)()?;
     system::require_root()?;
     let settings = Settings::from(opts);
     // perf: where the CPU time goes, by kernel subsystem (`profile`).
@@ -163,7 +168,7 @@ pub fn run(opts: &BenchOptions) -> Result<()> {
     if settings.workloads.contains(&WorkloadKind::H2) {
         system::install_debian_packages(&["nghttp2-client"])?;
     }
-    let profile_dir = build::build_all(&BuildOptions { release: true })?;
+    let profile_dir = (runner.build_release)()?;
     let bins = Binaries {
         sidecar: profile_dir.join("sidecar"),
         labtool: profile_dir.join("labtool"),
@@ -428,7 +433,7 @@ fn write_results(
     let dir = opts
         .out_dir
         .clone()
-        .unwrap_or_else(|| workspace_root().join("bench/results"));
+        .unwrap_or_else(|| system::workspace_root().join("bench/results"));
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let date = &started_utc[..10];
     let quick = if opts.quick { "-quick" } else { "" };

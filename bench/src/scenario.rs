@@ -8,25 +8,26 @@
 
 use std::{
     collections::BTreeMap,
-    ffi::OsString,
     fmt,
     net::{Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
-    process::{Command, Output},
+    process::Output,
     time::Duration,
 };
 
-use anyhow::{Context, Result, anyhow, bail, ensure};
+use anyhow::{Context, Result, anyhow, bail};
 use clap::ValueEnum;
 use serde::{Deserialize, Serialize};
-use sidecar_common::{CaptureReport, StatusReport};
-use sidecar_tests::{Lab, LabProcess, Pod, PodCommand, prometheus, wait_for_http_ok, wait_for_tcp};
+use sidecar_common::CaptureReport;
+use sidecar_tests::{
+    CaptureMode, Lab, LabProcess, PROXY_ID, Pod, PodCommand, ProxyPlacement, SidecarPod,
+    prometheus, proxy_metrics, wait_for_tcp,
+};
 
 use super::{haproxy, mesh, metrics, workload::WorkloadKind};
 
 pub const SERVER_PORT: u16 = 8080;
 pub const OUTBOUND_PORT: u16 = 15001;
-const PROXY_ID: u32 = 1337;
 /// The CPU of each pod: the client's app and sidecar share one, like an app and its sidecar on
 /// a node; the server pod has the other, like a second node.
 pub const CLIENT_CPU: usize = 0;
@@ -327,16 +328,16 @@ impl CpuUsage {
     }
 }
 
-/// One side of the lab: a pod, its two cgroups and its CPU.
+/// One side of the lab: a pod with its sidecar's place (the proxy's cgroup), its app's cgroup,
+/// and its CPU, which everything in the pod is pinned to.
 struct Side {
-    pod: Pod,
+    pod: SidecarPod,
     app_cgroup: PathBuf,
-    proxy_cgroup: PathBuf,
     cpu: usize,
 }
 
 impl Side {
-    fn new(lab: &Lab, name: &str, cpu: usize) -> Result<Side> {
+    fn new(lab: &Lab, name: &str, cpu: usize, sidecar: &Path) -> Result<Side> {
         let pod = lab.add_pod(name)?;
         for sysctl in POD_SYSCTLS {
             pod.command("sysctl")
@@ -345,30 +346,23 @@ impl Side {
         }
         Ok(Side {
             app_cgroup: pod.cgroup_child("app")?,
-            proxy_cgroup: pod.cgroup_child("proxy")?,
-            pod,
+            pod: SidecarPod::new(lab, pod, sidecar, ProxyPlacement::InPod)?.pinned_to_cpu(cpu),
             cpu,
         })
     }
 
-    /// `program` in this pod's `cgroup`, pinned to its CPU (taskset execs: the pid stays the
+    /// `program` in this pod's app cgroup, pinned to its CPU (taskset execs: the pid stays the
     /// program's).
-    fn pinned(&self, cgroup: &Path, program: &Path) -> PodCommand {
+    fn app_command(&self, program: &Path) -> PodCommand {
         self.pod
             .command("taskset")
-            .in_cgroup(cgroup)
+            .in_cgroup(&self.app_cgroup)
             .args(["-c", &self.cpu.to_string()])
             .arg(program)
     }
 
-    fn proxy_command(&self, program: &Path) -> PodCommand {
-        self.pinned(&self.proxy_cgroup, program)
-            .as_user(PROXY_ID, PROXY_ID)
-    }
-
     fn scrape(&self) -> Result<String> {
-        let url = "http://127.0.0.1:15020/stats/prometheus";
-        Ok(wait_for_http_ok(&self.pod, url, READY)?.body)
+        proxy_metrics(&self.pod)
     }
 
     /// Connections the sidecar's `listener` (`outbound`, `inbound`) has accepted, whatever
@@ -409,8 +403,8 @@ impl ScenarioLab {
         let lab = Lab::new(&format!("bench-{scenario}"))?;
         let mut this = ScenarioLab {
             scenario,
-            client: Side::new(&lab, "client", CLIENT_CPU)?,
-            server: Side::new(&lab, "server", SERVER_CPU)?,
+            client: Side::new(&lab, "client", CLIENT_CPU, &bins.sidecar)?,
+            server: Side::new(&lab, "server", SERVER_CPU, &bins.sidecar)?,
             lab,
             labtool: bins.labtool.clone(),
             sidecar: bins.sidecar.clone(),
@@ -444,15 +438,13 @@ impl ScenarioLab {
     /// The load generator, in the client pod's app cgroup on the client CPU.
     pub fn load_client(&self, spec_json: &str) -> PodCommand {
         self.client
-            .pinned(&self.client.app_cgroup, &self.labtool)
+            .app_command(&self.labtool)
             .args(["load-client", "--spec", spec_json])
     }
 
     /// h2load, where the load generator runs.
     pub fn h2load(&self, args: &[String]) -> PodCommand {
-        self.client
-            .pinned(&self.client.app_cgroup, Path::new("h2load"))
-            .args(args)
+        self.client.app_command(Path::new("h2load")).args(args)
     }
 
     /// The URL of the server as the app dials it.
@@ -463,9 +455,9 @@ impl ScenarioLab {
     pub fn cpu_usage(&self) -> Result<CpuUsage> {
         Ok(CpuUsage {
             client_app: metrics::cgroup_cpu_usec(&self.client.app_cgroup)?,
-            client_proxy: metrics::cgroup_cpu_usec(&self.client.proxy_cgroup)?,
+            client_proxy: metrics::cgroup_cpu_usec(self.client.pod.proxy_cgroup())?,
             server: metrics::cgroup_cpu_usec(&self.server.app_cgroup)?,
-            server_proxy: metrics::cgroup_cpu_usec(&self.server.proxy_cgroup)?,
+            server_proxy: metrics::cgroup_cpu_usec(self.server.pod.proxy_cgroup())?,
         })
     }
 
@@ -513,7 +505,7 @@ impl ScenarioLab {
 
     /// The kernel counters of the client pod's eBPF capture (None for other scenarios).
     pub fn capture_counters(&self) -> Result<Option<BTreeMap<String, u64>>> {
-        self.counters_of(&self.client.pod)
+        self.counters_of(&self.client)
     }
 
     /// The kernel counters of the server pod's eBPF capture (two-sidecar eBPF scenarios).
@@ -521,7 +513,7 @@ impl ScenarioLab {
         if !self.scenario.two_sidecars() {
             return Ok(None);
         }
-        self.counters_of(&self.server.pod)
+        self.counters_of(&self.server)
     }
 
     /// Original destinations of the client pod waiting in the kernel's handoff for the proxy's
@@ -530,16 +522,16 @@ impl ScenarioLab {
         if self.scenario.capture() != Capture::Ebpf {
             return Ok(None);
         }
-        let pending = self.ebpf_status(&self.client.pod)?.pending_handoffs;
+        let pending = self.ebpf_status(&self.client)?.pending_handoffs;
         Ok(Some(usize::try_from(pending)?))
     }
 
     /// `(name, program id)` of every program attached for the pods; the server pod's programs
     /// are named `server/<program>`.
     pub fn bpf_programs(&self) -> Result<Vec<(String, u32)>> {
-        let mut programs = self.programs_of(&self.client.pod, "")?;
+        let mut programs = self.programs_of(&self.client, "")?;
         if self.scenario.two_sidecars() {
-            programs.extend(self.programs_of(&self.server.pod, "server/")?);
+            programs.extend(self.programs_of(&self.server, "server/")?);
         }
         Ok(programs)
     }
@@ -549,15 +541,15 @@ impl ScenarioLab {
         self.lab.teardown()
     }
 
-    fn counters_of(&self, pod: &Pod) -> Result<Option<BTreeMap<String, u64>>> {
+    fn counters_of(&self, side: &Side) -> Result<Option<BTreeMap<String, u64>>> {
         if self.scenario.capture() != Capture::Ebpf {
             return Ok(None);
         }
-        Ok(Some(self.ebpf_status(pod)?.counters))
+        Ok(Some(self.ebpf_status(side)?.counters))
     }
 
-    fn programs_of(&self, pod: &Pod, prefix: &str) -> Result<Vec<(String, u32)>> {
-        let capture = self.ebpf_status(pod)?;
+    fn programs_of(&self, side: &Side, prefix: &str) -> Result<Vec<(String, u32)>> {
+        let capture = self.ebpf_status(side)?;
         Ok(capture
             .links
             .into_iter()
@@ -565,27 +557,16 @@ impl ScenarioLab {
             .collect())
     }
 
-    fn ebpf_status(&self, pod: &Pod) -> Result<CaptureReport> {
-        let output = Command::new(&self.sidecar)
-            .args(["status", "--json"])
-            .output()
-            .context("running sidecar status")?;
-        ensure!(
-            output.status.success(),
-            "sidecar status failed: {}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        let status = StatusReport::from_json(&output.stdout).map_err(|error| anyhow!(error))?;
-        status
-            .capture_of(pod.cgroup())
-            .cloned()
-            .with_context(|| format!("no eBPF capture listed for {}", pod.cgroup().display()))
+    fn ebpf_status(&self, side: &Side) -> Result<CaptureReport> {
+        side.pod
+            .capture_report()?
+            .with_context(|| format!("no eBPF capture listed for {}", side.pod.cgroup().display()))
     }
 
     fn start_server(&mut self) -> Result<()> {
         let server = self
             .server
-            .pinned(&self.server.app_cgroup, &self.labtool)
+            .app_command(&self.labtool)
             .args(["load-server", "--listen", &format!("[::]:{SERVER_PORT}")])
             .spawn()?;
         wait_for_tcp(&self.server.pod, self.server_addr(), READY)?;
@@ -611,45 +592,21 @@ impl ScenarioLab {
     }
 
     /// `sidecar init` for `pod`: outbound only in the one-sidecar scenarios, both directions
-    /// in the two-sidecar ones.
-    fn capture_pod(&self, pod: &Pod) -> Result<()> {
-        let both_directions = self.scenario.two_sidecars();
-        let output = match self.scenario.capture() {
+    /// in the two-sidecar ones. An eBPF capture is removed with the lab, even a half-done one.
+    fn capture_pod(&self, pod: &SidecarPod) -> Result<()> {
+        let mode = match self.scenario.capture() {
             Capture::None | Capture::ConntrackOnly => return Ok(()),
-            Capture::Iptables => {
-                let mut command = pod
-                    .command(&self.sidecar)
-                    .args(["init", "--mode", "iptables"]);
-                if !both_directions {
-                    command = command.arg("--no-inbound-capture");
-                }
-                command.run()?
-            }
-            Capture::Ebpf => {
-                let cgroup = pod.cgroup().to_path_buf();
-                // Registered first: a half-done init is cleaned up too.
-                let sidecar = self.sidecar.clone();
-                let pod_cgroup = cgroup.clone();
-                self.lab.on_teardown(move || {
-                    let _ = Command::new(sidecar)
-                        .arg("cleanup")
-                        .arg("--cgroup")
-                        .arg(pod_cgroup)
-                        .output();
-                });
-                let mut args: Vec<OsString> = vec!["init".into(), "--cgroup".into(), cgroup.into()];
-                if both_directions {
-                    args.extend(["--netns".into(), pod.netns_path().into()]);
-                } else {
-                    args.push("--no-inbound-capture".into());
-                }
-                if self.scenario.sockmap_shortcut() {
-                    args.push("--sockmap".into());
-                }
-                Command::new(&self.sidecar).args(args).output()?
-            }
+            Capture::Iptables => CaptureMode::Iptables,
+            Capture::Ebpf => CaptureMode::Ebpf,
         };
-        check_init(output, self.scenario, pod)
+        let mut options = Vec::new();
+        if !self.scenario.two_sidecars() {
+            options.push("--no-inbound-capture");
+        }
+        if self.scenario.sockmap_shortcut() {
+            options.push("--sockmap");
+        }
+        check_init(pod.init(mode, &options)?, self.scenario, pod)
     }
 
     fn start_proxies(&mut self) -> Result<()> {
@@ -665,7 +622,7 @@ impl ScenarioLab {
                 };
                 let configs = if self.scenario.mtls() {
                     let server_ip = self.server.pod.ipv4();
-                    mesh::write_mtls(&self.sidecar, &dir, server_ip, PROXY_ID, protocol)?
+                    mesh::write_mtls(&self.sidecar, &dir, server_ip, protocol)?
                 } else {
                     mesh::write_plaintext(&dir, protocol)?
                 };
@@ -689,20 +646,19 @@ impl ScenarioLab {
     /// Starts a sidecar proxy in the client or server pod and waits for its readiness.
     fn start_sidecar(&mut self, role: Role, extra: &[impl AsRef<str>]) -> Result<u32> {
         let (side, name) = match role {
-            Role::Client => (&self.client, "client"),
-            Role::Server => (&self.server, "server"),
+            Role::Client => (&mut self.client, "client"),
+            Role::Server => (&mut self.server, "server"),
         };
-        let proxy = side
-            .proxy_command(&self.sidecar)
+        let command = side
+            .pod
+            .proxy_place_command(&self.sidecar)
             .args(sidecar_proxy_args(name))
-            .args(extra.iter().map(AsRef::as_ref))
-            .spawn()?;
-        let ready = "http://127.0.0.1:15021/healthz/ready";
-        wait_for_http_ok(&side.pod, ready, READY)
+            .args(extra.iter().map(AsRef::as_ref));
+        let proxy = side
+            .pod
+            .start_proxy(command)
             .with_context(|| format!("the {name} proxy is not ready"))?;
-        let pid = proxy.pid();
-        self.processes.push(proxy);
-        Ok(pid)
+        Ok(proxy.pid())
     }
 
     fn start_haproxy(&mut self) -> Result<()> {
@@ -714,7 +670,8 @@ impl ScenarioLab {
         let files = haproxy::write_config(self.lab.dir(), PROXY_ID, mode)?;
         let proxy = self
             .client
-            .proxy_command(Path::new("haproxy"))
+            .pod
+            .proxy_place_command("haproxy")
             .args(["-db", "-f"])
             .arg(&files.config)
             .spawn()?;
@@ -733,7 +690,7 @@ enum Role {
     Server,
 }
 
-fn check_init(output: Output, scenario: Scenario, pod: &Pod) -> Result<()> {
+fn check_init(output: Output, scenario: Scenario, pod: &SidecarPod) -> Result<()> {
     if !output.status.success() {
         bail!(
             "sidecar init for {scenario} in pod {} failed: {}",

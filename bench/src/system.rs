@@ -10,7 +10,12 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use crate::util::{run, workspace_root};
+/// The workspace root (this crate lives one level below it).
+pub fn workspace_root() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the bench crate sits inside the workspace")
+}
 
 pub fn require_root() -> Result<()> {
     if !rustix::process::geteuid().is_root() {
@@ -35,11 +40,24 @@ pub fn install_debian_packages(packages: &[&str]) -> Result<()> {
         return Ok(());
     }
     println!("bench: apt-get install {}", missing.join(" "));
-    run(Command::new("apt-get").args(["update", "-qq"]))?;
-    run(Command::new("apt-get")
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .args(["install", "-y", "-qq", "--no-install-recommends"])
-        .args(&missing))
+    apt_get(Command::new("apt-get").args(["update", "-qq"]))?;
+    apt_get(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing),
+    )
+}
+
+/// Runs an `apt-get` command, its output on the terminal, and fails if it does.
+fn apt_get(command: &mut Command) -> Result<()> {
+    let status = command
+        .status()
+        .with_context(|| format!("cannot start {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} failed with {status}");
+    }
+    Ok(())
 }
 
 fn is_installed(package: &str) -> bool {

@@ -11,10 +11,10 @@
 use std::{
     net::Ipv4Addr,
     path::{Path, PathBuf},
-    process::Command,
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
+use sidecar_tests::{MeshPki, identity_config};
 
 use super::scenario::SERVER_PORT;
 
@@ -69,31 +69,13 @@ pub fn write_mtls(
     sidecar: &Path,
     dir: &Path,
     server_ip: Ipv4Addr,
-    proxy_id: u32,
     server_port: ServerPort,
 ) -> Result<MeshConfigs> {
-    let ca = dir.join("ca");
-    run_sidecar(
-        sidecar,
-        &["certs", "ca", "--trust-domain", TRUST_DOMAIN, "--out"],
-        &ca,
-    )?;
-    let owner = format!("{proxy_id}:{proxy_id}");
+    let pki = MeshPki::create(sidecar, dir, Some(TRUST_DOMAIN))?;
     for pod in ["client", "server"] {
-        let mut command = Command::new(sidecar);
-        command
-            .args(["certs", "workload", "--ns", NAMESPACE, "--sa", pod])
-            .args(["--owner", &owner, "--ca"])
-            .arg(&ca)
-            .arg("--out")
-            .arg(dir.join(pod));
-        check(command.output()?, "sidecar certs workload")?;
+        pki.issue(pod, NAMESPACE, pod, &[])?;
     }
-    let identity = format!(
-        "{}trustDomain: {TRUST_DOMAIN}\nidentity:\n  certificateChain: cert-chain.pem\n  \
-         privateKey: key.pem\n  trustBundle: root-cert.pem\n",
-        server_port.config()
-    );
+    let identity = format!("{}{}", server_port.config(), identity_config(TRUST_DOMAIN));
     let client = format!(
         "{identity}workloads:\n  - name: server\n    addresses: [\"{server_ip}\"]\n    identities: [{}]\n",
         spiffe_id("server")
@@ -109,16 +91,4 @@ pub fn write_mtls(
     std::fs::write(&configs.client, client).context("writing the client's mesh.yaml")?;
     std::fs::write(&configs.server, server).context("writing the server's mesh.yaml")?;
     Ok(configs)
-}
-
-fn run_sidecar(sidecar: &Path, args: &[&str], last: &Path) -> Result<()> {
-    let output = Command::new(sidecar).args(args).arg(last).output()?;
-    check(output, &format!("sidecar {}", args.join(" ")))
-}
-
-fn check(output: std::process::Output, what: &str) -> Result<()> {
-    if !output.status.success() {
-        bail!("{what} failed: {}", String::from_utf8_lossy(&output.stderr));
-    }
-    Ok(())
 }
