@@ -20,24 +20,26 @@ use tokio_rustls::{TlsAcceptor, server::TlsStream};
 
 use super::{
     Timeouts,
-    access_log::AccessLog,
-    authz::Authorization,
-    capture_probe::CaptureProbe,
-    drain::Drain,
+    accept::listener::{Handler, is_own_listener},
+    accept::orig_dst::OriginalDst,
+    capture::CaptureProbe,
     http::{
         self, AppPool, AppProtocol, PortProtocol, Raced, detect_racing_server,
         inbound::InboundConnection, metrics::InboundLabels, route_policy::RateLimiter,
     },
-    identity::SpiffeId,
-    listener::{Handler, is_own_listener},
+    io::relay::{Close, IntoTcp, record_refusal, refuse, relay},
+    io::upstream::{self, Source},
+    lifecycle::drain::Drain,
+    mesh::authz::Authorization,
+    mesh::identity::SpiffeId,
     mesh::{MeshHandle, MeshTls},
     mesh_config::InboundMode,
-    metrics::{Direction, FailureReason, LocalWorkload, Metrics, SecurityPolicy, TcpLabels},
-    orig_dst::OriginalDst,
-    relay::{Close, IntoTcp, record_refusal, refuse, relay},
     sniff::{Protocol, Rewound, sniff},
+    telemetry::access_log::AccessLog,
+    telemetry::metrics::{
+        Direction, FailureReason, LocalWorkload, Metrics, SecurityPolicy, TcpLabels,
+    },
     tls,
-    upstream::{self, Source},
 };
 
 const DIRECTION: Direction = Direction::Inbound;

@@ -8,18 +8,20 @@ use tokio::{io::AsyncReadExt, net::TcpStream};
 
 use super::{
     Timeouts,
-    access_log::AccessLog,
-    capture_probe::CaptureProbe,
-    drain::Drain,
+    accept::listener::{Handler, is_own_listener},
+    accept::orig_dst::OriginalDst,
+    capture::CaptureProbe,
     http::{self, AppProtocol, PortProtocol, Upstreams, detect},
-    idle_exit::AppActivity,
-    listener::{Handler, is_own_listener},
+    io::relay::{Close, refuse, relay},
+    io::upstream::{self, ConnectFailure, Established},
+    lifecycle::drain::Drain,
+    lifecycle::idle_exit::AppActivity,
     mesh::{Mesh, MeshHandle},
-    metrics::{Direction, FailureReason, LocalWorkload, Metrics, SecurityPolicy, TcpLabels},
-    orig_dst::OriginalDst,
-    relay::{Close, refuse, relay},
     sniff::Rewound,
-    upstream::{self, ConnectFailure, Established},
+    telemetry::access_log::AccessLog,
+    telemetry::metrics::{
+        Direction, FailureReason, LocalWorkload, Metrics, SecurityPolicy, TcpLabels,
+    },
 };
 
 const DIRECTION: Direction = Direction::Outbound;
@@ -229,7 +231,7 @@ impl OutboundProxy {
 
     fn refuse(
         &self,
-        app: impl super::relay::IntoTcp,
+        app: impl super::io::relay::IntoTcp,
         log: &AccessLog,
         reason: FailureReason,
         error: impl std::fmt::Display,
@@ -250,9 +252,9 @@ mod tests {
 
     use super::*;
     use crate::{
-        connection_limit::{ConnectionLimit, WhenFull},
-        listener::{AcceptLoops, Accepting, bind_listeners, local_addrs},
-        orig_dst::SockoptOrigDst,
+        accept::connection_limit::{ConnectionLimit, WhenFull},
+        accept::listener::{AcceptLoops, Accepting, bind_listeners, local_addrs},
+        accept::orig_dst::SockoptOrigDst,
         testing::*,
     };
 
@@ -413,7 +415,7 @@ mod tests {
         let metrics = Arc::new(Metrics::new(&local("client"))?);
         let drain = Arc::new(Drain::default());
         let proxy = OutboundProxy {
-            orig_dst: Arc::new(crate::orig_dst::ExplicitOrigDst(echo)),
+            orig_dst: Arc::new(crate::accept::orig_dst::ExplicitOrigDst(echo)),
             mesh: plaintext_mesh(),
             metrics: metrics.clone(),
             local: local("client"),

@@ -21,18 +21,18 @@ use tokio::{
 
 use super::{
     Timeouts,
-    capture_probe::CaptureProbe,
-    connection_limit::{ConnectionLimit, WhenFull},
-    drain::Drain,
+    accept::connection_limit::{ConnectionLimit, WhenFull},
+    accept::listener::{AcceptLoops, Accepting, bind_listeners, local_addrs},
+    accept::orig_dst::ExplicitOrigDst,
+    capture::CaptureProbe,
     http::Upstreams,
-    identity::SpiffeId,
     inbound::InboundProxy,
-    listener::{AcceptLoops, Accepting, bind_listeners, local_addrs},
+    lifecycle::drain::Drain,
+    mesh::identity::SpiffeId,
+    mesh::reload::{MeshSource, spawn_watcher},
     mesh::{Mesh, MeshHandle},
-    mesh_watch::{MeshSource, spawn_watcher},
-    metrics::{Direction, LocalWorkload, Metrics},
-    orig_dst::ExplicitOrigDst,
     outbound::OutboundProxy,
+    telemetry::metrics::{Direction, LocalWorkload, Metrics},
     tls,
 };
 use crate::tls::issue::{CERT_CHAIN, Issued, KEY, ROOT_CERT, Validity, issue_ca, issue_workload};

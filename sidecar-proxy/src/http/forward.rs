@@ -30,9 +30,9 @@ use super::{
     record::RequestRecord,
 };
 use crate::{
+    io::upstream::ConnectFailure,
     mesh::{Mesh, UpstreamSecurity},
     outbound::OutboundProxy,
-    upstream::ConnectFailure,
 };
 
 /// Request bodies up to this size are kept to be replayed by a retry; larger or streamed ones

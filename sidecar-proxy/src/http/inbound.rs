@@ -41,8 +41,9 @@ use super::{
     upgrade,
 };
 use crate::{
-    Timeouts, access_line::AccessLine, access_log::AccessLog, drain::Drain, metrics::Metrics,
-    upstream::ConnectFailure,
+    Timeouts, io::upstream::ConnectFailure, lifecycle::drain::Drain,
+    telemetry::access_line::AccessLine, telemetry::access_log::AccessLog,
+    telemetry::metrics::Metrics,
 };
 
 /// What the requests of one inbound connection share.

@@ -49,7 +49,9 @@ use self::{
     route_policy::Verdict,
     router::{Decision, RequestView},
 };
-use super::{access_log::AccessLog, metrics::Direction, outbound::OutboundProxy};
+use super::{
+    outbound::OutboundProxy, telemetry::access_log::AccessLog, telemetry::metrics::Direction,
+};
 
 /// Serves the HTTP requests the app sends on one outbound connection (`server::serve`: the
 /// deadlines and the drain), each routed and forwarded by [`handle`].

@@ -18,9 +18,9 @@ use super::{
     metrics::{Label, RequestLabels, RequestOutcome, ResponseFlag, ResponseFlags},
 };
 use crate::{
-    access_line::AccessLine,
-    metrics::Metrics,
-    upstream::{ConnectFailure, MutualTls},
+    io::upstream::{ConnectFailure, MutualTls},
+    telemetry::access_line::AccessLine,
+    telemetry::metrics::Metrics,
 };
 
 pub struct RequestRecord {

@@ -21,11 +21,11 @@ use tracing::debug;
 use super::{body::ProxyBody, detect::AppProtocol};
 use crate::{
     Timeouts,
-    access_log::AccessLog,
-    deadlines::{self, Deadlines, RequestHeads},
-    drain::Drain,
-    metrics::{FailureReason, Metrics},
-    relay::record_refusal,
+    io::deadlines::{self, Deadlines, RequestHeads},
+    io::relay::record_refusal,
+    lifecycle::drain::Drain,
+    telemetry::access_log::AccessLog,
+    telemetry::metrics::{FailureReason, Metrics},
 };
 
 /// Serves a hyper server connection to its end; once `finish` completes, asks it to finish

@@ -20,7 +20,7 @@ use super::{
     pool::{self, AcquireError, Sender},
     record::RequestRecord,
 };
-use crate::{drain::Drain, mesh::Mesh, outbound::OutboundProxy};
+use crate::{lifecycle::drain::Drain, mesh::Mesh, outbound::OutboundProxy};
 
 pub async fn forward(
     proxy: &OutboundProxy,

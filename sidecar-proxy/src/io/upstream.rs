@@ -16,7 +16,10 @@ use tokio::{
 use tokio_rustls::TlsConnector;
 use tracing::debug;
 
-use super::{Timeouts, identity::SpiffeId, keepalive, mesh::Mesh, metrics::FailureReason, tls};
+use crate::{
+    Timeouts, io::keepalive, mesh::Mesh, mesh::identity::SpiffeId,
+    telemetry::metrics::FailureReason, tls,
+};
 
 /// Source of the inbound proxy's connections to the app; both capture modes skip it, and only
 /// it: never the real localhost, which apps trust.
