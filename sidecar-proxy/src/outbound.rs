@@ -2,21 +2,21 @@
 //! speaks (the port's configured protocol, or bounded detection). HTTP goes to the HTTP proxy
 //! (routing, retries, request metrics); anything else is relayed as TCP to the original
 //! destination, with mTLS when the mesh config says it is a mesh workload.
-use std::{net::SocketAddr, pin::pin, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc};
 
-use tokio::{io::AsyncReadExt, net::TcpStream};
+use tokio::net::TcpStream;
 
 use super::{
     Timeouts,
     accept::listener::{Handler, is_own_listener},
     accept::orig_dst::OriginalDst,
     capture::CaptureProbe,
-    http::{self, AppProtocol, PortProtocol, Upstreams, detect},
+    http::{self, AppProtocol, PortProtocol, Raced, Upstreams, detect_racing_server},
     io::relay::{Close, refuse, relay},
-    io::upstream::{self, ConnectFailure, Established},
+    io::upstream,
     lifecycle::drain::Drain,
     lifecycle::idle_exit::AppActivity,
-    mesh::{Mesh, MeshHandle},
+    mesh::MeshHandle,
     sniff::Rewound,
     telemetry::access_log::AccessLog,
     telemetry::metrics::{
@@ -25,11 +25,6 @@ use super::{
 };
 
 const DIRECTION: Direction = Direction::Outbound;
-/// Enough for any greeting a server-speaks-first protocol sends in its first segment.
-const SERVER_GREETING_BUFFER: usize = 16 * 1024;
-/// Clients that speak first (HTTP, TLS) write right after connecting: waiting this long for
-/// them before also connecting upstream spares the upstream a connection opened for nothing.
-const CLIENT_FIRST_GRACE: Duration = Duration::from_millis(20);
 
 pub struct OutboundProxy {
     pub orig_dst: Arc<dyn OriginalDst>,
@@ -47,16 +42,6 @@ pub struct OutboundProxy {
     pub app_activity: Option<Arc<AppActivity>>,
     /// Asked whether a plain relay may splice (the capture's sockmap shortcut).
     pub capture: Arc<dyn CaptureProbe>,
-}
-
-/// How the race between the client's first bytes and the server's ended.
-enum Detected {
-    Http(AppProtocol),
-    /// Not HTTP: relay, with what the server already sent (a greeting) first.
-    Opaque {
-        upstream: Box<Result<Established, ConnectFailure>>,
-        server_greeting: Vec<u8>,
-    },
 }
 
 impl Handler for OutboundProxy {
@@ -81,16 +66,17 @@ impl Handler for OutboundProxy {
         let mesh = self.mesh.current();
         let mut client_prefix = Vec::new();
         let detected = match mesh.routes().config().port_protocol(orig_dst.port()) {
-            PortProtocol::Http => Detected::Http(AppProtocol::Http1),
-            PortProtocol::Http2 => Detected::Http(AppProtocol::Http2),
-            PortProtocol::Tcp => Detected::Opaque {
-                upstream: Box::new(upstream::establish(orig_dst, &mesh, &self.timeouts).await),
-                server_greeting: Vec::new(),
+            PortProtocol::Http => Raced::Http(AppProtocol::Http1),
+            PortProtocol::Http2 => Raced::Http(AppProtocol::Http2),
+            PortProtocol::Tcp => Raced::Opaque {
+                upstream: None,
+                greeting: Vec::new(),
             },
             PortProtocol::Detect => {
-                match self
-                    .race_detection(&mut app, &mut client_prefix, orig_dst, &mesh)
-                    .await
+                // A server that speaks first (MySQL, SMTP) ends detection with its greeting.
+                let establishing = upstream::establish(orig_dst, &mesh, &self.timeouts);
+                let sniff = self.timeouts.sniff;
+                match detect_racing_server(&mut app, &mut client_prefix, sniff, establishing).await
                 {
                     Ok(detected) => detected,
                     Err(error) => {
@@ -101,14 +87,18 @@ impl Handler for OutboundProxy {
         };
         let downstream = Rewound::new(client_prefix, app);
         match detected {
-            Detected::Http(protocol) => {
+            Raced::Http(protocol) => {
                 http::serve(self.clone(), downstream, protocol, peer, orig_dst).await;
             }
-            Detected::Opaque {
-                upstream,
-                server_greeting,
+            Raced::Opaque {
+                upstream: raced,
+                greeting,
             } => {
-                let established = match *upstream {
+                let established = match raced {
+                    Some(established) => established,
+                    None => upstream::establish(orig_dst, &mesh, &self.timeouts).await,
+                };
+                let established = match established {
                     Ok(established) => established,
                     Err(failure) => {
                         return self.refuse(downstream, &log, failure.reason, failure.error);
@@ -124,7 +114,7 @@ impl Handler for OutboundProxy {
                     log.dst_principal = Some(mtls.peer.clone());
                     log.security_policy = SecurityPolicy::MutualTls;
                 }
-                let upstream = Rewound::new(server_greeting, established.io);
+                let upstream = Rewound::new(greeting, established.io);
                 let counters = self.metrics.tcp(&labels);
                 relay(
                     downstream,
@@ -150,82 +140,6 @@ impl OutboundProxy {
         while reloads.changed().await.is_ok() {
             let mesh = reloads.borrow_and_update().clone();
             self.upstreams.close_stale(&mesh);
-        }
-    }
-
-    /// Detects the client's protocol, connecting upstream in parallel once the client has been
-    /// silent for [`CLIENT_FIRST_GRACE`], so detection ends as soon as either the client's
-    /// first bytes tell, or the server speaks first (MySQL, SMTP: the client waits for a
-    /// greeting), or the bounded wait is over. The parallel connection is closed unused when
-    /// the client turns out to speak HTTP (HTTP is routed per request).
-    async fn race_detection(
-        &self,
-        app: &mut TcpStream,
-        client_prefix: &mut Vec<u8>,
-        orig_dst: SocketAddr,
-        mesh: &Mesh,
-    ) -> std::io::Result<Detected> {
-        let mut detection = pin!(detect(app, client_prefix, self.timeouts.sniff));
-        let grace = CLIENT_FIRST_GRACE.min(self.timeouts.sniff);
-        if let Ok(verdict) = tokio::time::timeout(grace, &mut detection).await {
-            return Ok(match verdict? {
-                AppProtocol::Opaque => Detected::Opaque {
-                    upstream: Box::new(upstream::establish(orig_dst, mesh, &self.timeouts).await),
-                    server_greeting: Vec::new(),
-                },
-                http => Detected::Http(http),
-            });
-        }
-        let mut establishing = pin!(upstream::establish(orig_dst, mesh, &self.timeouts));
-        let established = tokio::select! {
-            biased;
-            verdict = &mut detection => {
-                return Ok(match verdict? {
-                    AppProtocol::Opaque => Detected::Opaque {
-                        upstream: Box::new(establishing.await),
-                        server_greeting: Vec::new(),
-                    },
-                    http => Detected::Http(http),
-                });
-            }
-            established = &mut establishing => established,
-        };
-        let mut established = match established {
-            Ok(established) => established,
-            // The client may still speak HTTP, which is routed elsewhere anyway.
-            Err(failure) => {
-                return Ok(match detection.await? {
-                    AppProtocol::Opaque => Detected::Opaque {
-                        upstream: Box::new(Err(failure)),
-                        server_greeting: Vec::new(),
-                    },
-                    http => Detected::Http(http),
-                });
-            }
-        };
-        let mut greeting = vec![0u8; SERVER_GREETING_BUFFER];
-        tokio::select! {
-            biased;
-            verdict = &mut detection => Ok(match verdict? {
-                AppProtocol::Opaque => Detected::Opaque {
-                    upstream: Box::new(Ok(established)),
-                    server_greeting: Vec::new(),
-                },
-                http => Detected::Http(http),
-            }),
-            read = established.io.read(&mut greeting) => Ok(match read {
-                Ok(read) => {
-                    greeting.truncate(read);
-                    Detected::Opaque { upstream: Box::new(Ok(established)), server_greeting: greeting }
-                }
-                Err(error) => Detected::Opaque {
-                    upstream: Box::new(Err(ConnectFailure {
-                        reason: FailureReason::ConnectError,
-                        error: format!("the upstream failed before the client spoke: {error}"),
-                    })),
-                    server_greeting: Vec::new(),
-                },
-            }),
         }
     }
 

@@ -23,11 +23,10 @@ use super::{
     body::{self, Counted, ProxyBody, Untracked},
     config::{RetryOn, RouteConfig},
     detect::AppProtocol,
-    headers::remove_hop_by_hop,
-    local_reply,
     metrics::ResponseFlag,
     pool::{self, AcquireError, Sender},
     record::RequestRecord,
+    reply::{Recorded, local_reply, respond},
 };
 use crate::{
     io::upstream::ConnectFailure,
@@ -253,7 +252,7 @@ pub async fn forward(mut forward: Forward<'_>, request: Request<Incoming>) -> Re
                 unsent,
                 error,
             }) => {
-                forward.record.error = Some(format!("upstream connection failed: {error}"));
+                forward.record.connection_failed(&error);
                 // The server closed an idle connection as we reused it: once, on a new one.
                 if reused && !stale_retry_done && (unsent.is_some() || (idempotent && replayable)) {
                     stale_retry_done = true;
@@ -393,22 +392,4 @@ impl Drop for Decrement<'_> {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
     }
-}
-
-/// The upstream's response, on its way down: hop-by-hop headers removed, body counted, the
-/// request recorded when the body ends.
-pub(super) fn respond(
-    mut record: RequestRecord,
-    response: Response<Incoming>,
-) -> Response<ProxyBody> {
-    let (mut parts, incoming) = response.into_parts();
-    record.labels.response_code = parts.status.as_u16();
-    remove_hop_by_hop(&mut parts.headers, false);
-    let counted = record.response_bytes.clone();
-    let body = Counted::new(
-        incoming.map_err(Into::into).boxed_unsync(),
-        counted,
-        Some(record),
-    );
-    Response::from_parts(parts, body.boxed_unsync())
 }

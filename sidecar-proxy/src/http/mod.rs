@@ -9,8 +9,10 @@
 //! - `server`: serving a downstream connection (deadlines, drain), for both sides;
 //! - `inbound`: the requests peers send to the app, forwarded on pooled connections to it
 //!   (`app_pool`) with the destination's request metrics and access lines;
+//! - `reply`: the responses both sides send down, the upstream's and the proxy's own;
 //! - `headers`: hop-by-hop, request id, traceparent, x-forwarded-for; `upgrade`: WebSocket and
-//!   other upgrades, passed through; `body`: counted bodies; `random`: cheap randomness.
+//!   other upgrades, passed through, for both sides; `body`: counted bodies; `random`: cheap
+//!   randomness.
 mod app_pool;
 mod balancer;
 mod body;
@@ -23,6 +25,7 @@ pub mod metrics;
 mod pool;
 mod random;
 mod record;
+mod reply;
 pub mod route_policy;
 pub mod router;
 mod server;
@@ -46,6 +49,7 @@ use self::{
     headers::{add_request_headers, is_upgrade, remove_hop_by_hop},
     metrics::{RequestLabels, ResponseFlag},
     record::{RequestOrigin, RequestRecord},
+    reply::local_reply,
     route_policy::Verdict,
     router::{Decision, RequestView},
 };
@@ -163,31 +167,4 @@ fn request_protocol(protocol: AppProtocol, headers: &http::HeaderMap) -> &'stati
             .get(CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     if grpc { "grpc" } else { "http" }
-}
-
-/// A response the proxy makes itself (no route, no healthy upstream, overflow, timeout...):
-/// counted with its flag and logged like any other.
-fn local_reply(
-    mut record: RequestRecord,
-    status: StatusCode,
-    flag: ResponseFlag,
-    reason: &str,
-) -> Response<ProxyBody> {
-    record.flag(flag);
-    record.labels.response_code = status.as_u16();
-    if record.error.is_none() {
-        record.error = Some(reason.to_owned());
-    }
-    let text = format!("{reason}\n");
-    record
-        .response_bytes
-        .store(text.len() as u64, std::sync::atomic::Ordering::Relaxed);
-    let mut response = Response::new(body::full(text));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        CONTENT_TYPE,
-        http::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    record.finish();
-    response
 }

@@ -14,11 +14,10 @@ use super::{
     balancer::ServiceState,
     body::{self, ProxyBody},
     detect::AppProtocol,
-    forward::respond,
-    local_reply,
     metrics::ResponseFlag,
     pool::{self, AcquireError, Sender},
     record::RequestRecord,
+    reply::{self, Recorded, local_reply, respond},
 };
 use crate::{lifecycle::drain::Drain, mesh::Mesh, outbound::OutboundProxy};
 
@@ -26,10 +25,9 @@ pub async fn forward(
     proxy: &OutboundProxy,
     mesh: &Mesh,
     service: &Arc<ServiceState>,
-    mut request: Request<Incoming>,
+    request: Request<Incoming>,
     mut record: RequestRecord,
 ) -> Response<ProxyBody> {
-    let downstream_upgrade = hyper::upgrade::on(&mut request);
     let Some(endpoint) = service.pick(Instant::now()) else {
         return local_reply(
             record,
@@ -72,41 +70,54 @@ pub async fn forward(
     if let Some(mtls) = &connection.mtls {
         record.set_mutual_tls(mtls);
     }
+    let sender = &mut connection.sender;
+    let send = move |request: Request<ProxyBody>| async move {
+        match sender {
+            Sender::Http1(sender) => sender.send_request(request).await,
+            Sender::Http2(sender) => sender.send_request(request).await,
+        }
+    };
+    // Still the app's connection: the drain and the idle exit wait for it.
+    let open = || {
+        proxy
+            .app_activity
+            .as_ref()
+            .map(|activity| activity.opened())
+    };
+    let peer = record.peer;
+    send_and_join(request, send, record, &proxy.drain, peer, open).await
+}
+
+/// Sends the upgrade `request` upstream with `send` (on a connection of its own, never pooled
+/// again) and passes the response down; on `101 Switching Protocols` both upgraded connections
+/// are joined (`join`, holding what `hold` gives). For both sides.
+pub async fn send_and_join<R, S, F, H>(
+    mut request: Request<Incoming>,
+    send: S,
+    mut record: R,
+    drain: &Drain,
+    peer: SocketAddr,
+    hold: impl FnOnce() -> H,
+) -> Response<ProxyBody>
+where
+    R: Recorded,
+    S: FnOnce(Request<ProxyBody>) -> F,
+    F: Future<Output = hyper::Result<Response<Incoming>>>,
+    H: Send + 'static,
+{
+    let downstream_upgrade = hyper::upgrade::on(&mut request);
     let (parts, incoming) = request.into_parts();
     let request = Request::from_parts(parts, incoming.map_err(Into::into).boxed_unsync());
-    let sent = match &mut connection.sender {
-        Sender::Http1(sender) => sender.send_request(request).await,
-        Sender::Http2(sender) => sender.send_request(request).await,
-    };
-    let mut response = match sent {
+    let mut response = match send(request).await {
         Ok(response) => response,
-        Err(error) => {
-            record.error = Some(format!("upstream connection failed: {error}"));
-            return local_reply(
-                record,
-                StatusCode::SERVICE_UNAVAILABLE,
-                ResponseFlag::UpstreamConnectionTermination,
-                "upstream connection failed before a response",
-            );
-        }
+        Err(error) => return reply::connection_failed(record, &error),
     };
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
         return respond(record, response);
     }
     let upstream_upgrade = hyper::upgrade::on(&mut response);
-    // Still the app's connection: the drain and the idle exit wait for it.
-    let open = proxy
-        .app_activity
-        .as_ref()
-        .map(|activity| activity.opened());
-    join(
-        &proxy.drain,
-        downstream_upgrade,
-        upstream_upgrade,
-        record.peer,
-        open,
-    );
-    record.labels.response_code = StatusCode::SWITCHING_PROTOCOLS.as_u16();
+    join(drain, downstream_upgrade, upstream_upgrade, peer, hold());
+    record.responded(StatusCode::SWITCHING_PROTOCOLS);
     record.finish();
     let (parts, _empty) = response.into_parts();
     Response::from_parts(parts, body::empty())

@@ -3,13 +3,15 @@
 use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    pin::Pin,
+    task::{Context, Poll},
     time::Duration,
 };
 
 use rustix::net::sockopt;
 use rustls::pki_types::ServerName;
 use tokio::{
-    io::{AsyncRead, AsyncWrite},
+    io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpSocket, TcpStream},
     time::timeout,
 };
@@ -87,6 +89,17 @@ pub struct Established {
     pub io: Box<dyn UpstreamIo>,
     /// `None`: plaintext (the destination is not a mesh workload).
     pub mtls: Option<MutualTls>,
+}
+
+/// Reads its stream: a server's greeting, read while the client's protocol is being detected.
+impl AsyncRead for Established {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
 }
 
 /// Connects to `addr` and, when the mesh config says it is a mesh workload, originates mTLS and
