@@ -4,7 +4,8 @@
 //! One folder per concern (docs/ARCHITECTURE.md, "Where each concern lives"):
 //!
 //! - `args`: command-line options, validated into one `ProxyConfig`;
-//! - `outbound`, `inbound`: the per-connection logic of each side;
+//! - `outbound`, `inbound`: the per-connection logic of each side; `inputs`: what both share
+//!   (metrics, timeouts, mesh, drain, the capture) and how each connection enters;
 //! - `accept/`: listeners and accept loops (`listener`), each listener's cap on open connections
 //!   (`connection_limit`), where a connection was going (`orig_dst`: SO_ORIGINAL_DST, the local
 //!   address under sk_lookup, or fixed);
@@ -38,6 +39,7 @@ mod args;
 mod capture;
 pub mod http;
 mod inbound;
+mod inputs;
 mod io;
 mod lifecycle;
 pub mod mesh;
@@ -75,6 +77,7 @@ use self::{
     args::{OrigDstSource, ProxyConfig},
     http::{AppPool, Upstreams},
     inbound::InboundProxy,
+    inputs::{Entrance, ProxyInputs},
     lifecycle::drain::{Drain, StopRequests},
     lifecycle::idle_exit::AppActivity,
     mesh::reload::MeshSource,
@@ -242,31 +245,36 @@ async fn serve(
         &config.inbound_bind,
         config.inbound_port,
     )?;
-    let outbound = Arc::new(OutboundProxy {
-        listen_addrs: local_addrs(&outbound_listeners)?,
-        orig_dst,
-        mesh: mesh.clone(),
-        metrics: metrics.clone(),
-        local: local.clone(),
-        timeouts: config.timeouts,
-        upstreams: Upstreams::default(),
-        drain: drain.clone(),
-        app_activity: app_activity.clone(),
-        capture: capture.clone(),
-    });
-    tokio::spawn(outbound.clone().close_stale_connections());
-    let inbound = InboundProxy {
-        listen_addrs: local_addrs(&inbound_listeners)?,
-        orig_dst: Arc::new(InboundOrigDst {
-            inbound_port: config.inbound_port,
-        }),
+    // One set for both sides.
+    let inputs = Arc::new(ProxyInputs {
         mesh,
         metrics,
         local,
         timeouts: config.timeouts,
-        app_pool: Arc::new(AppPool::default()),
         drain: drain.clone(),
         capture,
+    });
+    let outbound = Arc::new(OutboundProxy {
+        inputs: inputs.clone(),
+        entrance: Entrance {
+            direction: Direction::Outbound,
+            orig_dst,
+            listen_addrs: local_addrs(&outbound_listeners)?,
+        },
+        upstreams: Upstreams::default(),
+        app_activity: app_activity.clone(),
+    });
+    tokio::spawn(outbound.clone().close_stale_connections());
+    let inbound = InboundProxy {
+        inputs,
+        entrance: Entrance {
+            direction: Direction::Inbound,
+            orig_dst: Arc::new(InboundOrigDst {
+                inbound_port: config.inbound_port,
+            }),
+            listen_addrs: local_addrs(&inbound_listeners)?,
+        },
+        app_pool: Arc::new(AppPool::default()),
     };
     let accepting = |direction: Direction| Accepting {
         limit: ConnectionLimit::new(

@@ -7,63 +7,37 @@ use std::{net::SocketAddr, sync::Arc};
 use tokio::net::TcpStream;
 
 use super::{
-    Timeouts,
-    accept::listener::{Handler, is_own_listener},
-    accept::orig_dst::OriginalDst,
-    capture::CaptureProbe,
+    accept::listener::Handler,
     http::{self, AppProtocol, PortProtocol, Raced, Upstreams, detect_racing_server},
-    io::relay::{Close, refuse, relay},
+    inputs::{Entrance, ProxyInputs},
+    io::relay::relay,
     io::upstream,
-    lifecycle::drain::Drain,
     lifecycle::idle_exit::AppActivity,
-    mesh::MeshHandle,
     sniff::Rewound,
-    telemetry::access_log::AccessLog,
-    telemetry::metrics::{
-        Direction, FailureReason, LocalWorkload, Metrics, SecurityPolicy, TcpLabels,
-    },
+    telemetry::metrics::{Direction, FailureReason, SecurityPolicy, TcpLabels},
 };
 
 const DIRECTION: Direction = Direction::Outbound;
 
 pub struct OutboundProxy {
-    pub orig_dst: Arc<dyn OriginalDst>,
-    pub mesh: Arc<MeshHandle>,
-    pub metrics: Arc<Metrics>,
-    pub local: LocalWorkload,
-    pub timeouts: Timeouts,
-    /// The proxy's own listeners, to recognise a connection aimed back at the proxy.
-    pub listen_addrs: Vec<SocketAddr>,
+    pub inputs: Arc<ProxyInputs>,
+    pub entrance: Entrance,
     /// Pools, balancers and breakers of the HTTP destinations; they outlive config reloads.
     pub upstreams: Upstreams,
-    /// Tells HTTP connections to finish while the proxy drains; serves upgraded connections.
-    pub drain: Arc<Drain>,
     /// The app's open connections, with `--exit-when-idle-after`.
     pub app_activity: Option<Arc<AppActivity>>,
-    /// Asked whether a plain relay may splice (the capture's sockmap shortcut).
-    pub capture: Arc<dyn CaptureProbe>,
 }
 
 impl Handler for OutboundProxy {
-    async fn handle(self: Arc<Self>, mut app: TcpStream, peer: SocketAddr) {
+    async fn handle(self: Arc<Self>, app: TcpStream, peer: SocketAddr) {
         let _open = self.app_activity.as_ref().map(|activity| activity.opened());
-        let mut log = AccessLog::new(DIRECTION, peer, "unknown");
-        let orig_dst = match self.orig_dst.lookup(&app) {
-            Ok((addr, source)) => {
-                log.orig_dst_source = source;
-                addr
-            }
-            Err(error) => return self.refuse(app, &log, FailureReason::OrigDstUnknown, error),
+        let Some((mut app, orig_dst, mut log)) = self.inputs.enter(&self.entrance, app, peer)
+        else {
+            return;
         };
-        log.orig_dst = Some(orig_dst);
-
-        if is_own_listener(&self.listen_addrs, orig_dst, &app) {
-            let error = format!("{orig_dst} is this proxy's outbound listener");
-            return self.refuse(app, &log, FailureReason::Loop, error);
-        }
 
         // One snapshot for the connection's TCP handling; HTTP takes one per request.
-        let mesh = self.mesh.current();
+        let mesh = self.inputs.mesh.current();
         let mut client_prefix = Vec::new();
         let detected = match mesh.routes().config().port_protocol(orig_dst.port()) {
             PortProtocol::Http => Raced::Http(AppProtocol::Http1),
@@ -74,13 +48,15 @@ impl Handler for OutboundProxy {
             },
             PortProtocol::Detect => {
                 // A server that speaks first (MySQL, SMTP) ends detection with its greeting.
-                let establishing = upstream::establish(orig_dst, &mesh, &self.timeouts);
-                let sniff = self.timeouts.sniff;
+                let establishing = upstream::establish(orig_dst, &mesh, &self.inputs.timeouts);
+                let sniff = self.inputs.timeouts.sniff;
                 match detect_racing_server(&mut app, &mut client_prefix, sniff, establishing).await
                 {
                     Ok(detected) => detected,
                     Err(error) => {
-                        return self.refuse(app, &log, FailureReason::SniffFailed, error);
+                        return self
+                            .inputs
+                            .refuse(app, &log, FailureReason::SniffFailed, error);
                     }
                 }
             }
@@ -96,15 +72,17 @@ impl Handler for OutboundProxy {
             } => {
                 let established = match raced {
                     Some(established) => established,
-                    None => upstream::establish(orig_dst, &mesh, &self.timeouts).await,
+                    None => upstream::establish(orig_dst, &mesh, &self.inputs.timeouts).await,
                 };
                 let established = match established {
                     Ok(established) => established,
                     Err(failure) => {
-                        return self.refuse(downstream, &log, failure.reason, failure.error);
+                        return self
+                            .inputs
+                            .refuse(downstream, &log, failure.reason, failure.error);
                     }
                 };
-                let mut labels = TcpLabels::new(DIRECTION, &self.local);
+                let mut labels = TcpLabels::new(DIRECTION, &self.inputs.local);
                 if let Some(mtls) = &established.mtls {
                     labels = labels
                         .with_mutual_tls(&mtls.local, &mtls.peer)
@@ -115,15 +93,15 @@ impl Handler for OutboundProxy {
                     log.security_policy = SecurityPolicy::MutualTls;
                 }
                 let upstream = Rewound::new(greeting, established.io);
-                let counters = self.metrics.tcp(&labels);
+                let counters = self.inputs.metrics.tcp(&labels);
                 relay(
                     downstream,
                     upstream,
                     counters,
-                    &self.metrics,
+                    &self.inputs.metrics,
                     &mut log,
-                    self.timeouts.idle,
-                    &*self.capture,
+                    self.inputs.timeouts.idle,
+                    &*self.inputs.capture,
                 )
                 .await;
             }
@@ -136,21 +114,11 @@ impl OutboundProxy {
     /// new snapshot no longer gives their destination. (A request never reuses one anyway;
     /// this closes them at once instead of at their idle timeout.) Runs while the proxy does.
     pub async fn close_stale_connections(self: Arc<Self>) {
-        let mut reloads = self.mesh.subscribe();
+        let mut reloads = self.inputs.mesh.subscribe();
         while reloads.changed().await.is_ok() {
             let mesh = reloads.borrow_and_update().clone();
             self.upstreams.close_stale(&mesh);
         }
-    }
-
-    fn refuse(
-        &self,
-        app: impl super::io::relay::IntoTcp,
-        log: &AccessLog,
-        reason: FailureReason,
-        error: impl std::fmt::Display,
-    ) {
-        refuse(&self.metrics, log, reason, error, app, Close::Reset);
     }
 }
 
@@ -166,9 +134,12 @@ mod tests {
 
     use super::*;
     use crate::{
+        Timeouts,
         accept::connection_limit::{ConnectionLimit, WhenFull},
         accept::listener::{AcceptLoops, Accepting, bind_listeners, local_addrs},
         accept::orig_dst::SockoptOrigDst,
+        lifecycle::drain::Drain,
+        telemetry::metrics::Metrics,
         testing::*,
     };
 
@@ -329,16 +300,21 @@ mod tests {
         let metrics = Arc::new(Metrics::new(&local("client"))?);
         let drain = Arc::new(Drain::default());
         let proxy = OutboundProxy {
-            orig_dst: Arc::new(crate::accept::orig_dst::ExplicitOrigDst(echo)),
-            mesh: plaintext_mesh(),
-            metrics: metrics.clone(),
-            local: local("client"),
-            timeouts: timeouts(),
-            listen_addrs: local_addrs(&listeners)?,
+            inputs: Arc::new(ProxyInputs {
+                mesh: plaintext_mesh(),
+                metrics: metrics.clone(),
+                local: local("client"),
+                timeouts: timeouts(),
+                drain: drain.clone(),
+                capture: Arc::new(NoCapture),
+            }),
+            entrance: Entrance {
+                direction: DIRECTION,
+                orig_dst: Arc::new(crate::accept::orig_dst::ExplicitOrigDst(echo)),
+                listen_addrs: local_addrs(&listeners)?,
+            },
             upstreams: Upstreams::default(),
-            drain: drain.clone(),
             app_activity: None,
-            capture: Arc::new(NoCapture),
         };
         let side = metrics.listener(DIRECTION.name(), 1);
         let accepting = Accepting {
@@ -405,16 +381,21 @@ mod tests {
         let metrics = Arc::new(Metrics::new(&local("client"))?);
         let drain = Arc::new(Drain::default());
         let proxy = OutboundProxy {
-            orig_dst: Arc::new(SockoptOrigDst),
-            mesh: plaintext_mesh(),
-            metrics: metrics.clone(),
-            local: local("client"),
-            timeouts: timeouts(),
-            listen_addrs: local_addrs(&listeners)?,
+            inputs: Arc::new(ProxyInputs {
+                mesh: plaintext_mesh(),
+                metrics: metrics.clone(),
+                local: local("client"),
+                timeouts: timeouts(),
+                drain: drain.clone(),
+                capture: Arc::new(NoCapture),
+            }),
+            entrance: Entrance {
+                direction: DIRECTION,
+                orig_dst: Arc::new(SockoptOrigDst),
+                listen_addrs: local_addrs(&listeners)?,
+            },
             upstreams: Upstreams::default(),
-            drain: drain.clone(),
             app_activity: None,
-            capture: Arc::new(NoCapture),
         };
         let mut loops = AcceptLoops::default();
         loops.add(

@@ -192,6 +192,7 @@ pub async fn forward(mut forward: Forward<'_>, request: Request<Incoming>) -> Re
             }
             forward
                 .proxy
+                .inputs
                 .metrics
                 .http
                 .record_retry(&service_name, reason);
@@ -260,6 +261,7 @@ pub async fn forward(mut forward: Forward<'_>, request: Request<Incoming>) -> Re
                     pending_request = unsent.map(|request| *request);
                     forward
                         .proxy
+                        .inputs
                         .metrics
                         .http
                         .record_retry(&service_name, "stale-connection");
@@ -327,15 +329,15 @@ async fn try_once(
         endpoint,
         forward.protocol,
         forward.mesh,
-        &forward.proxy.timeouts,
-        &forward.proxy.metrics.http,
+        &forward.proxy.inputs.timeouts,
+        &forward.proxy.inputs.metrics.http,
     )
     .await
     {
         Ok(connection) => connection,
         Err(AcquireError::Overflow) => return Err(TryFailure::Overflow),
         Err(AcquireError::Connect(failure)) => {
-            endpoint.record_failure(&service, &forward.proxy.metrics.http);
+            endpoint.record_failure(&service, &forward.proxy.inputs.metrics.http);
             return Err(TryFailure::Connect(failure));
         }
     };
@@ -353,7 +355,7 @@ async fn try_once(
     match sent {
         Ok(response) => {
             if response.status().is_server_error() {
-                endpoint.record_failure(&service, &forward.proxy.metrics.http);
+                endpoint.record_failure(&service, &forward.proxy.inputs.metrics.http);
             } else {
                 endpoint.record_success();
             }
@@ -361,7 +363,7 @@ async fn try_once(
                 connection,
                 service.clone(),
                 index,
-                forward.proxy.mesh.clone(),
+                forward.proxy.inputs.mesh.clone(),
             );
             Ok(response)
         }

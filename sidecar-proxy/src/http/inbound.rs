@@ -38,17 +38,14 @@ use super::{
     upgrade,
 };
 use crate::{
-    Timeouts, io::upstream::ConnectFailure, lifecycle::drain::Drain,
-    telemetry::access_line::AccessLine, telemetry::access_log::AccessLog,
-    telemetry::metrics::Metrics,
+    inputs::ProxyInputs, io::upstream::ConnectFailure, telemetry::access_line::AccessLine,
+    telemetry::access_log::AccessLog,
 };
 
 /// What the requests of one inbound connection share.
 pub struct InboundConnection {
-    pub metrics: Arc<Metrics>,
+    pub inputs: Arc<ProxyInputs>,
     pub app_pool: Arc<AppPool>,
-    pub timeouts: Timeouts,
-    pub drain: Arc<Drain>,
     pub peer: SocketAddr,
     /// Where the peer's connection was going.
     pub orig_dst: SocketAddr,
@@ -81,9 +78,7 @@ pub async fn serve<D>(
     D: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let side = Downstream {
-        metrics: connection.metrics.clone(),
-        timeouts: connection.timeouts,
-        drain: connection.drain.clone(),
+        inputs: connection.inputs.clone(),
         log,
     };
     let served = Arc::new(Served {
@@ -146,11 +141,11 @@ async fn forward(request: Request<Incoming>, mut record: InboundRecord) -> Respo
         record.attempts += 1;
         let acquired = if stale_retry_done {
             let pool = &connection.app_pool;
-            pool.connect(connection.app, served.protocol, &connection.timeouts)
+            pool.connect(connection.app, served.protocol, &connection.inputs.timeouts)
                 .await
         } else {
             let pool = &connection.app_pool;
-            pool.acquire(connection.app, served.protocol, &connection.timeouts)
+            pool.acquire(connection.app, served.protocol, &connection.inputs.timeouts)
                 .await
         };
         let mut app = match acquired {
@@ -204,13 +199,13 @@ async fn forward_upgrade(
     let served = record.served.clone();
     let connection = &served.connection;
     record.attempts = 1;
-    let mut sender = match app_pool::connect_for_upgrade(connection.app, &connection.timeouts).await
-    {
-        Ok(sender) => sender,
-        Err(failure) => return connect_failed(record, failure),
-    };
+    let mut sender =
+        match app_pool::connect_for_upgrade(connection.app, &connection.inputs.timeouts).await {
+            Ok(sender) => sender,
+            Err(failure) => return connect_failed(record, failure),
+        };
     let send = |request: Request<ProxyBody>| sender.send_request(request);
-    let (drain, peer) = (&connection.drain, connection.peer);
+    let (drain, peer) = (&connection.inputs.drain, connection.peer);
     upgrade::send_and_join(request, send, record, drain, peer, || ()).await
 }
 
@@ -347,7 +342,7 @@ impl InboundRecord {
             flags: self.flags.clone(),
         };
         self.served.series.observe(
-            &connection.metrics.http,
+            &connection.inputs.metrics.http,
             &connection.labels,
             key,
             duration.as_secs_f64() * 1000.0,

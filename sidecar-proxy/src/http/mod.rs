@@ -71,9 +71,7 @@ pub async fn serve<D>(
     let mut log = AccessLog::new(Direction::Outbound, peer, "unknown");
     log.orig_dst = Some(orig_dst);
     let connection = server::Downstream {
-        metrics: proxy.metrics.clone(),
-        timeouts: proxy.timeouts,
-        drain: proxy.drain.clone(),
+        inputs: proxy.inputs.clone(),
         log,
     };
     server::serve(downstream, protocol, connection, move |request| {
@@ -90,16 +88,16 @@ async fn handle(
     orig_dst: SocketAddr,
 ) -> Response<ProxyBody> {
     // A snapshot per request: a reload applies to the next request of a kept-alive connection.
-    let mesh = proxy.mesh.current();
+    let mesh = proxy.inputs.mesh.current();
     let routes = mesh.routes();
     let (mut parts, body) = request.into_parts();
     let request_protocol = request_protocol(protocol, &parts.headers);
     let mut record = RequestRecord::new(RequestOrigin {
-        metrics: proxy.metrics.clone(),
+        metrics: proxy.inputs.metrics.clone(),
         access_log: routes.config().access_log,
         labels: RequestLabels::outbound(
-            &proxy.local.name,
-            &proxy.local.namespace,
+            &proxy.inputs.local.name,
+            &proxy.inputs.local.namespace,
             request_protocol,
         ),
         request: &parts,

@@ -43,8 +43,8 @@ pub async fn forward(
         endpoint,
         AppProtocol::Http1,
         mesh,
-        &proxy.timeouts,
-        &proxy.metrics.http,
+        &proxy.inputs.timeouts,
+        &proxy.inputs.metrics.http,
     );
     let mut connection = match acquired.await {
         Ok(connection) => connection,
@@ -57,7 +57,7 @@ pub async fn forward(
             );
         }
         Err(AcquireError::Connect(failure)) => {
-            endpoint.record_failure(service, &proxy.metrics.http);
+            endpoint.record_failure(service, &proxy.inputs.metrics.http);
             record.upstream_connect_failed(failure);
             return local_reply(
                 record,
@@ -85,7 +85,7 @@ pub async fn forward(
             .map(|activity| activity.opened())
     };
     let peer = record.peer;
-    send_and_join(request, send, record, &proxy.drain, peer, open).await
+    send_and_join(request, send, record, &proxy.inputs.drain, peer, open).await
 }
 
 /// Sends the upgrade `request` upstream with `send` (on a connection of its own, never pooled
