@@ -33,6 +33,7 @@ use super::{
     metrics::{HttpMetrics, InboundLabels, RequestSeries, ResponseFlag, ResponseFlags},
     reply::{self, Recorded, local_reply, respond},
     request_protocol,
+    retry::is_idempotent,
     route_policy::RateLimiter,
     server::{self, Downstream},
     upgrade,
@@ -113,13 +114,6 @@ async fn handle(served: Arc<Served>, request: Request<Incoming>) -> Response<Pro
         return forward_upgrade(request, record).await;
     }
     forward(request, record).await
-}
-
-fn is_idempotent(method: &Method) -> bool {
-    matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
-    )
 }
 
 /// To the app on a pooled connection; once more on a new one when the pooled one turns out to

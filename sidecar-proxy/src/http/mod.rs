@@ -1,9 +1,11 @@
 //! HTTP-aware proxying of connections that speak HTTP/1.x or HTTP/2 (prior knowledge). Outbound,
-//! each request is routed (`router`) to a service, balanced over its endpoints (`balancer`),
-//! sent on a pooled connection within the service's circuit breaker (`pool`), with timeouts
-//! and retries (`forward`), and leaves Istio's request metrics and an access log line
-//! (`record`, `metrics`). Inbound (`inbound`), each request goes to the app and is reported
-//! by the destination.
+//! a request goes one way: [`handle`] routes it (`router`, `route_policy`) to a service, then
+//! `forward` tries it: each try picks an endpoint (`balancer`), takes a connection from its
+//! pool within the service's circuit breaker (`pool`) and sends, within the per-try timeout
+//! (`attempt`); one decision retries it or not (`retry`); the last try's outcome is the
+//! response, which leaves Istio's request metrics and an access log line (`record`,
+//! `metrics`). Inbound (`inbound`), each request goes to the app and is reported by the
+//! destination.
 //!
 //! - `config`: the `http` section of the mesh config; `detect`: bounded protocol detection;
 //! - `server`: serving a downstream connection (deadlines, drain), for both sides;
@@ -14,6 +16,7 @@
 //!   other upgrades, passed through, for both sides; `body`: counted bodies; `random`: cheap
 //!   randomness.
 mod app_pool;
+mod attempt;
 mod balancer;
 mod body;
 pub mod config;
@@ -26,6 +29,7 @@ mod pool;
 mod random;
 mod record;
 mod reply;
+mod retry;
 pub mod route_policy;
 pub mod router;
 mod server;
@@ -44,6 +48,7 @@ pub use self::{
     detect::{AppProtocol, Raced, detect, detect_racing_server},
 };
 use self::{
+    attempt::Upstream,
     body::ProxyBody,
     config::ServiceConfig,
     headers::{add_request_headers, is_upgrade, remove_hop_by_hop},
@@ -141,21 +146,16 @@ async fn handle(
         }
     }
     let state = proxy.upstreams.service(&service, orig_dst);
+    let upstream = Upstream {
+        inputs: &proxy.inputs,
+        mesh: &mesh,
+        service: &state,
+        protocol,
+    };
     if upgrade {
-        return upgrade::forward(&proxy, &mesh, &state, request, record).await;
+        return upgrade::forward(upstream, proxy.app_activity.as_ref(), request, record).await;
     }
-    forward::forward(
-        forward::Forward {
-            proxy: &proxy,
-            mesh: &mesh,
-            service: state,
-            route,
-            protocol,
-            record,
-        },
-        request,
-    )
-    .await
+    forward::forward(upstream, route, record, request).await
 }
 
 /// Istio's `request_protocol`: `grpc` for HTTP/2 requests of `application/grpc...`, else `http`.

@@ -1,8 +1,8 @@
 //! Upgrades (WebSocket, h2c upgrade...) pass through: the request goes upstream on a connection
 //! of its own, and on `101 Switching Protocols` both upgraded connections are joined and copied
-//! until either side closes (`join`, which inbound upgrades use too). The connection is never
-//! pooled again.
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+//! until either side closes (`send_and_join`, which inbound upgrades use too). The connection
+//! is never pooled again.
+use std::{net::SocketAddr, sync::Arc};
 
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
@@ -11,65 +11,37 @@ use hyper_util::rt::TokioIo;
 use tracing::debug;
 
 use super::{
-    balancer::ServiceState,
+    attempt::Upstream,
     body::{self, ProxyBody},
     detect::AppProtocol,
-    metrics::ResponseFlag,
-    pool::{self, AcquireError, Sender},
+    pool::Sender,
     record::RequestRecord,
-    reply::{self, Recorded, local_reply, respond},
+    reply::{self, Recorded, respond},
 };
-use crate::{lifecycle::drain::Drain, mesh::Mesh, outbound::OutboundProxy};
+use crate::lifecycle::{drain::Drain, idle_exit::AppActivity};
 
+/// An outbound upgrade: one try, on a new HTTP/1 connection to the endpoint the balancer picks.
 pub async fn forward(
-    proxy: &OutboundProxy,
-    mesh: &Mesh,
-    service: &Arc<ServiceState>,
+    upstream: Upstream<'_>,
+    app_activity: Option<&Arc<AppActivity>>,
     request: Request<Incoming>,
     mut record: RequestRecord,
 ) -> Response<ProxyBody> {
-    let Some(endpoint) = service.pick(Instant::now()) else {
-        return local_reply(
-            record,
-            StatusCode::SERVICE_UNAVAILABLE,
-            ResponseFlag::NoHealthyUpstream,
-            "no healthy upstream",
-        );
+    let upstream = Upstream {
+        protocol: AppProtocol::Http1,
+        ..upstream
     };
-    record.upstream = Some(endpoint.addr);
-    record.attempts = 1;
-    let acquired = pool::acquire(
-        service,
-        endpoint,
-        AppProtocol::Http1,
-        mesh,
-        &proxy.inputs.timeouts,
-        &proxy.inputs.metrics.http,
-    );
-    let mut connection = match acquired.await {
+    let connected = match upstream.pick(&mut record) {
+        Ok((_, endpoint)) => {
+            record.attempts = 1;
+            upstream.connect(endpoint, &mut record).await
+        }
+        Err(failure) => Err(failure),
+    };
+    let mut connection = match connected {
         Ok(connection) => connection,
-        Err(AcquireError::Overflow) => {
-            return local_reply(
-                record,
-                StatusCode::SERVICE_UNAVAILABLE,
-                ResponseFlag::UpstreamOverflow,
-                "upstream overflow: the circuit breaker is open",
-            );
-        }
-        Err(AcquireError::Connect(failure)) => {
-            endpoint.record_failure(service, &proxy.inputs.metrics.http);
-            record.upstream_connect_failed(failure);
-            return local_reply(
-                record,
-                StatusCode::SERVICE_UNAVAILABLE,
-                ResponseFlag::UpstreamConnectFailure,
-                "upstream connect failure",
-            );
-        }
+        Err(failure) => return failure.reply(record),
     };
-    if let Some(mtls) = &connection.mtls {
-        record.set_mutual_tls(mtls);
-    }
     let sender = &mut connection.sender;
     let send = move |request: Request<ProxyBody>| async move {
         match sender {
@@ -78,14 +50,9 @@ pub async fn forward(
         }
     };
     // Still the app's connection: the drain and the idle exit wait for it.
-    let open = || {
-        proxy
-            .app_activity
-            .as_ref()
-            .map(|activity| activity.opened())
-    };
-    let peer = record.peer;
-    send_and_join(request, send, record, &proxy.inputs.drain, peer, open).await
+    let open = || app_activity.map(|activity| activity.opened());
+    let (drain, peer) = (&upstream.inputs.drain, record.peer);
+    send_and_join(request, send, record, drain, peer, open).await
 }
 
 /// Sends the upgrade `request` upstream with `send` (on a connection of its own, never pooled
@@ -125,7 +92,7 @@ where
 
 /// Joins both sides of an upgrade once each has switched, and copies between them until
 /// either closes, in a task the drain waits for; `hold` is kept until then.
-pub fn join(
+fn join(
     drain: &Drain,
     downstream: OnUpgrade,
     upstream: OnUpgrade,
