@@ -12,8 +12,8 @@ use clap::Args;
 use sidecar_common::{DEFAULT_INBOUND_PORT, DEFAULT_OUTBOUND_PORT};
 
 use super::{
-    Timeouts, app_health::AppProbers, capture_health::CaptureCheck, logging::LogFormat,
-    orig_dst::OrigDstMode, tls,
+    Timeouts, accept::orig_dst::OrigDstMode, admin::app_health::AppProbers,
+    capture::health::CaptureCheck, telemetry::logging::LogFormat, tls,
 };
 
 #[derive(Args, Debug, Clone)]

@@ -8,7 +8,7 @@
 //! request metrics, access lines); anything else is relayed as TCP. Either way the app is
 //! reached at the original destination (or the port's `forwardTo` loopback address) from the
 //! passthrough address.
-use std::{fmt::Display, net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc};
 
 use rustls::ServerConfig;
 use tokio::{
@@ -19,43 +19,31 @@ use tokio::{
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
 
 use super::{
-    Timeouts,
-    access_log::AccessLog,
-    authz::Authorization,
-    capture_probe::CaptureProbe,
-    drain::Drain,
+    accept::listener::Handler,
     http::{
         self, AppPool, AppProtocol, PortProtocol, Raced, detect_racing_server,
         inbound::InboundConnection, metrics::InboundLabels, route_policy::RateLimiter,
     },
-    identity::SpiffeId,
-    listener::{Handler, is_own_listener},
-    mesh::{MeshHandle, MeshTls},
+    inputs::{Entrance, ProxyInputs},
+    io::relay::{Close, IntoTcp, record_refusal, refuse, relay},
+    io::upstream::{self, Source},
+    mesh::MeshTls,
+    mesh::authz::Authorization,
+    mesh::identity::SpiffeId,
     mesh_config::InboundMode,
-    metrics::{Direction, FailureReason, LocalWorkload, Metrics, SecurityPolicy, TcpLabels},
-    orig_dst::OriginalDst,
-    relay::{Close, IntoTcp, record_refusal, refuse, relay},
     sniff::{Protocol, Rewound, sniff},
+    telemetry::access_log::AccessLog,
+    telemetry::metrics::{Direction, FailureReason, SecurityPolicy, TcpLabels},
     tls,
-    upstream::{self, Source},
 };
 
 const DIRECTION: Direction = Direction::Inbound;
 
 pub struct InboundProxy {
-    pub orig_dst: Arc<dyn OriginalDst>,
-    pub mesh: Arc<MeshHandle>,
-    pub metrics: Arc<Metrics>,
-    pub local: LocalWorkload,
-    pub timeouts: Timeouts,
-    /// The proxy's own listeners, to recognise a connection aimed back at the proxy.
-    pub listen_addrs: Vec<SocketAddr>,
+    pub inputs: Arc<ProxyInputs>,
+    pub entrance: Entrance,
     /// Keep-alive connections to the app, for HTTP.
     pub app_pool: Arc<AppPool>,
-    /// Tells HTTP connections to finish while the proxy drains; serves upgraded connections.
-    pub drain: Arc<Drain>,
-    /// Asked whether a plain relay may splice (the capture's sockmap shortcut).
-    pub capture: Arc<dyn CaptureProbe>,
 }
 
 /// A connection its port's mode and allow rules let in, and what serving it needs.
@@ -76,45 +64,37 @@ struct Admitted {
 }
 
 impl Handler for InboundProxy {
-    async fn handle(self: Arc<Self>, mut downstream: TcpStream, peer: SocketAddr) {
-        let mut log = AccessLog::new(DIRECTION, peer, "unknown");
-        let orig_dst = match self.orig_dst.lookup(&downstream) {
-            Ok((addr, source)) => {
-                log.orig_dst_source = source;
-                addr
-            }
-            Err(error) => {
-                return self.refuse(downstream, &log, FailureReason::OrigDstUnknown, error);
-            }
+    async fn handle(self: Arc<Self>, downstream: TcpStream, peer: SocketAddr) {
+        let Some((mut downstream, orig_dst, mut log)) =
+            self.inputs.enter(&self.entrance, downstream, peer)
+        else {
+            return;
         };
-        log.orig_dst = Some(orig_dst);
-        if is_own_listener(&self.listen_addrs, orig_dst, &downstream) {
-            let error = format!("{orig_dst} is this proxy's inbound listener");
-            return self.refuse(downstream, &log, FailureReason::Loop, error);
-        }
 
         // One snapshot for the whole connection: a reload midway changes nothing here.
-        let mesh = self.mesh.current();
+        let mesh = self.inputs.mesh.current();
         let policy = mesh.inbound_policy(orig_dst.port());
         log.inbound_mode = Some(policy.mode);
         let server_tls = mesh.server_tls(orig_dst.port());
         // A STRICT or `tls` port accepts nothing but a ClientHello, so it can afford to wait for
         // one; a PERMISSIVE port must not stall a server-speaks-first protocol.
         let first_bytes_timeout = match policy.mode {
-            _ if server_tls.is_some() => self.timeouts.tls_handshake,
-            InboundMode::Strict => self.timeouts.tls_handshake,
-            InboundMode::Permissive => self.timeouts.sniff,
+            _ if server_tls.is_some() => self.inputs.timeouts.tls_handshake,
+            InboundMode::Strict => self.inputs.timeouts.tls_handshake,
+            InboundMode::Permissive => self.inputs.timeouts.sniff,
         };
         let sniffed = match sniff(
             &mut downstream,
             first_bytes_timeout,
-            self.timeouts.tls_handshake,
+            self.inputs.timeouts.tls_handshake,
         )
         .await
         {
             Ok(sniffed) => sniffed,
             Err(error) => {
-                return self.refuse(downstream, &log, FailureReason::SniffFailed, error);
+                return self
+                    .inputs
+                    .refuse(downstream, &log, FailureReason::SniffFailed, error);
             }
         };
         log.protocol = Some(sniffed.protocol);
@@ -145,7 +125,12 @@ impl Handler for InboundProxy {
             // are authorized as plaintext peers are.
             (Protocol::Tls, _) if let Some(server_tls) = server_tls => {
                 if let Err(denial) = policy.authorization.check(None) {
-                    return self.refuse(downstream, &log, FailureReason::Unauthorized, denial);
+                    return self.inputs.refuse(
+                        downstream,
+                        &log,
+                        FailureReason::Unauthorized,
+                        denial,
+                    );
                 }
                 let downstream = Rewound::new(sniffed.prefix, downstream);
                 self.terminate_server_tls(downstream, server_tls.clone(), admitted(log))
@@ -153,19 +138,26 @@ impl Handler for InboundProxy {
             }
             _ if server_tls.is_some() => {
                 let error = "the port serves TLS (`tls`): plaintext is refused";
-                self.refuse(downstream, &log, FailureReason::PlaintextRefused, error);
+                self.inputs
+                    .refuse(downstream, &log, FailureReason::PlaintextRefused, error);
             }
             (protocol, _) if policy.mode == InboundMode::Strict => {
                 let error = match protocol {
                     Protocol::Tls => "TLS without the mesh ALPN is not mesh mTLS",
                     _ => "not a mesh mTLS ClientHello",
                 };
-                self.refuse(downstream, &log, FailureReason::PlaintextRefused, error);
+                self.inputs
+                    .refuse(downstream, &log, FailureReason::PlaintextRefused, error);
             }
             // PERMISSIVE: plaintext, or the app's own TLS, passes through as it is.
             _ => {
                 if let Err(denial) = policy.authorization.check(None) {
-                    return self.refuse(downstream, &log, FailureReason::Unauthorized, denial);
+                    return self.inputs.refuse(
+                        downstream,
+                        &log,
+                        FailureReason::Unauthorized,
+                        denial,
+                    );
                 }
                 // Silent for the whole sniff: a protocol whose server speaks first.
                 let client_silent = sniffed.prefix.is_empty();
@@ -186,13 +178,13 @@ impl InboundProxy {
         log: &AccessLog,
     ) -> Option<TlsStream<Rewound<TcpStream>>> {
         let handshake = TlsAcceptor::from(config).accept(downstream).into_fallible();
-        match timeout(self.timeouts.tls_handshake, handshake).await {
+        match timeout(self.inputs.timeouts.tls_handshake, handshake).await {
             Ok(Ok(tls_stream)) => Some(tls_stream),
             Ok(Err((error, downstream))) => {
                 // FIN, not RST: the alert saying why must reach the client first.
                 let reason = tls::failure_reason(&error);
                 refuse(
-                    &self.metrics,
+                    &self.inputs.metrics,
                     log,
                     reason,
                     tls::describe(&error),
@@ -202,9 +194,12 @@ impl InboundProxy {
                 None
             }
             Err(_elapsed) => {
-                let error = format!("no handshake within {:?}", self.timeouts.tls_handshake);
+                let error = format!(
+                    "no handshake within {:?}",
+                    self.inputs.timeouts.tls_handshake
+                );
                 record_refusal(
-                    &self.metrics,
+                    &self.inputs.metrics,
                     log,
                     FailureReason::TlsHandshakeTimeout,
                     error,
@@ -229,17 +224,22 @@ impl InboundProxy {
         else {
             return;
         };
-        self.metrics
+        self.inputs
+            .metrics
             .record_inbound_handshake(tls::handshake_kind(tls_stream.get_ref().1));
         let Some(client_identity) = tls::peer_identity(tls_stream.get_ref().1) else {
             // The verifier requires a SPIFFE ID, so this cannot happen; never proxy unchecked.
             let error = "the verified client certificate has no SPIFFE ID";
-            return self.refuse(tls_stream, log, FailureReason::PeerIdentityMismatch, error);
+            return self
+                .inputs
+                .refuse(tls_stream, log, FailureReason::PeerIdentityMismatch, error);
         };
         log.src_principal = Some(client_identity.clone());
         log.security_policy = SecurityPolicy::MutualTls;
         if let Err(denial) = authorization.check(Some(&client_identity)) {
-            return self.refuse(tls_stream, log, FailureReason::Unauthorized, denial);
+            return self
+                .inputs
+                .refuse(tls_stream, log, FailureReason::Unauthorized, denial);
         }
         admitted.mutual_tls = Some((client_identity, local_tls.identity.clone()));
         self.serve(tls_stream, Vec::new(), false, admitted).await;
@@ -289,14 +289,25 @@ impl InboundProxy {
             PortProtocol::Tcp => not_http,
             PortProtocol::Detect if client_silent => not_http,
             PortProtocol::Detect => {
-                let app = upstream::connect(admitted.app, Source::Passthrough, &self.timeouts);
-                match detect_racing_server(&mut downstream, &mut prefix, self.timeouts.sniff, app)
-                    .await
+                let app =
+                    upstream::connect(admitted.app, Source::Passthrough, &self.inputs.timeouts);
+                match detect_racing_server(
+                    &mut downstream,
+                    &mut prefix,
+                    self.inputs.timeouts.sniff,
+                    app,
+                )
+                .await
                 {
                     Ok(detected) => detected,
                     Err(error) => {
                         let log = &admitted.log;
-                        return self.refuse(downstream, log, FailureReason::SniffFailed, error);
+                        return self.inputs.refuse(
+                            downstream,
+                            log,
+                            FailureReason::SniffFailed,
+                            error,
+                        );
                     }
                 }
             }
@@ -316,16 +327,14 @@ impl InboundProxy {
         match detected {
             Raced::Http(protocol) => {
                 let connection = InboundConnection {
-                    metrics: self.metrics.clone(),
+                    inputs: self.inputs.clone(),
                     app_pool: self.app_pool.clone(),
-                    timeouts: self.timeouts,
-                    drain: self.drain.clone(),
                     peer,
                     orig_dst,
                     app,
                     rate_limiter,
                     access_log,
-                    labels: InboundLabels::new(&self.local, mutual_tls),
+                    labels: InboundLabels::new(&self.inputs.local, mutual_tls),
                 };
                 http::inbound::serve(connection, downstream, protocol, log).await;
             }
@@ -335,41 +344,35 @@ impl InboundProxy {
                 // passthrough address.
                 let connected = match upstream {
                     Some(connected) => connected,
-                    None => upstream::connect(app, Source::Passthrough, &self.timeouts).await,
+                    None => {
+                        upstream::connect(app, Source::Passthrough, &self.inputs.timeouts).await
+                    }
                 };
                 let app = match connected {
                     Ok(app) => app,
                     Err(failure) => {
-                        return self.refuse(downstream, &log, failure.reason, failure.error);
+                        return self
+                            .inputs
+                            .refuse(downstream, &log, failure.reason, failure.error);
                     }
                 };
-                let mut labels = TcpLabels::new(DIRECTION, &self.local);
+                let mut labels = TcpLabels::new(DIRECTION, &self.inputs.local);
                 if let Some((peer, us)) = mutual_tls {
                     labels = labels.with_mutual_tls(peer, us);
                 }
-                let counters = self.metrics.tcp(&labels);
+                let counters = self.inputs.metrics.tcp(&labels);
                 let app = Rewound::new(greeting, app);
                 relay(
                     downstream,
                     app,
                     counters,
-                    &self.metrics,
+                    &self.inputs.metrics,
                     &mut log,
-                    self.timeouts.idle,
-                    &*self.capture,
+                    self.inputs.timeouts.idle,
+                    &*self.inputs.capture,
                 )
                 .await;
             }
         }
-    }
-
-    fn refuse(
-        &self,
-        stream: impl IntoTcp,
-        log: &AccessLog,
-        reason: FailureReason,
-        error: impl Display,
-    ) {
-        refuse(&self.metrics, log, reason, error, stream, Close::Reset);
     }
 }

@@ -1,72 +1,57 @@
 //! `sidecar proxy`: the L4 proxy captured connections are sent to, outbound (15001) and inbound
 //! (15006), with mTLS between sidecars when a mesh config is given. No `unsafe` and no BPF
 //! library here: what it asks of the capture goes through a [`CaptureProbe`] the binary gives.
+//! One folder per concern (docs/ARCHITECTURE.md, "Where each concern lives"):
 //!
 //! - `args`: command-line options, validated into one `ProxyConfig`;
-//! - `orig_dst`: where a connection was going (SO_ORIGINAL_DST, the BPF index, the local
+//! - `outbound`, `inbound`: the per-connection logic of each side; `inputs`: what both share
+//!   (metrics, timeouts, mesh, drain, the capture) and how each connection enters;
+//! - `accept/`: listeners and accept loops (`listener`), each listener's cap on open connections
+//!   (`connection_limit`), where a connection was going (`orig_dst`: SO_ORIGINAL_DST, the local
 //!   address under sk_lookup, or fixed);
-//! - `listener`: listeners and accept loops; `upstream`: dialling (passthrough source address);
-//! - `connection_limit`: each listener's cap on open connections; `deadlines`: idle and
-//!   request-headers timeouts of downstream connections; `keepalive`: TCP keepalive;
-//! - `drain`: stopping without cutting the app's last requests; `idle_exit`: stopping once
-//!   the app is done (`--exit-when-idle-after`);
-//! - `outbound`, `inbound`: the per-connection logic of each side; `relay`: relay or refuse,
-//!   with the access log (`access_log`) and counters; `splice`: the zero-copy relay of plain
-//!   TCP (splice(2) through pooled pipes); `copy`: bidirectional counted copy (TLS);
-//! - `sniff`: bounded detection of a mesh ClientHello; `tls`: rustls configs, SPIFFE checks;
-//! - `identity`: SPIFFE IDs; `authz`: allow rules; `mesh_config`: the YAML file; `mesh`: the
-//!   compiled snapshot connections use; `mesh_watch`: load and hot-reload (notify);
-//! - `metrics`: Istio TCP metrics, failure and reload counters, certificate expiry;
-//! - `http`: protocol detection, HTTP routing, retries, pools, circuit breaking, request
+//! - `io/`: moving bytes: `upstream` dials (passthrough source address), `relay` relays or
+//!   refuses, `splice` is the zero-copy relay of plain TCP (splice(2) through pooled pipes),
+//!   `copy` the counted copy (TLS), `deadlines` the idle and request-headers timeouts of
+//!   downstream connections, `keepalive` TCP keepalive;
+//! - `sniff`: bounded detection of a mesh ClientHello; `tls/`: rustls configs, SPIFFE checks,
+//!   TLS origination and termination, certificate issuing;
+//! - `mesh/`: the compiled snapshot connections use, its load and hot-reload (`reload`), SPIFFE
+//!   IDs (`identity`), allow rules (`authz`); `mesh_config`: the YAML file;
+//! - `http/`: protocol detection, HTTP routing, retries, pools, circuit breaking, request
 //!   metrics (docs/ROUTING.md), and inbound HTTP to the app;
-//! - `admin`: `/stats/prometheus`, `/healthz/ready` and the localhost admin endpoints
-//!   (`/config_dump`, `/logging`, `/quitquitquit`, `/stats`) on a separate thread;
-//!   `admin_caller`: who calls them (only root, the proxy's user and the allowed UIDs may
-//!   change the proxy);
-//! - `logging`: the tracing subscriber, its level changeable at runtime; `log_buffer`: its
-//!   output, buffered (one `write` per batch of lines, not per request); `access_line`: the
-//!   access log's lines, formatted straight into that buffer;
-//! - `capture_probe`: what the proxy asks of the capture; `capture_health`: whether this pod's
-//!   capture is in place.
+//! - `telemetry/`: Istio TCP metrics, failure and reload counters, certificate expiry
+//!   (`metrics`); the access log (`access_log`) and its lines (`access_line`, formatted straight
+//!   into the log buffer); the tracing subscriber, its level changeable at runtime (`logging`),
+//!   and its output buffered (`log_buffer`: one `write` per batch of lines);
+//! - `admin/`: `/stats/prometheus`, `/healthz/ready` and the localhost admin endpoints
+//!   (`/config_dump`, `/logging`, `/quitquitquit`, `/stats`) on a separate thread; `caller`: who
+//!   calls them (only root, the proxy's user and the allowed UIDs may change the proxy);
+//!   `app_health`: the kubelet's probes of the app, performed by the proxy;
+//! - `capture/`: what the proxy asks of the capture ([`CaptureProbe`]); `health`: whether this
+//!   pod's capture is in place;
+//! - `lifecycle/`: stopping without cutting the app's last requests (`drain`), stopping once the
+//!   app is done (`idle_exit`, `--exit-when-idle-after`).
 #![forbid(unsafe_code)]
 
-mod access_line;
-mod access_log;
+mod accept;
 mod admin;
-mod admin_caller;
-mod app_health;
 mod args;
-mod authz;
-mod capture_health;
-mod capture_probe;
-mod connection_limit;
-mod copy;
-mod deadlines;
-mod drain;
+mod capture;
 pub mod http;
-mod idle_exit;
 mod inbound;
-mod keepalive;
-mod listener;
-mod log_buffer;
-mod logging;
+mod inputs;
+mod io;
+mod lifecycle;
 pub mod mesh;
 pub mod mesh_config;
-mod mesh_watch;
-pub mod metrics;
-mod orig_dst;
 mod outbound;
-mod relay;
 mod sniff;
-mod splice;
-mod upstream;
+pub mod telemetry;
+pub mod tls;
 
 /// The test rig of the component tests (`tests/components`) and the unit tests.
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
-
-pub mod identity;
-pub mod tls;
 
 use std::{
     future::pending,
@@ -82,23 +67,24 @@ use tokio::sync::{Notify, watch};
 use tracing::{info, warn};
 
 pub use args::ProxyArgs;
-pub use capture_probe::CaptureProbe;
+pub use capture::CaptureProbe;
 
 use self::{
+    accept::connection_limit::{ConnectionLimit, WhenFull, data_path_cap},
+    accept::listener::{AcceptLoops, Accepting, bind_listeners, local_addrs},
+    accept::orig_dst::{ExplicitOrigDst, InboundOrigDst, OriginalDst, SockoptOrigDst},
     admin::{AdminAddrs, AdminState},
     args::{OrigDstSource, ProxyConfig},
-    connection_limit::{ConnectionLimit, WhenFull, data_path_cap},
-    drain::{Drain, StopRequests},
     http::{AppPool, Upstreams},
-    idle_exit::AppActivity,
     inbound::InboundProxy,
-    listener::{AcceptLoops, Accepting, bind_listeners, local_addrs},
-    logging::LogLevel,
+    inputs::{Entrance, ProxyInputs},
+    lifecycle::drain::{Drain, StopRequests},
+    lifecycle::idle_exit::AppActivity,
+    mesh::reload::MeshSource,
     mesh::{Mesh, MeshHandle},
-    mesh_watch::MeshSource,
-    metrics::{Direction, LocalWorkload, Metrics},
-    orig_dst::{ExplicitOrigDst, InboundOrigDst, OriginalDst, SockoptOrigDst},
     outbound::OutboundProxy,
+    telemetry::logging::LogLevel,
+    telemetry::metrics::{Direction, LocalWorkload, Metrics},
 };
 
 /// How long each step of a connection may take.
@@ -122,7 +108,7 @@ pub struct Timeouts {
 /// Runs the proxy until it is asked to stop and has drained, asking `capture` about this pod's
 /// capture.
 pub fn run(args: ProxyArgs, capture: Arc<dyn CaptureProbe>) -> anyhow::Result<()> {
-    let (log_level, log_output) = logging::init(args.log_format)?;
+    let (log_level, log_output) = telemetry::logging::init(args.log_format)?;
     // Held to the end of `run`, so every line is written out before the process exits.
     let _flush_at_exit = log_output.flush_at_exit();
     let config = ProxyConfig::try_from(&args)?;
@@ -188,7 +174,7 @@ async fn serve(
     let quit = Arc::new(Notify::new());
     let capture_ok = Arc::new(AtomicBool::new(true));
     let (reinstalled, reinstalls) = watch::channel(0u64);
-    tokio::spawn(capture_health::watch(capture_health::Watch {
+    tokio::spawn(capture::health::watch(capture::health::Watch {
         mode: config.capture_check,
         interval: config.capture_check_interval,
         metrics: metrics.clone(),
@@ -236,7 +222,7 @@ async fn serve(
         Some(path) => {
             let source = MeshSource::load(path, tls::crypto_provider(), metrics.clone())?;
             let handle = source.handle();
-            mesh_watch::spawn_watcher(source)?;
+            mesh::reload::spawn_watcher(source)?;
             handle
         }
         None => {
@@ -259,31 +245,36 @@ async fn serve(
         &config.inbound_bind,
         config.inbound_port,
     )?;
-    let outbound = Arc::new(OutboundProxy {
-        listen_addrs: local_addrs(&outbound_listeners)?,
-        orig_dst,
-        mesh: mesh.clone(),
-        metrics: metrics.clone(),
-        local: local.clone(),
-        timeouts: config.timeouts,
-        upstreams: Upstreams::default(),
-        drain: drain.clone(),
-        app_activity: app_activity.clone(),
-        capture: capture.clone(),
-    });
-    tokio::spawn(outbound.clone().close_stale_connections());
-    let inbound = InboundProxy {
-        listen_addrs: local_addrs(&inbound_listeners)?,
-        orig_dst: Arc::new(InboundOrigDst {
-            inbound_port: config.inbound_port,
-        }),
+    // One set for both sides.
+    let inputs = Arc::new(ProxyInputs {
         mesh,
         metrics,
         local,
         timeouts: config.timeouts,
-        app_pool: Arc::new(AppPool::default()),
         drain: drain.clone(),
         capture,
+    });
+    let outbound = Arc::new(OutboundProxy {
+        inputs: inputs.clone(),
+        entrance: Entrance {
+            direction: Direction::Outbound,
+            orig_dst,
+            listen_addrs: local_addrs(&outbound_listeners)?,
+        },
+        upstreams: Upstreams::default(),
+        app_activity: app_activity.clone(),
+    });
+    tokio::spawn(outbound.clone().close_stale_connections());
+    let inbound = InboundProxy {
+        inputs,
+        entrance: Entrance {
+            direction: Direction::Inbound,
+            orig_dst: Arc::new(InboundOrigDst {
+                inbound_port: config.inbound_port,
+            }),
+            listen_addrs: local_addrs(&inbound_listeners)?,
+        },
+        app_pool: Arc::new(AppPool::default()),
     };
     let accepting = |direction: Direction| Accepting {
         limit: ConnectionLimit::new(

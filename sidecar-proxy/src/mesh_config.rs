@@ -17,9 +17,9 @@ use serde::Deserialize;
 use thiserror::Error;
 
 use super::{
-    authz::{AllowRule, Authorization},
     http::{HttpConfig, config::RateLimit},
-    identity::{SpiffeId, validate_segment, validate_trust_domain},
+    mesh::authz::{AllowRule, Authorization},
+    mesh::identity::{SpiffeId, validate_segment, validate_trust_domain},
 };
 
 /// A mesh config file that could not be used, with where and why.

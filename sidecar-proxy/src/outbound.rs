@@ -2,117 +2,87 @@
 //! speaks (the port's configured protocol, or bounded detection). HTTP goes to the HTTP proxy
 //! (routing, retries, request metrics); anything else is relayed as TCP to the original
 //! destination, with mTLS when the mesh config says it is a mesh workload.
-use std::{net::SocketAddr, pin::pin, sync::Arc, time::Duration};
+use std::{net::SocketAddr, sync::Arc};
 
-use tokio::{io::AsyncReadExt, net::TcpStream};
+use tokio::net::TcpStream;
 
 use super::{
-    Timeouts,
-    access_log::AccessLog,
-    capture_probe::CaptureProbe,
-    drain::Drain,
-    http::{self, AppProtocol, PortProtocol, Upstreams, detect},
-    idle_exit::AppActivity,
-    listener::{Handler, is_own_listener},
-    mesh::{Mesh, MeshHandle},
-    metrics::{Direction, FailureReason, LocalWorkload, Metrics, SecurityPolicy, TcpLabels},
-    orig_dst::OriginalDst,
-    relay::{Close, refuse, relay},
+    accept::listener::Handler,
+    http::{self, AppProtocol, PortProtocol, Raced, Upstreams, detect_racing_server},
+    inputs::{Entrance, ProxyInputs},
+    io::relay::relay,
+    io::upstream,
+    lifecycle::idle_exit::AppActivity,
     sniff::Rewound,
-    upstream::{self, ConnectFailure, Established},
+    telemetry::metrics::{Direction, FailureReason, SecurityPolicy, TcpLabels},
 };
 
 const DIRECTION: Direction = Direction::Outbound;
-/// Enough for any greeting a server-speaks-first protocol sends in its first segment.
-const SERVER_GREETING_BUFFER: usize = 16 * 1024;
-/// Clients that speak first (HTTP, TLS) write right after connecting: waiting this long for
-/// them before also connecting upstream spares the upstream a connection opened for nothing.
-const CLIENT_FIRST_GRACE: Duration = Duration::from_millis(20);
 
 pub struct OutboundProxy {
-    pub orig_dst: Arc<dyn OriginalDst>,
-    pub mesh: Arc<MeshHandle>,
-    pub metrics: Arc<Metrics>,
-    pub local: LocalWorkload,
-    pub timeouts: Timeouts,
-    /// The proxy's own listeners, to recognise a connection aimed back at the proxy.
-    pub listen_addrs: Vec<SocketAddr>,
+    pub inputs: Arc<ProxyInputs>,
+    pub entrance: Entrance,
     /// Pools, balancers and breakers of the HTTP destinations; they outlive config reloads.
     pub upstreams: Upstreams,
-    /// Tells HTTP connections to finish while the proxy drains; serves upgraded connections.
-    pub drain: Arc<Drain>,
     /// The app's open connections, with `--exit-when-idle-after`.
     pub app_activity: Option<Arc<AppActivity>>,
-    /// Asked whether a plain relay may splice (the capture's sockmap shortcut).
-    pub capture: Arc<dyn CaptureProbe>,
-}
-
-/// How the race between the client's first bytes and the server's ended.
-enum Detected {
-    Http(AppProtocol),
-    /// Not HTTP: relay, with what the server already sent (a greeting) first.
-    Opaque {
-        upstream: Box<Result<Established, ConnectFailure>>,
-        server_greeting: Vec<u8>,
-    },
 }
 
 impl Handler for OutboundProxy {
-    async fn handle(self: Arc<Self>, mut app: TcpStream, peer: SocketAddr) {
+    async fn handle(self: Arc<Self>, app: TcpStream, peer: SocketAddr) {
         let _open = self.app_activity.as_ref().map(|activity| activity.opened());
-        let mut log = AccessLog::new(DIRECTION, peer, "unknown");
-        let orig_dst = match self.orig_dst.lookup(&app) {
-            Ok((addr, source)) => {
-                log.orig_dst_source = source;
-                addr
-            }
-            Err(error) => return self.refuse(app, &log, FailureReason::OrigDstUnknown, error),
+        let Some((mut app, orig_dst, mut log)) = self.inputs.enter(&self.entrance, app, peer)
+        else {
+            return;
         };
-        log.orig_dst = Some(orig_dst);
-
-        if is_own_listener(&self.listen_addrs, orig_dst, &app) {
-            let error = format!("{orig_dst} is this proxy's outbound listener");
-            return self.refuse(app, &log, FailureReason::Loop, error);
-        }
 
         // One snapshot for the connection's TCP handling; HTTP takes one per request.
-        let mesh = self.mesh.current();
+        let mesh = self.inputs.mesh.current();
         let mut client_prefix = Vec::new();
         let detected = match mesh.routes().config().port_protocol(orig_dst.port()) {
-            PortProtocol::Http => Detected::Http(AppProtocol::Http1),
-            PortProtocol::Http2 => Detected::Http(AppProtocol::Http2),
-            PortProtocol::Tcp => Detected::Opaque {
-                upstream: Box::new(upstream::establish(orig_dst, &mesh, &self.timeouts).await),
-                server_greeting: Vec::new(),
+            PortProtocol::Http => Raced::Http(AppProtocol::Http1),
+            PortProtocol::Http2 => Raced::Http(AppProtocol::Http2),
+            PortProtocol::Tcp => Raced::Opaque {
+                upstream: None,
+                greeting: Vec::new(),
             },
             PortProtocol::Detect => {
-                match self
-                    .race_detection(&mut app, &mut client_prefix, orig_dst, &mesh)
-                    .await
+                // A server that speaks first (MySQL, SMTP) ends detection with its greeting.
+                let establishing = upstream::establish(orig_dst, &mesh, &self.inputs.timeouts);
+                let sniff = self.inputs.timeouts.sniff;
+                match detect_racing_server(&mut app, &mut client_prefix, sniff, establishing).await
                 {
                     Ok(detected) => detected,
                     Err(error) => {
-                        return self.refuse(app, &log, FailureReason::SniffFailed, error);
+                        return self
+                            .inputs
+                            .refuse(app, &log, FailureReason::SniffFailed, error);
                     }
                 }
             }
         };
         let downstream = Rewound::new(client_prefix, app);
         match detected {
-            Detected::Http(protocol) => {
+            Raced::Http(protocol) => {
                 http::serve(self.clone(), downstream, protocol, peer, orig_dst).await;
             }
-            Detected::Opaque {
-                upstream,
-                server_greeting,
+            Raced::Opaque {
+                upstream: raced,
+                greeting,
             } => {
-                let established = match *upstream {
+                let established = match raced {
+                    Some(established) => established,
+                    None => upstream::establish(orig_dst, &mesh, &self.inputs.timeouts).await,
+                };
+                let established = match established {
                     Ok(established) => established,
                     Err(failure) => {
-                        return self.refuse(downstream, &log, failure.reason, failure.error);
+                        return self
+                            .inputs
+                            .refuse(downstream, &log, failure.reason, failure.error);
                     }
                 };
-                let mut labels = TcpLabels::new(DIRECTION, &self.local);
+                let mut labels = TcpLabels::new(DIRECTION, &self.inputs.local);
                 if let Some(mtls) = &established.mtls {
                     labels = labels
                         .with_mutual_tls(&mtls.local, &mtls.peer)
@@ -122,16 +92,16 @@ impl Handler for OutboundProxy {
                     log.dst_principal = Some(mtls.peer.clone());
                     log.security_policy = SecurityPolicy::MutualTls;
                 }
-                let upstream = Rewound::new(server_greeting, established.io);
-                let counters = self.metrics.tcp(&labels);
+                let upstream = Rewound::new(greeting, established.io);
+                let counters = self.inputs.metrics.tcp(&labels);
                 relay(
                     downstream,
                     upstream,
                     counters,
-                    &self.metrics,
+                    &self.inputs.metrics,
                     &mut log,
-                    self.timeouts.idle,
-                    &*self.capture,
+                    self.inputs.timeouts.idle,
+                    &*self.inputs.capture,
                 )
                 .await;
             }
@@ -144,97 +114,11 @@ impl OutboundProxy {
     /// new snapshot no longer gives their destination. (A request never reuses one anyway;
     /// this closes them at once instead of at their idle timeout.) Runs while the proxy does.
     pub async fn close_stale_connections(self: Arc<Self>) {
-        let mut reloads = self.mesh.subscribe();
+        let mut reloads = self.inputs.mesh.subscribe();
         while reloads.changed().await.is_ok() {
             let mesh = reloads.borrow_and_update().clone();
             self.upstreams.close_stale(&mesh);
         }
-    }
-
-    /// Detects the client's protocol, connecting upstream in parallel once the client has been
-    /// silent for [`CLIENT_FIRST_GRACE`], so detection ends as soon as either the client's
-    /// first bytes tell, or the server speaks first (MySQL, SMTP: the client waits for a
-    /// greeting), or the bounded wait is over. The parallel connection is closed unused when
-    /// the client turns out to speak HTTP (HTTP is routed per request).
-    async fn race_detection(
-        &self,
-        app: &mut TcpStream,
-        client_prefix: &mut Vec<u8>,
-        orig_dst: SocketAddr,
-        mesh: &Mesh,
-    ) -> std::io::Result<Detected> {
-        let mut detection = pin!(detect(app, client_prefix, self.timeouts.sniff));
-        let grace = CLIENT_FIRST_GRACE.min(self.timeouts.sniff);
-        if let Ok(verdict) = tokio::time::timeout(grace, &mut detection).await {
-            return Ok(match verdict? {
-                AppProtocol::Opaque => Detected::Opaque {
-                    upstream: Box::new(upstream::establish(orig_dst, mesh, &self.timeouts).await),
-                    server_greeting: Vec::new(),
-                },
-                http => Detected::Http(http),
-            });
-        }
-        let mut establishing = pin!(upstream::establish(orig_dst, mesh, &self.timeouts));
-        let established = tokio::select! {
-            biased;
-            verdict = &mut detection => {
-                return Ok(match verdict? {
-                    AppProtocol::Opaque => Detected::Opaque {
-                        upstream: Box::new(establishing.await),
-                        server_greeting: Vec::new(),
-                    },
-                    http => Detected::Http(http),
-                });
-            }
-            established = &mut establishing => established,
-        };
-        let mut established = match established {
-            Ok(established) => established,
-            // The client may still speak HTTP, which is routed elsewhere anyway.
-            Err(failure) => {
-                return Ok(match detection.await? {
-                    AppProtocol::Opaque => Detected::Opaque {
-                        upstream: Box::new(Err(failure)),
-                        server_greeting: Vec::new(),
-                    },
-                    http => Detected::Http(http),
-                });
-            }
-        };
-        let mut greeting = vec![0u8; SERVER_GREETING_BUFFER];
-        tokio::select! {
-            biased;
-            verdict = &mut detection => Ok(match verdict? {
-                AppProtocol::Opaque => Detected::Opaque {
-                    upstream: Box::new(Ok(established)),
-                    server_greeting: Vec::new(),
-                },
-                http => Detected::Http(http),
-            }),
-            read = established.io.read(&mut greeting) => Ok(match read {
-                Ok(read) => {
-                    greeting.truncate(read);
-                    Detected::Opaque { upstream: Box::new(Ok(established)), server_greeting: greeting }
-                }
-                Err(error) => Detected::Opaque {
-                    upstream: Box::new(Err(ConnectFailure {
-                        reason: FailureReason::ConnectError,
-                        error: format!("the upstream failed before the client spoke: {error}"),
-                    })),
-                    server_greeting: Vec::new(),
-                },
-            }),
-        }
-    }
-
-    fn refuse(
-        &self,
-        app: impl super::relay::IntoTcp,
-        log: &AccessLog,
-        reason: FailureReason,
-        error: impl std::fmt::Display,
-    ) {
-        refuse(&self.metrics, log, reason, error, app, Close::Reset);
     }
 }
 
@@ -250,9 +134,12 @@ mod tests {
 
     use super::*;
     use crate::{
-        connection_limit::{ConnectionLimit, WhenFull},
-        listener::{AcceptLoops, Accepting, bind_listeners, local_addrs},
-        orig_dst::SockoptOrigDst,
+        Timeouts,
+        accept::connection_limit::{ConnectionLimit, WhenFull},
+        accept::listener::{AcceptLoops, Accepting, bind_listeners, local_addrs},
+        accept::orig_dst::SockoptOrigDst,
+        lifecycle::drain::Drain,
+        telemetry::metrics::Metrics,
         testing::*,
     };
 
@@ -413,16 +300,21 @@ mod tests {
         let metrics = Arc::new(Metrics::new(&local("client"))?);
         let drain = Arc::new(Drain::default());
         let proxy = OutboundProxy {
-            orig_dst: Arc::new(crate::orig_dst::ExplicitOrigDst(echo)),
-            mesh: plaintext_mesh(),
-            metrics: metrics.clone(),
-            local: local("client"),
-            timeouts: timeouts(),
-            listen_addrs: local_addrs(&listeners)?,
+            inputs: Arc::new(ProxyInputs {
+                mesh: plaintext_mesh(),
+                metrics: metrics.clone(),
+                local: local("client"),
+                timeouts: timeouts(),
+                drain: drain.clone(),
+                capture: Arc::new(NoCapture),
+            }),
+            entrance: Entrance {
+                direction: DIRECTION,
+                orig_dst: Arc::new(crate::accept::orig_dst::ExplicitOrigDst(echo)),
+                listen_addrs: local_addrs(&listeners)?,
+            },
             upstreams: Upstreams::default(),
-            drain: drain.clone(),
             app_activity: None,
-            capture: Arc::new(NoCapture),
         };
         let side = metrics.listener(DIRECTION.name(), 1);
         let accepting = Accepting {
@@ -489,16 +381,21 @@ mod tests {
         let metrics = Arc::new(Metrics::new(&local("client"))?);
         let drain = Arc::new(Drain::default());
         let proxy = OutboundProxy {
-            orig_dst: Arc::new(SockoptOrigDst),
-            mesh: plaintext_mesh(),
-            metrics: metrics.clone(),
-            local: local("client"),
-            timeouts: timeouts(),
-            listen_addrs: local_addrs(&listeners)?,
+            inputs: Arc::new(ProxyInputs {
+                mesh: plaintext_mesh(),
+                metrics: metrics.clone(),
+                local: local("client"),
+                timeouts: timeouts(),
+                drain: drain.clone(),
+                capture: Arc::new(NoCapture),
+            }),
+            entrance: Entrance {
+                direction: DIRECTION,
+                orig_dst: Arc::new(SockoptOrigDst),
+                listen_addrs: local_addrs(&listeners)?,
+            },
             upstreams: Upstreams::default(),
-            drain: drain.clone(),
             app_activity: None,
-            capture: Arc::new(NoCapture),
         };
         let mut loops = AcceptLoops::default();
         loops.add(

@@ -21,18 +21,19 @@ use tokio::{
 
 use super::{
     Timeouts,
-    capture_probe::CaptureProbe,
-    connection_limit::{ConnectionLimit, WhenFull},
-    drain::Drain,
+    accept::connection_limit::{ConnectionLimit, WhenFull},
+    accept::listener::{AcceptLoops, Accepting, bind_listeners, local_addrs},
+    accept::orig_dst::ExplicitOrigDst,
+    capture::CaptureProbe,
     http::Upstreams,
-    identity::SpiffeId,
     inbound::InboundProxy,
-    listener::{AcceptLoops, Accepting, bind_listeners, local_addrs},
+    inputs::{Entrance, ProxyInputs},
+    lifecycle::drain::Drain,
+    mesh::identity::SpiffeId,
+    mesh::reload::{MeshSource, spawn_watcher},
     mesh::{Mesh, MeshHandle},
-    mesh_watch::{MeshSource, spawn_watcher},
-    metrics::{Direction, LocalWorkload, Metrics},
-    orig_dst::ExplicitOrigDst,
     outbound::OutboundProxy,
+    telemetry::metrics::{Direction, LocalWorkload, Metrics},
     tls,
 };
 use crate::tls::issue::{CERT_CHAIN, Issued, KEY, ROOT_CERT, Validity, issue_ca, issue_workload};
@@ -113,16 +114,21 @@ pub fn start_outbound(
     let addr = listeners[0].local_addr()?;
     let drain = Arc::new(Drain::default());
     let proxy = Arc::new(OutboundProxy {
-        orig_dst: Arc::new(ExplicitOrigDst(target(addr))),
-        mesh,
-        metrics: metrics.clone(),
-        local: local("client"),
-        timeouts,
-        listen_addrs: local_addrs(&listeners)?,
+        inputs: Arc::new(ProxyInputs {
+            mesh,
+            metrics: metrics.clone(),
+            local: local("client"),
+            timeouts,
+            drain: drain.clone(),
+            capture: Arc::new(NoCapture),
+        }),
+        entrance: Entrance {
+            direction: Direction::Outbound,
+            orig_dst: Arc::new(ExplicitOrigDst(target(addr))),
+            listen_addrs: local_addrs(&listeners)?,
+        },
         upstreams: Upstreams::default(),
-        drain: drain.clone(),
         app_activity: None,
-        capture: Arc::new(NoCapture),
     });
     tokio::spawn(proxy.clone().close_stale_connections());
     let mut loops = AcceptLoops::default();
@@ -159,15 +165,20 @@ pub fn start_inbound_with_timeouts(
     let addr = listeners[0].local_addr()?;
     let drain = Arc::new(Drain::default());
     let proxy = InboundProxy {
-        orig_dst: Arc::new(ExplicitOrigDst(app)),
-        mesh,
-        metrics: metrics.clone(),
-        local: local("server"),
-        timeouts,
-        listen_addrs: local_addrs(&listeners)?,
+        inputs: Arc::new(ProxyInputs {
+            mesh,
+            metrics: metrics.clone(),
+            local: local("server"),
+            timeouts,
+            drain: drain.clone(),
+            capture: Arc::new(NoCapture),
+        }),
+        entrance: Entrance {
+            direction: Direction::Inbound,
+            orig_dst: Arc::new(ExplicitOrigDst(app)),
+            listen_addrs: local_addrs(&listeners)?,
+        },
         app_pool: Arc::default(),
-        drain: drain.clone(),
-        capture: Arc::new(NoCapture),
     };
     let mut loops = AcceptLoops::default();
     loops.add(

@@ -25,8 +25,8 @@ use tracing::debug;
 use super::{body::ProxyBody, detect::AppProtocol};
 use crate::{
     Timeouts,
-    metrics::FailureReason,
-    upstream::{self, ConnectFailure, Source},
+    io::upstream::{self, ConnectFailure, Source},
+    telemetry::metrics::FailureReason,
 };
 
 /// Below the 5 s keep-alive of Node, Apache and uvicorn: an app connection is local, so making

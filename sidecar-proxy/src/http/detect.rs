@@ -9,7 +9,7 @@ use tokio::{
     time::{Instant, timeout_at},
 };
 
-use crate::{metrics::FailureReason, upstream::ConnectFailure};
+use crate::{io::upstream::ConnectFailure, telemetry::metrics::FailureReason};
 
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// Clients that speak first (HTTP, TLS) write right after connecting: waiting this long for

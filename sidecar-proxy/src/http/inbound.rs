@@ -19,11 +19,7 @@ use std::{
     time::Instant,
 };
 
-use http::{
-    HeaderValue, Method, Request, Response, StatusCode, Uri,
-    header::{CONTENT_TYPE, HOST},
-    request::Parts,
-};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, header::HOST, request::Parts};
 use http_body_util::BodyExt;
 use hyper::body::{Body, Incoming};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -35,22 +31,22 @@ use super::{
     detect::AppProtocol,
     headers::{ensure_request_id, is_upgrade, remove_hop_by_hop},
     metrics::{HttpMetrics, InboundLabels, RequestSeries, ResponseFlag, ResponseFlags},
+    reply::{self, Recorded, local_reply, respond},
     request_protocol,
+    retry::is_idempotent,
     route_policy::RateLimiter,
     server::{self, Downstream},
     upgrade,
 };
 use crate::{
-    Timeouts, access_line::AccessLine, access_log::AccessLog, drain::Drain, metrics::Metrics,
-    upstream::ConnectFailure,
+    inputs::ProxyInputs, io::upstream::ConnectFailure, telemetry::access_line::AccessLine,
+    telemetry::access_log::AccessLog,
 };
 
 /// What the requests of one inbound connection share.
 pub struct InboundConnection {
-    pub metrics: Arc<Metrics>,
+    pub inputs: Arc<ProxyInputs>,
     pub app_pool: Arc<AppPool>,
-    pub timeouts: Timeouts,
-    pub drain: Arc<Drain>,
     pub peer: SocketAddr,
     /// Where the peer's connection was going.
     pub orig_dst: SocketAddr,
@@ -83,9 +79,7 @@ pub async fn serve<D>(
     D: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     let side = Downstream {
-        metrics: connection.metrics.clone(),
-        timeouts: connection.timeouts,
-        drain: connection.drain.clone(),
+        inputs: connection.inputs.clone(),
         log,
     };
     let served = Arc::new(Served {
@@ -124,13 +118,6 @@ async fn handle(served: Arc<Served>, request: Request<Incoming>) -> Response<Pro
     Box::pin(forward(request, record)).await
 }
 
-fn is_idempotent(method: &Method) -> bool {
-    matches!(
-        *method,
-        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
-    )
-}
-
 /// To the app on a pooled connection; once more on a new one when the pooled one turns out to
 /// have been closed by the app.
 async fn forward(request: Request<Incoming>, mut record: InboundRecord) -> Response<ProxyBody> {
@@ -150,10 +137,11 @@ async fn forward(request: Request<Incoming>, mut record: InboundRecord) -> Respo
         record.attempts += 1;
         let acquired = if stale_retry_done {
             let pool = &connection.app_pool;
-            Box::pin(pool.connect(connection.app, served.protocol, &connection.timeouts)).await
+            Box::pin(pool.connect(connection.app, served.protocol, &connection.inputs.timeouts))
+                .await
         } else {
             let pool = &connection.app_pool;
-            pool.acquire(connection.app, served.protocol, &connection.timeouts)
+            pool.acquire(connection.app, served.protocol, &connection.inputs.timeouts)
                 .await
         };
         let mut app = match acquired {
@@ -193,13 +181,7 @@ async fn forward(request: Request<Incoming>, mut record: InboundRecord) -> Respo
                     request = again;
                     continue;
                 }
-                record.error = Some(format!("the connection to the app failed: {error}"));
-                return local_reply(
-                    record,
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    ResponseFlag::UpstreamConnectionTermination,
-                    "upstream connection failed before a response",
-                );
+                return reply::connection_failed(record, &error);
             }
         }
     }
@@ -207,47 +189,20 @@ async fn forward(request: Request<Incoming>, mut record: InboundRecord) -> Respo
 
 /// An upgrade (WebSocket...) on a connection of its own; after `101` both sides are joined.
 async fn forward_upgrade(
-    mut request: Request<Incoming>,
+    request: Request<Incoming>,
     mut record: InboundRecord,
 ) -> Response<ProxyBody> {
     let served = record.served.clone();
     let connection = &served.connection;
-    let downstream_upgrade = hyper::upgrade::on(&mut request);
     record.attempts = 1;
-    let mut sender = match app_pool::connect_for_upgrade(connection.app, &connection.timeouts).await
-    {
-        Ok(sender) => sender,
-        Err(failure) => return connect_failed(record, failure),
-    };
-    let (parts, incoming) = request.into_parts();
-    let request = Request::from_parts(parts, incoming.map_err(Into::into).boxed_unsync());
-    let mut response = match sender.send_request(request).await {
-        Ok(response) => response,
-        Err(error) => {
-            record.error = Some(format!("the connection to the app failed: {error}"));
-            return local_reply(
-                record,
-                StatusCode::SERVICE_UNAVAILABLE,
-                ResponseFlag::UpstreamConnectionTermination,
-                "upstream connection failed before a response",
-            );
-        }
-    };
-    if response.status() != StatusCode::SWITCHING_PROTOCOLS {
-        return respond(record, response);
-    }
-    let upstream_upgrade = hyper::upgrade::on(&mut response);
-    upgrade::join(
-        &connection.drain,
-        downstream_upgrade,
-        upstream_upgrade,
-        connection.peer,
-        (),
-    );
-    record.status = Some(StatusCode::SWITCHING_PROTOCOLS);
-    record.finish();
-    let (parts, _empty) = response.into_parts();
-    Response::from_parts(parts, body::empty())
+    let mut sender =
+        match app_pool::connect_for_upgrade(connection.app, &connection.inputs.timeouts).await {
+            Ok(sender) => sender,
+            Err(failure) => return connect_failed(record, failure),
+        };
+    let send = |request: Request<ProxyBody>| sender.send_request(request);
+    let (drain, peer) = (&connection.inputs.drain, connection.peer);
+    upgrade::send_and_join(request, send, record, drain, peer, || ()).await
 }
 
 fn connect_failed(mut record: InboundRecord, failure: ConnectFailure) -> Response<ProxyBody> {
@@ -258,44 +213,6 @@ fn connect_failed(mut record: InboundRecord, failure: ConnectFailure) -> Respons
         ResponseFlag::UpstreamConnectFailure,
         "upstream connect failure",
     )
-}
-
-/// The app's response, on its way to the peer: hop-by-hop headers removed, body counted, the
-/// request recorded when the body ends.
-fn respond(mut record: InboundRecord, response: Response<Incoming>) -> Response<ProxyBody> {
-    let (mut parts, incoming) = response.into_parts();
-    record.status = Some(parts.status);
-    remove_hop_by_hop(&mut parts.headers, false);
-    let counted = record.response_bytes.clone();
-    let body = Counted::new(
-        incoming.map_err(Into::into).boxed_unsync(),
-        counted,
-        Some(record),
-    );
-    Response::from_parts(parts, body.boxed_unsync())
-}
-
-/// A response the proxy makes itself (the app is down or reset), recorded with its flag.
-fn local_reply(
-    mut record: InboundRecord,
-    status: StatusCode,
-    flag: ResponseFlag,
-    reason: &str,
-) -> Response<ProxyBody> {
-    record.flags.add(flag);
-    record.status = Some(status);
-    let text = format!("{reason}\n");
-    record
-        .response_bytes
-        .store(text.len() as u64, Ordering::Relaxed);
-    let mut response = Response::new(body::full(text));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    record.finish();
-    response
 }
 
 /// The series a connection's requests ended in, so that a kept-alive connection looks its label
@@ -406,11 +323,6 @@ impl InboundRecord {
         }
     }
 
-    /// Records now (a local reply, or an upgrade once switched).
-    fn finish(mut self) {
-        self.record();
-    }
-
     fn record(&mut self) {
         if self.recorded {
             return;
@@ -426,7 +338,7 @@ impl InboundRecord {
             flags: self.flags.clone(),
         };
         self.served.series.observe(
-            &connection.metrics.http,
+            &connection.inputs.metrics.http,
             &connection.labels,
             key,
             duration.as_secs_f64() * 1000.0,
@@ -467,6 +379,28 @@ impl InboundRecord {
             )
             .opt_str("error", self.error.as_deref());
         access.emit();
+    }
+}
+
+impl Recorded for InboundRecord {
+    fn responded(&mut self, status: StatusCode) {
+        self.status = Some(status);
+    }
+
+    fn replied_locally(&mut self, flag: ResponseFlag, _reason: &str) {
+        self.flags.add(flag);
+    }
+
+    fn connection_failed(&mut self, error: &hyper::Error) {
+        self.error = Some(format!("the connection to the app failed: {error}"));
+    }
+
+    fn response_bytes(&self) -> &Arc<AtomicU64> {
+        &self.response_bytes
+    }
+
+    fn finish(mut self) {
+        self.record();
     }
 }
 

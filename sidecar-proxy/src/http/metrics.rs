@@ -12,7 +12,7 @@ use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry,
 };
 
-use crate::{identity::SpiffeId, metrics::LocalWorkload};
+use crate::{mesh::identity::SpiffeId, telemetry::metrics::LocalWorkload};
 
 const UNKNOWN: &str = "unknown";
 

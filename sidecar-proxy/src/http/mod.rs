@@ -1,17 +1,22 @@
 //! HTTP-aware proxying of connections that speak HTTP/1.x or HTTP/2 (prior knowledge). Outbound,
-//! each request is routed (`router`) to a service, balanced over its endpoints (`balancer`),
-//! sent on a pooled connection within the service's circuit breaker (`pool`), with timeouts
-//! and retries (`forward`), and leaves Istio's request metrics and an access log line
-//! (`record`, `metrics`). Inbound (`inbound`), each request goes to the app and is reported
-//! by the destination.
+//! a request goes one way: [`handle`] routes it (`router`, `route_policy`) to a service, then
+//! `forward` tries it: each try picks an endpoint (`balancer`), takes a connection from its
+//! pool within the service's circuit breaker (`pool`) and sends, within the per-try timeout
+//! (`attempt`); one decision retries it or not (`retry`); the last try's outcome is the
+//! response, which leaves Istio's request metrics and an access log line (`record`,
+//! `metrics`). Inbound (`inbound`), each request goes to the app and is reported by the
+//! destination.
 //!
 //! - `config`: the `http` section of the mesh config; `detect`: bounded protocol detection;
 //! - `server`: serving a downstream connection (deadlines, drain), for both sides;
 //! - `inbound`: the requests peers send to the app, forwarded on pooled connections to it
 //!   (`app_pool`) with the destination's request metrics and access lines;
+//! - `reply`: the responses both sides send down, the upstream's and the proxy's own;
 //! - `headers`: hop-by-hop, request id, traceparent, x-forwarded-for; `upgrade`: WebSocket and
-//!   other upgrades, passed through; `body`: counted bodies; `random`: cheap randomness.
+//!   other upgrades, passed through, for both sides; `body`: counted bodies; `random`: cheap
+//!   randomness.
 mod app_pool;
+mod attempt;
 mod balancer;
 mod body;
 pub mod config;
@@ -23,6 +28,8 @@ pub mod metrics;
 mod pool;
 mod random;
 mod record;
+mod reply;
+mod retry;
 pub mod route_policy;
 pub mod router;
 mod server;
@@ -41,15 +48,19 @@ pub use self::{
     detect::{AppProtocol, Raced, detect, detect_racing_server},
 };
 use self::{
+    attempt::Upstream,
     body::ProxyBody,
     config::ServiceConfig,
     headers::{add_request_headers, is_upgrade, remove_hop_by_hop},
     metrics::{RequestLabels, ResponseFlag},
     record::{RequestOrigin, RequestRecord},
+    reply::local_reply,
     route_policy::Verdict,
     router::{Decision, RequestView},
 };
-use super::{access_log::AccessLog, metrics::Direction, outbound::OutboundProxy};
+use super::{
+    outbound::OutboundProxy, telemetry::access_log::AccessLog, telemetry::metrics::Direction,
+};
 
 /// Serves the HTTP requests the app sends on one outbound connection (`server::serve`: the
 /// deadlines and the drain), each routed and forwarded by [`handle`].
@@ -65,9 +76,7 @@ pub async fn serve<D>(
     let mut log = AccessLog::new(Direction::Outbound, peer, "unknown");
     log.orig_dst = Some(orig_dst);
     let connection = server::Downstream {
-        metrics: proxy.metrics.clone(),
-        timeouts: proxy.timeouts,
-        drain: proxy.drain.clone(),
+        inputs: proxy.inputs.clone(),
         log,
     };
     server::serve(downstream, protocol, connection, move |request| {
@@ -84,16 +93,16 @@ async fn handle(
     orig_dst: SocketAddr,
 ) -> Response<ProxyBody> {
     // A snapshot per request: a reload applies to the next request of a kept-alive connection.
-    let mesh = proxy.mesh.current();
+    let mesh = proxy.inputs.mesh.current();
     let routes = mesh.routes();
     let (mut parts, body) = request.into_parts();
     let request_protocol = request_protocol(protocol, &parts.headers);
     let mut record = RequestRecord::new(RequestOrigin {
-        metrics: proxy.metrics.clone(),
+        metrics: proxy.inputs.metrics.clone(),
         access_log: routes.config().access_log,
         labels: RequestLabels::outbound(
-            &proxy.local.name,
-            &proxy.local.namespace,
+            &proxy.inputs.local.name,
+            &proxy.inputs.local.namespace,
             request_protocol,
         ),
         request: &parts,
@@ -137,26 +146,27 @@ async fn handle(
         }
     }
     let state = proxy.upstreams.service(&service, orig_dst);
+    let upstream = Upstream {
+        inputs: &proxy.inputs,
+        mesh: &mesh,
+        service: &state,
+        protocol,
+    };
     if upgrade {
         // Boxed: rare, and its future (the relay after the switch) would size every request's.
-        return Box::pin(upgrade::forward(&proxy, &mesh, &state, request, record)).await;
+        return Box::pin(upgrade::forward(
+            upstream,
+            proxy.app_activity.as_ref(),
+            request,
+            record,
+        ))
+        .await;
     }
     // Boxed: the forward future (retries, timeouts, the pooled send) is the bulk of a
     // request's state; hyper moves the request's future several times (and into a task per
     // HTTP/2 stream), so the moves carry a pointer instead (callgrind: most of the HTTP/2
     // path's instructions were these copies).
-    Box::pin(forward::forward(
-        forward::Forward {
-            proxy: &proxy,
-            mesh: &mesh,
-            service: state,
-            route,
-            protocol,
-            record,
-        },
-        request,
-    ))
-    .await
+    Box::pin(forward::forward(upstream, route, record, request)).await
 }
 
 /// Istio's `request_protocol`: `grpc` for HTTP/2 requests of `application/grpc...`, else `http`.
@@ -166,31 +176,4 @@ fn request_protocol(protocol: AppProtocol, headers: &http::HeaderMap) -> &'stati
             .get(CONTENT_TYPE)
             .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
     if grpc { "grpc" } else { "http" }
-}
-
-/// A response the proxy makes itself (no route, no healthy upstream, overflow, timeout...):
-/// counted with its flag and logged like any other.
-fn local_reply(
-    mut record: RequestRecord,
-    status: StatusCode,
-    flag: ResponseFlag,
-    reason: &str,
-) -> Response<ProxyBody> {
-    record.flag(flag);
-    record.labels.response_code = status.as_u16();
-    if record.error.is_none() {
-        record.error = Some(reason.to_owned());
-    }
-    let text = format!("{reason}\n");
-    record
-        .response_bytes
-        .store(text.len() as u64, std::sync::atomic::Ordering::Relaxed);
-    let mut response = Response::new(body::full(text));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        CONTENT_TYPE,
-        http::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    record.finish();
-    response
 }

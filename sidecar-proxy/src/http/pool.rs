@@ -27,10 +27,10 @@ use super::{
 };
 use crate::{
     Timeouts,
+    io::upstream::{self, ConnectFailure, Established, MutualTls},
     mesh::{Mesh, MeshHandle, UpstreamSecurity},
-    metrics::FailureReason,
+    telemetry::metrics::FailureReason,
     tls::origination::Alpn,
-    upstream::{self, ConnectFailure, Established, MutualTls},
 };
 
 pub enum Sender {

@@ -10,17 +10,19 @@ use std::{
     time::Instant,
 };
 
+use http::StatusCode;
 use tracing::Level;
 
 use super::{
     body::{BodyEnd, BoxError},
     config::ServiceConfig,
     metrics::{Label, RequestLabels, RequestOutcome, ResponseFlag, ResponseFlags},
+    reply::Recorded,
 };
 use crate::{
-    access_line::AccessLine,
-    metrics::Metrics,
-    upstream::{ConnectFailure, MutualTls},
+    io::upstream::{ConnectFailure, MutualTls},
+    telemetry::access_line::AccessLine,
+    telemetry::metrics::Metrics,
 };
 
 pub struct RequestRecord {
@@ -127,11 +129,6 @@ impl RequestRecord {
         self.flags.add(flag);
     }
 
-    /// Records now (a local reply, whose body is already counted).
-    pub fn finish(mut self) {
-        self.record();
-    }
-
     fn record(&mut self) {
         if self.recorded {
             return;
@@ -192,6 +189,31 @@ fn label(value: &str) -> Label {
     match value {
         "unknown" => Label::Borrowed("unknown"),
         value => Label::Owned(value.to_owned()),
+    }
+}
+
+impl Recorded for RequestRecord {
+    fn responded(&mut self, status: StatusCode) {
+        self.labels.response_code = status.as_u16();
+    }
+
+    fn replied_locally(&mut self, flag: ResponseFlag, reason: &str) {
+        self.flag(flag);
+        if self.error.is_none() {
+            self.error = Some(reason.to_owned());
+        }
+    }
+
+    fn connection_failed(&mut self, error: &hyper::Error) {
+        self.error = Some(format!("upstream connection failed: {error}"));
+    }
+
+    fn response_bytes(&self) -> &Arc<AtomicU64> {
+        &self.response_bytes
+    }
+
+    fn finish(mut self) {
+        self.record();
     }
 }
 

@@ -20,12 +20,11 @@ use tracing::debug;
 
 use super::{body::ProxyBody, detect::AppProtocol};
 use crate::{
-    Timeouts,
-    access_log::AccessLog,
-    deadlines::{self, Deadlines, RequestHeads},
-    drain::Drain,
-    metrics::{FailureReason, Metrics},
-    relay::record_refusal,
+    inputs::ProxyInputs,
+    io::deadlines::{self, Deadlines, RequestHeads},
+    io::relay::record_refusal,
+    telemetry::access_log::AccessLog,
+    telemetry::metrics::FailureReason,
 };
 
 /// Serves a hyper server connection to its end; once `finish` completes, asks it to finish
@@ -46,9 +45,7 @@ macro_rules! finish_when {
 
 /// What the server needs to know of the downstream connection besides its bytes.
 pub struct Downstream {
-    pub metrics: Arc<Metrics>,
-    pub timeouts: Timeouts,
-    pub drain: Arc<Drain>,
+    pub inputs: Arc<ProxyInputs>,
     /// The connection's side, client and original destination; logged (and the refusal
     /// counted) only when the client's bytes turn out not to be HTTP.
     pub log: AccessLog,
@@ -69,12 +66,8 @@ pub async fn serve<D, H, F>(
     H: Fn(Request<Incoming>) -> F + Send + Sync + 'static,
     F: Future<Output = Response<ProxyBody>> + Send + 'static,
 {
-    let Downstream {
-        metrics,
-        timeouts,
-        drain,
-        log,
-    } = connection;
+    let Downstream { inputs, log } = connection;
+    let (metrics, timeouts, drain) = (&inputs.metrics, inputs.timeouts, &inputs.drain);
     let heads = Arc::new(RequestHeads::default());
     // A stored permit once the first request has arrived.
     let first_request = Arc::new(Notify::new());
@@ -137,7 +130,7 @@ pub async fn serve<D, H, F>(
         debug!(%peer, %expired, "downstream HTTP connection closed");
     } else if error.is_parse() {
         // Not HTTP after all, or broken HTTP: hyper answered 400 (when it could) and closed.
-        record_refusal(&metrics, &log, FailureReason::HttpProtocolError, error);
+        record_refusal(metrics, &log, FailureReason::HttpProtocolError, error);
     } else {
         // The client closed or reset mid-request: each request in flight was recorded with DC.
         debug!(%peer, %error, "downstream HTTP connection ended with an error");

@@ -1,8 +1,8 @@
 //! Upgrades (WebSocket, h2c upgrade...) pass through: the request goes upstream on a connection
 //! of its own, and on `101 Switching Protocols` both upgraded connections are joined and copied
-//! until either side closes (`join`, which inbound upgrades use too). The connection is never
-//! pooled again.
-use std::{net::SocketAddr, sync::Arc, time::Instant};
+//! until either side closes (`send_and_join`, which inbound upgrades use too). The connection
+//! is never pooled again.
+use std::{net::SocketAddr, sync::Arc};
 
 use http::{Request, Response, StatusCode};
 use http_body_util::BodyExt;
@@ -11,102 +11,80 @@ use hyper_util::rt::TokioIo;
 use tracing::debug;
 
 use super::{
-    balancer::ServiceState,
+    attempt::Upstream,
     body::{self, ProxyBody},
     detect::AppProtocol,
-    forward::respond,
-    local_reply,
-    metrics::ResponseFlag,
-    pool::{self, AcquireError, Sender},
+    pool::Sender,
     record::RequestRecord,
+    reply::{self, Recorded, respond},
 };
-use crate::{drain::Drain, mesh::Mesh, outbound::OutboundProxy};
+use crate::lifecycle::{drain::Drain, idle_exit::AppActivity};
 
+/// An outbound upgrade: one try, on a new HTTP/1 connection to the endpoint the balancer picks.
 pub async fn forward(
-    proxy: &OutboundProxy,
-    mesh: &Mesh,
-    service: &Arc<ServiceState>,
-    mut request: Request<Incoming>,
+    upstream: Upstream<'_>,
+    app_activity: Option<&Arc<AppActivity>>,
+    request: Request<Incoming>,
     mut record: RequestRecord,
 ) -> Response<ProxyBody> {
-    let downstream_upgrade = hyper::upgrade::on(&mut request);
-    let Some(endpoint) = service.pick(Instant::now()) else {
-        return local_reply(
-            record,
-            StatusCode::SERVICE_UNAVAILABLE,
-            ResponseFlag::NoHealthyUpstream,
-            "no healthy upstream",
-        );
+    let upstream = Upstream {
+        protocol: AppProtocol::Http1,
+        ..upstream
     };
-    record.upstream = Some(endpoint.addr);
-    record.attempts = 1;
-    let acquired = pool::acquire(
-        service,
-        endpoint,
-        AppProtocol::Http1,
-        mesh,
-        &proxy.timeouts,
-        &proxy.metrics.http,
-    );
-    let mut connection = match acquired.await {
+    let connected = match upstream.pick(&mut record) {
+        Ok((_, endpoint)) => {
+            record.attempts = 1;
+            upstream.connect(endpoint, &mut record).await
+        }
+        Err(failure) => Err(failure),
+    };
+    let mut connection = match connected {
         Ok(connection) => connection,
-        Err(AcquireError::Overflow) => {
-            return local_reply(
-                record,
-                StatusCode::SERVICE_UNAVAILABLE,
-                ResponseFlag::UpstreamOverflow,
-                "upstream overflow: the circuit breaker is open",
-            );
-        }
-        Err(AcquireError::Connect(failure)) => {
-            endpoint.record_failure(service, &proxy.metrics.http);
-            record.upstream_connect_failed(failure);
-            return local_reply(
-                record,
-                StatusCode::SERVICE_UNAVAILABLE,
-                ResponseFlag::UpstreamConnectFailure,
-                "upstream connect failure",
-            );
+        Err(failure) => return failure.reply(record),
+    };
+    let sender = &mut connection.sender;
+    let send = move |request: Request<ProxyBody>| async move {
+        match sender {
+            Sender::Http1(sender) => sender.send_request(request).await,
+            Sender::Http2(sender) => sender.send_request(request).await,
         }
     };
-    if let Some(mtls) = &connection.mtls {
-        record.set_mutual_tls(mtls);
-    }
+    // Still the app's connection: the drain and the idle exit wait for it.
+    let open = || app_activity.map(|activity| activity.opened());
+    let (drain, peer) = (&upstream.inputs.drain, record.peer);
+    send_and_join(request, send, record, drain, peer, open).await
+}
+
+/// Sends the upgrade `request` upstream with `send` (on a connection of its own, never pooled
+/// again) and passes the response down; on `101 Switching Protocols` both upgraded connections
+/// are joined (`join`, holding what `hold` gives). For both sides.
+pub async fn send_and_join<R, S, F, H>(
+    mut request: Request<Incoming>,
+    send: S,
+    mut record: R,
+    drain: &Drain,
+    peer: SocketAddr,
+    hold: impl FnOnce() -> H,
+) -> Response<ProxyBody>
+where
+    R: Recorded,
+    S: FnOnce(Request<ProxyBody>) -> F,
+    F: Future<Output = hyper::Result<Response<Incoming>>>,
+    H: Send + 'static,
+{
+    let downstream_upgrade = hyper::upgrade::on(&mut request);
     let (parts, incoming) = request.into_parts();
     let request = Request::from_parts(parts, incoming.map_err(Into::into).boxed_unsync());
-    let sent = match &mut connection.sender {
-        Sender::Http1(sender) => sender.send_request(request).await,
-        Sender::Http2(sender) => sender.send_request(request).await,
-    };
-    let mut response = match sent {
+    let mut response = match send(request).await {
         Ok(response) => response,
-        Err(error) => {
-            record.error = Some(format!("upstream connection failed: {error}"));
-            return local_reply(
-                record,
-                StatusCode::SERVICE_UNAVAILABLE,
-                ResponseFlag::UpstreamConnectionTermination,
-                "upstream connection failed before a response",
-            );
-        }
+        Err(error) => return reply::connection_failed(record, &error),
     };
     if response.status() != StatusCode::SWITCHING_PROTOCOLS {
         return respond(record, response);
     }
     let upstream_upgrade = hyper::upgrade::on(&mut response);
-    // Still the app's connection: the drain and the idle exit wait for it.
-    let open = proxy
-        .app_activity
-        .as_ref()
-        .map(|activity| activity.opened());
-    join(
-        &proxy.drain,
-        downstream_upgrade,
-        upstream_upgrade,
-        record.peer,
-        open,
-    );
-    record.labels.response_code = StatusCode::SWITCHING_PROTOCOLS.as_u16();
+    join(drain, downstream_upgrade, upstream_upgrade, peer, hold());
+    record.responded(StatusCode::SWITCHING_PROTOCOLS);
     record.finish();
     let (parts, _empty) = response.into_parts();
     Response::from_parts(parts, body::empty())
@@ -114,7 +92,7 @@ pub async fn forward(
 
 /// Joins both sides of an upgrade once each has switched, and copies between them until
 /// either closes, in a task the drain waits for; `hold` is kept until then.
-pub fn join(
+fn join(
     drain: &Drain,
     downstream: OnUpgrade,
     upstream: OnUpgrade,

@@ -13,7 +13,7 @@ use super::{
     trust::{TrustBundles, certificates},
     verify::{IdentityError, spiffe_id_of},
 };
-use crate::identity::SpiffeId;
+use crate::mesh::identity::SpiffeId;
 
 #[derive(Debug, Error)]
 pub enum CertificateError {

@@ -16,7 +16,7 @@ use time::OffsetDateTime;
 use x509_parser::{certificate::X509Certificate, extensions::GeneralName, prelude::FromDer};
 
 use crate::{
-    identity::{SpiffeId, validate_trust_domain},
+    mesh::identity::{SpiffeId, validate_trust_domain},
     tls::rfc3339,
 };
 

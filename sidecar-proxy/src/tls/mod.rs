@@ -32,7 +32,7 @@ pub use self::{
     trust::TrustBundles,
     verify::spiffe_id_of,
 };
-use super::{identity::SpiffeId, metrics::FailureReason};
+use super::{mesh::identity::SpiffeId, telemetry::metrics::FailureReason};
 
 /// The ALPN protocol that marks sidecar-to-sidecar mTLS (Istio uses `istio-peer-exchange` and
 /// friends for the same purpose).

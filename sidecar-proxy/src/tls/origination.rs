@@ -24,8 +24,8 @@ use super::trust::certificates;
 use crate::{
     Timeouts,
     http::config::{HttpConfig, ServiceTls},
-    metrics::FailureReason,
-    upstream::{self, ConnectFailure, Source},
+    io::upstream::{self, ConnectFailure, Source},
+    telemetry::metrics::FailureReason,
 };
 
 /// The contents of the files the services' `tls` settings name, by path.

@@ -22,7 +22,7 @@ use thiserror::Error;
 use x509_parser::{certificate::X509Certificate, extensions::GeneralName, prelude::FromDer};
 
 use super::trust::TrustBundles;
-use crate::identity::{SpiffeId, SpiffeIdError};
+use crate::mesh::identity::{SpiffeId, SpiffeIdError};
 
 /// Why a certificate's identity is not acceptable.
 #[derive(Debug, Error)]

@@ -27,7 +27,7 @@ use sidecar_proxy::{
     Timeouts,
     http::HttpConfig,
     mesh::{Mesh, MeshHandle},
-    metrics::{Direction, DownstreamTimeout, FailureReason, Metrics},
+    telemetry::metrics::{Direction, DownstreamTimeout, FailureReason, Metrics},
     testing::*,
 };
 

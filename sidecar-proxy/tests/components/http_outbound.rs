@@ -25,7 +25,7 @@ use sidecar_proxy::{
     Timeouts,
     http::HttpConfig,
     mesh::{Mesh, MeshHandle},
-    metrics::{Metrics, ReloadKind},
+    telemetry::metrics::{Metrics, ReloadKind},
     testing::*,
 };
 
@@ -874,8 +874,8 @@ async fn invalid_http_is_answered_400_and_counted() -> anyhow::Result<()> {
     assert!(response.starts_with("HTTP/1.1 400"), "{response}");
     wait_until("the protocol error is counted", || {
         proxy.metrics.failure_count(
-            sidecar_proxy::metrics::Direction::Outbound,
-            sidecar_proxy::metrics::FailureReason::HttpProtocolError,
+            sidecar_proxy::telemetry::metrics::Direction::Outbound,
+            sidecar_proxy::telemetry::metrics::FailureReason::HttpProtocolError,
         ) == 1
     })
     .await;

@@ -15,7 +15,7 @@ use tokio::{
 
 use sidecar_proxy::{
     Timeouts,
-    metrics::{Direction, FailureReason, Metrics, ReloadKind},
+    telemetry::metrics::{Direction, FailureReason, Metrics, ReloadKind},
     testing::*,
     tls::issue::Validity,
 };

@@ -21,7 +21,7 @@ use tokio_rustls::{TlsConnector, client::TlsStream};
 use x509_parser::{certificate::X509Certificate, prelude::FromDer};
 
 use sidecar_proxy::{
-    metrics::{Direction, FailureReason, Metrics},
+    telemetry::metrics::{Direction, FailureReason, Metrics},
     testing::*,
     tls::{crypto_provider, issue::Issued, server_pki::PartnerCa},
 };

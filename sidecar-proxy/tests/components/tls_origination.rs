@@ -15,7 +15,7 @@ use tokio::{
 use sidecar_proxy::{
     http::HttpConfig,
     mesh::{Mesh, MeshHandle},
-    metrics::Metrics,
+    telemetry::metrics::Metrics,
     testing::*,
     tls::server_pki::{HttpsServer, PartnerCa, ServerOptions, TLS_ONLY, start_https},
 };

@@ -15,7 +15,7 @@ use anyhow::{Context, Result, bail};
 use clap::{Args, Subcommand};
 use rustix::fs::{Gid, Uid};
 use sidecar_proxy::{
-    identity::SpiffeId,
+    mesh::identity::SpiffeId,
     tls::issue::{
         CA_CERT, CA_KEY, CERT_CHAIN, DEFAULT_CA_VALIDITY, DEFAULT_WORKLOAD_VALIDITY, Issued, KEY,
         ROOT_CERT, Validity, ca_trust_domain, issue_ca, issue_workload,

@@ -2,7 +2,7 @@
 //! the kubelet (no mesh certificate) could no longer reach an app's probe port, so each
 //! `httpGet`, `tcpSocket` and `grpc` probe of an app container becomes `GET
 //! :15020/app-health/<container>/<livez|readyz|startupz>`, and the proxy performs the original
-//! against the app (`sidecar proxy --app-probers`, `sidecar-proxy/src/app_health.rs`). `exec` probes need
+//! against the app (`sidecar proxy --app-probers`, `sidecar-proxy/src/admin/app_health.rs`). `exec` probes need
 //! no network and stay.
 //!
 //! The originals are kept in the `sidecar.ebpf/original-probes` annotation (container -> probe

@@ -8,14 +8,14 @@ use std::{
 
 use tracing::Level;
 
-use super::{
-    access_line::AccessLine,
-    copy::Transferred,
-    identity::SpiffeId,
+use crate::{
+    io::copy::Transferred,
+    io::relay::RelayMode,
+    mesh::identity::SpiffeId,
     mesh_config::InboundMode,
-    metrics::{Direction, FailureReason, SecurityPolicy},
-    relay::RelayMode,
     sniff::Protocol,
+    telemetry::access_line::AccessLine,
+    telemetry::metrics::{Direction, FailureReason, SecurityPolicy},
 };
 
 /// What is known about a connection so far; filled in as the handler learns more.

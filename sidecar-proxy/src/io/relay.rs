@@ -9,16 +9,16 @@ use tokio::{
     net::TcpStream,
 };
 
-use super::{
-    access_log::AccessLog,
-    capture_probe::CaptureProbe,
-    copy::{Transferred, copy_counted},
-    deadlines::{self, Deadlines},
-    metrics::{DownstreamTimeout, FailureReason, Metrics, TcpCounters},
+use crate::{
+    capture::CaptureProbe,
+    io::copy::{Transferred, copy_counted},
+    io::deadlines::{self, Deadlines},
+    io::splice::{self, WireEnd, relay_wire},
+    io::upstream::{UpstreamIo, reset},
     sniff::Rewound,
-    splice::{self, WireEnd, relay_wire},
+    telemetry::access_log::AccessLog,
+    telemetry::metrics::{DownstreamTimeout, FailureReason, Metrics, TcpCounters},
     tls,
-    upstream::{UpstreamIo, reset},
 };
 
 /// The TCP socket under a (possibly TLS, possibly rewound) stream: to reset it, or to splice
@@ -271,7 +271,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        metrics::{Direction, TcpLabels},
+        telemetry::metrics::{Direction, TcpLabels},
         testing::{LOCALHOST, NoCapture, PATIENCE, local, socket_pair},
     };
 

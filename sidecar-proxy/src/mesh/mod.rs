@@ -3,6 +3,13 @@
 //! connection takes one snapshot, so a reload never changes a connection midway; new
 //! connections get the new snapshot, and pooled connections made under a policy the new
 //! snapshot no longer has are not reused.
+//!
+//! `reload` loads the config and its certificates and reloads them on change; `identity`:
+//! SPIFFE IDs; `authz`: the allow rules of inbound ports.
+pub mod authz;
+pub mod identity;
+pub(crate) mod reload;
+
 use std::{net::SocketAddr, sync::Arc};
 
 use std::collections::BTreeMap;
@@ -12,7 +19,7 @@ use tokio::sync::watch;
 
 use super::{
     http::{HttpConfig, config::ServiceConfig, route_policy::RateLimiter, router::RouteTable},
-    identity::SpiffeId,
+    mesh::identity::SpiffeId,
     mesh_config::{InboundPolicy, MeshConfig, PortPolicy, Workload},
     tls::{
         self, TrustBundles, WorkloadCertificate,

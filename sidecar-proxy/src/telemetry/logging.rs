@@ -6,7 +6,7 @@ use std::io::IsTerminal;
 use clap::ValueEnum;
 use tracing_subscriber::{EnvFilter, filter::LevelFilter};
 
-use super::{access_line, log_buffer::BufferedStdout};
+use crate::{telemetry::access_line, telemetry::log_buffer::BufferedStdout};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {

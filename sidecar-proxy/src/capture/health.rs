@@ -7,7 +7,7 @@
 //! `--capture-check-interval`: `sidecar_capture_active{direction}`, a log line on each change,
 //! and readiness 503 while outbound capture is missing. When `init` puts a vanished capture
 //! back, its maps are new: the listeners listen again to register with them
-//! (`listener.rs`).
+//! (`accept/listener.rs`).
 use std::{
     io,
     os::fd::AsFd,
@@ -24,7 +24,7 @@ use sidecar_common::CaptureStatus;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::{capture_probe::CaptureProbe, metrics::Metrics};
+use crate::{capture::CaptureProbe, telemetry::metrics::Metrics};
 
 /// Whether the proxy expects eBPF capture in its pod.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

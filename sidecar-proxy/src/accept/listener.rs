@@ -16,12 +16,12 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
-use super::{
-    connection_limit::{Admission, ConnectionLimit},
-    drain::Drain,
-    keepalive,
-    metrics::Direction,
-    upstream::reset,
+use crate::{
+    accept::connection_limit::{Admission, ConnectionLimit},
+    io::keepalive,
+    io::upstream::reset,
+    lifecycle::drain::Drain,
+    telemetry::metrics::Direction,
 };
 
 /// Pause after a failed accept (e.g. out of file descriptors) so the loop does not spin.
@@ -144,7 +144,7 @@ pub struct Accepting {
     /// Serves each connection, and knows when none is left.
     pub drain: Arc<Drain>,
     /// Changes when this pod's capture was re-installed after it vanished: its maps are new,
-    /// so each listener listens again to register (`capture_health.rs`).
+    /// so each listener listens again to register (`capture/health.rs`).
     pub relisten: Option<watch::Receiver<u64>>,
 }
 

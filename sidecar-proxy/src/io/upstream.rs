@@ -3,20 +3,25 @@
 use std::{
     io,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    pin::Pin,
+    task::{Context, Poll},
     time::Duration,
 };
 
 use rustix::net::sockopt;
 use rustls::pki_types::ServerName;
 use tokio::{
-    io::{AsyncRead, AsyncWrite},
+    io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpSocket, TcpStream},
     time::timeout,
 };
 use tokio_rustls::TlsConnector;
 use tracing::debug;
 
-use super::{Timeouts, identity::SpiffeId, keepalive, mesh::Mesh, metrics::FailureReason, tls};
+use crate::{
+    Timeouts, io::keepalive, mesh::Mesh, mesh::identity::SpiffeId,
+    telemetry::metrics::FailureReason, tls,
+};
 
 /// Source of the inbound proxy's connections to the app; both capture modes skip it, and only
 /// it: never the real localhost, which apps trust.
@@ -84,6 +89,17 @@ pub struct Established {
     pub io: Box<dyn UpstreamIo>,
     /// `None`: plaintext (the destination is not a mesh workload).
     pub mtls: Option<MutualTls>,
+}
+
+/// Reads its stream: a server's greeting, read while the client's protocol is being detected.
+impl AsyncRead for Established {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
 }
 
 /// Connects to `addr` and, when the mesh config says it is a mesh workload, originates mTLS and

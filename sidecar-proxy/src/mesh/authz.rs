@@ -1,7 +1,7 @@
 //! Inbound authorization: allow rules by peer identity, per port.
 use std::fmt;
 
-use super::identity::SpiffeId;
+use crate::mesh::identity::SpiffeId;
 
 /// One way a peer can be allowed in.
 #[derive(Debug, Clone, PartialEq, Eq)]

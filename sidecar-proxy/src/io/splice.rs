@@ -45,8 +45,9 @@ use tokio::{
 };
 use tracing::debug;
 
-use super::{
-    capture_probe::CaptureProbe, connection_limit::max_pipes, copy::Transferred, deadlines::Expired,
+use crate::{
+    accept::connection_limit::max_pipes, capture::CaptureProbe, io::copy::Transferred,
+    io::deadlines::Expired,
 };
 
 /// A new pipe's size: the kernel's default (16 pages, which hold 16 of a TCP stream's page
@@ -454,7 +455,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        deadlines,
+        io::deadlines,
         testing::{PATIENCE, socket_pair},
     };
 

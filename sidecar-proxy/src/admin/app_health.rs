@@ -35,7 +35,7 @@ use tokio::{
 };
 use tokio_rustls::TlsConnector;
 
-use super::upstream::{self, Source};
+use crate::io::upstream::{self, Source};
 
 pub const APP_HEALTH_PREFIX: &str = "/app-health/";
 /// The kubelet's default `timeoutSeconds`.

@@ -23,7 +23,7 @@ use tokio::{
     time::{Instant, Sleep, sleep_until},
 };
 
-use super::{metrics::DownstreamTimeout, relay::IntoTcp};
+use crate::{io::relay::IntoTcp, telemetry::metrics::DownstreamTimeout};
 
 /// Why a [`Deadlines`] stream ended.
 #[derive(Debug, thiserror::Error)]

@@ -9,10 +9,16 @@
 //! when the connection waits for a request): probes and scrapers reconnect at no cost.
 //!
 //! Requests that change the proxy (`POST /quitquitquit`, `POST /logging?level=`) are served to
-//! root, the proxy's own user and `--admin-allowed-uids` only (`admin_caller`): the app shares
+//! root, the proxy's own user and `--admin-allowed-uids` only (`caller`): the app shares
 //! the pod's loopback.
 //! Reads stay open to the pod, as Istio's admin port is: they show the pod's own routes,
 //! identity (a public certificate's name, no key) and counters.
+//!
+//! `app_health`: the kubelet's probes of the app, rewritten by `inject` under STRICT, performed
+//! here.
+pub(crate) mod app_health;
+pub(crate) mod caller;
+
 use std::{
     convert::Infallible,
     net::SocketAddr,
@@ -39,14 +45,13 @@ use prometheus::TEXT_FORMAT;
 use tokio::{net::TcpListener, sync::Notify};
 use tracing::{debug, error, info, warn};
 
+use self::app_health::{APP_HEALTH_PREFIX, AppProbers};
 use super::{
-    admin_caller,
-    app_health::{APP_HEALTH_PREFIX, AppProbers},
-    capture_probe::CaptureProbe,
-    connection_limit::{Admission, ConnectionLimit, WhenFull},
-    logging::LogLevel,
+    accept::connection_limit::{Admission, ConnectionLimit, WhenFull},
+    capture::CaptureProbe,
     mesh::MeshHandle,
-    metrics::{DownstreamTimeout, Metrics},
+    telemetry::logging::LogLevel,
+    telemetry::metrics::{DownstreamTimeout, Metrics},
 };
 
 pub const METRICS_PATH: &str = "/stats/prometheus";
@@ -112,7 +117,7 @@ pub struct AdminState {
     pub metrics: Arc<Metrics>,
     /// False until every listener is bound (and again while shutting down).
     pub ready: Arc<AtomicBool>,
-    /// False while this pod's capture is missing (`capture_health.rs`): not ready either.
+    /// False while this pod's capture is missing (`capture/health.rs`): not ready either.
     pub capture_ok: Arc<AtomicBool>,
     pub log_level: LogLevel,
     /// The level last set, for `GET /logging`.
@@ -251,7 +256,7 @@ async fn serve(listener: TcpListener, serving: Serving, state: Arc<AdminState>) 
                     {
                         return Ok::<_, Infallible>(probers.check(path, pod_ip).await);
                     }
-                    let caller = || admin_caller::uid_of(local.clone()?, peer);
+                    let caller = || caller::uid_of(local.clone()?, peer);
                     let response = respond(request.method(), request.uri(), routes, &state, caller);
                     if response.extensions().get::<QuitAccepted>().is_some() {
                         quit_accepted.store(true, Ordering::Release);
@@ -379,7 +384,7 @@ fn refuse_change(
     caller: impl FnOnce() -> Result<u32, String>,
 ) -> Option<Response<Full<Bytes>>> {
     let who = match caller() {
-        Ok(uid) if admin_caller::may_change_the_proxy(uid, &state.allowed_uids) => return None,
+        Ok(uid) if caller::may_change_the_proxy(uid, &state.allowed_uids) => return None,
         Ok(uid) => format!("the caller is UID {uid}"),
         Err(error) => format!("the caller cannot be identified: {error}"),
     };
@@ -496,7 +501,7 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
-    use crate::{metrics::LocalWorkload, testing::NoCapture};
+    use crate::{telemetry::metrics::LocalWorkload, testing::NoCapture};
 
     fn state() -> anyhow::Result<AdminState> {
         Ok(AdminState {

@@ -10,7 +10,7 @@ use prometheus::{
 };
 use tracing::warn;
 
-use super::{http::metrics::HttpMetrics, identity::SpiffeId};
+use crate::{http::metrics::HttpMetrics, mesh::identity::SpiffeId};
 
 const UNKNOWN: &str = "unknown";
 
@@ -342,7 +342,7 @@ pub struct Metrics {
     listener_overflow: IntCounterVec,
     downstream_timeouts: IntCounterVec,
     admin_refused: IntCounterVec,
-    /// Exported once the capture check has something to say (`capture_health.rs`).
+    /// Exported once the capture check has something to say (`capture/health.rs`).
     capture_active: IntGaugeVec,
     inbound_tls_handshakes: IntCounterVec,
 }

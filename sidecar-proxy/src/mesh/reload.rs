@@ -20,10 +20,10 @@ use time::OffsetDateTime;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use super::{
+use crate::{
     mesh::{Mesh, MeshHandle},
     mesh_config::{IdentityFiles, MeshConfig},
-    metrics::{Metrics, ReloadKind},
+    telemetry::metrics::{Metrics, ReloadKind},
     tls::{
         WorkloadCertificate,
         origination::{self, Originations, TlsFiles},
@@ -433,7 +433,7 @@ mod tests {
     use crate::{
         mesh::UpstreamSecurity,
         mesh_config::InboundMode,
-        metrics::LocalWorkload,
+        telemetry::metrics::LocalWorkload,
         testing::{Pki, metric, replace, valid, write_mesh_config},
         tls::server_pki::PartnerCa,
     };

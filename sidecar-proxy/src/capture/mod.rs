@@ -2,6 +2,10 @@
 //! option is read with a raw `getsockopt` (`unsafe`), and its pinned counters with the BPF
 //! library, both kept out of this crate (`sidecar-capture` has them). The binary gives the
 //! real probe when it starts the proxy; tests give a fake.
+//!
+//! `health`: whether this pod's capture is in place, checked at start and on an interval.
+pub(crate) mod health;
+
 use std::{io, os::fd::BorrowedFd, path::Path};
 
 use sidecar_common::CaptureStatus;

@@ -21,7 +21,7 @@ use std::{
 use tokio::sync::Notify;
 use tracing::warn;
 
-use super::metrics::ListenerMetrics;
+use crate::telemetry::metrics::ListenerMetrics;
 
 /// Descriptors left for everything that is not a connection: the listeners themselves, the
 /// mesh config and certificate files and their watches, the runtime, logs.
@@ -201,7 +201,7 @@ pub fn max_pipes(open_file_limit: Option<u64>) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{metrics::Metrics, testing::local};
+    use crate::{telemetry::metrics::Metrics, testing::local};
 
     fn limit(max: usize, when_full: WhenFull) -> anyhow::Result<(Arc<ConnectionLimit>, Metrics)> {
         let metrics = Metrics::new(&local("w"))?;

@@ -15,7 +15,7 @@ use std::{
 
 use tracing::Level;
 
-use super::{log_buffer::BufferedStdout, logging::LogFormat};
+use crate::{telemetry::log_buffer::BufferedStdout, telemetry::logging::LogFormat};
 
 /// Where access lines go, set once by `logging::init` (never in component tests: no lines).
 static SINK: OnceLock<(LogFormat, BufferedStdout)> = OnceLock::new();

@@ -1,0 +1,11 @@
+//! Moving a connection's bytes: dialling upstream (`upstream`, from the passthrough address to
+//! the app), relaying or refusing (`relay`), zero-copy for plain TCP (`splice`: splice(2)
+//! through pooled pipes) or counted copies (`copy`: TLS on either end), the idle and
+//! request-headers deadlines of downstream connections (`deadlines`), and TCP keepalive
+//! (`keepalive`).
+pub(crate) mod copy;
+pub(crate) mod deadlines;
+pub(crate) mod keepalive;
+pub(crate) mod relay;
+pub(crate) mod splice;
+pub(crate) mod upstream;
