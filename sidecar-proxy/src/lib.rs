@@ -16,7 +16,7 @@
 //! - `sniff`: bounded detection of a mesh ClientHello; `tls/`: rustls configs, SPIFFE checks,
 //!   TLS origination and termination, certificate issuing;
 //! - `mesh/`: the compiled snapshot connections use, its load and hot-reload (`reload`), SPIFFE
-//!   IDs (`identity`), allow rules (`authz`); `mesh_config`: the YAML file;
+//!   IDs (`identity`), allow rules (`authz`), the YAML file (`config`);
 //! - `http/`: protocol detection, HTTP routing, retries, pools, circuit breaking, request
 //!   metrics (docs/ROUTING.md), and inbound HTTP to the app;
 //! - `telemetry/`: Istio TCP metrics, failure and reload counters, certificate expiry
@@ -43,7 +43,6 @@ mod inputs;
 mod io;
 mod lifecycle;
 pub mod mesh;
-pub mod mesh_config;
 mod outbound;
 mod sniff;
 pub mod telemetry;

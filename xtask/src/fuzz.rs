@@ -45,8 +45,8 @@ const TARGETS: &[Target] = &[
     Target {
         name: "mesh_config",
         package: "sidecar-proxy",
-        test: "mesh_config::tests::fuzz_mesh_config",
-        dir: "sidecar-proxy/src/__fuzz__/mesh_config",
+        test: "mesh::config::tests::fuzz_mesh_config",
+        dir: "sidecar-proxy/src/mesh/__fuzz__/mesh_config",
         max_len: None,
     },
     Target {

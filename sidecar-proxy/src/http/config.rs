@@ -15,7 +15,7 @@ use std::{
 
 use ipnet::IpNet;
 
-use crate::mesh_config::Address;
+use crate::mesh::config::Address;
 use regex::Regex;
 use rustls::pki_types::ServerName;
 use serde::{Deserialize, Serialize, Serializer};

@@ -5,8 +5,9 @@
 //! snapshot no longer has are not reused.
 //!
 //! `reload` loads the config and its certificates and reloads them on change; `identity`:
-//! SPIFFE IDs; `authz`: the allow rules of inbound ports.
+//! SPIFFE IDs; `authz`: the allow rules of inbound ports; `config`: the YAML file.
 pub mod authz;
+pub mod config;
 pub mod identity;
 pub(crate) mod reload;
 
@@ -19,8 +20,8 @@ use tokio::sync::watch;
 
 use super::{
     http::{HttpConfig, config::ServiceConfig, route_policy::RateLimiter, router::RouteTable},
+    mesh::config::{InboundPolicy, MeshConfig, PortPolicy, Workload},
     mesh::identity::SpiffeId,
-    mesh_config::{InboundPolicy, MeshConfig, PortPolicy, Workload},
     tls::{
         self, TrustBundles, WorkloadCertificate,
         origination::{Originations, TlsOrigination},

@@ -21,8 +21,8 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::{
+    mesh::config::{IdentityFiles, MeshConfig},
     mesh::{Mesh, MeshHandle},
-    mesh_config::{IdentityFiles, MeshConfig},
     telemetry::metrics::{Metrics, ReloadKind},
     tls::{
         WorkloadCertificate,
@@ -432,7 +432,7 @@ mod tests {
     use crate::tls::issue::issue_ca;
     use crate::{
         mesh::UpstreamSecurity,
-        mesh_config::InboundMode,
+        mesh::config::InboundMode,
         telemetry::metrics::LocalWorkload,
         testing::{Pki, metric, replace, valid, write_mesh_config},
         tls::server_pki::PartnerCa,

@@ -11,8 +11,8 @@ use tracing::Level;
 use crate::{
     io::copy::Transferred,
     io::relay::RelayMode,
+    mesh::config::InboundMode,
     mesh::identity::SpiffeId,
-    mesh_config::InboundMode,
     sniff::Protocol,
     telemetry::access_line::AccessLine,
     telemetry::metrics::{Direction, FailureReason, SecurityPolicy},

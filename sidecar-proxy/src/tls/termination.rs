@@ -13,7 +13,7 @@ use rustls::{
 };
 
 use super::origination::{TlsFiles, ca_bundle, certified_key};
-use crate::mesh_config::{InboundPolicy, ServerTls};
+use crate::mesh::config::{InboundPolicy, ServerTls};
 
 /// The server TLS configs of one config snapshot, by inbound port.
 #[derive(Default, Clone)]
@@ -102,7 +102,7 @@ mod tests {
 
     use super::*;
     use crate::{
-        mesh_config::{PortPolicy, ServerAlpn},
+        mesh::config::{PortPolicy, ServerAlpn},
         tls::{crypto_provider, server_pki::PartnerCa},
     };
 

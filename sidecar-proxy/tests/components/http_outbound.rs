@@ -675,7 +675,7 @@ http:
       destinations: [{service: web-v3}]
 ";
     let path = std::path::Path::new("/etc/sidecar/mesh.yaml");
-    let error = sidecar_proxy::mesh_config::MeshConfig::parse(text.as_bytes(), path)
+    let error = sidecar_proxy::mesh::config::MeshConfig::parse(text.as_bytes(), path)
         .expect_err("an unknown service");
     assert_eq!(error.location.map(|(line, _)| line), Some(4), "{error}");
     let shown = error.to_string();
@@ -688,7 +688,7 @@ http:
         "{shown}"
     );
 
-    let error = sidecar_proxy::mesh_config::MeshConfig::parse(
+    let error = sidecar_proxy::mesh::config::MeshConfig::parse(
         text.replace("{service: web-v3}", "{service: web}")
             .replace(
                 "    - name: web\n",

@@ -16,7 +16,7 @@ use ipnet::IpNet;
 use serde::Deserialize;
 use thiserror::Error;
 
-use super::{
+use crate::{
     http::{HttpConfig, config::RateLimit},
     mesh::authz::{AllowRule, Authorization},
     mesh::identity::{SpiffeId, validate_segment, validate_trust_domain},
