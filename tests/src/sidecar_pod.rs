@@ -251,7 +251,7 @@ impl SidecarPod {
     }
 
     /// The access lines so far, once one satisfies `wanted` or `timeout` has passed: the proxy
-    /// writes its log lines out in batches, within 100 ms (`sidecar-proxy/src/log_buffer.rs`).
+    /// writes its log lines out in batches, within 100 ms (`sidecar-proxy/src/telemetry/log_buffer.rs`).
     pub fn wait_for_access_line(
         &self,
         wanted: impl Fn(&Value) -> bool,

@@ -227,7 +227,7 @@ impl MeshLab {
     }
 
     /// Everything the proxy has logged, once the lines of what just happened are out: the
-    /// proxy writes informational lines in batches, within 100 ms (`sidecar-proxy/src/log_buffer.rs`).
+    /// proxy writes informational lines in batches, within 100 ms (`sidecar-proxy/src/telemetry/log_buffer.rs`).
     pub fn proxy_log(&self) -> String {
         std::thread::sleep(LOG_FLUSH_WAIT);
         assert!(self.client.proxy().is_some(), "proxy started");
