@@ -20,6 +20,7 @@ use tokio_rustls::{TlsAcceptor, server::TlsStream};
 
 use super::{
     accept::listener::Handler,
+    detect::client_hello::{Protocol, Rewound, sniff},
     http::{
         self, AppPool, AppProtocol, PortProtocol, Raced, detect_racing_server,
         inbound::InboundConnection, metrics::InboundLabels, route_policy::RateLimiter,
@@ -31,7 +32,6 @@ use super::{
     mesh::authz::Authorization,
     mesh::config::InboundMode,
     mesh::identity::SpiffeId,
-    sniff::{Protocol, Rewound, sniff},
     telemetry::access_log::AccessLog,
     telemetry::metrics::{Direction, FailureReason, SecurityPolicy, TcpLabels},
     tls,

@@ -13,11 +13,12 @@
 //!   refuses, `splice` is the zero-copy relay of plain TCP (splice(2) through pooled pipes),
 //!   `copy` the counted copy (TLS), `deadlines` the idle and request-headers timeouts of
 //!   downstream connections, `keepalive` TCP keepalive;
-//! - `sniff`: bounded detection of a mesh ClientHello; `tls/`: rustls configs, SPIFFE checks,
-//!   TLS origination and termination, certificate issuing;
+//! - `detect/`: what a connection carries, from its first bytes within bounds: a mesh
+//!   ClientHello (`client_hello`), HTTP/1 or HTTP/2 (`http`); `tls/`: rustls configs, SPIFFE
+//!   checks, TLS origination and termination, certificate issuing;
 //! - `mesh/`: the compiled snapshot connections use, its load and hot-reload (`reload`), SPIFFE
 //!   IDs (`identity`), allow rules (`authz`), the YAML file (`config`);
-//! - `http/`: protocol detection, HTTP routing, retries, pools, circuit breaking, request
+//! - `http/`: HTTP routing, retries, pools, circuit breaking, request
 //!   metrics (docs/ROUTING.md), and inbound HTTP to the app;
 //! - `telemetry/`: Istio TCP metrics, failure and reload counters, certificate expiry
 //!   (`metrics`); the access log (`access_log`) and its lines (`access_line`, formatted straight
@@ -37,6 +38,7 @@ mod accept;
 mod admin;
 mod args;
 mod capture;
+mod detect;
 pub mod http;
 mod inbound;
 mod inputs;
@@ -44,7 +46,6 @@ mod io;
 mod lifecycle;
 pub mod mesh;
 mod outbound;
-mod sniff;
 pub mod telemetry;
 pub mod tls;
 

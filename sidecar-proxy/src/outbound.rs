@@ -8,12 +8,12 @@ use tokio::net::TcpStream;
 
 use super::{
     accept::listener::Handler,
+    detect::client_hello::Rewound,
     http::{self, AppProtocol, PortProtocol, Raced, Upstreams, detect_racing_server},
     inputs::{Entrance, ProxyInputs},
     io::relay::relay,
     io::upstream,
     lifecycle::idle_exit::AppActivity,
-    sniff::Rewound,
     telemetry::metrics::{Direction, FailureReason, SecurityPolicy, TcpLabels},
 };
 

@@ -30,16 +30,16 @@ const TARGETS: &[Target] = &[
     Target {
         name: "client_hello",
         package: "sidecar-proxy",
-        test: "sniff::tests::fuzz_client_hello",
-        dir: "sidecar-proxy/src/__fuzz__/client_hello",
+        test: "detect::client_hello::tests::fuzz_client_hello",
+        dir: "sidecar-proxy/src/detect/__fuzz__/client_hello",
         // A whole record (5 + 2^14 bytes) and a little beyond.
         max_len: Some(16_500),
     },
     Target {
         name: "http_detection",
         package: "sidecar-proxy",
-        test: "http::detect::tests::fuzz_http_detection",
-        dir: "sidecar-proxy/src/http/__fuzz__/http_detection",
+        test: "detect::http::tests::fuzz_http_detection",
+        dir: "sidecar-proxy/src/detect/__fuzz__/http_detection",
         max_len: None,
     },
     Target {

@@ -22,7 +22,7 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tracing::debug;
 
-use super::{body::ProxyBody, detect::AppProtocol};
+use super::{AppProtocol, body::ProxyBody};
 use crate::{
     Timeouts,
     io::upstream::{self, ConnectFailure, Source},

@@ -14,9 +14,9 @@ use http::{Request, Response, StatusCode, Uri, uri::Scheme};
 use hyper::body::Incoming;
 
 use super::{
+    AppProtocol,
     balancer::{Endpoint, ServiceState},
     body::ProxyBody,
-    detect::AppProtocol,
     metrics::ResponseFlag,
     pool::{self, AcquireError, Connection, Sender},
     record::RequestRecord,

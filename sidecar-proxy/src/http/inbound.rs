@@ -26,9 +26,9 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tracing::Level;
 
 use super::{
+    AppProtocol,
     app_pool::{self, AppPool, AppSender},
     body::{self, BodyEnd, BoxError, Counted, ProxyBody, Untracked},
-    detect::AppProtocol,
     headers::{ensure_request_id, is_upgrade, remove_hop_by_hop},
     metrics::{HttpMetrics, InboundLabels, RequestSeries, ResponseFlag, ResponseFlags},
     reply::{self, Recorded, local_reply, respond},

@@ -20,7 +20,6 @@ mod attempt;
 mod balancer;
 mod body;
 pub mod config;
-mod detect;
 mod forward;
 mod headers;
 pub mod inbound;
@@ -45,7 +44,6 @@ pub use self::{
     app_pool::AppPool,
     balancer::Upstreams,
     config::{HttpConfig, PortProtocol},
-    detect::{AppProtocol, Raced, detect, detect_racing_server},
 };
 use self::{
     attempt::Upstream,
@@ -61,6 +59,7 @@ use self::{
 use super::{
     outbound::OutboundProxy, telemetry::access_log::AccessLog, telemetry::metrics::Direction,
 };
+pub use crate::detect::http::{AppProtocol, Raced, detect, detect_racing_server};
 
 /// Serves the HTTP requests the app sends on one outbound connection (`server::serve`: the
 /// deadlines and the drain), each routed and forwarded by [`handle`].

@@ -20,9 +20,9 @@ use tokio::sync::OwnedSemaphorePermit;
 use tracing::debug;
 
 use super::{
+    AppProtocol,
     balancer::{Endpoint, ServiceState},
     body::ProxyBody,
-    detect::AppProtocol,
     metrics::HttpMetrics,
 };
 use crate::{

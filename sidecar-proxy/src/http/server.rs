@@ -18,7 +18,7 @@ use tokio::{
 };
 use tracing::debug;
 
-use super::{body::ProxyBody, detect::AppProtocol};
+use super::{AppProtocol, body::ProxyBody};
 use crate::{
     inputs::ProxyInputs,
     io::deadlines::{self, Deadlines, RequestHeads},

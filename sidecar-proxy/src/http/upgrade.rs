@@ -11,9 +11,9 @@ use hyper_util::rt::TokioIo;
 use tracing::debug;
 
 use super::{
+    AppProtocol,
     attempt::Upstream,
     body::{self, ProxyBody},
-    detect::AppProtocol,
     pool::Sender,
     record::RequestRecord,
     reply::{self, Recorded, respond},

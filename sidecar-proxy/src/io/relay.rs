@@ -11,11 +11,11 @@ use tokio::{
 
 use crate::{
     capture::CaptureProbe,
+    detect::client_hello::Rewound,
     io::copy::{Transferred, copy_counted},
     io::deadlines::{self, Deadlines},
     io::splice::{self, WireEnd, relay_wire},
     io::upstream::{UpstreamIo, reset},
-    sniff::Rewound,
     telemetry::access_log::AccessLog,
     telemetry::metrics::{DownstreamTimeout, FailureReason, Metrics, TcpCounters},
     tls,

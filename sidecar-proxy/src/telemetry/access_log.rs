@@ -9,11 +9,11 @@ use std::{
 use tracing::Level;
 
 use crate::{
+    detect::client_hello::Protocol,
     io::copy::Transferred,
     io::relay::RelayMode,
     mesh::config::InboundMode,
     mesh::identity::SpiffeId,
-    sniff::Protocol,
     telemetry::access_line::AccessLine,
     telemetry::metrics::{Direction, FailureReason, SecurityPolicy},
 };

@@ -18,7 +18,7 @@ use tokio::{
     time::{Instant, timeout_at},
 };
 
-use super::tls::MESH_ALPN;
+use crate::tls::MESH_ALPN;
 
 const CONTENT_TYPE_HANDSHAKE: u8 = 0x16;
 const HANDSHAKE_CLIENT_HELLO: u8 = 0x01;
