@@ -163,9 +163,9 @@ pub async fn acquire(
         if let Some(connection) = reusable(service, endpoint, protocol, &opening.security) {
             return Ok(connection);
         }
-        // Boxed: opening (connect, TLS handshake, HTTP handshake) is a large future, and it
-        // would otherwise make every request's future as large, moved whole on each spawn
-        // and poll even when a pooled connection is reused (most of the HTTP/2 path's cost).
+        // Boxed: opening (connect, TLS handshake, HTTP handshake) is a large future, rarely
+        // awaited; inline, it would size every request's future, which is moved whole (into
+        // a task per HTTP/2 stream). Timed, the copies cost little (docs/BENCHMARKS.md).
         if let Ok(permit) = service.connection_permits.clone().try_acquire_owned() {
             return Box::pin(open(endpoint, &opening, permit)).await;
         }
