@@ -21,17 +21,18 @@ const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection")
 
 /// Is this an upgrade request or response (`Connection: upgrade` plus `Upgrade`)?
 pub fn is_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(UPGRADE) && connection_tokens(headers).any(|token| token == "upgrade")
+    headers.contains_key(UPGRADE) && names_in_connection(headers, "upgrade")
 }
 
-fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = String> + '_ {
+/// Does a `Connection` header list `name` (case-insensitively)? Compared in place: this runs
+/// on every request and response.
+fn names_in_connection(headers: &HeaderMap, name: &str) -> bool {
     headers
         .get_all(CONNECTION)
         .iter()
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(','))
-        .map(|token| token.trim().to_ascii_lowercase())
-        .filter(|token| !token.is_empty())
+        .any(|token| token.trim().eq_ignore_ascii_case(name))
 }
 
 /// The headers that only concern one hop, besides those `Connection` names.
@@ -52,14 +53,7 @@ const HOP_BY_HOP: [HeaderName; 9] = [
 pub fn remove_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     // One pass over the few names present, compared without allocating: this runs on every
     // request and response, and most carry none or only `Connection: keep-alive`.
-    let connection = headers.get_all(CONNECTION);
-    let listed = |name: &HeaderName| {
-        connection
-            .iter()
-            .filter_map(|value| value.to_str().ok())
-            .flat_map(|value| value.split(','))
-            .any(|token| token.trim().eq_ignore_ascii_case(name.as_str()))
-    };
+    let listed = |name: &HeaderName| names_in_connection(headers, name.as_str());
     let kept_for_upgrade = |name: &HeaderName| upgrade && (*name == CONNECTION || *name == UPGRADE);
     let doomed: Vec<HeaderName> = headers
         .keys()

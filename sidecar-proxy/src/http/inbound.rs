@@ -110,12 +110,11 @@ async fn handle(served: Arc<Served>, request: Request<Incoming>) -> Response<Pro
         );
     }
     let request = Request::from_parts(parts, body);
-    // Boxed, as outbound's: the request's future is moved whole (into a task per HTTP/2
-    // stream), and these two are most of its size.
+    // The upgrade is boxed: rare, and its future would size every request's.
     if upgrade {
         return Box::pin(forward_upgrade(request, record)).await;
     }
-    Box::pin(forward(request, record)).await
+    forward(request, record).await
 }
 
 /// To the app on a pooled connection; once more on a new one when the pooled one turns out to

@@ -89,7 +89,7 @@ impl ResponseFlags {
 /// config or an identity. Built per request, so the borrowed ones cost nothing.
 pub type Label = Cow<'static, str>;
 
-const UNKNOWN_LABEL: Label = Cow::Borrowed(UNKNOWN);
+pub const UNKNOWN_LABEL: Label = Cow::Borrowed(UNKNOWN);
 
 /// Every label of Istio's request metrics, `unknown` when not known.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

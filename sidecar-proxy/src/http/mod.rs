@@ -161,10 +161,7 @@ async fn handle(
         ))
         .await;
     }
-    // Boxed: the forward future (retries, timeouts, the pooled send) is the bulk of a
-    // request's state, and hyper moves the request's future several times (into a task per
-    // HTTP/2 stream): the moves carry a pointer instead of kilobytes.
-    Box::pin(forward::forward(upstream, route, record, request)).await
+    forward::forward(upstream, route, record, request).await
 }
 
 /// Istio's `request_protocol`: `grpc` for HTTP/2 requests of `application/grpc...`, else `http`.
