@@ -128,6 +128,7 @@ impl RoutingLab {
 fn http_section(server: &Pod, canary: &str) -> String {
     format!(
         "http:
+  accessLog: true
   services:
     - {{name: v2, namespace: default, endpoints: ['{ip}:{V2_PORT}'], version: v2}}
   routes:

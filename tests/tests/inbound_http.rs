@@ -97,7 +97,7 @@ impl InboundLab {
         write_mesh_config(
             &pki.join("server"),
             &format!(
-                "inbound:\n  mode: STRICT\n  ports:\n    - port: {PERMISSIVE_PORT}\n      mode: PERMISSIVE\n"
+                "http:\n  accessLog: true\ninbound:\n  mode: STRICT\n  ports:\n    - port: {PERMISSIVE_PORT}\n      mode: PERMISSIVE\n"
             ),
         );
         let mut client = sidecar_pod(&lab, client);

@@ -142,6 +142,7 @@ impl PartnerPki {
 fn partner_config(server: &Pod, tls: &str) -> String {
     format!(
         "http:
+  accessLog: true
   services:
     - name: partner-api
       hosts: [{PARTNER_HOST}]

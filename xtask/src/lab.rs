@@ -168,6 +168,8 @@ enum MeshRole<'a> {
 /// Writes `mesh.yaml` (docs/MESH_CONFIG.md) next to the pod's certificate files.
 fn write_mesh_config(dir: &Path, role: MeshRole<'_>) -> Result<()> {
     let mut yaml = identity_config(TRUST_DOMAIN);
+    // The demo shows each request's access line (off by default, as in Istio).
+    yaml.push_str("http:\n  accessLog: true\n");
     match role {
         MeshRole::Client(server) => yaml.push_str(&format!(
             "workloads:\n  - name: server\n    addresses: [\"{}\", \"{}\"]\n    identities: [{}]\n",

@@ -566,7 +566,8 @@ fn write_certs(work: &Path, sidecar: &Path) -> Result<PathBuf> {
     pki.issue("certs", POD_NAMESPACE, "demo", &[])
 }
 
-/// The ConfigMap's stand-in: its `mesh.yaml` key as a file.
+/// The ConfigMap's stand-in: its `mesh.yaml` key as a file, with the access log on (off by
+/// default, as in Istio): the test shows the app's request in it.
 fn write_mesh_config(config_map: &Path, work: &Path) -> Result<PathBuf> {
     let doc = yaml_file(config_map)?;
     let mesh = doc["data"]["mesh.yaml"]
@@ -574,7 +575,10 @@ fn write_mesh_config(config_map: &Path, work: &Path) -> Result<PathBuf> {
         .context("the mesh ConfigMap has no mesh.yaml")?;
     let dir = work.join("config");
     std::fs::create_dir_all(&dir)?;
-    std::fs::write(dir.join("mesh.yaml"), mesh)?;
+    std::fs::write(
+        dir.join("mesh.yaml"),
+        format!("{mesh}http:\n  accessLog: true\n"),
+    )?;
     Ok(dir)
 }
 

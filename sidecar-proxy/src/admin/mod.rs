@@ -572,7 +572,7 @@ mod tests {
             .get_or_init(|| Arc::new(MeshHandle::new(super::super::mesh::Mesh::plaintext())));
         let dump = body_text(respond(&Method::GET, CONFIG_DUMP_PATH, ADMIN, &state)).await;
         let dump: serde_json::Value = serde_json::from_str(&dump)?;
-        assert_eq!(dump["http"]["accessLog"], true, "{dump}");
+        assert_eq!(dump["http"]["accessLog"], false, "{dump}");
 
         let get_level = respond(&Method::GET, "/logging?level=debug", ADMIN, &state);
         assert_eq!(

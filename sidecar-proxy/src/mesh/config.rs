@@ -629,6 +629,14 @@ inbound:
 ";
 
     #[test]
+    fn the_access_log_is_off_unless_asked_for() -> Result<(), ConfigError> {
+        assert!(!parse(FULL)?.http.access_log);
+        assert!(!parse("http: {}\n")?.http.access_log);
+        assert!(parse("http: {accessLog: true}\n")?.http.access_log);
+        Ok(())
+    }
+
+    #[test]
     fn a_full_config_parses() -> Result<(), ConfigError> {
         let config = parse(FULL)?;
         assert_eq!(config.trust_domain.as_deref(), Some("cluster.local"));
