@@ -20,6 +20,7 @@
 //! assert_eq!(report.server.peer.ip().to_canonical(), client.ipv4());
 //! ```
 
+mod bpf_counters;
 pub mod bpf_memory;
 mod cgroup;
 mod lab;
@@ -32,6 +33,7 @@ mod sidecar_pod;
 pub mod tools;
 mod wait;
 
+pub use bpf_counters::BpfCounters;
 pub use cgroup::{cgroup2_mount_point, cgroup2_root};
 pub use lab::{Lab, Pod};
 pub use mesh_pki::{MeshPki, identity_config, replace_file};

@@ -10,6 +10,7 @@ use std::{
 };
 
 use common::*;
+use sidecar_common::Counter;
 use sidecar_tests::tools::http::{self, HttpResponse, HttpTarget};
 
 const CHECK_INTERVAL: &str = "200ms";
@@ -98,7 +99,7 @@ fn assert_intercepted_once(mesh: &MeshLab) {
         .args(["connect", &client.to_string(), "--timeout-ms", "1000"])
         .run();
     let counters = mesh.bpf_counters();
-    assert_eq!(counters["redirected"], 1, "{counters:?}");
-    assert_eq!(counters["inbound_redirected"], 1, "{counters:?}");
-    assert_eq!(counters["inbound_no_proxy"], 0, "{counters:?}");
+    assert_eq!(counters[Counter::Redirected], 1, "{counters:?}");
+    assert_eq!(counters[Counter::InboundRedirected], 1, "{counters:?}");
+    assert_eq!(counters[Counter::InboundNoProxy], 0, "{counters:?}");
 }

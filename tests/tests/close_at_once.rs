@@ -7,6 +7,7 @@ mod common;
 use std::{net::SocketAddr, time::Duration};
 
 use common::*;
+use sidecar_common::Counter;
 use sidecar_tests::{LabProcess, wait_for_tcp};
 
 const SINK_PORT: u16 = 7070;
@@ -216,9 +217,9 @@ fn every_message_arrives(layout: Layout, name: &str) {
     }
     if layout != Layout::Iptables {
         let counters = mesh.bpf_counters();
-        assert_eq!(counters["orig_dst_missing"], 0, "{counters:?}");
+        assert_eq!(counters[Counter::OrigDstMissing], 0, "{counters:?}");
         assert_eq!(
-            counters["orig_dst_served"],
+            counters[Counter::OrigDstServed],
             2 * total as u64,
             "{counters:?}"
         );

@@ -8,7 +8,8 @@ mod common;
 use std::{net::SocketAddr, time::Duration};
 
 use common::*;
-use sidecar_tests::{Lab, LabProcess, Pod, SidecarPod, require_root, wait_for_tcp};
+use sidecar_common::Counter;
+use sidecar_tests::{BpfCounters, Lab, LabProcess, Pod, SidecarPod, require_root, wait_for_tcp};
 
 const INBOUND_PORT: u16 = 15006;
 
@@ -109,10 +110,8 @@ impl InboundLab {
             .unwrap()
     }
 
-    fn counters(&self) -> std::collections::BTreeMap<String, u64> {
-        status_of(self.server.cgroup())
-            .expect("server capture")
-            .counters
+    fn counters(&self) -> BpfCounters {
+        BpfCounters::from(status_of(self.server.cgroup()).expect("server capture"))
     }
 }
 
@@ -172,10 +171,10 @@ fn inbound_connections_reach_the_listener_with_their_original_destination() {
     assert_eq!(served(&mesh.app), 3);
 
     let counters = mesh.counters();
-    assert_eq!(counters["inbound_redirected"], 2, "{counters:?}");
-    assert_eq!(counters["inbound_excluded_port"], 1, "{counters:?}");
-    assert_eq!(counters["inbound_passthrough"], 2, "{counters:?}");
-    assert_eq!(counters["inbound_no_proxy"], 0, "{counters:?}");
+    assert_eq!(counters[Counter::InboundRedirected], 2, "{counters:?}");
+    assert_eq!(counters[Counter::InboundExcludedPort], 1, "{counters:?}");
+    assert_eq!(counters[Counter::InboundPassthrough], 2, "{counters:?}");
+    assert_eq!(counters[Counter::InboundNoProxy], 0, "{counters:?}");
 }
 
 #[test]
@@ -190,7 +189,7 @@ fn without_the_proxy_inbound_fails_closed_and_is_counted() {
         "{err}"
     );
     assert_eq!(served(&mesh.app), 0);
-    assert!(mesh.counters()["inbound_no_proxy"] >= 1);
+    assert!(mesh.counters()[Counter::InboundNoProxy] >= 1);
 
     // A listener that comes up later is picked up without re-running init...
     let listener = mesh.start_listener();
@@ -269,8 +268,8 @@ fn connections_from_localhost_to_the_pod_address_are_captured() {
     assert_eq!(served(&mesh.app), 0, "localhost skipped the proxy");
     assert_eq!(served(&listener), 2, "{}", listener.stdout_text());
     let counters = mesh.counters();
-    assert_eq!(counters["inbound_passthrough"], 0, "{counters:?}");
-    assert_eq!(counters["inbound_redirected"], 2, "{counters:?}");
+    assert_eq!(counters[Counter::InboundPassthrough], 0, "{counters:?}");
+    assert_eq!(counters[Counter::InboundRedirected], 2, "{counters:?}");
 }
 
 /// The attack: while the proxy is down (restarting, or killed), a process of the app's user
@@ -341,7 +340,7 @@ fn only_the_proxy_may_listen_on_the_capture_ports() {
         !autobound.contains(&15001) && !autobound.contains(&15006),
         "listen() without bind got a capture port: {autobound:?}"
     );
-    assert_eq!(mesh.counters()["proxy_port_bind_refused"], 8);
+    assert_eq!(mesh.counters()[Counter::ProxyPortBindRefused], 8);
 
     // Inbound still fails closed, and the real proxy's listener (its UID) registers.
     let target = SocketAddr::new(mesh.server.ipv4().into(), 8080);

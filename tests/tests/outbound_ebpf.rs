@@ -59,11 +59,11 @@ fn intercepts_ipv4_ipv6_and_mapped_with_the_proxy_in_the_pod() {
     ];
     assert_intercepted(&mesh, &targets);
     let counters = mesh.bpf_counters();
-    assert_eq!(counters["redirected"], 3, "{counters:?}");
-    assert_eq!(counters["orig_dst_served"], 3, "{counters:?}");
+    assert_eq!(counters[Counter::Redirected], 3, "{counters:?}");
+    assert_eq!(counters[Counter::OrigDstServed], 3, "{counters:?}");
     // The proxy's own three upstream connects, exempt by UID 1337, are not captured again.
-    assert_eq!(counters["bypassed_uid_gid"], 3, "{counters:?}");
-    assert_eq!(counters["errors"], 0, "{counters:?}");
+    assert_eq!(counters[Counter::BypassedUidGid], 3, "{counters:?}");
+    assert_eq!(counters[Counter::Errors], 0, "{counters:?}");
     assert_eq!(mesh.proxy_metric("sidecar_outbound_failures_total"), 0);
     // Each original destination moved to the proxy's socket: nothing waits in the handoff.
     let status = mesh.ebpf_status().expect("status");
@@ -84,10 +84,11 @@ fn proxy_in_a_sibling_cgroup_is_never_captured() {
         &[mesh.server_v4(ECHO_PORT), mesh.server_v6(ECHO_PORT)],
     );
     let counters = mesh.bpf_counters();
-    assert_eq!(counters["redirected"], 2, "{counters:?}");
-    assert_eq!(counters["bypassed_uid_gid"], 0, "{counters:?}");
+    assert_eq!(counters[Counter::Redirected], 2, "{counters:?}");
+    assert_eq!(counters[Counter::BypassedUidGid], 0, "{counters:?}");
     assert_eq!(
-        counters["loopback"], 0,
+        counters[Counter::Loopback],
+        0,
         "the proxy's upstream must not reach the hooks: {counters:?}"
     );
 }
@@ -125,10 +126,10 @@ fn excluded_port_cidr_and_proxy_uid_go_direct() {
     );
 
     let counters = mesh.bpf_counters();
-    assert_eq!(counters["excluded_port"], 1, "{counters:?}");
-    assert_eq!(counters["excluded_cidr"], 1, "{counters:?}");
-    assert_eq!(counters["bypassed_uid_gid"], 1, "{counters:?}");
-    assert_eq!(counters["redirected"], 0, "{counters:?}");
+    assert_eq!(counters[Counter::ExcludedPort], 1, "{counters:?}");
+    assert_eq!(counters[Counter::ExcludedCidr], 1, "{counters:?}");
+    assert_eq!(counters[Counter::BypassedUidGid], 1, "{counters:?}");
+    assert_eq!(counters[Counter::Redirected], 0, "{counters:?}");
     assert_eq!(mesh.proxy_metric("istio_tcp_connections_opened_total"), 0);
 
     // The same app, on a port that is not excluded, is captured.
@@ -191,7 +192,7 @@ fn init_twice_replaces_and_cleanup_leaves_nothing() {
     );
     // Counters and live state survive the replacement; capture still works.
     assert_intercepted(&mesh, &[mesh.server_v4(ECHO_PORT)]);
-    assert_eq!(mesh.bpf_counters()["redirected"], 2);
+    assert_eq!(mesh.bpf_counters()[Counter::Redirected], 2);
 
     // Every program our links hold, the netns one included, must be unloaded by cleanup.
     let status = mesh.ebpf_status().unwrap();
@@ -278,9 +279,9 @@ print("ok")
         .expect("python3");
     assert!(out.status.success(), "{}", text(&out));
     let counters = mesh.bpf_counters();
-    assert_eq!(counters["excluded_port"], 1, "{counters:?}");
-    assert_eq!(counters["orig_dst_missing"], 1, "{counters:?}");
-    assert_eq!(counters["orig_dst_served"], 0, "{counters:?}");
+    assert_eq!(counters[Counter::ExcludedPort], 1, "{counters:?}");
+    assert_eq!(counters[Counter::OrigDstMissing], 1, "{counters:?}");
+    assert_eq!(counters[Counter::OrigDstServed], 0, "{counters:?}");
 }
 
 #[test]
@@ -321,8 +322,8 @@ fn long_lived_connections_hold_no_kernel_entry_and_kernel_logs_follow() {
     assert_eq!(status.pending_handoffs, 0, "{status:?}");
     assert!(mesh.connect(mesh.server_v4(ECHO_PORT)).echo_ok);
     let counters = mesh.bpf_counters();
-    assert_eq!(counters["errors"], 0, "{counters:?}");
-    assert_eq!(counters["orig_dst_served"], 21, "{counters:?}");
+    assert_eq!(counters[Counter::Errors], 0, "{counters:?}");
+    assert_eq!(counters[Counter::OrigDstServed], 21, "{counters:?}");
     let out = logs.wait_with_output().expect("kernel-logs output");
     assert!(out.status.success(), "kernel-logs: {out:?}");
     drop(holder);

@@ -10,8 +10,8 @@ use std::{
 };
 
 use common::*;
-use sidecar_common::WhenProxyDown;
-use sidecar_tests::LabProcess;
+use sidecar_common::{Counter, WhenProxyDown};
+use sidecar_tests::{BpfCounters, LabProcess};
 
 /// The client pod's own app server, for inbound load (captured by the client's proxy).
 const APP_PORT: u16 = 7070;
@@ -168,15 +168,15 @@ fn when_proxy_down_direct_connects_go_to_their_destination_until_a_proxy_is_back
         assert_eq!(canonical(report.server.local), canonical(target));
     }
     let counters = mesh.bpf_counters();
-    assert_eq!(counters["outbound_no_proxy_direct"], 5, "{counters:?}");
-    assert_eq!(counters["outbound_no_proxy_refused"], 0, "{counters:?}");
-    assert_eq!(counters["redirected"], 3, "{counters:?}");
+    assert_eq!(counters[Counter::OutboundNoProxyDirect], 5, "{counters:?}");
+    assert_eq!(counters[Counter::OutboundNoProxyRefused], 0, "{counters:?}");
+    assert_eq!(counters[Counter::Redirected], 3, "{counters:?}");
 
     mesh.start_proxy();
     assert_captured(&mesh, &three_families(&mesh));
     let counters = mesh.bpf_counters();
-    assert_eq!(counters["redirected"], 6, "{counters:?}");
-    assert_eq!(counters["outbound_no_proxy_direct"], 5, "{counters:?}");
+    assert_eq!(counters[Counter::Redirected], 6, "{counters:?}");
+    assert_eq!(counters[Counter::OutboundNoProxyDirect], 5, "{counters:?}");
 }
 
 /// `refuse` (the default): with the proxy killed, the app's connects fail at once with
@@ -226,15 +226,13 @@ fn when_proxy_down_refuse_connects_fail_at_once_until_a_proxy_is_back() {
         assert!(attempt.seconds < 1.0, "not at once: {attempt:?}");
     }
     let counters = mesh.bpf_counters();
-    assert_eq!(counters["outbound_no_proxy_refused"], 5, "{counters:?}");
-    assert_eq!(counters["outbound_no_proxy_direct"], 0, "{counters:?}");
+    assert_eq!(counters[Counter::OutboundNoProxyRefused], 5, "{counters:?}");
+    assert_eq!(counters[Counter::OutboundNoProxyDirect], 0, "{counters:?}");
 
     mesh.start_proxy();
     assert_captured(&mesh, &three_families(&mesh));
-    assert_eq!(mesh.bpf_counters()["outbound_no_proxy_refused"], 5);
+    assert_eq!(mesh.bpf_counters()[Counter::OutboundNoProxyRefused], 5);
 }
-
-type Counters = std::collections::BTreeMap<String, u64>;
 
 /// The load of one direction across a restart, by phase.
 struct RestartRun {
@@ -249,7 +247,7 @@ struct RestartRun {
 /// Prints each direction's numbers; checks what holds whatever the policy: no failure before
 /// the kill, none after the new proxy is ready, all of those through the proxy, and every
 /// failure in the gap refused at once. Returns (outbound, inbound) and the kernel counters.
-fn restart_under_steady_load(test: &str, policy: &str) -> (RestartRun, RestartRun, Counters) {
+fn restart_under_steady_load(test: &str, policy: &str) -> (RestartRun, RestartRun, BpfCounters) {
     let mut mesh = MeshLab::new(test, Layout::EbpfProxyInPod);
     mesh.init(&["--when-proxy-down", policy]);
     let app = mesh
@@ -373,9 +371,12 @@ fn a_proxy_restarted_after_sigkill_takes_over_under_steady_load() {
     let (outbound, inbound, counters) = restart_under_steady_load("restart-load", "refuse");
     assert!(outbound.gap.failed() > 0, "{:?}", outbound.gap);
     assert!(inbound.gap.failed() > 0, "{:?}", inbound.gap);
-    assert!(counters["outbound_no_proxy_refused"] > 0, "{counters:?}");
-    assert!(counters["inbound_no_proxy"] > 0, "{counters:?}");
-    assert_eq!(counters["outbound_no_proxy_direct"], 0, "{counters:?}");
+    assert!(
+        counters[Counter::OutboundNoProxyRefused] > 0,
+        "{counters:?}"
+    );
+    assert!(counters[Counter::InboundNoProxy] > 0, "{counters:?}");
+    assert_eq!(counters[Counter::OutboundNoProxyDirect], 0, "{counters:?}");
 }
 
 /// Under `direct`, no outbound request fails during the gap (they go to the server uncaptured);
@@ -390,6 +391,6 @@ fn a_proxy_restarted_after_sigkill_takes_over_under_steady_load_direct() {
         outbound.gap
     );
     assert!(inbound.gap.failed() > 0, "{:?}", inbound.gap);
-    assert!(counters["outbound_no_proxy_direct"] > 0, "{counters:?}");
-    assert_eq!(counters["outbound_no_proxy_refused"], 0, "{counters:?}");
+    assert!(counters[Counter::OutboundNoProxyDirect] > 0, "{counters:?}");
+    assert_eq!(counters[Counter::OutboundNoProxyRefused], 0, "{counters:?}");
 }

@@ -9,11 +9,12 @@
 //! sockmap receive path can hand a blocking reader EAGAIN, so the shortcut is for them.
 mod common;
 
-use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use common::*;
+use sidecar_common::Counter;
 use sidecar_tests::{
-    ConnectReport, Lab, LabProcess, Pod, SidecarPod, require_root,
+    BpfCounters, ConnectReport, Lab, LabProcess, Pod, SidecarPod, require_root,
     tools::load::{LoadSpec, Workload, client::report_from_output, histogram},
     wait_for_tcp,
 };
@@ -128,10 +129,8 @@ impl ShortcutLab {
     }
 
     /// Kernel counters of `pod`'s capture, from `sidecar status --json`.
-    fn counters(&self, pod: &Pod) -> BTreeMap<String, u64> {
-        status_of(pod.cgroup())
-            .expect("capture of the pod")
-            .counters
+    fn counters(&self, pod: &Pod) -> BpfCounters {
+        BpfCounters::from(status_of(pod.cgroup()).expect("capture of the pod"))
     }
 
     fn server_v4(&self, port: u16) -> SocketAddr {
@@ -139,8 +138,8 @@ impl ShortcutLab {
     }
 }
 
-fn delta(after: &BTreeMap<String, u64>, before: &BTreeMap<String, u64>, name: &str) -> u64 {
-    after[name] - before[name]
+fn delta(after: &BpfCounters, before: &BpfCounters, counter: Counter) -> u64 {
+    after[counter] - before[counter]
 }
 
 #[test]
@@ -162,12 +161,12 @@ fn transfers_are_byte_exact_both_ways_through_the_shortcut() {
     let connections = sizes.len() as u64;
     // Two ends per hop and connection: the app's and the proxy's.
     assert_eq!(
-        delta(&client, &client_before, "shortcut_sockets"),
+        delta(&client, &client_before, Counter::ShortcutSockets),
         2 * connections,
         "client pod (outbound hop): {client:?}"
     );
     assert_eq!(
-        delta(&server, &server_before, "shortcut_sockets"),
+        delta(&server, &server_before, Counter::ShortcutSockets),
         2 * connections,
         "server pod (inbound hop): {server:?}"
     );
@@ -176,10 +175,10 @@ fn transfers_are_byte_exact_both_ways_through_the_shortcut() {
         ("server", &server, &server_before),
     ] {
         assert!(
-            delta(after, before, "shortcut_messages") >= connections,
+            delta(after, before, Counter::ShortcutMessages) >= connections,
             "{pod}: the bytes did not take the shortcut: {after:?}"
         );
-        assert_eq!(delta(after, before, "errors"), 0, "{pod}: {after:?}");
+        assert_eq!(delta(after, before, Counter::Errors), 0, "{pod}: {after:?}");
     }
     mesh.assert_relayed_by("copy");
 }
@@ -200,12 +199,12 @@ fn the_ipv6_hops_take_the_shortcut_too() {
         ("server", mesh.counters(&mesh.server), &server_before),
     ] {
         assert_eq!(
-            delta(&after, before, "shortcut_sockets"),
+            delta(&after, before, Counter::ShortcutSockets),
             4,
             "{pod}: {after:?}"
         );
         assert!(
-            delta(&after, before, "shortcut_messages") >= 2,
+            delta(&after, before, Counter::ShortcutMessages) >= 2,
             "{pod}: {after:?}"
         );
     }
@@ -259,7 +258,7 @@ fn many_small_round_trips_neither_stall_nor_corrupt() {
     }
     let after = mesh.counters(&mesh.client);
     assert!(
-        delta(&after, &before, "shortcut_messages") >= round_trips,
+        delta(&after, &before, Counter::ShortcutMessages) >= round_trips,
         "round trips did not take the shortcut: {after:?}"
     );
 }
@@ -272,13 +271,13 @@ fn the_shortcut_is_off_unless_asked_for() {
     for pod in [&mesh.client, &mesh.server] {
         let counters = mesh.counters(pod);
         assert_eq!(
-            counters["shortcut_sockets"],
+            counters[Counter::ShortcutSockets],
             0,
             "{}: {counters:?}",
             pod.name()
         );
         assert_eq!(
-            counters["shortcut_messages"],
+            counters[Counter::ShortcutMessages],
             0,
             "{}: {counters:?}",
             pod.name()

@@ -5,7 +5,6 @@
 pub mod x509;
 
 use std::{
-    collections::BTreeMap,
     net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     process::{Command, Output},
@@ -14,8 +13,8 @@ use std::{
 
 use sidecar_common::{AttachPoint, CaptureReport, StatusReport};
 use sidecar_tests::{
-    ConnectReport, Lab, LabProcess, Pod, ProxyPlacement, SidecarPod, proxy_metrics, require_root,
-    wait_for_proxy_metric, wait_for_tcp,
+    BpfCounters, ConnectReport, Lab, LabProcess, Pod, ProxyPlacement, SidecarPod, proxy_metrics,
+    require_root, wait_for_proxy_metric, wait_for_tcp,
 };
 
 #[allow(unused_imports)] // as dead_code above: not every test binary names each of them
@@ -235,10 +234,11 @@ impl MeshLab {
     }
 
     /// The kernel-side counters of the client pod's capture, from `sidecar status --json`.
-    pub fn bpf_counters(&self) -> BTreeMap<String, u64> {
-        self.ebpf_status()
-            .expect("capture installed for the client pod")
-            .counters
+    pub fn bpf_counters(&self) -> BpfCounters {
+        BpfCounters::from(
+            self.ebpf_status()
+                .expect("capture installed for the client pod"),
+        )
     }
 
     /// The client pod's entry in `sidecar status --json`, if any.
