@@ -164,8 +164,8 @@ pub async fn acquire(
             return Ok(connection);
         }
         // Boxed: opening (connect, TLS handshake, HTTP handshake) is a large future, rarely
-        // awaited; inline, it would size every request's future, which is moved whole (into
-        // a task per HTTP/2 stream). Timed, the copies cost little (docs/BENCHMARKS.md).
+        // awaited; inline, it would size every request's future (boxed per request by
+        // `server::serve`), and so each request's allocation.
         if let Ok(permit) = service.connection_permits.clone().try_acquire_owned() {
             return Box::pin(open(endpoint, &opening, permit)).await;
         }
