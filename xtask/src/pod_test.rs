@@ -575,11 +575,23 @@ fn write_mesh_config(config_map: &Path, work: &Path) -> Result<PathBuf> {
         .context("the mesh ConfigMap has no mesh.yaml")?;
     let dir = work.join("config");
     std::fs::create_dir_all(&dir)?;
-    std::fs::write(
-        dir.join("mesh.yaml"),
-        format!("{mesh}http:\n  accessLog: true\n"),
-    )?;
+    std::fs::write(dir.join("mesh.yaml"), with_access_log(mesh)?)?;
     Ok(dir)
+}
+
+/// `mesh` (a mesh config) with `http.accessLog: true`, set in its own `http` section if it has
+/// one, so no key is written twice.
+fn with_access_log(mesh: &str) -> Result<String> {
+    let mut mesh: Value = serde_yaml::from_str(mesh).context("the mesh config is not YAML")?;
+    let http = mesh
+        .as_mapping_mut()
+        .context("the mesh config is not a mapping")?
+        .entry("http".into())
+        .or_insert_with(|| Mapping::new().into());
+    http.as_mapping_mut()
+        .context("the mesh config's `http` is not a mapping")?
+        .insert("accessLog".into(), true.into());
+    Ok(serde_yaml::to_string(&mesh)?)
 }
 
 /// The downward API's stand-in, in `dir`: `key="value"` lines, sorted and quoted as the
@@ -702,4 +714,38 @@ fn checked(cmd: &mut Command) -> Result<Output> {
         );
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_access_log_is_set_in_the_configs_own_http_section() -> Result<()> {
+        let shipped = "inbound:\n  mode: STRICT\nhttp:\n  services: []\n";
+        let config: Value = serde_yaml::from_str(&with_access_log(shipped)?)?;
+        assert_eq!(config["http"]["accessLog"], Value::Bool(true));
+        assert_eq!(config["http"]["services"], Value::Sequence(Vec::new()));
+        assert_eq!(config["inbound"]["mode"], Value::from("STRICT"));
+        Ok(())
+    }
+
+    #[test]
+    fn the_shipped_mesh_config_gets_the_access_log() -> Result<()> {
+        let config_map =
+            yaml_file(&workspace_root().join("deploy/kubernetes/base/mesh-config.yaml"))?;
+        let shipped = config_map["data"]["mesh.yaml"]
+            .as_str()
+            .context("no mesh.yaml")?;
+        let config: Value = serde_yaml::from_str(&with_access_log(shipped)?)?;
+        assert_eq!(config["http"]["accessLog"], Value::Bool(true));
+        Ok(())
+    }
+
+    #[test]
+    fn a_config_without_http_gets_one() -> Result<()> {
+        let config: Value = serde_yaml::from_str(&with_access_log("inbound: {}\n")?)?;
+        assert_eq!(config["http"]["accessLog"], Value::Bool(true));
+        Ok(())
+    }
 }
