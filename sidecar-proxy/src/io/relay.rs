@@ -78,6 +78,16 @@ impl<S: IntoTcp> IntoTcp for Rewound<S> {
     }
 }
 
+impl<S: IntoTcp> IntoTcp for Box<S> {
+    fn into_tcp(self) -> TcpStream {
+        (*self).into_tcp()
+    }
+
+    fn into_wire(self) -> Result<WireEnd, Self> {
+        (*self).into_wire().map_err(Box::new)
+    }
+}
+
 impl<S: IntoTcp> IntoTcp for tokio_rustls::client::TlsStream<S> {
     fn into_tcp(self) -> TcpStream {
         self.into_inner().0.into_tcp()
