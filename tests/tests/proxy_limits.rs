@@ -271,14 +271,11 @@ fn unfinished_requests_on_the_readiness_port_leave_readiness_and_the_data_path_w
     let mut mesh = LimitsLab::new("limits-fds");
     mesh.start_proxy(&[]);
     let before = mesh.proxy_open_fds();
-    let accepted = || {
-        proxy_metric(
-            &mesh.server,
-            "sidecar_listener_connections_accepted_total",
-            &[("listener", "ready")],
-        )
-    };
-    let accepted_before = accepted();
+    let accepted_before = proxy_metric(
+        &mesh.server,
+        "sidecar_listener_connections_accepted_total",
+        &[("listener", "ready")],
+    );
 
     let attacker = start_unfinished_requests(
         &mesh.client,

@@ -60,6 +60,9 @@ struct PlayedPod {
     cgroup: PathBuf,
 }
 
+/// The mesh ConfigMap the manifests ship, whose `mesh.yaml` the pod's proxy runs with.
+const SHIPPED_MESH_CONFIG: &str = "deploy/kubernetes/base/mesh-config.yaml";
+
 pub fn run_pod_test() -> Result<()> {
     if !rustix::process::geteuid().is_root() {
         bail!("pod-test runs privileged podman pods and loads BPF programs: run it as root");
@@ -95,7 +98,7 @@ fn exercise(podman: &Podman, work: &Path, sidecar: &Path, pods: &mut Vec<PlayedP
     std::fs::write(&server_yaml, server_pod_yaml())?;
     let client_yaml = work.join("client.yaml");
     let shipped = workspace_root().join("deploy/kubernetes/base/deployment.yaml");
-    let mesh_config = workspace_root().join("deploy/kubernetes/base/mesh-config.yaml");
+    let mesh_config = workspace_root().join(SHIPPED_MESH_CONFIG);
     let stand_ins = StandIns {
         certs: write_certs(work, sidecar)?,
         mesh_config: write_mesh_config(&mesh_config, work)?,
@@ -732,8 +735,7 @@ mod tests {
 
     #[test]
     fn the_shipped_mesh_config_gets_the_access_log() -> Result<()> {
-        let config_map =
-            yaml_file(&workspace_root().join("deploy/kubernetes/base/mesh-config.yaml"))?;
+        let config_map = yaml_file(&workspace_root().join(SHIPPED_MESH_CONFIG))?;
         let shipped = config_map["data"]["mesh.yaml"]
             .as_str()
             .context("no mesh.yaml")?;
