@@ -337,6 +337,7 @@ impl InboundProxy {
                     rate_limiter,
                     access_log,
                     labels: InboundLabels::new(&self.inputs.local, mutual_tls),
+                    from_mesh_peer: mutual_tls.is_some(),
                 };
                 http::inbound::serve(connection, downstream, protocol, log).await;
             }

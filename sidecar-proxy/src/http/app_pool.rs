@@ -22,7 +22,7 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tracing::debug;
 
-use super::{AppProtocol, body::ProxyBody};
+use super::{AppProtocol, MAX_HTTP2_HEADER_LIST_BYTES, body::ProxyBody};
 use crate::{
     Timeouts,
     io::upstream::{self, ConnectFailure, Source},
@@ -214,6 +214,7 @@ async fn open_http2(
 ) -> Result<http2::SendRequest<ProxyBody>, ConnectFailure> {
     let stream = upstream::connect(addr, Source::Passthrough, timeouts).await?;
     let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+        .max_header_list_size(MAX_HTTP2_HEADER_LIST_BYTES)
         .handshake(TokioIo::new(stream))
         .await
         .map_err(handshake_failed)?;

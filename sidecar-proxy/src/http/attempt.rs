@@ -10,13 +10,14 @@ use std::{
     time::Instant,
 };
 
-use http::{Request, Response, StatusCode, Uri, uri::Scheme};
+use http::{Request, Response, StatusCode, Uri, Version, uri::Scheme};
 use hyper::body::Incoming;
 
 use super::{
     AppProtocol,
     balancer::{Endpoint, ServiceState},
     body::ProxyBody,
+    h1_over_h2,
     metrics::ResponseFlag,
     pool::{self, AcquireError, Connection, Sender},
     record::RequestRecord,
@@ -77,11 +78,13 @@ impl Upstream<'_> {
         Ok((index, endpoint))
     }
 
-    /// The connect step: a connection to `endpoint` from its pool, within the circuit breaker;
-    /// a failed connect counts against the endpoint (outlier detection).
+    /// The connect step: a connection to `endpoint` from its pool, within the circuit breaker
+    /// (a peer sidecar's shared HTTP/2 one for a `carriable` HTTP/1.1 request); a failed
+    /// connect counts against the endpoint (outlier detection).
     pub async fn connect(
         &self,
         endpoint: &Endpoint,
+        carriable: bool,
         record: &mut RequestRecord,
     ) -> Result<Connection, Failure> {
         let metrics = &self.inputs.metrics.http;
@@ -89,6 +92,7 @@ impl Upstream<'_> {
             self.service,
             endpoint,
             self.protocol,
+            carriable,
             self.mesh,
             &self.inputs.timeouts,
             metrics,
@@ -117,21 +121,32 @@ impl Upstream<'_> {
             Err(failure) => return Attempt::Failed(failure),
         };
         let _active = Active::enter(&endpoint.active);
-        let mut connection = match self.connect(endpoint, record).await {
+        let (mut parts, body) = request.into_parts();
+        let http1 = self.protocol == AppProtocol::Http1;
+        let carriable = http1 && h1_over_h2::carriable(&parts);
+        let mut connection = match self.connect(endpoint, carriable, record).await {
             Ok(connection) => connection,
             Err(failure) => return Attempt::Failed(failure),
         };
-        let mut request = request;
         if matches!(connection.security, UpstreamSecurity::OriginatedTls(_)) {
-            https_scheme(request.uri_mut());
+            https_scheme(&mut parts.uri);
         }
+        // The app's HTTP/1.1 request, on a peer sidecar's shared HTTP/2 connection.
+        let carried = http1 && matches!(connection.sender, Sender::Http2(_));
+        if carried {
+            h1_over_h2::carry(&mut parts);
+        }
+        let request = Request::from_parts(parts, body);
         let sent = match &mut connection.sender {
             Sender::Http1(sender) => sender.try_send_request(request).await,
             Sender::Http2(sender) => sender.try_send_request(request).await,
         };
         let metrics = &self.inputs.metrics.http;
         match sent {
-            Ok(response) => {
+            Ok(mut response) => {
+                if carried {
+                    *response.version_mut() = Version::HTTP_11;
+                }
                 if response.status().is_server_error() {
                     endpoint.record_failure(self.service, metrics);
                 } else {
@@ -142,7 +157,15 @@ impl Upstream<'_> {
                 Attempt::Responded(response)
             }
             Err(mut failed) => {
-                let unsent = failed.take_message().map(Box::new);
+                let unsent = failed.take_message().map(|request| {
+                    if !carried {
+                        return Box::new(request);
+                    }
+                    // A retry may take another connection: the request as the app sent it.
+                    let (mut parts, body) = request.into_parts();
+                    h1_over_h2::uncarry(&mut parts);
+                    Box::new(Request::from_parts(parts, body))
+                });
                 record.connection_failed(&failed.into_error());
                 Attempt::Failed(Failure::Reset {
                     reused: connection.reused,

@@ -235,6 +235,9 @@ pub struct ConnectionPool {
     pub max_requests_per_connection: Option<u32>,
     #[serde(with = "human_duration")]
     pub idle_timeout: Duration,
+    /// Whether the app's HTTP/1.1 requests to a peer sidecar ride its shared HTTP/2
+    /// connection (Istio's `h2UpgradePolicy`).
+    pub h2_upgrade_policy: H2UpgradePolicy,
 }
 
 impl Default for ConnectionPool {
@@ -244,7 +247,29 @@ impl Default for ConnectionPool {
             max_pending_requests: 1024,
             max_requests_per_connection: None,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            h2_upgrade_policy: H2UpgradePolicy::default(),
         }
+    }
+}
+
+/// Istio's `connectionPool.http.h2UpgradePolicy`, between sidecars only: HTTP/1.1 requests to
+/// a peer over mesh mTLS are multiplexed on one HTTP/2 connection to it, and the peer's sidecar
+/// gives them to its app as HTTP/1.1 (as Linkerd does). Unlike Istio, the mesh's default is to
+/// upgrade: both ends are this proxy. Requests to anything else always keep their protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum H2UpgradePolicy {
+    /// The mesh's default: upgrade.
+    #[default]
+    Default,
+    Upgrade,
+    /// One HTTP/1 connection per request in flight, as the app's own (header case kept).
+    DoNotUpgrade,
+}
+
+impl H2UpgradePolicy {
+    pub fn upgrades(self) -> bool {
+        self != H2UpgradePolicy::DoNotUpgrade
     }
 }
 

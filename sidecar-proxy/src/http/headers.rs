@@ -11,7 +11,7 @@ use http::{
     },
 };
 
-use super::random::random_u64;
+use super::{h1_over_h2::ORIG_PROTO, random::random_u64};
 
 pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
@@ -35,8 +35,9 @@ fn names_in_connection(headers: &HeaderMap, name: &str) -> bool {
         .any(|token| token.trim().eq_ignore_ascii_case(name))
 }
 
-/// The headers that only concern one hop, besides those `Connection` names.
-const HOP_BY_HOP: [HeaderName; 9] = [
+/// The headers that only concern one hop, besides those `Connection` names; the mark of a
+/// request carried between sidecars among them, so that no app can set it.
+const HOP_BY_HOP: [HeaderName; 10] = [
     CONNECTION,
     KEEP_ALIVE,
     PROXY_CONNECTION,
@@ -46,6 +47,7 @@ const HOP_BY_HOP: [HeaderName; 9] = [
     TRANSFER_ENCODING,
     TE,
     UPGRADE,
+    ORIG_PROTO,
 ];
 
 /// Removes the headers that only concern one hop. An upgrade keeps `Connection: upgrade` and

@@ -3,8 +3,9 @@
 //! read). A request beyond the port's `rateLimit` gets 429 (flag `RL`); the others go to the
 //! app at the connection's original destination (or the port's `forwardTo`), from the
 //! passthrough address, on a pooled keep-alive connection (`app_pool`); an upgrade gets a
-//! connection of its own. Each leaves Istio's request metrics as the destination reports them
-//! (`reporter="destination"`) and an access line.
+//! connection of its own. An HTTP/1.1 request a peer sidecar carried over HTTP/2 reaches the
+//! app as HTTP/1.1 (`h1_over_h2`). Each leaves Istio's request metrics as the destination
+//! reports them (`reporter="destination"`) and an access line.
 //!
 //! No routes, timeouts or retries here: they apply where a request leaves, on the calling side
 //! (as Istio's VirtualServices do). Only a request that meets a pooled connection the app closed
@@ -29,6 +30,7 @@ use super::{
     AppProtocol,
     app_pool::{self, AppPool, AppSender},
     body::{self, BodyEnd, BoxError, Counted, ProxyBody, Untracked},
+    h1_over_h2,
     headers::{ensure_request_id, is_upgrade, remove_hop_by_hop},
     metrics::{HttpMetrics, InboundLabels, RequestSeries, ResponseFlag, ResponseFlags},
     reply::{self, Recorded, local_reply, respond},
@@ -58,6 +60,9 @@ pub struct InboundConnection {
     pub access_log: bool,
     /// The labels of its requests' metrics but their protocol and outcome.
     pub labels: InboundLabels,
+    /// A peer sidecar proved by mesh mTLS: its HTTP/2 connection may carry HTTP/1.1 requests
+    /// (`h1_over_h2`).
+    pub from_mesh_peer: bool,
 }
 
 /// A connection being served.
@@ -95,7 +100,9 @@ pub async fn serve<D>(
 
 async fn handle(served: Arc<Served>, request: Request<Incoming>) -> Response<ProxyBody> {
     let (mut parts, body) = request.into_parts();
-    let protocol = request_protocol(served.protocol, &parts.headers);
+    let from_mesh_peer = served.connection.from_mesh_peer;
+    let app_protocol = h1_over_h2::arrived_as(&mut parts, served.protocol, from_mesh_peer);
+    let protocol = request_protocol(app_protocol, &parts.headers);
     let upgrade = is_upgrade(&parts.headers);
     remove_hop_by_hop(&mut parts.headers, upgrade);
     let request_id = ensure_request_id(&mut parts.headers);
@@ -114,12 +121,16 @@ async fn handle(served: Arc<Served>, request: Request<Incoming>) -> Response<Pro
     if upgrade {
         return Box::pin(forward_upgrade(request, record)).await;
     }
-    forward(request, record).await
+    forward(request, app_protocol, record).await
 }
 
-/// To the app on a pooled connection; once more on a new one when the pooled one turns out to
-/// have been closed by the app.
-async fn forward(request: Request<Incoming>, mut record: InboundRecord) -> Response<ProxyBody> {
+/// To the app in `protocol` on a pooled connection; once more on a new one when the pooled one
+/// turns out to have been closed by the app.
+async fn forward(
+    request: Request<Incoming>,
+    protocol: AppProtocol,
+    mut record: InboundRecord,
+) -> Response<ProxyBody> {
     let served = record.served.clone();
     let connection = &served.connection;
     let (parts, incoming) = request.into_parts();
@@ -136,11 +147,10 @@ async fn forward(request: Request<Incoming>, mut record: InboundRecord) -> Respo
         record.attempts += 1;
         let acquired = if stale_retry_done {
             let pool = &connection.app_pool;
-            Box::pin(pool.connect(connection.app, served.protocol, &connection.inputs.timeouts))
-                .await
+            Box::pin(pool.connect(connection.app, protocol, &connection.inputs.timeouts)).await
         } else {
             let pool = &connection.app_pool;
-            pool.acquire(connection.app, served.protocol, &connection.inputs.timeouts)
+            pool.acquire(connection.app, protocol, &connection.inputs.timeouts)
                 .await
         };
         let mut app = match acquired {

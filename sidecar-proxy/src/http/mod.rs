@@ -12,6 +12,8 @@
 //! - `inbound`: the requests peers send to the app, forwarded on pooled connections to it
 //!   (`app_pool`) with the destination's request metrics and access lines;
 //! - `reply`: the responses both sides send down, the upstream's and the proxy's own;
+//! - `h1_over_h2`: the app's HTTP/1.1 requests carried to a peer sidecar on one HTTP/2
+//!   connection, and restored at the peer;
 //! - `headers`: hop-by-hop, request id, traceparent, x-forwarded-for; `upgrade`: WebSocket and
 //!   other upgrades, passed through, for both sides; `body`: counted bodies; `random`: cheap
 //!   randomness.
@@ -21,6 +23,7 @@ mod balancer;
 mod body;
 pub mod config;
 mod forward;
+mod h1_over_h2;
 mod headers;
 pub mod inbound;
 pub mod metrics;
@@ -60,6 +63,11 @@ use super::{
     outbound::OutboundProxy, telemetry::access_log::AccessLog, telemetry::metrics::Direction,
 };
 pub use crate::detect::http::{AppProtocol, Raced, detect, detect_racing_server};
+
+/// The header room of an HTTP/2 message, sent and received, both sides (h2's default is 16
+/// KiB): HTTP/1.1 requests carried between sidecars must fit as they did in HTTP/1 (Envoy's
+/// default, 60 KiB, rounded up).
+const MAX_HTTP2_HEADER_LIST_BYTES: u32 = 64 * 1024;
 
 /// Serves the HTTP requests the app sends on one outbound connection (`server::serve`: the
 /// deadlines and the drain), each routed and forwarded by [`handle`].

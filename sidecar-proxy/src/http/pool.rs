@@ -5,7 +5,8 @@
 //! one reusing a connection the app is closing; HTTP/2 connections are shared. A connection
 //! serves a request only under the security it was made under (plaintext, mesh mTLS with its
 //! policy, or the service's TLS origination with its files): after a reload that changes it
-//! for its endpoint, it is closed. So a TLS and a plaintext connection are never mixed.
+//! for its endpoint, it is closed. So a TLS and a plaintext connection are never mixed. A peer
+//! sidecar's shared HTTP/2 connection carries the apps' HTTP/1.1 requests to it as well.
 use std::{
     sync::{
         Arc, Mutex, PoisonError,
@@ -20,7 +21,7 @@ use tokio::sync::OwnedSemaphorePermit;
 use tracing::debug;
 
 use super::{
-    AppProtocol,
+    AppProtocol, MAX_HTTP2_HEADER_LIST_BYTES,
     balancer::{Endpoint, ServiceState},
     body::ProxyBody,
     metrics::HttpMetrics,
@@ -65,6 +66,9 @@ struct SharedHttp2 {
 pub struct EndpointPool {
     idle: Mutex<Vec<Idle>>,
     shared_http2: Mutex<Option<SharedHttp2>>,
+    /// Held while the shared HTTP/2 connection is being opened: the requests that arrive
+    /// meanwhile wait for it rather than each opening one.
+    opening_http2: tokio::sync::Mutex<()>,
     /// A task is closing this pool's idle connections at their timeout.
     reaper_running: AtomicBool,
 }
@@ -129,12 +133,15 @@ struct Opening<'a> {
 }
 
 /// A connection to `endpoint` speaking `protocol`: an idle one, a new one, or (at the
-/// connection limit) the first one freed while this request waits as pending. Failed TLS
-/// originations are counted in `metrics`.
+/// connection limit) the first one freed while this request waits as pending. An HTTP/1.1
+/// request that `carriable` says may ride HTTP/2 gets the endpoint's shared HTTP/2 connection
+/// when the endpoint is a peer sidecar and the service's `h2UpgradePolicy` allows
+/// (`h1_over_h2`). Failed TLS originations are counted in `metrics`.
 pub async fn acquire(
     service: &ServiceState,
     endpoint: &Endpoint,
     protocol: AppProtocol,
+    carriable: bool,
     mesh: &Mesh,
     timeouts: &Timeouts,
     metrics: &HttpMetrics,
@@ -151,6 +158,15 @@ pub async fn acquire(
         metrics.record_tls_origination_failure(&service.config.name, failure.reason.name());
         return Err(AcquireError::Connect(failure));
     };
+    let carried = carriable
+        && protocol == AppProtocol::Http1
+        && matches!(security, UpstreamSecurity::MeshMtls(_))
+        && service.config.connection_pool.h2_upgrade_policy.upgrades();
+    let protocol = if carried {
+        AppProtocol::Http2
+    } else {
+        protocol
+    };
     let opening = Opening {
         service,
         protocol,
@@ -158,6 +174,14 @@ pub async fn acquire(
         mesh,
         timeouts,
         metrics,
+    };
+    let _opening_http2 = if protocol == AppProtocol::Http2 {
+        if let Some(connection) = reusable(service, endpoint, protocol, &opening.security) {
+            return Ok(connection);
+        }
+        Some(endpoint.pool.opening_http2.lock().await)
+    } else {
+        None
     };
     loop {
         if let Some(connection) = reusable(service, endpoint, protocol, &opening.security) {
@@ -267,6 +291,7 @@ async fn open(
     let addr = endpoint.addr;
     let sender = if protocol == AppProtocol::Http2 {
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+            .max_header_list_size(MAX_HTTP2_HEADER_LIST_BYTES)
             .handshake(io)
             .await
             .map_err(handshake_failed)?;

@@ -18,7 +18,7 @@ use tokio::{
 };
 use tracing::debug;
 
-use super::{AppProtocol, body::ProxyBody};
+use super::{AppProtocol, MAX_HTTP2_HEADER_LIST_BYTES, body::ProxyBody};
 use crate::{
     inputs::ProxyInputs,
     io::deadlines::{self, Deadlines, RequestHeads},
@@ -111,8 +111,9 @@ pub async fn serve<D, H, F>(
     let io = TokioIo::new(downstream);
     let served = match protocol {
         AppProtocol::Http2 => {
-            let connection =
-                http2::Builder::new(TokioExecutor::new()).serve_connection(io, service);
+            let connection = http2::Builder::new(TokioExecutor::new())
+                .max_header_list_size(MAX_HTTP2_HEADER_LIST_BYTES)
+                .serve_connection(io, service);
             finish_when!(connection, finish_when_draining)
         }
         _ => {

@@ -34,7 +34,7 @@ pub async fn forward(
     let connected = match upstream.pick(&mut record) {
         Ok((_, endpoint)) => {
             record.attempts = 1;
-            upstream.connect(endpoint, &mut record).await
+            upstream.connect(endpoint, false, &mut record).await
         }
         Err(failure) => Err(failure),
     };

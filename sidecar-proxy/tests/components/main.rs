@@ -8,5 +8,6 @@ extern crate bolero;
 mod http_inbound;
 mod http_outbound;
 mod mesh;
+mod mesh_http2;
 mod server_tls;
 mod tls_origination;

@@ -21,19 +21,19 @@ use sidecar_proxy::{
 };
 
 /// The two proxies of a hop, and what crossed the wire between them.
-struct Hop {
-    client: Running,
-    server: Running,
-    server_config: PathBuf,
+pub struct Hop {
+    pub client: Running,
+    pub server: Running,
+    pub server_config: PathBuf,
     /// Where the client side sends the server's traffic (through the tap).
-    tap: SocketAddr,
-    wire: Arc<Mutex<Vec<u8>>>,
+    pub tap: SocketAddr,
+    pub wire: Arc<Mutex<Vec<u8>>>,
 }
 
 /// Starts the server side for `app` with the certificates in `server_dir` and the inbound
 /// section `inbound(app port)`, then the client side with those in `client_dir`, expecting the
 /// server to be one of the service accounts `expected`.
-async fn start_hop(
+pub async fn start_hop(
     server_dir: &Path,
     client_dir: &Path,
     inbound: impl Fn(u16) -> String,
@@ -72,7 +72,7 @@ async fn start_hop_with(
 }
 
 /// The client's `workloads` section: `tap` is the server, one of the service accounts `expected`.
-fn server_workload(tap: SocketAddr, expected: &[&str]) -> String {
+pub fn server_workload(tap: SocketAddr, expected: &[&str]) -> String {
     let identities = expected
         .iter()
         .map(|sa| Pki::id(sa).to_string())
@@ -123,7 +123,7 @@ async fn start_tap(to: SocketAddr) -> anyhow::Result<(SocketAddr, Arc<Mutex<Vec<
     Ok((addr, wire))
 }
 
-const STRICT: fn(u16) -> String = |_| "inbound:\n  mode: STRICT\n".to_owned();
+pub const STRICT: fn(u16) -> String = |_| "inbound:\n  mode: STRICT\n".to_owned();
 
 fn failures(running: &Running, direction: Direction, reason: FailureReason) -> u64 {
     running.metrics.failure_count(direction, reason)
@@ -864,7 +864,7 @@ async fn a_destination_removed_by_a_reload_has_its_pooled_mutual_tls_connection_
     Ok(())
 }
 
-fn handshakes(running: &Running, kind: &str) -> u64 {
+pub fn handshakes(running: &Running, kind: &str) -> u64 {
     metric(
         &running.metrics,
         "sidecar_inbound_tls_handshakes_total",

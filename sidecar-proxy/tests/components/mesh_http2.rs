@@ -1,0 +1,336 @@
+//! HTTP/1.1 between two sidecars over one HTTP/2 connection (`h2UpgradePolicy`): the apps
+//! speak HTTP/1.1 at both ends, the sidecars multiplex their requests on one mTLS connection,
+//! and nobody but a mesh peer can make the inbound side turn an HTTP/2 request into HTTP/1.1.
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex, PoisonError},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::{body::Incoming, server::conn::http2, service::service_fn};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpStream},
+    task::JoinSet,
+};
+
+use sidecar_proxy::{telemetry::metrics::ReloadKind, testing::*};
+
+use super::mesh::{Hop, STRICT, handshakes, server_workload, start_hop};
+
+/// Requests in flight at once, each on its own client connection.
+const CONCURRENT: usize = 8;
+/// How long the app holds each answer, so that they all overlap.
+const APP_DELAY: Duration = Duration::from_millis(300);
+
+/// The request heads an HTTP/1.1 app received, as it read them.
+#[derive(Clone, Default)]
+struct Heads(Arc<Mutex<Vec<String>>>);
+
+impl Heads {
+    fn all(&self) -> Vec<String> {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+/// An HTTP/1.1 app that records each request head and answers it `200 ok` after
+/// [`APP_DELAY`]; a WebSocket upgrade gets `101`, then an echo.
+async fn start_recording_app() -> anyhow::Result<(SocketAddr, Heads)> {
+    let listener = TcpListener::bind((LOCALHOST, 0)).await?;
+    let addr = listener.local_addr()?;
+    let heads = Heads::default();
+    let recorded = heads.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let recorded = recorded.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while stream.read(&mut byte).await? == 1 {
+                    head.push(byte[0]);
+                    if !head.ends_with(b"\r\n\r\n") {
+                        continue;
+                    }
+                    let text = String::from_utf8_lossy(&head).into_owned();
+                    head.clear();
+                    let upgrade = text.to_ascii_lowercase().contains("upgrade: websocket");
+                    recorded
+                        .0
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .push(text);
+                    if upgrade {
+                        stream
+                            .write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+                            .await?;
+                        let (mut read, mut write) = stream.split();
+                        tokio::io::copy(&mut read, &mut write).await?;
+                        return anyhow::Ok(());
+                    }
+                    tokio::time::sleep(APP_DELAY).await;
+                    stream
+                        .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                        .await?;
+                }
+                anyhow::Ok(())
+            });
+        }
+    });
+    Ok((addr, heads))
+}
+
+/// A hop between two sidecars in front of `app`, the server's inbound section `inbound`.
+struct MeshHop {
+    hop: Hop,
+    client_dir: PathBuf,
+    _pki: Pki,
+}
+
+async fn hop_to(app: SocketAddr, inbound: fn(u16) -> String) -> anyhow::Result<MeshHop> {
+    let pki = Pki::new()?;
+    let server_dir = pki.workload("server", "server", valid(), None)?;
+    let client_dir = pki.workload("client", "client", valid(), None)?;
+    let hop = start_hop(&server_dir, &client_dir, inbound, &["server"], app).await?;
+    Ok(MeshHop {
+        hop,
+        client_dir,
+        _pki: pki,
+    })
+}
+
+/// A hop in front of the recording app, and what the app received.
+async fn start_recorded_hop() -> anyhow::Result<(MeshHop, Heads)> {
+    let (app, heads) = start_recording_app().await?;
+    Ok((hop_to(app, STRICT).await?, heads))
+}
+
+/// Sends `request` (with `Connection: close`) on a connection of its own; the whole answer.
+async fn exchange(proxy: SocketAddr, request: String) -> anyhow::Result<String> {
+    let mut client = TcpStream::connect(proxy).await?;
+    client.write_all(request.as_bytes()).await?;
+    let mut response = Vec::new();
+    tokio::time::timeout(PATIENCE, client.read_to_end(&mut response)).await??;
+    Ok(String::from_utf8_lossy(&response).into_owned())
+}
+
+/// [`CONCURRENT`] requests at once from the app, each on a connection of its own (as many
+/// HTTP/1.1 clients do); each must get the app's `200 ok`.
+async fn concurrent_gets(proxy: SocketAddr) -> anyhow::Result<()> {
+    let mut gets = JoinSet::new();
+    for index in 0..CONCURRENT {
+        gets.spawn(async move {
+            let request = format!(
+                "GET /items/{index}?full=yes HTTP/1.1\r\nHost: server:9080\r\nX-Custom-Case: kept\r\nConnection: close\r\n\r\n"
+            );
+            let response = exchange(proxy, request).await?;
+            anyhow::ensure!(
+                response.starts_with("HTTP/1.1 200 OK\r\n") && response.ends_with("ok"),
+                "{response}"
+            );
+            anyhow::Ok(())
+        });
+    }
+    while let Some(done) = gets.join_next().await {
+        done??;
+    }
+    Ok(())
+}
+
+fn mtls_connections_accepted(hop: &Hop) -> u64 {
+    handshakes(&hop.server, "full") + handshakes(&hop.server, "resumed")
+}
+
+#[tokio::test]
+async fn concurrent_http1_requests_share_one_http2_connection_and_reach_the_app_as_http1()
+-> anyhow::Result<()> {
+    let (MeshHop { hop, _pki, .. }, heads) = start_recorded_hop().await?;
+    concurrent_gets(hop.client.addr).await?;
+
+    // One mTLS connection carried them all, where each used to take one (and a handshake).
+    assert_eq!(mtls_connections_accepted(&hop), 1);
+    let heads = heads.all();
+    assert_eq!(heads.len(), CONCURRENT);
+    for head in &heads {
+        let lower = head.to_ascii_lowercase();
+        assert!(
+            head.starts_with("GET /items/") && head.contains("?full=yes HTTP/1.1\r\n"),
+            "the app gets the origin-form HTTP/1.1 request line: {head}"
+        );
+        assert!(lower.contains("\r\nhost: server:9080\r\n"), "{head}");
+        assert!(lower.contains("\r\nx-custom-case: kept\r\n"), "{head}");
+        assert!(
+            !lower.contains("sidecar-orig-proto"),
+            "the mark reached the app: {head}"
+        );
+    }
+    // Both sides report the app's protocol, over mTLS.
+    let labels = [
+        ("request_protocol", "http"),
+        ("connection_security_policy", "mutual_tls"),
+        ("response_code", "200"),
+    ];
+    let served = CONCURRENT as u64;
+    wait_until("both sides counted every request", || {
+        metric(&hop.server.metrics, "istio_requests_total", &labels) == served
+            && metric(&hop.client.metrics, "istio_requests_total", &labels) == served
+    })
+    .await;
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_websocket_upgrade_between_sidecars_stays_http1_on_its_own_connection()
+-> anyhow::Result<()> {
+    let (MeshHop { hop, _pki, .. }, heads) = start_recorded_hop().await?;
+    // First a plain request, so that the shared HTTP/2 connection exists.
+    concurrent_gets(hop.client.addr).await?;
+    let mut client = TcpStream::connect(hop.client.addr).await?;
+    client
+        .write_all(
+            b"GET /ws HTTP/1.1\r\nHost: server\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+        )
+        .await?;
+    let mut response = Vec::new();
+    let mut byte = [0u8; 1];
+    while !response.ends_with(b"\r\n\r\n") {
+        tokio::time::timeout(PATIENCE, client.read_exact(&mut byte)).await??;
+        response.push(byte[0]);
+    }
+    let response = String::from_utf8_lossy(&response).into_owned();
+    assert!(response.starts_with("HTTP/1.1 101"), "{response}");
+    assert_eq!(
+        echo_chunk(&mut client, b"frames both ways").await?,
+        b"frames both ways"
+    );
+    let upgrade_head = heads.all().pop().unwrap_or_default();
+    assert!(
+        upgrade_head.starts_with("GET /ws HTTP/1.1\r\n"),
+        "{upgrade_head}"
+    );
+    assert_eq!(
+        mtls_connections_accepted(&hop),
+        2,
+        "the upgrade's own connection"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn do_not_upgrade_keeps_one_http1_connection_per_request_in_flight() -> anyhow::Result<()> {
+    let (rig, heads) = start_recorded_hop().await?;
+    let (hop, client_dir) = (&rig.hop, &rig.client_dir);
+    let reloads = || {
+        hop.client
+            .metrics
+            .reload_count(ReloadKind::MeshConfig, true)
+    };
+    let before = reloads();
+    let opt_out = format!(
+        "{}http:\n  services:\n    - name: server\n      addresses: [127.0.0.1]\n      ports: [{}]\n      connectionPool: {{h2UpgradePolicy: DO_NOT_UPGRADE}}\n",
+        server_workload(hop.tap, &["server"]),
+        hop.tap.port()
+    );
+    write_mesh_config(client_dir, &opt_out)?;
+    wait_until("the client reloaded its config", || reloads() == before + 1).await;
+
+    concurrent_gets(hop.client.addr).await?;
+    assert_eq!(mtls_connections_accepted(hop), CONCURRENT as u64);
+    // Header case survives only where HTTP/1 goes all the way.
+    assert!(
+        heads
+            .all()
+            .iter()
+            .all(|head| head.contains("\r\nX-Custom-Case: kept\r\n")),
+        "{:?}",
+        heads.all()
+    );
+    Ok(())
+}
+
+/// An HTTP/2-only app answering with the version it got each request in and whether the mark
+/// of a carried request reached it.
+async fn start_http2_app() -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind((LOCALHOST, 0)).await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let service = service_fn(|request: Request<Incoming>| async move {
+                let marked = request.headers().contains_key("sidecar-orig-proto");
+                let answer = format!("{:?} marked={marked}", request.version());
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(answer))))
+            });
+            tokio::spawn(
+                http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service),
+            );
+        }
+    });
+    Ok(addr)
+}
+
+/// Sends one h2c request to `proxy` marked as a carried HTTP/1.1 one; the answer's body.
+async fn marked_h2c_request(proxy: SocketAddr) -> anyhow::Result<String> {
+    let stream = TcpStream::connect(proxy).await?;
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let request = Request::get("http://server/forged")
+        .header("sidecar-orig-proto", "HTTP/1.1")
+        .body(Full::<Bytes>::default())?;
+    let response = tokio::time::timeout(PATIENCE, sender.send_request(request)).await??;
+    anyhow::ensure!(response.status() == StatusCode::OK, "{response:?}");
+    let body = response.into_body().collect().await?.to_bytes();
+    Ok(String::from_utf8_lossy(&body).into_owned())
+}
+
+/// Only a mesh peer's mark is honoured: a plaintext client cannot make the inbound side hand
+/// its HTTP/2 request to the app as HTTP/1.1.
+#[tokio::test]
+async fn a_plaintext_peers_mark_is_dropped_and_not_honoured() -> anyhow::Result<()> {
+    let permissive = |_| "inbound:\n  mode: PERMISSIVE\n".to_owned();
+    let MeshHop { hop, _pki, .. } = hop_to(start_http2_app().await?, permissive).await?;
+    assert_eq!(
+        marked_h2c_request(hop.server.addr).await?,
+        "HTTP/2.0 marked=false"
+    );
+    Ok(())
+}
+
+/// The app's own mark never leaves its sidecar, so it cannot have its peer's sidecar turn
+/// its HTTP/2 request (gRPC...) into HTTP/1.1.
+#[tokio::test]
+async fn an_apps_own_mark_never_leaves_its_sidecar() -> anyhow::Result<()> {
+    let MeshHop { hop, _pki, .. } = hop_to(start_http2_app().await?, STRICT).await?;
+    assert_eq!(
+        marked_h2c_request(hop.client.addr).await?,
+        "HTTP/2.0 marked=false"
+    );
+    assert_eq!(mtls_connections_accepted(&hop), 1);
+    Ok(())
+}
+
+/// HTTP/2's default header room (16 KiB) is less than HTTP/1's: a request with a large cookie
+/// that the app's HTTP/1.1 would take must get through when carried too.
+#[tokio::test]
+async fn a_request_with_large_headers_is_carried_whole() -> anyhow::Result<()> {
+    let (MeshHop { hop, _pki, .. }, heads) = start_recorded_hop().await?;
+    let cookie = "c".repeat(40 * 1024);
+    let request = format!(
+        "GET /big HTTP/1.1\r\nHost: server\r\nCookie: {cookie}\r\nConnection: close\r\n\r\n"
+    );
+    let response = exchange(hop.client.addr, request).await?;
+    assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
+    let head = heads.all().pop().unwrap_or_default();
+    assert!(head.contains(&cookie), "the cookie reached the app whole");
+    assert_eq!(mtls_connections_accepted(&hop), 1, "carried");
+    Ok(())
+}
