@@ -214,6 +214,21 @@ impl MtlsLab {
             .join("\n----\n")
     }
 
+    /// `labtool http-server` (HTTP/1.1 only) on the server pod's [`HTTP_PORT`], as its app.
+    fn start_http_server(&self) -> LabProcess {
+        let server = self
+            .server
+            .command(labtool())
+            .in_cgroup(self.server.cgroup_child("app").expect("app cgroup"))
+            .args(["http-server", "--listen", &format!("[::]:{HTTP_PORT}")])
+            .args(["--name", "server"])
+            .spawn()
+            .expect("http server");
+        let addr = SocketAddr::new(self.server.ipv4().into(), HTTP_PORT);
+        wait_for_tcp(&self.server, addr, READY).expect("http server listening");
+        server
+    }
+
     /// The proxy of the client (0) or the server (1).
     fn proxy(&self, side: usize) -> &LabProcess {
         [&self.client, &self.server][side]
@@ -726,20 +741,7 @@ fn a_partner_ca_is_trusted_for_its_trust_domain_only(capture: Capture, test: &st
 /// one removed has its pooled mTLS connection closed at the reload.
 fn pooled_connections_follow_mesh_config_reloads(capture: Capture, test: &str) {
     let mesh = MtlsLab::new(test, capture);
-    let _http_server = mesh
-        .server
-        .command(labtool())
-        .in_cgroup(mesh.server.cgroup_child("app").expect("app cgroup"))
-        .args(["http-server", "--listen", &format!("[::]:{HTTP_PORT}")])
-        .args(["--name", "server"])
-        .spawn()
-        .expect("http server");
-    wait_for_tcp(
-        &mesh.server,
-        SocketAddr::new(mesh.server.ipv4().into(), HTTP_PORT),
-        READY,
-    )
-    .expect("http server listening");
+    let _http_server = mesh.start_http_server();
     // The HTTP port takes plaintext too, so that both kinds of connection reach the app.
     let server_config = format!(
         "{}    - port: {HTTP_PORT}\n      mode: PERMISSIVE\n",
@@ -829,6 +831,57 @@ fn pooled_connections_follow_mesh_config_reloads(capture: Capture, test: &str) {
     served("mutual_tls", 1);
 }
 
+/// The client app's HTTP/1.1 requests in flight at once, each on a connection of its own,
+/// share one mTLS connection between the two sidecars (HTTP/2, `h2UpgradePolicy`), and reach
+/// the server app (which speaks HTTP/1.1 only) as HTTP/1.1.
+fn http1_requests_in_flight_share_one_mtls_connection(capture: Capture, test: &str) {
+    const IN_FLIGHT: usize = 8;
+    let mesh = MtlsLab::new(test, capture);
+    let _http_server = mesh.start_http_server();
+    // Each answer takes 500 ms, so that all of them are in flight together.
+    let url = format!("http://{}:{HTTP_PORT}/delay/500", mesh.server.ipv4());
+    let get = || {
+        mesh.client
+            .command(labtool())
+            .in_cgroup(mesh.client.cgroup_child("app").expect("app cgroup"))
+            .args(["http-get", &url])
+            .run()
+            .expect("run labtool http-get")
+    };
+    let outputs: Vec<_> = std::thread::scope(|scope| {
+        let gets: Vec<_> = (0..IN_FLIGHT).map(|_| scope.spawn(get)).collect();
+        gets.into_iter()
+            .map(|get| get.join().expect("http-get thread"))
+            .collect()
+    });
+    for out in outputs {
+        assert!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains("hello from"),
+            "GET {url}:\n{}\n{}",
+            text(&out),
+            mesh.logs()
+        );
+    }
+    let served = [
+        ("reporter", "destination"),
+        ("connection_security_policy", "mutual_tls"),
+        ("response_code", "200"),
+    ];
+    mesh.wait_for_metric(
+        &mesh.server,
+        "istio_requests_total",
+        &served,
+        IN_FLIGHT as u64,
+    );
+    let handshakes = proxy_metric(&mesh.server, "sidecar_inbound_tls_handshakes_total", &[]);
+    assert_eq!(
+        handshakes,
+        1,
+        "one mTLS connection for all {IN_FLIGHT} requests\n{}",
+        mesh.logs()
+    );
+}
+
 /// Connects, sends half a request, waits for the file named by the third argument, sends the
 /// rest, half-closes and prints the echo.
 const LONG_LIVED_CLIENT: &str = r#"
@@ -871,6 +924,11 @@ fn iptables_certificates_rotate_and_bad_ones_are_refused() {
 #[test]
 fn ebpf_a_partner_ca_is_trusted_for_its_trust_domain_only() {
     a_partner_ca_is_trusted_for_its_trust_domain_only(Capture::Ebpf, "partner-ebpf");
+}
+
+#[test]
+fn ebpf_http1_requests_in_flight_share_one_mtls_connection() {
+    http1_requests_in_flight_share_one_mtls_connection(Capture::Ebpf, "mtls-h2-ebpf");
 }
 
 #[test]
