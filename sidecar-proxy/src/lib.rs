@@ -112,15 +112,22 @@ pub fn run(args: ProxyArgs, capture: Arc<dyn CaptureProbe>) -> anyhow::Result<()
     // Held to the end of `run`, so every line is written out before the process exits.
     let _flush_at_exit = log_output.flush_at_exit();
     let config = ProxyConfig::try_from(&args)?;
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    // One worker: a single-threaded scheduler (as linkerd2-proxy on one core), which spares
+    // the multi-threaded one's cross-thread queues and wake-ups no other worker could take.
+    let mut runtime = match args.worker_threads {
+        Some(threads) if threads.get() == 1 => tokio::runtime::Builder::new_current_thread(),
+        Some(threads) => {
+            let mut runtime = tokio::runtime::Builder::new_multi_thread();
+            runtime.worker_threads(threads.get());
+            runtime
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     runtime
         .enable_all()
         .thread_name("proxy-worker")
         // A worker with nothing left to do writes the lines of what it just did.
         .on_thread_park(move || log_output.flush_now());
-    if let Some(threads) = args.worker_threads {
-        runtime.worker_threads(threads.get());
-    }
     let runtime = runtime.build().context("cannot build the proxy runtime")?;
     runtime.block_on(serve(config, log_level, capture))
 }
