@@ -114,8 +114,11 @@ pub fn run(args: ProxyArgs, capture: Arc<dyn CaptureProbe>) -> anyhow::Result<()
     let config = ProxyConfig::try_from(&args)?;
     // One worker: a single-threaded scheduler (as linkerd2-proxy on one core), which spares
     // the multi-threaded one's cross-thread queues and wake-ups no other worker could take.
+    let single_threaded = args
+        .worker_threads
+        .is_some_and(|threads| threads.get() == 1);
     let mut runtime = match args.worker_threads {
-        Some(threads) if threads.get() == 1 => tokio::runtime::Builder::new_current_thread(),
+        _ if single_threaded => tokio::runtime::Builder::new_current_thread(),
         Some(threads) => {
             let mut runtime = tokio::runtime::Builder::new_multi_thread();
             runtime.worker_threads(threads.get());
@@ -129,7 +132,16 @@ pub fn run(args: ProxyArgs, capture: Arc<dyn CaptureProbe>) -> anyhow::Result<()
         // A worker with nothing left to do writes the lines of what it just did.
         .on_thread_park(move || log_output.flush_now());
     let runtime = runtime.build().context("cannot build the proxy runtime")?;
-    runtime.block_on(serve(config, log_level, capture))
+    if !single_threaded {
+        return runtime.block_on(serve(config, log_level, capture));
+    }
+    // The one worker is a thread of the workers' name too (profiles tell threads by name).
+    std::thread::Builder::new()
+        .name("proxy-worker".into())
+        .spawn(move || runtime.block_on(serve(config, log_level, capture)))
+        .context("cannot start the proxy worker")?
+        .join()
+        .unwrap_or_else(|panic| std::panic::resume_unwind(panic))
 }
 
 /// Raises the soft limit on open files to the hard one, as Envoy and Go programs do: every
