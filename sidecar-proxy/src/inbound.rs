@@ -3,11 +3,12 @@
 //! sniff), terminate mTLS and authorize the peer, all once for the connection; then tell what
 //! the peer speaks (the port's declared protocol, or bounded detection racing the app's
 //! greeting). A port with `tls` terminates TLS for any client with its own certificate (mesh
-//! mTLS still recognised by its ALPN) and refuses plaintext. HTTP is served request by request
-//! (`http::inbound`: pooled connections to the app, the port's rate limit, the destination's
-//! request metrics, access lines); anything else is relayed as TCP. Either way the app is
-//! reached at the original destination (or the port's `forwardTo` loopback address) from the
-//! passthrough address.
+//! mTLS still recognised by its ALPN) and refuses plaintext. A peer's sidecar may open its
+//! HTTP/2 connection carrying HTTP/1.1 requests (ALPN `MESH_H2_ALPN`; not on a `tcp` port).
+//! HTTP is served request by request (`http::inbound`: pooled connections to the app, the
+//! port's rate limit, the destination's request metrics, access lines); anything else is
+//! relayed as TCP. Either way the app is reached at the original destination (or the port's
+//! `forwardTo` loopback address) from the passthrough address.
 use std::{net::SocketAddr, sync::Arc};
 
 use rustls::ServerConfig;
@@ -34,7 +35,7 @@ use super::{
     mesh::identity::SpiffeId,
     telemetry::access_log::AccessLog,
     telemetry::metrics::{Direction, FailureReason, SecurityPolicy, TcpLabels},
-    tls,
+    tls::{self, MESH_H2_ALPN},
 };
 
 const DIRECTION: Direction = Direction::Inbound;
@@ -56,6 +57,9 @@ struct Admitted {
     rate_limiter: Option<Arc<RateLimiter>>,
     /// (the peer, us), when the connection is mesh mTLS.
     mutual_tls: Option<(SpiffeId, SpiffeId)>,
+    /// The peer's sidecar opened it to carry HTTP/1.1 requests over HTTP/2 (mesh mTLS with
+    /// [`MESH_H2_ALPN`]): their marks are honoured.
+    carrying_http1: bool,
     /// From the config the connection began with: the port's declared protocol, and whether
     /// HTTP requests get access lines.
     port_protocol: PortProtocol,
@@ -109,6 +113,7 @@ impl Handler for InboundProxy {
             app,
             rate_limiter: mesh.inbound_rate_limiter(orig_dst.port()),
             mutual_tls: None,
+            carrying_http1: false,
             port_protocol: routes.config().port_protocol(orig_dst.port()),
             access_log: routes.config().access_log,
             log,
@@ -220,10 +225,13 @@ impl InboundProxy {
     ) {
         let log = &mut admitted.log;
         log.dst_principal = Some(local_tls.identity.clone());
-        let Some(tls_stream) = self
-            .accept_tls(downstream, local_tls.server_config.clone(), log)
-            .await
-        else {
+        // A port declared `tcp` is relayed as it is: never HTTP/2 the peer's sidecar made.
+        let configs = &local_tls.server_configs;
+        let config = match admitted.port_protocol {
+            PortProtocol::Tcp => configs.mesh.clone(),
+            _ => configs.carrying.clone(),
+        };
+        let Some(tls_stream) = self.accept_tls(downstream, config, log).await else {
             return;
         };
         self.inputs
@@ -244,6 +252,10 @@ impl InboundProxy {
                 .refuse(tls_stream, log, FailureReason::Unauthorized, denial);
         }
         admitted.mutual_tls = Some((client_identity, local_tls.identity.clone()));
+        if tls_stream.get_ref().1.alpn_protocol() == Some(MESH_H2_ALPN) {
+            admitted.carrying_http1 = true;
+            admitted.port_protocol = PortProtocol::Http2;
+        }
         self.serve(tls_stream, Vec::new(), false, admitted).await;
     }
 
@@ -321,6 +333,7 @@ impl InboundProxy {
             app,
             rate_limiter,
             mutual_tls,
+            carrying_http1,
             access_log,
             mut log,
             ..
@@ -337,7 +350,7 @@ impl InboundProxy {
                     rate_limiter,
                     access_log,
                     labels: InboundLabels::new(&self.inputs.local, mutual_tls),
-                    from_mesh_peer: mutual_tls.is_some(),
+                    carrying_http1,
                 };
                 http::inbound::serve(connection, downstream, protocol, log).await;
             }

@@ -12,7 +12,7 @@ use super::{
     http::{self, AppProtocol, PortProtocol, Raced, Upstreams, detect_racing_server},
     inputs::{Entrance, ProxyInputs},
     io::relay::relay,
-    io::upstream,
+    io::upstream::{self, MeshOffer},
     lifecycle::idle_exit::AppActivity,
     telemetry::metrics::{Direction, FailureReason, SecurityPolicy, TcpLabels},
 };
@@ -48,7 +48,8 @@ impl Handler for OutboundProxy {
             },
             PortProtocol::Detect => {
                 // A server that speaks first (MySQL, SMTP) ends detection with its greeting.
-                let establishing = upstream::establish(orig_dst, &mesh, &self.inputs.timeouts);
+                let establishing =
+                    upstream::establish(orig_dst, &mesh, &self.inputs.timeouts, MeshOffer::Bytes);
                 let sniff = self.inputs.timeouts.sniff;
                 match detect_racing_server(&mut app, &mut client_prefix, sniff, establishing).await
                 {
@@ -72,7 +73,15 @@ impl Handler for OutboundProxy {
             } => {
                 let established = match raced {
                     Some(established) => established,
-                    None => upstream::establish(orig_dst, &mesh, &self.inputs.timeouts).await,
+                    None => {
+                        upstream::establish(
+                            orig_dst,
+                            &mesh,
+                            &self.inputs.timeouts,
+                            MeshOffer::Bytes,
+                        )
+                        .await
+                    }
                 };
                 let established = match established {
                     Ok(established) => established,

@@ -254,12 +254,12 @@ impl Default for ConnectionPool {
 
 /// Istio's `connectionPool.http.h2UpgradePolicy`, between sidecars only: HTTP/1.1 requests to
 /// a peer over mesh mTLS are multiplexed on one HTTP/2 connection to it, and the peer's sidecar
-/// gives them to its app as HTTP/1.1 (as Linkerd does). Unlike Istio, the mesh's default is to
-/// upgrade: both ends are this proxy. Requests to anything else always keep their protocol.
+/// gives them to its app as HTTP/1.1 (as Linkerd does). Requests to anything else always keep
+/// their protocol.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum H2UpgradePolicy {
-    /// The mesh's default: upgrade.
+    /// Upgrade, unless the service limits its connections (see [`ConnectionPool::carries_http1`]).
     #[default]
     Default,
     Upgrade,
@@ -267,9 +267,23 @@ pub enum H2UpgradePolicy {
     DoNotUpgrade,
 }
 
-impl H2UpgradePolicy {
-    pub fn upgrades(self) -> bool {
-        self != H2UpgradePolicy::DoNotUpgrade
+impl ConnectionPool {
+    /// Whether HTTP/1.1 requests to the service's peer sidecars ride HTTP/2. By default, yes
+    /// (both ends are this proxy; Istio's default is not to), unless the service sets a limit
+    /// that counts HTTP/1 connections (`maxConnections`, `maxPendingRequests`,
+    /// `maxRequestsPerConnection`): those keep their meaning, as in Istio's circuit-breaking
+    /// recipe, unless `UPGRADE` says otherwise.
+    pub fn carries_http1(&self) -> bool {
+        let defaults = ConnectionPool::default();
+        match self.h2_upgrade_policy {
+            H2UpgradePolicy::Upgrade => true,
+            H2UpgradePolicy::DoNotUpgrade => false,
+            H2UpgradePolicy::Default => {
+                self.max_connections == defaults.max_connections
+                    && self.max_pending_requests == defaults.max_pending_requests
+                    && self.max_requests_per_connection.is_none()
+            }
+        }
     }
 }
 
@@ -1016,5 +1030,26 @@ mod optional_human_duration {
         #[derive(Deserialize)]
         struct Wrapped(#[serde(with = "super::human_duration")] Duration);
         Ok(Option::<Wrapped>::deserialize(deserializer)?.map(|wrapped| wrapped.0))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn http1_is_carried_by_default_unless_the_service_limits_its_connections() {
+        let pool = |yaml: &str| serde_yaml::from_str::<ConnectionPool>(yaml).unwrap();
+        assert!(pool("{}").carries_http1());
+        assert!(pool("{h2UpgradePolicy: DEFAULT, idleTimeout: 5s}").carries_http1());
+        for limited in [
+            "{maxConnections: 1}",
+            "{maxPendingRequests: 1}",
+            "{maxRequestsPerConnection: 100}",
+            "{h2UpgradePolicy: DO_NOT_UPGRADE}",
+        ] {
+            assert!(!pool(limited).carries_http1(), "{limited}");
+        }
+        assert!(pool("{maxConnections: 1, h2UpgradePolicy: UPGRADE}").carries_http1());
     }
 }

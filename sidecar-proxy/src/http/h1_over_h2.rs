@@ -3,8 +3,10 @@
 //! apps' HTTP/1.1 requests to a peer over the peer's shared mTLS HTTP/2 connection instead of
 //! one connection (and one mTLS handshake) per request in flight, marking each with
 //! [`ORIG_PROTO`]; the peer's sidecar takes the mark off and hands the request to its app as
-//! the HTTP/1.1 request it was. The mark is honoured only on a mesh mTLS connection (a peer
-//! sidecar proved by its certificate) and never leaves a sidecar: apps cannot set it.
+//! the HTTP/1.1 request it was. The two sidecars agree on it in the mesh mTLS handshake (ALPN
+//! `MESH_H2_ALPN`, which a peer without it, or a port declared `tcp`, does not choose: the
+//! requests then keep HTTP/1). The mark is honoured only on such a connection (a peer sidecar
+//! proved by its certificate) and never leaves a sidecar: apps cannot set it.
 //!
 //! What HTTP/2 cannot carry is lost on the way: the header names' case and a response's
 //! custom reason phrase. A service whose app cares says `h2UpgradePolicy: DO_NOT_UPGRADE`.
@@ -57,13 +59,14 @@ pub fn carry(parts: &mut Parts) {
 }
 
 /// The request's protocol towards the app, the mark taken off: HTTP/1.1 (back in origin form)
-/// for a carried request from a mesh peer, else the protocol it arrived in. A mark on a
-/// connection that is not mesh mTLS, or with another value, is dropped and not honoured.
-pub fn arrived_as(parts: &mut Parts, connection: AppProtocol, from_mesh_peer: bool) -> AppProtocol {
+/// for a request carried on a connection opened for it (`carrying`: mesh mTLS, agreed in its
+/// handshake), else the protocol it arrived in. A mark anywhere else, or with another value,
+/// is dropped and not honoured.
+pub fn arrived_as(parts: &mut Parts, connection: AppProtocol, carrying: bool) -> AppProtocol {
     let Some(mark) = parts.headers.remove(ORIG_PROTO) else {
         return connection;
     };
-    if connection != AppProtocol::Http2 || !from_mesh_peer || mark != HTTP_11 {
+    if connection != AppProtocol::Http2 || !carrying || mark != HTTP_11 {
         return connection;
     }
     uncarry(parts);
@@ -153,7 +156,7 @@ mod tests {
     }
 
     #[test]
-    fn a_mark_is_dropped_unhonoured_off_mesh_connections_or_with_another_value() {
+    fn a_mark_is_dropped_unhonoured_off_carrying_connections_or_with_another_value() {
         let marked = |value: &'static str| {
             let mut wire = get("/");
             carry(&mut wire);
@@ -166,9 +169,9 @@ mod tests {
             (marked("HTTP/1.0"), AppProtocol::Http2, true),
             (marked("HTTP/1.1"), AppProtocol::Http1, true),
         ];
-        for (mut wire, connection, from_mesh_peer) in cases {
+        for (mut wire, connection, carrying) in cases {
             let before = wire.uri.clone();
-            let protocol = arrived_as(&mut wire, connection, from_mesh_peer);
+            let protocol = arrived_as(&mut wire, connection, carrying);
             assert_eq!(protocol, connection);
             assert!(!wire.headers.contains_key(ORIG_PROTO));
             assert_eq!(wire.uri, before, "left as it arrived");

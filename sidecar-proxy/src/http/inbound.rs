@@ -60,9 +60,9 @@ pub struct InboundConnection {
     pub access_log: bool,
     /// The labels of its requests' metrics but their protocol and outcome.
     pub labels: InboundLabels,
-    /// A peer sidecar proved by mesh mTLS: its HTTP/2 connection may carry HTTP/1.1 requests
-    /// (`h1_over_h2`).
-    pub from_mesh_peer: bool,
+    /// A peer sidecar's HTTP/2 connection, over mesh mTLS, agreed to carry HTTP/1.1 requests
+    /// (`h1_over_h2`): their marks are honoured.
+    pub carrying_http1: bool,
 }
 
 /// A connection being served.
@@ -100,8 +100,8 @@ pub async fn serve<D>(
 
 async fn handle(served: Arc<Served>, request: Request<Incoming>) -> Response<ProxyBody> {
     let (mut parts, body) = request.into_parts();
-    let from_mesh_peer = served.connection.from_mesh_peer;
-    let app_protocol = h1_over_h2::arrived_as(&mut parts, served.protocol, from_mesh_peer);
+    let carrying = served.connection.carrying_http1;
+    let app_protocol = h1_over_h2::arrived_as(&mut parts, served.protocol, carrying);
     let protocol = request_protocol(app_protocol, &parts.headers);
     let upgrade = is_upgrade(&parts.headers);
     remove_hop_by_hop(&mut parts.headers, upgrade);

@@ -64,10 +64,15 @@ use super::{
 };
 pub use crate::detect::http::{AppProtocol, Raced, detect, detect_racing_server};
 
-/// The header room of an HTTP/2 message, sent and received, both sides (h2's default is 16
-/// KiB): HTTP/1.1 requests carried between sidecars must fit as they did in HTTP/1 (Envoy's
-/// default, 60 KiB, rounded up).
+/// The header room of an HTTP/2 message, sent and received, both sides. h2's default is 16 KiB;
+/// HTTP/1.1 requests carried between sidecars get Envoy's default instead (60 KiB, rounded up).
+/// hyper's HTTP/1 takes up to about 400 KiB: the few requests between the two get 431 when
+/// carried.
 const MAX_HTTP2_HEADER_LIST_BYTES: u32 = 64 * 1024;
+/// Streams at once on a served HTTP/2 connection (hyper's default is 200): a peer's sidecar
+/// carries every request in flight to this pod on one connection, as many as the HTTP/1
+/// connections a service's circuit breaker allows by default.
+const MAX_CONCURRENT_HTTP2_STREAMS: u32 = 1024;
 
 /// Serves the HTTP requests the app sends on one outbound connection (`server::serve`: the
 /// deadlines and the drain), each routed and forwarded by [`handle`].

@@ -12,11 +12,11 @@ use std::{
         Arc, Mutex, PoisonError,
         atomic::{AtomicBool, Ordering},
     },
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use hyper::client::conn::{http1, http2};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::debug;
 
@@ -28,11 +28,16 @@ use super::{
 };
 use crate::{
     Timeouts,
-    io::upstream::{self, ConnectFailure, Established, MutualTls},
+    io::upstream::{self, ConnectFailure, Established, MeshOffer, MutualTls},
     mesh::{Mesh, MeshHandle, UpstreamSecurity},
     telemetry::metrics::FailureReason,
     tls::origination::Alpn,
 };
+
+/// How long the shared HTTP/2 connection may hear nothing while requests are in flight before
+/// it PINGs, and how long it then waits for the answer.
+const HTTP2_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
+const HTTP2_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub enum Sender {
     Http1(http1::SendRequest<ProxyBody>),
@@ -60,15 +65,21 @@ struct SharedHttp2 {
     sender: http2::SendRequest<ProxyBody>,
     mtls: Option<MutualTls>,
     security: UpstreamSecurity,
+    /// The peer's sidecar agreed to take HTTP/1.1 requests on it.
+    carrying_http1: bool,
 }
 
 #[derive(Default)]
 pub struct EndpointPool {
     idle: Mutex<Vec<Idle>>,
     shared_http2: Mutex<Option<SharedHttp2>>,
-    /// Held while the shared HTTP/2 connection is being opened: the requests that arrive
-    /// meanwhile wait for it rather than each opening one.
-    opening_http2: tokio::sync::Mutex<()>,
+    /// Held while the shared HTTP/2 connection is being opened, so that the requests arriving
+    /// meanwhile wait for it rather than each opening one; holds the failure of the last try,
+    /// which the requests that waited for it get at once (rather than each trying in turn).
+    opening_http2: tokio::sync::Mutex<Option<ConnectFailure>>,
+    /// The endpoint's sidecar does not take HTTP/1.1 carried over HTTP/2 (an older version,
+    /// or a port declared `tcp`): the requests to it keep HTTP/1.
+    refuses_carrying: AtomicBool,
     /// A task is closing this pool's idle connections at their timeout.
     reaper_running: AtomicBool,
 }
@@ -122,10 +133,12 @@ impl Drop for Pending<'_> {
     }
 }
 
-/// What a new connection is opened with, besides the endpoint.
+/// What a connection is taken or opened for, besides the endpoint.
 struct Opening<'a> {
     service: &'a ServiceState,
     protocol: AppProtocol,
+    /// An HTTP/1.1 request to be carried (`protocol` is then HTTP/2).
+    carried: bool,
     security: UpstreamSecurity,
     mesh: &'a Mesh,
     timeouts: &'a Timeouts,
@@ -133,10 +146,11 @@ struct Opening<'a> {
 }
 
 /// A connection to `endpoint` speaking `protocol`: an idle one, a new one, or (at the
-/// connection limit) the first one freed while this request waits as pending. An HTTP/1.1
-/// request that `carriable` says may ride HTTP/2 gets the endpoint's shared HTTP/2 connection
-/// when the endpoint is a peer sidecar and the service's `h2UpgradePolicy` allows
-/// (`h1_over_h2`). Failed TLS originations are counted in `metrics`.
+/// connection limit) the first one freed while this request waits as pending; the shared
+/// HTTP/2 one is opened once for all the requests arriving meanwhile. An HTTP/1.1 request that
+/// `carriable` says may ride HTTP/2 gets it when the endpoint is a peer sidecar that takes it
+/// and the service's `h2UpgradePolicy` allows (`h1_over_h2`). Failed TLS originations are
+/// counted in `metrics`.
 pub async fn acquire(
     service: &ServiceState,
     endpoint: &Endpoint,
@@ -161,37 +175,69 @@ pub async fn acquire(
     let carried = carriable
         && protocol == AppProtocol::Http1
         && matches!(security, UpstreamSecurity::MeshMtls(_))
-        && service.config.connection_pool.h2_upgrade_policy.upgrades();
-    let protocol = if carried {
-        AppProtocol::Http2
-    } else {
-        protocol
-    };
+        && service.config.connection_pool.carries_http1()
+        && !endpoint.pool.refuses_carrying.load(Ordering::Acquire);
     let opening = Opening {
         service,
-        protocol,
+        protocol: if carried {
+            AppProtocol::Http2
+        } else {
+            protocol
+        },
+        carried,
         security,
         mesh,
         timeouts,
         metrics,
     };
-    let _opening_http2 = if protocol == AppProtocol::Http2 {
-        if let Some(connection) = reusable(service, endpoint, protocol, &opening.security) {
-            return Ok(connection);
-        }
-        Some(endpoint.pool.opening_http2.lock().await)
-    } else {
-        None
+    if opening.protocol != AppProtocol::Http2 {
+        return take_or_open(endpoint, &opening).await;
+    }
+    if let Some(connection) = reusable(endpoint, &opening) {
+        return Ok(connection);
+    }
+    let pool = &endpoint.pool;
+    let (mut last_failure, waited) = match pool.opening_http2.try_lock() {
+        Ok(opening) => (opening, false),
+        Err(_busy) => (pool.opening_http2.lock().await, true),
     };
+    if waited && let Some(failure) = last_failure.as_ref() {
+        return Err(AcquireError::Connect(failure.clone()));
+    }
+    if opening.carried && pool.refuses_carrying.load(Ordering::Acquire) {
+        // The connection opened meanwhile told that the peer does not take it.
+        drop(last_failure);
+        let http1 = Opening {
+            protocol: AppProtocol::Http1,
+            carried: false,
+            ..opening
+        };
+        return take_or_open(endpoint, &http1).await;
+    }
+    let acquired = take_or_open(endpoint, &opening).await;
+    *last_failure = match &acquired {
+        Err(AcquireError::Connect(failure)) => Some(failure.clone()),
+        _ => None,
+    };
+    acquired
+}
+
+/// A pooled connection, a new one, or (at the connection limit) the first one freed while
+/// this request waits as pending.
+async fn take_or_open(
+    endpoint: &Endpoint,
+    opening: &Opening<'_>,
+) -> Result<Connection, AcquireError> {
+    let service = opening.service;
     loop {
-        if let Some(connection) = reusable(service, endpoint, protocol, &opening.security) {
+        if let Some(connection) = reusable(endpoint, opening) {
             return Ok(connection);
         }
         // Boxed: opening (connect, TLS handshake, HTTP handshake) is a large future, rarely
         // awaited; inline, it would size every request's future (boxed per request by
         // `server::serve`), and so each request's allocation.
         if let Ok(permit) = service.connection_permits.clone().try_acquire_owned() {
-            return Box::pin(open(endpoint, &opening, permit)).await;
+            return Box::pin(open(endpoint, opening, permit)).await;
         }
         let Some(_pending) = Pending::enter(service) else {
             return Err(AcquireError::Overflow);
@@ -199,30 +245,28 @@ pub async fn acquire(
         tokio::select! {
             permit = service.connection_permits.clone().acquire_owned() => {
                 let permit = permit.map_err(|_closed| AcquireError::Overflow)?;
-                return Box::pin(open(endpoint, &opening, permit)).await;
+                return Box::pin(open(endpoint, opening, permit)).await;
             }
             () = service.connection_returned.notified() => {}
         }
     }
 }
 
-/// A pooled connection to `endpoint` made under `security` (the one in force); the idle ones
-/// passed over are closed.
-fn reusable(
-    service: &ServiceState,
-    endpoint: &Endpoint,
-    protocol: AppProtocol,
-    security: &UpstreamSecurity,
-) -> Option<Connection> {
+/// A pooled connection to `endpoint` made under the security in force (and, for a carried
+/// request, one the peer takes it on); the idle ones passed over are closed.
+fn reusable(endpoint: &Endpoint, opening: &Opening<'_>) -> Option<Connection> {
+    let (service, security) = (opening.service, &opening.security);
     let pool = &endpoint.pool;
-    if protocol == AppProtocol::Http2 {
+    if opening.protocol == AppProtocol::Http2 {
         let shared = pool
             .shared_http2
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let shared = shared
-            .as_ref()
-            .filter(|shared| !shared.sender.is_closed() && shared.security == *security)?;
+        let shared = shared.as_ref().filter(|shared| {
+            !shared.sender.is_closed()
+                && shared.security == *security
+                && (shared.carrying_http1 || !opening.carried)
+        })?;
         return Some(Connection {
             sender: Sender::Http2(shared.sender.clone()),
             reused: true,
@@ -265,6 +309,7 @@ async fn open(
                 Ok(stream) => Established {
                     io: Box::new(stream),
                     mtls: None,
+                    carrying_http1: false,
                 },
                 Err(failure) => {
                     opening.metrics.record_tls_origination_failure(
@@ -276,11 +321,33 @@ async fn open(
             }
         }
         UpstreamSecurity::Plaintext | UpstreamSecurity::MeshMtls(_) => {
-            upstream::establish(endpoint.addr, opening.mesh, opening.timeouts)
+            // Any HTTP/2 connection to a peer's sidecar offers to carry HTTP/1.1 too: it is
+            // the endpoint's one shared connection.
+            let offer = match protocol {
+                AppProtocol::Http2 => MeshOffer::CarryingHttp1,
+                _ => MeshOffer::Bytes,
+            };
+            upstream::establish(endpoint.addr, opening.mesh, opening.timeouts, offer)
                 .await
                 .map_err(AcquireError::Connect)?
         }
     };
+    let refused = protocol == AppProtocol::Http2
+        && matches!(opening.security, UpstreamSecurity::MeshMtls(_))
+        && !established.carrying_http1;
+    if refused {
+        endpoint
+            .pool
+            .refuses_carrying
+            .store(true, Ordering::Release);
+    }
+    // A carried request the peer does not take goes as HTTP/1.1 on this connection instead.
+    let protocol = if refused && opening.carried {
+        AppProtocol::Http1
+    } else {
+        protocol
+    };
+    let carrying_http1 = established.carrying_http1;
     let io = TokioIo::new(established.io);
     let handshake_failed = |error: hyper::Error| {
         AcquireError::Connect(ConnectFailure {
@@ -290,7 +357,13 @@ async fn open(
     };
     let addr = endpoint.addr;
     let sender = if protocol == AppProtocol::Http2 {
+        // Every request to the endpoint rides this connection: a peer gone without a reset
+        // (its node lost) must not hold them until TCP gives up. A PING unanswered within
+        // the timeout, while requests are in flight, closes it (Linkerd pings its peers too).
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(HTTP2_KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(HTTP2_KEEPALIVE_TIMEOUT)
             .max_header_list_size(MAX_HTTP2_HEADER_LIST_BYTES)
             .handshake(io)
             .await
@@ -309,6 +382,7 @@ async fn open(
             sender: sender.clone(),
             mtls: established.mtls.clone(),
             security: opening.security.clone(),
+            carrying_http1,
         });
         Sender::Http2(sender)
     } else {

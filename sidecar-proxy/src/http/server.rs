@@ -18,7 +18,9 @@ use tokio::{
 };
 use tracing::debug;
 
-use super::{AppProtocol, MAX_HTTP2_HEADER_LIST_BYTES, body::ProxyBody};
+use super::{
+    AppProtocol, MAX_CONCURRENT_HTTP2_STREAMS, MAX_HTTP2_HEADER_LIST_BYTES, body::ProxyBody,
+};
 use crate::{
     inputs::ProxyInputs,
     io::deadlines::{self, Deadlines, RequestHeads},
@@ -113,6 +115,7 @@ pub async fn serve<D, H, F>(
         AppProtocol::Http2 => {
             let connection = http2::Builder::new(TokioExecutor::new())
                 .max_header_list_size(MAX_HTTP2_HEADER_LIST_BYTES)
+                .max_concurrent_streams(MAX_CONCURRENT_HTTP2_STREAMS)
                 .serve_connection(io, service);
             finish_when!(connection, finish_when_draining)
         }

@@ -41,7 +41,7 @@ pub enum Source {
 }
 
 /// An upstream connect that failed, with the reason to count.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct ConnectFailure {
     pub reason: FailureReason,
     pub error: String,
@@ -89,6 +89,18 @@ pub struct Established {
     pub io: Box<dyn UpstreamIo>,
     /// `None`: plaintext (the destination is not a mesh workload).
     pub mtls: Option<MutualTls>,
+    /// The peer's sidecar agreed to take HTTP/1.1 requests carried over HTTP/2 on it.
+    pub carrying_http1: bool,
+}
+
+/// What a connection to a mesh workload offers in its mTLS handshake.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MeshOffer {
+    /// Mesh mTLS for the app's bytes as they are.
+    Bytes,
+    /// Mesh mTLS for an HTTP/2 connection that carries HTTP/1.1 requests too, if the peer's
+    /// sidecar agrees ([`tls::MESH_H2_ALPN`]).
+    CarryingHttp1,
 }
 
 /// Reads its stream: a server's greeting, read while the client's protocol is being detected.
@@ -102,12 +114,13 @@ impl AsyncRead for Established {
     }
 }
 
-/// Connects to `addr` and, when the mesh config says it is a mesh workload, originates mTLS and
-/// checks its SPIFFE identity.
+/// Connects to `addr` and, when the mesh config says it is a mesh workload, originates mTLS
+/// (offering `offer`) and checks its SPIFFE identity.
 pub async fn establish(
     addr: SocketAddr,
     mesh: &Mesh,
     timeouts: &Timeouts,
+    offer: MeshOffer,
 ) -> Result<Established, ConnectFailure> {
     let stream = connect(addr, Source::Any, timeouts).await?;
     let Some((local_tls, destination)) = mesh
@@ -117,12 +130,19 @@ pub async fn establish(
         return Ok(Established {
             io: Box::new(stream),
             mtls: None,
+            carrying_http1: false,
         });
     };
     // Mesh peers are checked by SPIFFE ID; the IP only satisfies the API (no SNI is sent).
     let server_name = ServerName::IpAddress(addr.ip().into());
     let connector = TlsConnector::from(destination.client_config.clone());
-    let handshake = connector.connect(server_name, stream).into_fallible();
+    let handshake = match offer {
+        MeshOffer::Bytes => connector.connect(server_name, stream),
+        MeshOffer::CarryingHttp1 => connector
+            .with_alpn(vec![tls::MESH_H2_ALPN.to_vec(), tls::MESH_ALPN.to_vec()])
+            .connect(server_name, stream),
+    }
+    .into_fallible();
     let tls_stream = match timeout(timeouts.tls_handshake, handshake).await {
         Ok(Ok(tls_stream)) => tls_stream,
         // Our alert is on its way to the server.
@@ -146,8 +166,10 @@ pub async fn establish(
             error: "the verified server certificate has no SPIFFE ID".into(),
         });
     };
+    let carrying_http1 = tls_stream.get_ref().1.alpn_protocol() == Some(tls::MESH_H2_ALPN);
     Ok(Established {
         io: Box::new(tls_stream),
+        carrying_http1,
         mtls: Some(MutualTls {
             local: local_tls.identity.clone(),
             peer,

@@ -62,7 +62,8 @@ pub struct MeshDestination {
 /// Mesh mTLS as this workload does it: who we are, how we answer, where we originate.
 pub struct MeshTls {
     pub identity: SpiffeId,
-    pub server_config: Arc<ServerConfig>,
+    /// The inbound side's configs: mesh mTLS alone, or also taking carried HTTP/1.1.
+    pub server_configs: tls::MeshServerConfigs,
     destinations: Vec<MeshDestination>,
 }
 
@@ -159,7 +160,7 @@ impl Mesh {
             inbound: config.inbound.clone(),
             tls: Some(MeshTls {
                 identity: cert.identity.clone(),
-                server_config: tls::server_config(cert, provider, config.session_resumption)?,
+                server_configs: tls::server_configs(cert, provider, config.session_resumption)?,
                 destinations,
             }),
             routes,

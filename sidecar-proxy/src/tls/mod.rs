@@ -37,6 +37,11 @@ use super::{mesh::identity::SpiffeId, telemetry::metrics::FailureReason};
 /// The ALPN protocol that marks sidecar-to-sidecar mTLS (Istio uses `istio-peer-exchange` and
 /// friends for the same purpose).
 pub const MESH_ALPN: &[u8] = b"sidecar-mesh/1";
+/// Offered first, beside [`MESH_ALPN`], by a sidecar opening the HTTP/2 connection that carries
+/// its apps' HTTP/1.1 requests (`http::h1_over_h2`); chosen by a peer's sidecar that serves them
+/// on that port. A sidecar without it (an older version, or a port declared `tcp`) chooses
+/// [`MESH_ALPN`], and the requests keep HTTP/1.
+pub const MESH_H2_ALPN: &[u8] = b"sidecar-mesh-h2/1";
 
 pub fn crypto_provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -45,17 +50,24 @@ pub fn crypto_provider() -> Arc<CryptoProvider> {
 /// Sessions a client config keeps for resumption (each destination has its own config).
 const CLIENT_SESSIONS: usize = 64;
 
+/// The inbound side's two configs: mesh mTLS alone, and mesh mTLS that also takes HTTP/1.1
+/// requests carried over HTTP/2 ([`MESH_H2_ALPN`]).
+pub struct MeshServerConfigs {
+    pub mesh: Arc<ServerConfig>,
+    pub carrying: Arc<ServerConfig>,
+}
+
 /// The inbound side: present our certificate, require and verify the peer's. With
 /// `session_resumption`, clients get one TLS 1.3 ticket per handshake: a resumed handshake
 /// proves the identity of the full one it came from (rustls keeps the client's certificate
-/// chain in the ticket), and the tickets are sealed with a key of this config alone, so a
-/// rotated certificate or trust bundle (a new config) turns every older ticket into a full
-/// handshake.
-pub fn server_config(
+/// chain in the ticket), and the tickets are sealed with a key of these configs alone (shared
+/// by both), so a rotated certificate or trust bundle (new configs) turns every older ticket
+/// into a full handshake.
+pub fn server_configs(
     cert: &WorkloadCertificate,
     provider: &Arc<CryptoProvider>,
     session_resumption: bool,
-) -> Result<Arc<ServerConfig>, rustls::Error> {
+) -> Result<MeshServerConfigs, rustls::Error> {
     let verifier = SpiffeClientVerifier::new(&cert.trust, provider.clone())
         .map_err(|error| rustls::Error::General(format!("client verifier: {error}")))?;
     let mut config = ServerConfig::builder_with_provider(provider.clone())
@@ -69,7 +81,12 @@ pub fn server_config(
     } else {
         config.send_tls13_tickets = 0;
     }
-    Ok(Arc::new(config))
+    let mut carrying = config.clone();
+    carrying.alpn_protocols = vec![MESH_H2_ALPN.to_vec(), MESH_ALPN.to_vec()];
+    Ok(MeshServerConfigs {
+        mesh: Arc::new(config),
+        carrying: Arc::new(carrying),
+    })
 }
 
 /// The outbound side towards one destination: present our certificate, and accept only a
@@ -90,7 +107,7 @@ pub fn client_config(
     // A resumed session skips certificate verification. That is sound here because the
     // session cache belongs to this config, which exists for one set of expected identities,
     // trust bundles and certificate: a reload or a rotation builds a new config with an empty
-    // cache, and a peer that rotated refuses the old ticket (see `server_config`).
+    // cache, and a peer that rotated refuses the old ticket (see `server_configs`).
     config.resumption = if session_resumption {
         Resumption::in_memory_sessions(CLIENT_SESSIONS)
     } else {

@@ -6,7 +6,7 @@ use std::{
     net::SocketAddr,
     path::PathBuf,
     sync::{Arc, Mutex, PoisonError},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use bytes::Bytes;
@@ -20,14 +20,16 @@ use tokio::{
     task::JoinSet,
 };
 
-use sidecar_proxy::{telemetry::metrics::ReloadKind, testing::*};
+use sidecar_proxy::{
+    Timeouts,
+    telemetry::metrics::{Metrics, ReloadKind},
+    testing::*,
+};
 
 use super::mesh::{Hop, STRICT, handshakes, server_workload, start_hop};
 
 /// Requests in flight at once, each on its own client connection.
 const CONCURRENT: usize = 8;
-/// How long the app holds each answer, so that they all overlap.
-const APP_DELAY: Duration = Duration::from_millis(300);
 
 /// The request heads an HTTP/1.1 app received, as it read them.
 #[derive(Clone, Default)]
@@ -42,9 +44,10 @@ impl Heads {
     }
 }
 
-/// An HTTP/1.1 app that records each request head and answers it `200 ok` after
-/// [`APP_DELAY`]; a WebSocket upgrade gets `101`, then an echo.
-async fn start_recording_app() -> anyhow::Result<(SocketAddr, Heads)> {
+/// An HTTP/1.1 app that records each request head and answers it `200 ok` once `answer_after`
+/// heads have arrived (so that that many requests are in flight together); a WebSocket
+/// upgrade gets `101`, then an echo.
+async fn start_recording_app(answer_after: usize) -> anyhow::Result<(SocketAddr, Heads)> {
     let listener = TcpListener::bind((LOCALHOST, 0)).await?;
     let addr = listener.local_addr()?;
     let heads = Heads::default();
@@ -76,7 +79,10 @@ async fn start_recording_app() -> anyhow::Result<(SocketAddr, Heads)> {
                         tokio::io::copy(&mut read, &mut write).await?;
                         return anyhow::Ok(());
                     }
-                    tokio::time::sleep(APP_DELAY).await;
+                    let deadline = Instant::now() + PATIENCE;
+                    while recorded.all().len() < answer_after && Instant::now() < deadline {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
                     stream
                         .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
                         .await?;
@@ -107,10 +113,14 @@ async fn hop_to(app: SocketAddr, inbound: fn(u16) -> String) -> anyhow::Result<M
     })
 }
 
-/// A hop in front of the recording app, and what the app received.
-async fn start_recorded_hop() -> anyhow::Result<(MeshHop, Heads)> {
-    let (app, heads) = start_recording_app().await?;
-    Ok((hop_to(app, STRICT).await?, heads))
+/// A hop in front of the recording app answering after `answer_after` heads, the server's
+/// inbound section `inbound`; and what the app received.
+async fn start_recorded_hop(
+    inbound: fn(u16) -> String,
+    answer_after: usize,
+) -> anyhow::Result<(MeshHop, Heads)> {
+    let (app, heads) = start_recording_app(answer_after).await?;
+    Ok((hop_to(app, inbound).await?, heads))
 }
 
 /// Sends `request` (with `Connection: close`) on a connection of its own; the whole answer.
@@ -152,7 +162,7 @@ fn mtls_connections_accepted(hop: &Hop) -> u64 {
 #[tokio::test]
 async fn concurrent_http1_requests_share_one_http2_connection_and_reach_the_app_as_http1()
 -> anyhow::Result<()> {
-    let (MeshHop { hop, _pki, .. }, heads) = start_recorded_hop().await?;
+    let (MeshHop { hop, _pki, .. }, heads) = start_recorded_hop(STRICT, CONCURRENT).await?;
     concurrent_gets(hop.client.addr).await?;
 
     // One mTLS connection carried them all, where each used to take one (and a handshake).
@@ -190,7 +200,7 @@ async fn concurrent_http1_requests_share_one_http2_connection_and_reach_the_app_
 #[tokio::test]
 async fn a_websocket_upgrade_between_sidecars_stays_http1_on_its_own_connection()
 -> anyhow::Result<()> {
-    let (MeshHop { hop, _pki, .. }, heads) = start_recorded_hop().await?;
+    let (MeshHop { hop, _pki, .. }, heads) = start_recorded_hop(STRICT, CONCURRENT).await?;
     // First a plain request, so that the shared HTTP/2 connection exists.
     concurrent_gets(hop.client.addr).await?;
     let mut client = TcpStream::connect(hop.client.addr).await?;
@@ -226,7 +236,7 @@ async fn a_websocket_upgrade_between_sidecars_stays_http1_on_its_own_connection(
 
 #[tokio::test]
 async fn do_not_upgrade_keeps_one_http1_connection_per_request_in_flight() -> anyhow::Result<()> {
-    let (rig, heads) = start_recorded_hop().await?;
+    let (rig, heads) = start_recorded_hop(STRICT, CONCURRENT).await?;
     let (hop, client_dir) = (&rig.hop, &rig.client_dir);
     let reloads = || {
         hop.client
@@ -322,7 +332,7 @@ async fn an_apps_own_mark_never_leaves_its_sidecar() -> anyhow::Result<()> {
 /// that the app's HTTP/1.1 would take must get through when carried too.
 #[tokio::test]
 async fn a_request_with_large_headers_is_carried_whole() -> anyhow::Result<()> {
-    let (MeshHop { hop, _pki, .. }, heads) = start_recorded_hop().await?;
+    let (MeshHop { hop, _pki, .. }, heads) = start_recorded_hop(STRICT, 1).await?;
     let cookie = "c".repeat(40 * 1024);
     let request = format!(
         "GET /big HTTP/1.1\r\nHost: server\r\nCookie: {cookie}\r\nConnection: close\r\n\r\n"
@@ -332,5 +342,102 @@ async fn a_request_with_large_headers_is_carried_whole() -> anyhow::Result<()> {
     let head = heads.all().pop().unwrap_or_default();
     assert!(head.contains(&cookie), "the cookie reached the app whole");
     assert_eq!(mtls_connections_accepted(&hop), 1, "carried");
+    Ok(())
+}
+
+/// A port declared `http` (HTTP/1 for its app) takes carried requests as well: the peer's
+/// sidecar serves HTTP/2 there because both sidecars agreed on it in the handshake.
+#[tokio::test]
+async fn a_port_declared_http_takes_carried_requests() -> anyhow::Result<()> {
+    let declared_http = |port: u16| {
+        format!(
+            "inbound:\n  mode: STRICT\nhttp:\n  ports:\n    - {{port: {port}, protocol: http}}\n"
+        )
+    };
+    let (MeshHop { hop, _pki, .. }, heads) = start_recorded_hop(declared_http, CONCURRENT).await?;
+    concurrent_gets(hop.client.addr).await?;
+    assert_eq!(mtls_connections_accepted(&hop), 1);
+    assert!(
+        heads
+            .all()
+            .iter()
+            .all(|head| head.starts_with("GET /items/") && head.contains(" HTTP/1.1\r\n")),
+        "{:?}",
+        heads.all()
+    );
+    Ok(())
+}
+
+/// A peer's sidecar that does not take carried requests (here a port declared `tcp`, relayed
+/// as it is; an older sidecar chooses the same) gets HTTP/1.1 as before, one connection per
+/// request in flight, and the endpoint is remembered: no later request offers it again.
+#[tokio::test]
+async fn a_peer_that_does_not_take_carried_requests_gets_http1() -> anyhow::Result<()> {
+    let declared_tcp = |port: u16| {
+        format!(
+            "inbound:\n  mode: STRICT\nhttp:\n  ports:\n    - {{port: {port}, protocol: tcp}}\n"
+        )
+    };
+    let (MeshHop { hop, _pki, .. }, heads) = start_recorded_hop(declared_tcp, CONCURRENT).await?;
+    concurrent_gets(hop.client.addr).await?;
+    assert_eq!(mtls_connections_accepted(&hop), CONCURRENT as u64);
+    // The pooled HTTP/1 connections serve the next round.
+    concurrent_gets(hop.client.addr).await?;
+    assert_eq!(mtls_connections_accepted(&hop), CONCURRENT as u64);
+    let heads = heads.all();
+    assert_eq!(heads.len(), 2 * CONCURRENT);
+    assert!(
+        heads.iter().all(|head| head.starts_with("GET /items/")
+            && head.contains(" HTTP/1.1\r\n")
+            && head.contains("\r\nX-Custom-Case: kept\r\n")),
+        "{heads:?}"
+    );
+    Ok(())
+}
+
+/// Requests that wait for the shared connection to open share the failure of that one try:
+/// against an endpoint that never completes a handshake, one connection is tried, not one after
+/// the other for each waiting request.
+#[tokio::test]
+async fn requests_waiting_for_a_connection_that_fails_to_open_fail_with_it() -> anyhow::Result<()> {
+    let pki = Pki::new()?;
+    let client_dir = pki.workload("client", "client", valid(), None)?;
+    // Accepts and holds every connection, answering nothing: a peer that hangs.
+    let blackhole = TcpListener::bind((LOCALHOST, 0)).await?;
+    let blackhole_addr = blackhole.local_addr()?;
+    let accepted = Arc::new(Mutex::new(Vec::new()));
+    let held = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = blackhole.accept().await {
+            held.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(stream);
+        }
+    });
+    let config = write_mesh_config(&client_dir, &server_workload(blackhole_addr, &["server"]))?;
+    let metrics = Arc::new(Metrics::new(&local("client"))?);
+    let mesh = watched_mesh(&config, &metrics)?;
+    let quick = Timeouts {
+        tls_handshake: Duration::from_millis(500),
+        ..timeouts()
+    };
+    let client = start_outbound(|_| blackhole_addr, mesh, metrics, quick)?;
+
+    let mut gets = JoinSet::new();
+    for _ in 0..4 {
+        gets.spawn(exchange(
+            client.addr,
+            "GET / HTTP/1.1\r\nHost: server\r\nConnection: close\r\n\r\n".to_owned(),
+        ));
+    }
+    while let Some(response) = gets.join_next().await {
+        let response = response??;
+        assert!(response.starts_with("HTTP/1.1 503"), "{response}");
+    }
+    let tried = accepted
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .len();
+    assert_eq!(tried, 1, "connections tried for the 4 waiting requests");
     Ok(())
 }
