@@ -55,6 +55,7 @@ pub mod testing;
 
 use std::{
     future::pending,
+    num::NonZeroUsize,
     sync::{
         Arc, Mutex, OnceLock,
         atomic::{AtomicBool, Ordering},
@@ -114,17 +115,17 @@ pub fn run(args: ProxyArgs, capture: Arc<dyn CaptureProbe>) -> anyhow::Result<()
     let config = ProxyConfig::try_from(&args)?;
     // One worker: a single-threaded scheduler (as linkerd2-proxy on one core), which spares
     // the multi-threaded one's cross-thread queues and wake-ups no other worker could take.
-    let single_threaded = args
-        .worker_threads
-        .is_some_and(|threads| threads.get() == 1);
-    let mut runtime = match args.worker_threads {
-        _ if single_threaded => tokio::runtime::Builder::new_current_thread(),
-        Some(threads) => {
+    let workers = args.worker_threads.map(NonZeroUsize::get);
+    let single_threaded = workers == Some(1);
+    let mut runtime = match workers {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        workers => {
             let mut runtime = tokio::runtime::Builder::new_multi_thread();
-            runtime.worker_threads(threads.get());
+            if let Some(workers) = workers {
+                runtime.worker_threads(workers);
+            }
             runtime
         }
-        None => tokio::runtime::Builder::new_multi_thread(),
     };
     runtime
         .enable_all()

@@ -122,8 +122,8 @@ impl Upstream<'_> {
         };
         let _active = Active::enter(&endpoint.active);
         let (mut parts, body) = request.into_parts();
-        let http1 = self.protocol == AppProtocol::Http1;
-        let carriable = http1 && h1_over_h2::carriable(&parts);
+        // Only an HTTP/1.1 request can be.
+        let carriable = h1_over_h2::carriable(&parts);
         let mut connection = match self.connect(endpoint, carriable, record).await {
             Ok(connection) => connection,
             Err(failure) => return Attempt::Failed(failure),
@@ -132,7 +132,7 @@ impl Upstream<'_> {
             https_scheme(&mut parts.uri);
         }
         // The app's HTTP/1.1 request, on a peer sidecar's shared HTTP/2 connection.
-        let carried = http1 && matches!(connection.sender, Sender::Http2(_));
+        let carried = carriable && matches!(connection.sender, Sender::Http2(_));
         if carried {
             h1_over_h2::carry(&mut parts);
         }

@@ -240,11 +240,14 @@ pub struct ConnectionPool {
     pub h2_upgrade_policy: H2UpgradePolicy,
 }
 
+const DEFAULT_MAX_CONNECTIONS: usize = 1024;
+const DEFAULT_MAX_PENDING_REQUESTS: usize = 1024;
+
 impl Default for ConnectionPool {
     fn default() -> Self {
         ConnectionPool {
-            max_connections: 1024,
-            max_pending_requests: 1024,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_pending_requests: DEFAULT_MAX_PENDING_REQUESTS,
             max_requests_per_connection: None,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             h2_upgrade_policy: H2UpgradePolicy::default(),
@@ -274,13 +277,12 @@ impl ConnectionPool {
     /// `maxRequestsPerConnection`): those keep their meaning, as in Istio's circuit-breaking
     /// recipe, unless `UPGRADE` says otherwise.
     pub fn carries_http1(&self) -> bool {
-        let defaults = ConnectionPool::default();
         match self.h2_upgrade_policy {
             H2UpgradePolicy::Upgrade => true,
             H2UpgradePolicy::DoNotUpgrade => false,
             H2UpgradePolicy::Default => {
-                self.max_connections == defaults.max_connections
-                    && self.max_pending_requests == defaults.max_pending_requests
+                self.max_connections == DEFAULT_MAX_CONNECTIONS
+                    && self.max_pending_requests == DEFAULT_MAX_PENDING_REQUESTS
                     && self.max_requests_per_connection.is_none()
             }
         }

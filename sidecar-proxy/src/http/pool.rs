@@ -147,8 +147,8 @@ struct Opening<'a> {
 
 /// A connection to `endpoint` speaking `protocol`: an idle one, a new one, or (at the
 /// connection limit) the first one freed while this request waits as pending; the shared
-/// HTTP/2 one is opened once for all the requests arriving meanwhile. An HTTP/1.1 request that
-/// `carriable` says may ride HTTP/2 gets it when the endpoint is a peer sidecar that takes it
+/// HTTP/2 one is opened once for all the requests arriving meanwhile. A request `carriable`
+/// (HTTP/1.1 that may ride HTTP/2) gets it when the endpoint is a peer sidecar that takes it
 /// and the service's `h2UpgradePolicy` allows (`h1_over_h2`). Failed TLS originations are
 /// counted in `metrics`.
 pub async fn acquire(
@@ -173,7 +173,6 @@ pub async fn acquire(
         return Err(AcquireError::Connect(failure));
     };
     let carried = carriable
-        && protocol == AppProtocol::Http1
         && matches!(security, UpstreamSecurity::MeshMtls(_))
         && service.config.connection_pool.carries_http1()
         && !endpoint.pool.refuses_carrying.load(Ordering::Acquire);

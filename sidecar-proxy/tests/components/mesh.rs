@@ -84,6 +84,20 @@ pub fn server_workload(tap: SocketAddr, expected: &[&str]) -> String {
     )
 }
 
+/// Rewrites the client side's mesh config in `client_dir` (after its identity block) to
+/// `rest`, and waits until the client has reloaded it.
+pub async fn rewrite_client_config(hop: &Hop, client_dir: &Path, rest: &str) -> anyhow::Result<()> {
+    let reloads = || {
+        hop.client
+            .metrics
+            .reload_count(ReloadKind::MeshConfig, true)
+    };
+    let before = reloads();
+    write_mesh_config(client_dir, rest)?;
+    wait_until("the client reloaded its config", || reloads() == before + 1).await;
+    Ok(())
+}
+
 /// Forwards to `to`, recording what the client side sends.
 async fn start_tap(to: SocketAddr) -> anyhow::Result<(SocketAddr, Arc<Mutex<Vec<u8>>>)> {
     let listener = TcpListener::bind((LOCALHOST, 0)).await?;
@@ -760,21 +774,12 @@ impl ReloadingHop {
     /// Rewrites the client's mesh config, the server listed as a mesh workload or not, and
     /// waits for the reload.
     async fn list_server(&self, listed: bool) -> anyhow::Result<()> {
-        let reloads = || {
-            self.hop
-                .client
-                .metrics
-                .reload_count(ReloadKind::MeshConfig, true)
-        };
-        let before = reloads();
         let workloads = if listed {
             server_workload(self.hop.tap, &["server"])
         } else {
             String::new()
         };
-        write_mesh_config(&self.client_dir, &workloads)?;
-        wait_until("the client reloaded its config", || reloads() == before + 1).await;
-        Ok(())
+        rewrite_client_config(&self.hop, &self.client_dir, &workloads).await
     }
 
     /// The requests the server side served over connections of `policy` (HTTP connections

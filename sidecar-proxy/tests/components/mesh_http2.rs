@@ -20,13 +20,9 @@ use tokio::{
     task::JoinSet,
 };
 
-use sidecar_proxy::{
-    Timeouts,
-    telemetry::metrics::{Metrics, ReloadKind},
-    testing::*,
-};
+use sidecar_proxy::{Timeouts, telemetry::metrics::Metrics, testing::*};
 
-use super::mesh::{Hop, STRICT, handshakes, server_workload, start_hop};
+use super::mesh::{Hop, STRICT, handshakes, rewrite_client_config, server_workload, start_hop};
 
 /// Requests in flight at once, each on its own client connection.
 const CONCURRENT: usize = 8;
@@ -101,7 +97,7 @@ struct MeshHop {
     _pki: Pki,
 }
 
-async fn hop_to(app: SocketAddr, inbound: fn(u16) -> String) -> anyhow::Result<MeshHop> {
+async fn hop_to(app: SocketAddr, inbound: impl Fn(u16) -> String) -> anyhow::Result<MeshHop> {
     let pki = Pki::new()?;
     let server_dir = pki.workload("server", "server", valid(), None)?;
     let client_dir = pki.workload("client", "client", valid(), None)?;
@@ -116,7 +112,7 @@ async fn hop_to(app: SocketAddr, inbound: fn(u16) -> String) -> anyhow::Result<M
 /// A hop in front of the recording app answering after `answer_after` heads, the server's
 /// inbound section `inbound`; and what the app received.
 async fn start_recorded_hop(
-    inbound: fn(u16) -> String,
+    inbound: impl Fn(u16) -> String,
     answer_after: usize,
 ) -> anyhow::Result<(MeshHop, Heads)> {
     let (app, heads) = start_recording_app(answer_after).await?;
@@ -238,19 +234,12 @@ async fn a_websocket_upgrade_between_sidecars_stays_http1_on_its_own_connection(
 async fn do_not_upgrade_keeps_one_http1_connection_per_request_in_flight() -> anyhow::Result<()> {
     let (rig, heads) = start_recorded_hop(STRICT, CONCURRENT).await?;
     let (hop, client_dir) = (&rig.hop, &rig.client_dir);
-    let reloads = || {
-        hop.client
-            .metrics
-            .reload_count(ReloadKind::MeshConfig, true)
-    };
-    let before = reloads();
     let opt_out = format!(
         "{}http:\n  services:\n    - name: server\n      addresses: [127.0.0.1]\n      ports: [{}]\n      connectionPool: {{h2UpgradePolicy: DO_NOT_UPGRADE}}\n",
         server_workload(hop.tap, &["server"]),
         hop.tap.port()
     );
-    write_mesh_config(client_dir, &opt_out)?;
-    wait_until("the client reloaded its config", || reloads() == before + 1).await;
+    rewrite_client_config(hop, client_dir, &opt_out).await?;
 
     concurrent_gets(hop.client.addr).await?;
     assert_eq!(mtls_connections_accepted(hop), CONCURRENT as u64);
@@ -345,16 +334,21 @@ async fn a_request_with_large_headers_is_carried_whole() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The server's inbound section: STRICT, the app's port declared `protocol`.
+fn strict_port_declared(protocol: &'static str) -> impl Fn(u16) -> String {
+    move |port| {
+        format!(
+            "inbound:\n  mode: STRICT\nhttp:\n  ports:\n    - {{port: {port}, protocol: {protocol}}}\n"
+        )
+    }
+}
+
 /// A port declared `http` (HTTP/1 for its app) takes carried requests as well: the peer's
 /// sidecar serves HTTP/2 there because both sidecars agreed on it in the handshake.
 #[tokio::test]
 async fn a_port_declared_http_takes_carried_requests() -> anyhow::Result<()> {
-    let declared_http = |port: u16| {
-        format!(
-            "inbound:\n  mode: STRICT\nhttp:\n  ports:\n    - {{port: {port}, protocol: http}}\n"
-        )
-    };
-    let (MeshHop { hop, _pki, .. }, heads) = start_recorded_hop(declared_http, CONCURRENT).await?;
+    let (MeshHop { hop, _pki, .. }, heads) =
+        start_recorded_hop(strict_port_declared("http"), CONCURRENT).await?;
     concurrent_gets(hop.client.addr).await?;
     assert_eq!(mtls_connections_accepted(&hop), 1);
     assert!(
@@ -373,12 +367,8 @@ async fn a_port_declared_http_takes_carried_requests() -> anyhow::Result<()> {
 /// request in flight, and the endpoint is remembered: no later request offers it again.
 #[tokio::test]
 async fn a_peer_that_does_not_take_carried_requests_gets_http1() -> anyhow::Result<()> {
-    let declared_tcp = |port: u16| {
-        format!(
-            "inbound:\n  mode: STRICT\nhttp:\n  ports:\n    - {{port: {port}, protocol: tcp}}\n"
-        )
-    };
-    let (MeshHop { hop, _pki, .. }, heads) = start_recorded_hop(declared_tcp, CONCURRENT).await?;
+    let (MeshHop { hop, _pki, .. }, heads) =
+        start_recorded_hop(strict_port_declared("tcp"), CONCURRENT).await?;
     concurrent_gets(hop.client.addr).await?;
     assert_eq!(mtls_connections_accepted(&hop), CONCURRENT as u64);
     // The pooled HTTP/1 connections serve the next round.
