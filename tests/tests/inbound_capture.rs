@@ -115,13 +115,22 @@ impl InboundLab {
     }
 }
 
-/// Connections seen by an echo server (one JSON report line each).
-fn served(process: &LabProcess) -> usize {
-    process
-        .stdout_text()
-        .lines()
-        .filter(|l| l.starts_with('{'))
-        .count()
+/// Connections seen by an echo server (one JSON report line each), once it has written
+/// `expected` of them or 5 s have passed: it writes a connection's line after the echo, so the
+/// client can be done before the line is.
+fn served(process: &LabProcess, expected: usize) -> usize {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let count = process
+            .stdout_text()
+            .lines()
+            .filter(|l| l.starts_with('{'))
+            .count();
+        if count >= expected || std::time::Instant::now() >= deadline {
+            return count;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 #[test]
@@ -147,13 +156,13 @@ fn inbound_connections_reach_the_listener_with_their_original_destination() {
         );
     }
     assert_eq!(
-        served(&listener),
+        served(&listener, 2),
         2,
         "listener:\n{}",
         listener.stdout_text()
     );
     assert_eq!(
-        served(&mesh.app),
+        served(&mesh.app, 0),
         0,
         "the app must not see captured connections"
     );
@@ -163,12 +172,12 @@ fn inbound_connections_reach_the_listener_with_their_original_destination() {
         .connect(SocketAddr::new(mesh.server.ipv4().into(), 9090))
         .unwrap();
     assert!(report.echo_ok);
-    assert_eq!(served(&mesh.app), 1);
+    assert_eq!(served(&mesh.app, 1), 1);
 
     // The proxy's passthrough (from 127.0.0.6 / ::6 inside the pod) reaches the app.
     let out = mesh.connect_inside_the_pod(&[("127.0.0.6", "v4"), ("::6", "v6")]);
     assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(served(&mesh.app), 3);
+    assert_eq!(served(&mesh.app, 3), 3);
 
     let counters = mesh.counters();
     assert_eq!(counters[Counter::InboundRedirected], 2, "{counters:?}");
@@ -188,14 +197,14 @@ fn without_the_proxy_inbound_fails_closed_and_is_counted() {
         err.contains("timed out") || err.contains("refused"),
         "{err}"
     );
-    assert_eq!(served(&mesh.app), 0);
+    assert_eq!(served(&mesh.app, 0), 0);
     assert!(mesh.counters()[Counter::InboundNoProxy] >= 1);
 
     // A listener that comes up later is picked up without re-running init...
     let listener = mesh.start_listener();
     mesh.connect(target)
         .expect("captured once the listener exists");
-    assert_eq!(served(&listener), 1);
+    assert_eq!(served(&listener, 1), 1);
     // ...and one that goes away leaves no stale registration behind.
     listener.stop(Duration::from_secs(2)).unwrap();
     mesh.connect(target).expect_err("listener gone");
@@ -210,7 +219,7 @@ fn inbound_capture_can_be_turned_off() {
         .connect(SocketAddr::new(mesh.server.ipv4().into(), 8080))
         .unwrap();
     assert!(report.echo_ok);
-    assert_eq!(served(&mesh.app), 1);
+    assert_eq!(served(&mesh.app, 1), 1);
     let entry = status_of(mesh.server.cgroup()).expect("server capture");
     assert_eq!(entry.inbound_port, None, "{entry:?}");
     assert!(
@@ -252,8 +261,8 @@ fn ports_istio_reserves_but_the_proxy_does_not_serve_are_captured() {
             .unwrap_or_else(|e| panic!("{port}: {e}"));
         assert!(report.echo_ok);
     }
-    assert_eq!(served(&squatter), 0, "reached past the proxy");
-    assert_eq!(served(&listener), 2);
+    assert_eq!(served(&squatter, 0), 0, "reached past the proxy");
+    assert_eq!(served(&listener, 2), 2);
 }
 
 /// Only the proxy's passthrough source is let through: a connection from the real localhost
@@ -265,8 +274,8 @@ fn connections_from_localhost_to_the_pod_address_are_captured() {
     let listener = mesh.start_listener();
     let out = mesh.connect_inside_the_pod(&[("127.0.0.1", "v4"), ("::1", "v6")]);
     assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(served(&mesh.app), 0, "localhost skipped the proxy");
-    assert_eq!(served(&listener), 2, "{}", listener.stdout_text());
+    assert_eq!(served(&mesh.app, 0), 0, "localhost skipped the proxy");
+    assert_eq!(served(&listener, 2), 2, "{}", listener.stdout_text());
     let counters = mesh.counters();
     assert_eq!(counters[Counter::InboundPassthrough], 0, "{counters:?}");
     assert_eq!(counters[Counter::InboundRedirected], 2, "{counters:?}");
@@ -345,8 +354,8 @@ fn only_the_proxy_may_listen_on_the_capture_ports() {
     // Inbound still fails closed, and the real proxy's listener (its UID) registers.
     let target = SocketAddr::new(mesh.server.ipv4().into(), 8080);
     assert!(mesh.connect(target).is_err());
-    assert_eq!(served(&mesh.app), 0);
+    assert_eq!(served(&mesh.app, 0), 0);
     let listener = mesh.start_listener();
     assert!(mesh.connect(target).unwrap().echo_ok);
-    assert_eq!(served(&listener), 1);
+    assert_eq!(served(&listener, 1), 1);
 }
