@@ -5,10 +5,7 @@ use std::net::IpAddr;
 
 use http::{
     HeaderMap, HeaderName, HeaderValue,
-    header::{
-        CONNECTION, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRAILER, TRANSFER_ENCODING,
-        UPGRADE,
-    },
+    header::{CONNECTION, PROXY_AUTHENTICATE, PROXY_AUTHORIZATION, TE, TRANSFER_ENCODING, UPGRADE},
 };
 
 use super::{h1_over_h2::ORIG_PROTO, random::random_u64};
@@ -36,14 +33,15 @@ fn names_in_connection(headers: &HeaderMap, name: &str) -> bool {
 }
 
 /// The headers that only concern one hop, besides those `Connection` names; the mark of a
-/// request carried between sidecars among them, so that no app can set it.
-const HOP_BY_HOP: [HeaderName; 10] = [
+/// request carried between sidecars among them, so that no app can set it. Not `Trailer`: it
+/// declares the trailer fields end to end (RFC 9110 6.6.2), and without it hyper sends none
+/// on HTTP/1.
+const HOP_BY_HOP: [HeaderName; 9] = [
     CONNECTION,
     KEEP_ALIVE,
     PROXY_CONNECTION,
     PROXY_AUTHENTICATE,
     PROXY_AUTHORIZATION,
-    TRAILER,
     TRANSFER_ENCODING,
     TE,
     UPGRADE,
@@ -186,10 +184,12 @@ mod tests {
         headers.insert(KEEP_ALIVE, HeaderValue::from_static("timeout=5"));
         headers.insert(TE, HeaderValue::from_static("trailers"));
         headers.insert("x-app", HeaderValue::from_static("kept"));
+        headers.insert("trailer", HeaderValue::from_static("x-checksum"));
         remove_hop_by_hop(&mut headers, false);
-        assert_eq!(headers.len(), 2, "{headers:?}");
+        assert_eq!(headers.len(), 3, "{headers:?}");
         assert_eq!(headers["x-app"], "kept");
         assert_eq!(headers[TE], "trailers");
+        assert_eq!(headers["trailer"], "x-checksum", "end to end");
 
         let mut upgrade = HeaderMap::new();
         upgrade.insert(CONNECTION, HeaderValue::from_static("Upgrade"));

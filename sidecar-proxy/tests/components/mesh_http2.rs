@@ -317,6 +317,93 @@ async fn an_apps_own_mark_never_leaves_its_sidecar() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An HTTP/1.1 app (hyper's) answering each request with what it got: its method, the length
+/// of its body and its `x-checksum` trailer; the answer carries a `set-cookie` header of
+/// `cookie_bytes`.
+async fn start_body_app(cookie_bytes: usize) -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind((LOCALHOST, 0)).await?;
+    let addr = listener.local_addr()?;
+    let cookie = "c".repeat(cookie_bytes);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let cookie = cookie.clone();
+            let service = service_fn(move |request: Request<Incoming>| {
+                let cookie = cookie.clone();
+                async move {
+                    let method = request.method().clone();
+                    let collected = request.into_body().collect().await?;
+                    let checksum = collected
+                        .trailers()
+                        .and_then(|trailers| trailers.get("x-checksum"))
+                        .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned());
+                    let answer = format!(
+                        "{method} {} bytes, x-checksum={}",
+                        collected.to_bytes().len(),
+                        checksum.as_deref().unwrap_or("none")
+                    );
+                    let mut response = Response::new(Full::new(Bytes::from(answer)));
+                    response
+                        .headers_mut()
+                        .insert("set-cookie", cookie.parse().expect("a valid header value"));
+                    Ok::<_, hyper::Error>(response)
+                }
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service),
+            );
+        }
+    });
+    Ok(addr)
+}
+
+/// A chunked HTTP/1.1 upload with a trailer reaches the app whole when carried: every chunk
+/// and the trailer (HTTP/2 DATA frames and a trailing HEADERS frame between the sidecars).
+#[tokio::test]
+async fn a_chunked_upload_with_a_trailer_is_carried_whole() -> anyhow::Result<()> {
+    let MeshHop { hop, _pki, .. } = hop_to(start_body_app(0).await?, STRICT).await?;
+    let chunk = "x".repeat(5000);
+    let request = format!(
+        "POST /upload HTTP/1.1\r\nHost: server\r\nTransfer-Encoding: chunked\r\nTrailer: x-checksum\r\nConnection: close\r\n\r\n\
+         1388\r\n{chunk}\r\n1388\r\n{chunk}\r\n3\r\nend\r\n0\r\nx-checksum: 7f3a\r\n\r\n"
+    );
+    let response = exchange(hop.client.addr, request).await?;
+    assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
+    assert!(
+        response.ends_with("POST 10003 bytes, x-checksum=7f3a"),
+        "{response}"
+    );
+    assert_eq!(mtls_connections_accepted(&hop), 1);
+    Ok(())
+}
+
+/// A response head larger than HTTP/2's default room (16 KiB) but within HTTP/1's usual limits
+/// gets back to the app when its request was carried.
+#[tokio::test]
+async fn a_response_with_large_headers_comes_back_whole() -> anyhow::Result<()> {
+    const COOKIE: usize = 40 * 1024;
+    let MeshHop { hop, _pki, .. } = hop_to(start_body_app(COOKIE).await?, STRICT).await?;
+    let response = exchange(
+        hop.client.addr,
+        "GET / HTTP/1.1\r\nHost: server\r\nConnection: close\r\n\r\n".to_owned(),
+    )
+    .await?;
+    assert!(
+        response.starts_with("HTTP/1.1 200 OK\r\n"),
+        "{response:.200}"
+    );
+    let cookie = format!("\r\nset-cookie: {}\r\n", "c".repeat(COOKIE));
+    assert!(
+        response.to_ascii_lowercase().contains(&cookie),
+        "{response:.200}"
+    );
+    assert!(
+        response.ends_with("GET 0 bytes, x-checksum=none"),
+        "{response:.200}"
+    );
+    Ok(())
+}
+
 /// HTTP/2's default header room (16 KiB) is less than HTTP/1's: a request with a large cookie
 /// that the app's HTTP/1.1 would take must get through when carried too.
 #[tokio::test]
