@@ -2,15 +2,17 @@
 //! `maxConnections` open (one semaphore permit each, held by the connection's task), at most
 //! `maxPendingRequests` waiting for one (beyond: overflow, 503 UO). Idle HTTP/1 connections are
 //! closed after `idleTimeout`, below the apps' own keep-alive timeouts, so the proxy is not the
-//! one reusing a connection the app is closing; HTTP/2 connections are shared. A connection
+//! one reusing a connection the app is closing; HTTP/2 connections are shared, and closed once
+//! no request has used them for `idleTimeout` (Istio's meaning for both). A connection
 //! serves a request only under the security it was made under (plaintext, mesh mTLS with its
 //! policy, or the service's TLS origination with its files): after a reload that changes it
 //! for its endpoint, it is closed. So a TLS and a plaintext connection are never mixed. A peer
 //! sidecar's shared HTTP/2 connection carries the apps' HTTP/1.1 requests to it as well.
 use std::{
+    pin::pin,
     sync::{
-        Arc, Mutex, PoisonError,
-        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, PoisonError, Weak,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
 };
@@ -53,6 +55,8 @@ pub struct Connection {
     pub mtls: Option<MutualTls>,
     /// What it was made under.
     pub security: UpstreamSecurity,
+    /// Counts this request on the shared HTTP/2 connection until its response comes.
+    _in_flight: Option<InFlight>,
 }
 
 struct Idle {
@@ -67,12 +71,43 @@ struct SharedHttp2 {
     security: UpstreamSecurity,
     /// The peer's sidecar agreed to take HTTP/1.1 requests on it.
     carrying_http1: bool,
+    usage: Arc<Usage>,
 }
+
+/// How much a shared HTTP/2 connection is used, for its idle timeout.
+#[derive(Default)]
+struct Usage {
+    /// Requests it was handed to, and responses they got, ever.
+    events: AtomicU64,
+    /// Requests still waiting for their response.
+    waiting: AtomicUsize,
+}
+
+/// A request on a shared HTTP/2 connection that has not got its response yet.
+struct InFlight(Arc<Usage>);
+
+impl InFlight {
+    fn enter(usage: &Arc<Usage>) -> Self {
+        usage.events.fetch_add(1, Ordering::Relaxed);
+        usage.waiting.fetch_add(1, Ordering::Relaxed);
+        InFlight(usage.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.events.fetch_add(1, Ordering::Relaxed);
+        self.0.waiting.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Where an endpoint's shared HTTP/2 connection is kept (the task driving it looks there).
+type SharedSlot = Mutex<Option<SharedHttp2>>;
 
 #[derive(Default)]
 pub struct EndpointPool {
     idle: Mutex<Vec<Idle>>,
-    shared_http2: Mutex<Option<SharedHttp2>>,
+    shared_http2: Arc<SharedSlot>,
     /// Held while the shared HTTP/2 connection is being opened, so that the requests arriving
     /// meanwhile wait for it rather than each opening one; holds the failure of the last try,
     /// which the requests that waited for it get at once (rather than each trying in turn).
@@ -272,6 +307,7 @@ fn reusable(endpoint: &Endpoint, opening: &Opening<'_>) -> Option<Connection> {
             requests: 0,
             mtls: shared.mtls.clone(),
             security: shared.security.clone(),
+            _in_flight: Some(InFlight::enter(&shared.usage)),
         });
     }
     let idle_timeout = service.config.connection_pool.idle_timeout;
@@ -355,6 +391,7 @@ async fn open(
         })
     };
     let addr = endpoint.addr;
+    let mut in_flight = None;
     let sender = if protocol == AppProtocol::Http2 {
         // Every request to the endpoint rides this connection: a peer gone without a reset
         // (its node lost) must not hold them until TCP gives up. A PING unanswered within
@@ -367,8 +404,19 @@ async fn open(
             .handshake(io)
             .await
             .map_err(handshake_failed)?;
+        let usage = Arc::new(Usage::default());
+        in_flight = Some(InFlight::enter(&usage));
+        let slot = Arc::downgrade(&endpoint.pool.shared_http2);
+        let idle_timeout = opening.service.config.connection_pool.idle_timeout;
+        let watched = usage.clone();
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
+            let mut connection = pin!(connection);
+            let ended = tokio::select! {
+                ended = &mut connection => ended,
+                // No longer handed out: it ends once the requests in flight are done.
+                () = unshare_when_idle(slot, watched, idle_timeout) => connection.await,
+            };
+            if let Err(error) = ended {
                 debug!(%addr, %error, "upstream HTTP/2 connection ended with an error");
             }
             drop(permit);
@@ -382,6 +430,7 @@ async fn open(
             mtls: established.mtls.clone(),
             security: opening.security.clone(),
             carrying_http1,
+            usage,
         });
         Sender::Http2(sender)
     } else {
@@ -405,7 +454,34 @@ async fn open(
         requests: 0,
         mtls: established.mtls,
         security: opening.security.clone(),
+        _in_flight: in_flight,
     })
+}
+
+/// Returns once the shared HTTP/2 connection measured by `usage` has had no request waiting,
+/// none new and no response for a whole `idle_timeout`, having taken it out of its endpoint's
+/// `slot`. (Idle for between one and two timeouts: counting beats stamping every request.)
+async fn unshare_when_idle(slot: Weak<SharedSlot>, usage: Arc<Usage>, idle_timeout: Duration) {
+    let mut seen = usage.events.load(Ordering::Relaxed);
+    loop {
+        tokio::time::sleep(idle_timeout).await;
+        let events = usage.events.load(Ordering::Relaxed);
+        if events == seen && usage.waiting.load(Ordering::Relaxed) == 0 {
+            break;
+        }
+        seen = events;
+    }
+    let Some(slot) = slot.upgrade() else {
+        return;
+    };
+    let mut shared = slot.lock().unwrap_or_else(PoisonError::into_inner);
+    // A request taking it meanwhile holds its own handle: it keeps the connection until done.
+    if shared
+        .as_ref()
+        .is_some_and(|shared| Arc::ptr_eq(&shared.usage, &usage))
+    {
+        *shared = None;
+    }
 }
 
 /// Puts an HTTP/1 connection back once its response is fully read (hyper says it is ready),

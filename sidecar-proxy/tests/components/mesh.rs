@@ -4,7 +4,10 @@
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, PoisonError},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicUsize, Ordering},
+    },
     time::Duration,
 };
 
@@ -28,6 +31,8 @@ pub struct Hop {
     /// Where the client side sends the server's traffic (through the tap).
     pub tap: SocketAddr,
     pub wire: Arc<Mutex<Vec<u8>>>,
+    /// Connections through the tap that have ended, both ways.
+    pub tap_closed: Arc<AtomicUsize>,
 }
 
 /// Starts the server side for `app` with the certificates in `server_dir` and the inbound
@@ -57,7 +62,7 @@ async fn start_hop_with(
     let server_mesh = watched_mesh(&server_config, &server_metrics)?;
     let server = start_inbound_with_timeouts(app, server_mesh, server_metrics, timeouts)?;
 
-    let (tap, wire) = start_tap(server.addr).await?;
+    let (tap, wire, tap_closed) = start_tap(server.addr).await?;
     let client_config = write_mesh_config(client_dir, &server_workload(tap, expected))?;
     let client_metrics = Arc::new(Metrics::new(&local("client"))?);
     let client_mesh = watched_mesh(&client_config, &client_metrics)?;
@@ -68,6 +73,7 @@ async fn start_hop_with(
         server_config,
         tap,
         wire,
+        tap_closed,
     })
 }
 
@@ -98,15 +104,20 @@ pub async fn rewrite_client_config(hop: &Hop, client_dir: &Path, rest: &str) -> 
     Ok(())
 }
 
-/// Forwards to `to`, recording what the client side sends.
-async fn start_tap(to: SocketAddr) -> anyhow::Result<(SocketAddr, Arc<Mutex<Vec<u8>>>)> {
+/// Forwards to `to`, recording what the client side sends and counting the connections
+/// that ended.
+async fn start_tap(
+    to: SocketAddr,
+) -> anyhow::Result<(SocketAddr, Arc<Mutex<Vec<u8>>>, Arc<AtomicUsize>)> {
     let listener = TcpListener::bind((LOCALHOST, 0)).await?;
     let addr = listener.local_addr()?;
     let wire = Arc::new(Mutex::new(Vec::new()));
     let recorded = wire.clone();
+    let closed = Arc::new(AtomicUsize::new(0));
+    let counted = closed.clone();
     tokio::spawn(async move {
         while let Ok((downstream, _)) = listener.accept().await {
-            let recorded = recorded.clone();
+            let (recorded, counted) = (recorded.clone(), counted.clone());
             tokio::spawn(async move {
                 let upstream = TcpStream::connect(to).await?;
                 let (mut down_read, mut down_write) = downstream.into_split();
@@ -130,11 +141,13 @@ async fn start_tap(to: SocketAddr) -> anyhow::Result<(SocketAddr, Arc<Mutex<Vec<
                     down_write.shutdown().await
                 };
                 // A failure either way (a reset) ends both, as a reset connection would.
-                tokio::try_join!(forward, backward)
+                let ended = tokio::try_join!(forward, backward);
+                counted.fetch_add(1, Ordering::SeqCst);
+                ended
             });
         }
     });
-    Ok((addr, wire))
+    Ok((addr, wire, closed))
 }
 
 pub const STRICT: fn(u16) -> String = |_| "inbound:\n  mode: STRICT\n".to_owned();

@@ -5,7 +5,7 @@ use std::{
     convert::Infallible,
     net::SocketAddr,
     path::PathBuf,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{Arc, Mutex, PoisonError, atomic::Ordering},
     time::{Duration, Instant},
 };
 
@@ -230,15 +230,20 @@ async fn a_websocket_upgrade_between_sidecars_stays_http1_on_its_own_connection(
     Ok(())
 }
 
+/// The client's config for the server as a service with the `connectionPool` given.
+fn with_connection_pool(hop: &Hop, pool: &str) -> String {
+    format!(
+        "{}http:\n  services:\n    - name: server\n      addresses: [127.0.0.1]\n      ports: [{}]\n      connectionPool: {pool}\n",
+        server_workload(hop.tap, &["server"]),
+        hop.tap.port()
+    )
+}
+
 #[tokio::test]
 async fn do_not_upgrade_keeps_one_http1_connection_per_request_in_flight() -> anyhow::Result<()> {
     let (rig, heads) = start_recorded_hop(STRICT, CONCURRENT).await?;
     let (hop, client_dir) = (&rig.hop, &rig.client_dir);
-    let opt_out = format!(
-        "{}http:\n  services:\n    - name: server\n      addresses: [127.0.0.1]\n      ports: [{}]\n      connectionPool: {{h2UpgradePolicy: DO_NOT_UPGRADE}}\n",
-        server_workload(hop.tap, &["server"]),
-        hop.tap.port()
-    );
+    let opt_out = with_connection_pool(hop, "{h2UpgradePolicy: DO_NOT_UPGRADE}");
     rewrite_client_config(hop, client_dir, &opt_out).await?;
 
     concurrent_gets(hop.client.addr).await?;
@@ -469,6 +474,57 @@ async fn a_peer_that_does_not_take_carried_requests_gets_http1() -> anyhow::Resu
             && head.contains("\r\nX-Custom-Case: kept\r\n")),
         "{heads:?}"
     );
+    Ok(())
+}
+
+/// The shared connection to a peer's sidecar is closed once no request has used it for the
+/// service's `idleTimeout` (Istio's meaning, for HTTP/2 as for HTTP/1), and the next request
+/// opens another: it used to stay until the peer's own idle timeout of an hour.
+#[tokio::test]
+async fn the_shared_connection_closes_after_the_idle_timeout() -> anyhow::Result<()> {
+    let (rig, _heads) = start_recorded_hop(STRICT, 1).await?;
+    let (hop, client_dir) = (&rig.hop, &rig.client_dir);
+    let quick = with_connection_pool(hop, "{idleTimeout: 200ms}");
+    rewrite_client_config(hop, client_dir, &quick).await?;
+
+    concurrent_gets(hop.client.addr).await?;
+    assert_eq!(mtls_connections_accepted(hop), 1);
+    wait_until("the idle shared connection is closed", || {
+        hop.tap_closed.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    concurrent_gets(hop.client.addr).await?;
+    assert_eq!(mtls_connections_accepted(hop), 2);
+    Ok(())
+}
+
+/// A request waiting longer than the idle timeout for its response keeps the shared connection
+/// in use: the request after it rides the same connection, and both are answered.
+#[tokio::test]
+async fn a_request_waiting_past_the_idle_timeout_keeps_the_shared_connection() -> anyhow::Result<()>
+{
+    // The app answers once both heads are in: the first waits for the second.
+    let (rig, heads) = start_recorded_hop(STRICT, 2).await?;
+    let (hop, client_dir) = (&rig.hop, &rig.client_dir);
+    let quick = with_connection_pool(hop, "{idleTimeout: 100ms}");
+    rewrite_client_config(hop, client_dir, &quick).await?;
+
+    let get =
+        |path: &str| format!("GET {path} HTTP/1.1\r\nHost: server\r\nConnection: close\r\n\r\n");
+    let first = tokio::spawn(exchange(hop.client.addr, get("/first")));
+    wait_until("the first request reached the app", || {
+        heads.all().len() == 1
+    })
+    .await;
+    // Several idle timeouts with the first request in flight and nothing new.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let second = exchange(hop.client.addr, get("/second")).await?;
+    let first = first.await??;
+    for response in [&first, &second] {
+        assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
+    }
+    assert_eq!(mtls_connections_accepted(hop), 1);
+    assert_eq!(hop.tap_closed.load(Ordering::SeqCst), 0);
     Ok(())
 }
 
