@@ -43,8 +43,17 @@ pub const MESH_ALPN: &[u8] = b"sidecar-mesh/1";
 /// [`MESH_ALPN`], and the requests keep HTTP/1.
 pub const MESH_H2_ALPN: &[u8] = b"sidecar-mesh-h2/1";
 
+/// ring, its TLS 1.3 suites in the order BoringSSL (so Envoy and Istio) offers them on CPUs
+/// with AES instructions: AES-128-GCM with SHA-256 first. ring's own default puts
+/// AES-256-GCM with SHA-384 first, whose key schedule (HKDF) runs on SHA-512, which ring has
+/// no hardware path for here: 8% of both sidecars' CPU on new mTLS connections, where
+/// SHA-256 uses the CPU's SHA instructions.
 pub fn crypto_provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider
+        .cipher_suites
+        .sort_by_key(|suite| suite.suite() != rustls::CipherSuite::TLS13_AES_128_GCM_SHA256);
+    Arc::new(provider)
 }
 
 /// Sessions a client config keeps for resumption (each destination has its own config).
@@ -192,4 +201,59 @@ pub fn describe(error: &io::Error) -> String {
 /// learns only at its first read that the server refused its certificate.
 pub fn is_alert_from_peer(error: &io::Error) -> bool {
     failure_reason(error) == FailureReason::TlsRejectedByPeer
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{net::Ipv4Addr, time::Duration};
+
+    use rustls::{CipherSuite, ClientConnection, ServerConnection, pki_types::ServerName};
+
+    use super::{
+        issue::{Validity, issue_ca, issue_workload},
+        *,
+    };
+
+    const DOMAIN: &str = "cluster.local";
+
+    #[test]
+    fn mesh_handshakes_choose_aes_128_gcm_with_sha256() {
+        let provider = crypto_provider();
+        let validity = Validity::starting_now(Duration::from_secs(3600));
+        let ca = issue_ca(DOMAIN, validity).expect("CA");
+        let id = |sa: &str| SpiffeId::new(DOMAIN, "default", sa).expect("SPIFFE ID");
+        let certificate = |sa: &str| {
+            let issued = issue_workload(&ca, &id(sa), validity).expect("workload certificate");
+            let bundle = [(DOMAIN, ca.cert_pem.as_bytes())];
+            WorkloadCertificate::from_pem(
+                issued.cert_pem.as_bytes(),
+                issued.key_pem.as_bytes(),
+                bundle,
+                &provider,
+            )
+            .expect("loaded")
+        };
+        let server = server_configs(&certificate("server"), &provider, true).expect("server");
+        let client = client_config(&certificate("client"), vec![id("server")], &provider, true)
+            .expect("client");
+        let name = ServerName::IpAddress(Ipv4Addr::LOCALHOST.into());
+        let mut client = ClientConnection::new(client, name).expect("client connection");
+        let mut server = ServerConnection::new(server.mesh).expect("server connection");
+        while client.is_handshaking() || server.is_handshaking() {
+            let mut flight = Vec::new();
+            client.write_tls(&mut flight).expect("client flight");
+            server
+                .read_tls(&mut flight.as_slice())
+                .expect("to the server");
+            server.process_new_packets().expect("server handshake");
+            flight.clear();
+            server.write_tls(&mut flight).expect("server flight");
+            client
+                .read_tls(&mut flight.as_slice())
+                .expect("to the client");
+            client.process_new_packets().expect("client handshake");
+        }
+        let suite = client.negotiated_cipher_suite().expect("negotiated");
+        assert_eq!(suite.suite(), CipherSuite::TLS13_AES_128_GCM_SHA256);
+    }
 }
