@@ -152,6 +152,8 @@ impl Upstream<'_> {
                 } else {
                     endpoint.record_success();
                 }
+                // Open until the response body ends, when the record goes.
+                record.upstream_stream = connection.stream.take();
                 let (service, mesh) = (self.service.clone(), self.inputs.mesh.clone());
                 pool::release(connection, service, index, mesh);
                 Attempt::Responded(response)

@@ -1,9 +1,9 @@
 //! Pooled upstream connections of one endpoint, within the service's circuit breaker: at most
-//! `maxConnections` open (one semaphore permit each, held by the connection's task), at most
+//! `maxConnections` open (one semaphore permit each, held until the connection is closed), at most
 //! `maxPendingRequests` waiting for one (beyond: overflow, 503 UO). Idle HTTP/1 connections are
 //! closed after `idleTimeout`, below the apps' own keep-alive timeouts, so the proxy is not the
 //! one reusing a connection the app is closing; HTTP/2 connections are shared, and closed once
-//! no request has used them for `idleTimeout` (Istio's meaning for both). A connection
+//! no stream has been open on them for `idleTimeout` (Istio's meaning for both). A connection
 //! serves a request only under the security it was made under (plaintext, mesh mTLS with its
 //! policy, or the service's TLS origination with its files): after a reload that changes it
 //! for its endpoint, it is closed. So a TLS and a plaintext connection are never mixed. A peer
@@ -55,8 +55,9 @@ pub struct Connection {
     pub mtls: Option<MutualTls>,
     /// What it was made under.
     pub security: UpstreamSecurity,
-    /// Counts this request on the shared HTTP/2 connection until its response comes.
-    _in_flight: Option<InFlight>,
+    /// This request's stream on the shared HTTP/2 connection: to be held until the response
+    /// body ends (the request's record holds it).
+    pub stream: Option<OpenStream>,
 }
 
 struct Idle {
@@ -74,30 +75,33 @@ struct SharedHttp2 {
     usage: Arc<Usage>,
 }
 
-/// How much a shared HTTP/2 connection is used, for its idle timeout.
-#[derive(Default)]
+/// How much a shared HTTP/2 connection is used, for its idle timeout; shared by the pool's
+/// entry, the task driving the connection and its open streams, the last of which releases the
+/// connection's permit. (hyper's own task for the connection outlives the one we drive while
+/// streams are open, so that task's end does not mean the connection is closed.)
 struct Usage {
-    /// Requests it was handed to, and responses they got, ever.
+    /// Streams opened and ended on it, ever.
     events: AtomicU64,
-    /// Requests still waiting for their response.
-    waiting: AtomicUsize,
+    /// Streams open now: from the request until its response body ends.
+    open: AtomicUsize,
+    _permit: OwnedSemaphorePermit,
 }
 
-/// A request on a shared HTTP/2 connection that has not got its response yet.
-struct InFlight(Arc<Usage>);
+/// A request's stream on a shared HTTP/2 connection, open until dropped.
+pub struct OpenStream(Arc<Usage>);
 
-impl InFlight {
-    fn enter(usage: &Arc<Usage>) -> Self {
+impl OpenStream {
+    fn open(usage: &Arc<Usage>) -> Self {
         usage.events.fetch_add(1, Ordering::Relaxed);
-        usage.waiting.fetch_add(1, Ordering::Relaxed);
-        InFlight(usage.clone())
+        usage.open.fetch_add(1, Ordering::Relaxed);
+        OpenStream(usage.clone())
     }
 }
 
-impl Drop for InFlight {
+impl Drop for OpenStream {
     fn drop(&mut self) {
         self.0.events.fetch_add(1, Ordering::Relaxed);
-        self.0.waiting.fetch_sub(1, Ordering::Relaxed);
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -307,7 +311,7 @@ fn reusable(endpoint: &Endpoint, opening: &Opening<'_>) -> Option<Connection> {
             requests: 0,
             mtls: shared.mtls.clone(),
             security: shared.security.clone(),
-            _in_flight: Some(InFlight::enter(&shared.usage)),
+            stream: Some(OpenStream::open(&shared.usage)),
         });
     }
     let idle_timeout = service.config.connection_pool.idle_timeout;
@@ -391,7 +395,7 @@ async fn open(
         })
     };
     let addr = endpoint.addr;
-    let mut in_flight = None;
+    let mut stream = None;
     let sender = if protocol == AppProtocol::Http2 {
         // Every request to the endpoint rides this connection: a peer gone without a reset
         // (its node lost) must not hold them until TCP gives up. A PING unanswered within
@@ -404,8 +408,12 @@ async fn open(
             .handshake(io)
             .await
             .map_err(handshake_failed)?;
-        let usage = Arc::new(Usage::default());
-        in_flight = Some(InFlight::enter(&usage));
+        let usage = Arc::new(Usage {
+            events: AtomicU64::new(0),
+            open: AtomicUsize::new(0),
+            _permit: permit,
+        });
+        stream = Some(OpenStream::open(&usage));
         let slot = Arc::downgrade(&endpoint.pool.shared_http2);
         let idle_timeout = opening.service.config.connection_pool.idle_timeout;
         let watched = usage.clone();
@@ -413,13 +421,17 @@ async fn open(
             let mut connection = pin!(connection);
             let ended = tokio::select! {
                 ended = &mut connection => ended,
-                // No longer handed out: it ends once the requests in flight are done.
-                () = unshare_when_idle(slot, watched, idle_timeout) => connection.await,
+                () = idle_for(&watched, idle_timeout) => {
+                    // No longer handed out, it ends once its open streams are done.
+                    unshare(&slot, &watched);
+                    connection.await
+                }
             };
+            // Closed by the peer or failed: not to be handed out either.
+            unshare(&slot, &watched);
             if let Err(error) = ended {
                 debug!(%addr, %error, "upstream HTTP/2 connection ended with an error");
             }
-            drop(permit);
         });
         *endpoint
             .pool
@@ -454,31 +466,36 @@ async fn open(
         requests: 0,
         mtls: established.mtls,
         security: opening.security.clone(),
-        _in_flight: in_flight,
+        stream,
     })
 }
 
-/// Returns once the shared HTTP/2 connection measured by `usage` has had no request waiting,
-/// none new and no response for a whole `idle_timeout`, having taken it out of its endpoint's
-/// `slot`. (Idle for between one and two timeouts: counting beats stamping every request.)
-async fn unshare_when_idle(slot: Weak<SharedSlot>, usage: Arc<Usage>, idle_timeout: Duration) {
+/// Returns once the shared HTTP/2 connection measured by `usage` has had no stream open and
+/// none opened or ended for a whole `idle_timeout`: between one and two timeouts after its last
+/// stream ended (checking counts once a timeout costs the requests nothing; stamping a time on
+/// each would not).
+async fn idle_for(usage: &Usage, idle_timeout: Duration) {
     let mut seen = usage.events.load(Ordering::Relaxed);
     loop {
         tokio::time::sleep(idle_timeout).await;
         let events = usage.events.load(Ordering::Relaxed);
-        if events == seen && usage.waiting.load(Ordering::Relaxed) == 0 {
-            break;
+        if events == seen && usage.open.load(Ordering::Relaxed) == 0 {
+            return;
         }
         seen = events;
     }
+}
+
+/// Takes the shared HTTP/2 connection measured by `usage` out of its endpoint's `slot`, if it is
+/// still there. A request that took it just before holds its own handle and stream.
+fn unshare(slot: &Weak<SharedSlot>, usage: &Arc<Usage>) {
     let Some(slot) = slot.upgrade() else {
         return;
     };
     let mut shared = slot.lock().unwrap_or_else(PoisonError::into_inner);
-    // A request taking it meanwhile holds its own handle: it keeps the connection until done.
     if shared
         .as_ref()
-        .is_some_and(|shared| Arc::ptr_eq(&shared.usage, &usage))
+        .is_some_and(|shared| Arc::ptr_eq(&shared.usage, usage))
     {
         *shared = None;
     }

@@ -17,6 +17,7 @@ use super::{
     body::{BodyEnd, BoxError},
     config::ServiceConfig,
     metrics::{Label, RequestLabels, RequestOutcome, ResponseFlag, ResponseFlags, UNKNOWN_LABEL},
+    pool::OpenStream,
     reply::Recorded,
 };
 use crate::{
@@ -46,6 +47,9 @@ pub struct RequestRecord {
     pub error: Option<String>,
     /// Why the last upstream connect failed (Envoy's `UPSTREAM_TRANSPORT_FAILURE_REASON`).
     pub upstream_transport_failure: Option<&'static str>,
+    /// The response's stream on a shared HTTP/2 connection: open (for the connection's idle
+    /// timeout) as long as this record, which goes when the response body ends.
+    pub upstream_stream: Option<OpenStream>,
     recorded: bool,
 }
 
@@ -88,6 +92,7 @@ impl RequestRecord {
             attempts: 0,
             error: None,
             upstream_transport_failure: None,
+            upstream_stream: None,
             recorded: false,
         }
     }

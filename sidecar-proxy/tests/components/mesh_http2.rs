@@ -52,15 +52,8 @@ async fn start_recording_app(answer_after: usize) -> anyhow::Result<(SocketAddr,
         while let Ok((mut stream, _)) = listener.accept().await {
             let recorded = recorded.clone();
             tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut byte = [0u8; 1];
-                while stream.read(&mut byte).await? == 1 {
-                    head.push(byte[0]);
-                    if !head.ends_with(b"\r\n\r\n") {
-                        continue;
-                    }
+                while let Some(head) = read_head(&mut stream).await? {
                     let text = String::from_utf8_lossy(&head).into_owned();
-                    head.clear();
                     let upgrade = text.to_ascii_lowercase().contains("upgrade: websocket");
                     recorded
                         .0
@@ -88,6 +81,20 @@ async fn start_recording_app(answer_after: usize) -> anyhow::Result<(SocketAddr,
         }
     });
     Ok((addr, heads))
+}
+
+/// The next request head on `stream`, read a byte at a time so that nothing after it is taken;
+/// `None` at the end of the stream.
+async fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<Vec<u8>>> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while stream.read(&mut byte).await? == 1 {
+        head.push(byte[0]);
+        if head.ends_with(b"\r\n\r\n") {
+            return Ok(Some(head));
+        }
+    }
+    Ok(None)
 }
 
 /// A hop between two sidecars in front of `app`, the server's inbound section `inbound`.
@@ -477,14 +484,15 @@ async fn a_peer_that_does_not_take_carried_requests_gets_http1() -> anyhow::Resu
     Ok(())
 }
 
-/// The shared connection to a peer's sidecar is closed once no request has used it for the
-/// service's `idleTimeout` (Istio's meaning, for HTTP/2 as for HTTP/1), and the next request
-/// opens another: it used to stay until the peer's own idle timeout of an hour.
+/// The shared connection to a peer's sidecar is closed once no stream has been open on it for
+/// the service's `idleTimeout` (Istio's meaning, for HTTP/2 as for HTTP/1), and the next
+/// request opens another: it used to stay until the peer's own idle timeout of an hour.
 #[tokio::test]
 async fn the_shared_connection_closes_after_the_idle_timeout() -> anyhow::Result<()> {
     let (rig, _heads) = start_recorded_hop(STRICT, 1).await?;
     let (hop, client_dir) = (&rig.hop, &rig.client_dir);
-    let quick = with_connection_pool(hop, "{idleTimeout: 200ms}");
+    // Long enough that no pause between the requests of a round reaches it on a busy machine.
+    let quick = with_connection_pool(hop, "{idleTimeout: 1s}");
     rewrite_client_config(hop, client_dir, &quick).await?;
 
     concurrent_gets(hop.client.addr).await?;
@@ -509,8 +517,6 @@ async fn a_request_waiting_past_the_idle_timeout_keeps_the_shared_connection() -
     let quick = with_connection_pool(hop, "{idleTimeout: 100ms}");
     rewrite_client_config(hop, client_dir, &quick).await?;
 
-    let get =
-        |path: &str| format!("GET {path} HTTP/1.1\r\nHost: server\r\nConnection: close\r\n\r\n");
     let first = tokio::spawn(exchange(hop.client.addr, get("/first")));
     wait_until("the first request reached the app", || {
         heads.all().len() == 1
@@ -524,7 +530,69 @@ async fn a_request_waiting_past_the_idle_timeout_keeps_the_shared_connection() -
         assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
     }
     assert_eq!(mtls_connections_accepted(hop), 1);
-    assert_eq!(hop.tap_closed.load(Ordering::SeqCst), 0);
+    Ok(())
+}
+
+/// `GET path` with `Connection: close`.
+fn get(path: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nHost: server\r\nConnection: close\r\n\r\n")
+}
+
+/// An HTTP/1.1 app answering `/stream` with a chunked body whose last chunk comes `pause`
+/// after the first (a server stream, an SSE feed), anything else with `ok` at once.
+async fn start_slow_body_app(pause: Duration) -> anyhow::Result<SocketAddr> {
+    let listener = TcpListener::bind((LOCALHOST, 0)).await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                while let Some(head) = read_head(&mut stream).await? {
+                    if head.starts_with(b"GET /stream ") {
+                        stream
+                            .write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+                            .await?;
+                        tokio::time::sleep(pause).await;
+                        stream.write_all(b"4\r\nlast\r\n0\r\n\r\n").await?;
+                    } else {
+                        stream
+                            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                            .await?;
+                    }
+                }
+                anyhow::Ok(())
+            });
+        }
+    });
+    Ok(addr)
+}
+
+/// A response body still streaming keeps its stream open, so the shared connection is not idle
+/// and a request meanwhile rides it too: a server stream or an SSE feed must not make the next
+/// request open a connection of its own (its response headers came long before).
+#[tokio::test]
+async fn a_response_still_streaming_keeps_the_shared_connection() -> anyhow::Result<()> {
+    let app = start_slow_body_app(Duration::from_millis(800)).await?;
+    let rig = hop_to(app, STRICT).await?;
+    let (hop, client_dir) = (&rig.hop, &rig.client_dir);
+    let quick = with_connection_pool(hop, "{idleTimeout: 100ms}");
+    rewrite_client_config(hop, client_dir, &quick).await?;
+
+    let streaming = tokio::spawn(exchange(hop.client.addr, get("/stream")));
+    // Several idle timeouts into the body.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let other = exchange(hop.client.addr, get("/other")).await?;
+    assert!(
+        other.starts_with("HTTP/1.1 200 OK\r\n") && other.ends_with("ok"),
+        "{other}"
+    );
+    let streamed = streaming.await??;
+    assert!(
+        streamed.starts_with("HTTP/1.1 200 OK\r\n")
+            && streamed.contains("first")
+            && streamed.contains("last"),
+        "{streamed}"
+    );
+    assert_eq!(mtls_connections_accepted(hop), 1);
     Ok(())
 }
 
