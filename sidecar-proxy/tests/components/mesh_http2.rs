@@ -539,20 +539,33 @@ fn get(path: &str) -> String {
 }
 
 /// An HTTP/1.1 app answering `/stream` with a chunked body whose last chunk comes `pause`
-/// after the first (a server stream, an SSE feed), anything else with `ok` at once.
-async fn start_slow_body_app(pause: Duration) -> anyhow::Result<SocketAddr> {
+/// after the first (a server stream, an SSE feed), anything else with `ok` at once; and what
+/// it saw, in order: each request's path, and `end of /stream` once that body is sent.
+async fn start_slow_body_app(pause: Duration) -> anyhow::Result<(SocketAddr, Heads)> {
     let listener = TcpListener::bind((LOCALHOST, 0)).await?;
     let addr = listener.local_addr()?;
+    let events = Heads::default();
+    let seen = events.clone();
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
+            let seen = seen.clone();
             tokio::spawn(async move {
+                let saw = |event: &str| {
+                    seen.0
+                        .lock()
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .push(event.to_owned())
+                };
                 while let Some(head) = read_head(&mut stream).await? {
+                    let text = String::from_utf8_lossy(&head);
+                    saw(text.split(' ').nth(1).unwrap_or_default());
                     if head.starts_with(b"GET /stream ") {
                         stream
                             .write_all(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nfirst\r\n")
                             .await?;
                         tokio::time::sleep(pause).await;
                         stream.write_all(b"4\r\nlast\r\n0\r\n\r\n").await?;
+                        saw("end of /stream");
                     } else {
                         stream
                             .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
@@ -563,7 +576,7 @@ async fn start_slow_body_app(pause: Duration) -> anyhow::Result<SocketAddr> {
             });
         }
     });
-    Ok(addr)
+    Ok((addr, events))
 }
 
 /// A response body still streaming keeps its stream open, so the shared connection is not idle
@@ -571,7 +584,7 @@ async fn start_slow_body_app(pause: Duration) -> anyhow::Result<SocketAddr> {
 /// request open a connection of its own (its response headers came long before).
 #[tokio::test]
 async fn a_response_still_streaming_keeps_the_shared_connection() -> anyhow::Result<()> {
-    let app = start_slow_body_app(Duration::from_millis(800)).await?;
+    let (app, _events) = start_slow_body_app(Duration::from_millis(800)).await?;
     let rig = hop_to(app, STRICT).await?;
     let (hop, client_dir) = (&rig.hop, &rig.client_dir);
     let quick = with_connection_pool(hop, "{idleTimeout: 100ms}");
@@ -640,5 +653,36 @@ async fn requests_waiting_for_a_connection_that_fails_to_open_fail_with_it() -> 
         .unwrap_or_else(PoisonError::into_inner)
         .len();
     assert_eq!(tried, 1, "connections tried for the 4 waiting requests");
+    Ok(())
+}
+
+/// A shared connection taken out of the pool by a reload (here the server's identities changed)
+/// keeps its `maxConnections` permit while a response still streams on it: with a limit of one,
+/// the next request waits for that stream to end rather than opening a second connection.
+#[tokio::test]
+async fn a_connection_out_of_the_pool_holds_its_permit_until_its_last_stream_ends()
+-> anyhow::Result<()> {
+    let (app, events) = start_slow_body_app(Duration::from_millis(1500)).await?;
+    let rig = hop_to(app, STRICT).await?;
+    let (hop, client_dir) = (&rig.hop, &rig.client_dir);
+    let limited = |identities: &[&str]| {
+        format!(
+            "{}http:\n  services:\n    - name: server\n      addresses: [127.0.0.1]\n      ports: [{}]\n      connectionPool: {{maxConnections: 1, h2UpgradePolicy: UPGRADE}}\n",
+            server_workload(hop.tap, identities),
+            hop.tap.port()
+        )
+    };
+    rewrite_client_config(hop, client_dir, &limited(&["server"])).await?;
+
+    let streaming = tokio::spawn(exchange(hop.client.addr, get("/stream")));
+    wait_until("the stream began", || events.all().len() == 1).await;
+    rewrite_client_config(hop, client_dir, &limited(&["server", "other"])).await?;
+    let other = exchange(hop.client.addr, get("/other")).await?;
+    let streamed = streaming.await??;
+    assert!(other.ends_with("ok"), "{other}");
+    assert!(streamed.contains("last"), "{streamed}");
+    // The second connection waited for the one permit: the app saw its request after the end.
+    assert_eq!(events.all(), ["/stream", "end of /stream", "/other"]);
+    assert_eq!(mtls_connections_accepted(hop), 2);
     Ok(())
 }
