@@ -420,15 +420,17 @@ async fn open(
         tokio::spawn(async move {
             let mut connection = pin!(connection);
             let ended = tokio::select! {
-                ended = &mut connection => ended,
+                ended = &mut connection => {
+                    // Closed by the peer or failed: not to be handed out.
+                    unshare(&slot, &watched);
+                    ended
+                }
                 () = idle_for(&watched, idle_timeout) => {
                     // No longer handed out, it ends once its open streams are done.
                     unshare(&slot, &watched);
                     connection.await
                 }
             };
-            // Closed by the peer or failed: not to be handed out either.
-            unshare(&slot, &watched);
             if let Err(error) = ended {
                 debug!(%addr, %error, "upstream HTTP/2 connection ended with an error");
             }

@@ -239,9 +239,14 @@ async fn a_websocket_upgrade_between_sidecars_stays_http1_on_its_own_connection(
 
 /// The client's config for the server as a service with the `connectionPool` given.
 fn with_connection_pool(hop: &Hop, pool: &str) -> String {
+    with_identities_and_pool(hop, &["server"], pool)
+}
+
+/// [`with_connection_pool`], the server being one of the service accounts `identities`.
+fn with_identities_and_pool(hop: &Hop, identities: &[&str], pool: &str) -> String {
     format!(
         "{}http:\n  services:\n    - name: server\n      addresses: [127.0.0.1]\n      ports: [{}]\n      connectionPool: {pool}\n",
-        server_workload(hop.tap, &["server"]),
+        server_workload(hop.tap, identities),
         hop.tap.port()
     )
 }
@@ -666,10 +671,10 @@ async fn a_connection_out_of_the_pool_holds_its_permit_until_its_last_stream_end
     let rig = hop_to(app, STRICT).await?;
     let (hop, client_dir) = (&rig.hop, &rig.client_dir);
     let limited = |identities: &[&str]| {
-        format!(
-            "{}http:\n  services:\n    - name: server\n      addresses: [127.0.0.1]\n      ports: [{}]\n      connectionPool: {{maxConnections: 1, h2UpgradePolicy: UPGRADE}}\n",
-            server_workload(hop.tap, identities),
-            hop.tap.port()
+        with_identities_and_pool(
+            hop,
+            identities,
+            "{maxConnections: 1, h2UpgradePolicy: UPGRADE}",
         )
     };
     rewrite_client_config(hop, client_dir, &limited(&["server"])).await?;
