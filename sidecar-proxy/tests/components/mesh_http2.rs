@@ -27,11 +27,18 @@ use super::mesh::{Hop, STRICT, handshakes, rewrite_client_config, server_workloa
 /// Requests in flight at once, each on its own client connection.
 const CONCURRENT: usize = 8;
 
-/// The request heads an HTTP/1.1 app received, as it read them.
+/// What an HTTP/1.1 app received (its request heads, or what a test app notes of them), in order.
 #[derive(Clone, Default)]
 struct Heads(Arc<Mutex<Vec<String>>>);
 
 impl Heads {
+    fn push(&self, seen: String) {
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(seen);
+    }
+
     fn all(&self) -> Vec<String> {
         self.0
             .lock()
@@ -55,11 +62,7 @@ async fn start_recording_app(answer_after: usize) -> anyhow::Result<(SocketAddr,
                 while let Some(head) = read_head(&mut stream).await? {
                     let text = String::from_utf8_lossy(&head).into_owned();
                     let upgrade = text.to_ascii_lowercase().contains("upgrade: websocket");
-                    recorded
-                        .0
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .push(text);
+                    recorded.push(text);
                     if upgrade {
                         stream
                             .write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
@@ -555,12 +558,7 @@ async fn start_slow_body_app(pause: Duration) -> anyhow::Result<(SocketAddr, Hea
         while let Ok((mut stream, _)) = listener.accept().await {
             let seen = seen.clone();
             tokio::spawn(async move {
-                let saw = |event: &str| {
-                    seen.0
-                        .lock()
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .push(event.to_owned())
-                };
+                let saw = |event: &str| seen.push(event.to_owned());
                 while let Some(head) = read_head(&mut stream).await? {
                     let text = String::from_utf8_lossy(&head);
                     saw(text.split(' ').nth(1).unwrap_or_default());
