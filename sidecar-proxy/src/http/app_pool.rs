@@ -108,26 +108,35 @@ impl AppPool {
 
     /// Takes an HTTP/1 connection back once its response is fully read (hyper then says it is
     /// ready for another request); one the app or the response closed is dropped. HTTP/2
-    /// connections stay shared.
+    /// connections stay shared. A small response is usually read whole with its head, so the
+    /// connection is ready at once and goes back without a task of its own.
     pub fn release(self: &Arc<Self>, connection: AppConnection) {
         let AppSender::Http1(mut sender) = connection.sender else {
             return;
         };
+        if sender.is_ready() {
+            self.put_back(connection.addr, sender);
+            return;
+        }
         let pool = self.clone();
         tokio::spawn(async move {
-            if sender.ready().await.is_err() {
-                return;
-            }
-            let address = pool.address(connection.addr);
-            address
-                .idle
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push((sender, Instant::now()));
-            if !address.reaper_running.swap(true, Ordering::AcqRel) {
-                reap_idle(&address).await;
+            if sender.ready().await.is_ok() {
+                pool.put_back(connection.addr, sender);
             }
         });
+    }
+
+    /// Pools a connection ready for its next request.
+    fn put_back(&self, addr: SocketAddr, sender: http1::SendRequest<ProxyBody>) {
+        let address = self.address(addr);
+        address
+            .idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((sender, Instant::now()));
+        if !address.reaper_running.swap(true, Ordering::AcqRel) {
+            tokio::spawn(async move { reap_idle(&address).await });
+        }
     }
 
     fn address(&self, addr: SocketAddr) -> Arc<AppAddress> {

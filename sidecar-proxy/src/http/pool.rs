@@ -505,56 +505,75 @@ fn unshare(slot: &Weak<SharedSlot>, usage: &Arc<Usage>) {
 
 /// Puts an HTTP/1 connection back once its response is fully read (hyper says it is ready),
 /// unless it reached `maxRequestsPerConnection` or a reload changed its security meanwhile.
-/// HTTP/2 connections stay shared in the pool.
+/// HTTP/2 connections stay shared in the pool. A small response is usually read whole with its
+/// head, so the connection is ready at once and goes back without a task of its own.
 pub fn release(
     mut connection: Connection,
     service: Arc<ServiceState>,
     endpoint: usize,
     mesh: Arc<MeshHandle>,
 ) {
-    if matches!(connection.sender, Sender::Http2(_)) {
+    let Sender::Http1(sender) = &connection.sender else {
         return;
-    }
+    };
     connection.requests += 1;
     let limit = service.config.connection_pool.max_requests_per_connection;
     if limit.is_some_and(|limit| connection.requests >= limit) {
+        return;
+    }
+    if sender.is_ready() {
+        put_back(connection, &service, endpoint, &mesh);
         return;
     }
     tokio::spawn(async move {
         let Sender::Http1(sender) = &mut connection.sender else {
             return;
         };
-        if sender.ready().await.is_err() {
-            return;
-        }
-        let Some(target) = service.endpoints.get(endpoint) else {
-            return;
-        };
-        connection.reused = true;
-        {
-            let mut idle = target
-                .pool
-                .idle
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            // Read under the lock: a reload either shows here, or its sweep of the pool comes
-            // after this push.
-            let current = mesh
-                .current()
-                .upstream_security(&service.config, target.addr);
-            if current.as_ref() != Some(&connection.security) {
-                return;
-            }
-            idle.push(Idle {
-                connection,
-                since: Instant::now(),
-            });
-        }
-        service.connection_returned.notify_one();
-        if !target.pool.reaper_running.swap(true, Ordering::AcqRel) {
-            reap_idle(&service, target).await;
+        if sender.ready().await.is_ok() {
+            put_back(connection, &service, endpoint, &mesh);
         }
     });
+}
+
+/// Pools a connection ready for its next request, if its security is still the one in force.
+fn put_back(
+    mut connection: Connection,
+    service: &Arc<ServiceState>,
+    endpoint: usize,
+    mesh: &MeshHandle,
+) {
+    let Some(target) = service.endpoints.get(endpoint) else {
+        return;
+    };
+    connection.reused = true;
+    {
+        let mut idle = target
+            .pool
+            .idle
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        // Read under the lock: a reload either shows here, or its sweep of the pool comes
+        // after this push.
+        let current = mesh
+            .current()
+            .upstream_security(&service.config, target.addr);
+        if current.as_ref() != Some(&connection.security) {
+            return;
+        }
+        idle.push(Idle {
+            connection,
+            since: Instant::now(),
+        });
+    }
+    service.connection_returned.notify_one();
+    if !target.pool.reaper_running.swap(true, Ordering::AcqRel) {
+        let service = service.clone();
+        tokio::spawn(async move {
+            if let Some(target) = service.endpoints.get(endpoint) {
+                reap_idle(&service, target).await;
+            }
+        });
+    }
 }
 
 /// Closes idle connections as they reach the idle timeout (dropping the sender closes the
