@@ -24,6 +24,7 @@ use super::{
 use crate::{
     inputs::ProxyInputs,
     io::deadlines::{self, Deadlines, RequestHeads},
+    io::gathered_writes,
     io::relay::record_refusal,
     telemetry::access_log::AccessLog,
     telemetry::metrics::FailureReason,
@@ -110,20 +111,23 @@ pub async fn serve<D, H, F>(
             Ok::<_, Infallible>(response)
         }
     });
-    let io = TokioIo::new(downstream);
     let served = match protocol {
         AppProtocol::Http2 => {
+            // The responses of the streams answered in one poll leave in one write.
+            let (downstream, flusher) = gathered_writes::gather(downstream);
             let connection = http2::Builder::new(TokioExecutor::new())
                 .max_header_list_size(MAX_HTTP2_HEADER_LIST_BYTES)
                 .max_concurrent_streams(MAX_CONCURRENT_HTTP2_STREAMS)
-                .serve_connection(io, service);
-            finish_when!(connection, finish_when_draining)
+                .serve_connection(TokioIo::new(downstream), service);
+            flusher
+                .after_each_poll(async { finish_when!(connection, finish_when_draining) })
+                .await
         }
         _ => {
             let connection = http1::Builder::new()
                 // The client's header case goes upstream as written (linkerd2#2878).
                 .preserve_header_case(true)
-                .serve_connection(io, service)
+                .serve_connection(TokioIo::new(downstream), service)
                 .with_upgrades();
             finish_when!(connection, finish_when_draining)
         }

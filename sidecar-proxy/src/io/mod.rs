@@ -1,10 +1,12 @@
 //! Moving a connection's bytes: dialling upstream (`upstream`, from the passthrough address to
 //! the app), relaying or refusing (`relay`), zero-copy for plain TCP (`splice`: splice(2)
 //! through pooled pipes) or counted copies (`copy`: TLS on either end), the idle and
-//! request-headers deadlines of downstream connections (`deadlines`), and TCP keepalive
-//! (`keepalive`).
+//! request-headers deadlines of downstream connections (`deadlines`), TCP keepalive
+//! (`keepalive`), and an HTTP/2 connection's writes gathered into one per poll
+//! (`gathered_writes`).
 pub(crate) mod copy;
 pub(crate) mod deadlines;
+pub(crate) mod gathered_writes;
 pub(crate) mod keepalive;
 pub(crate) mod relay;
 pub(crate) mod splice;
