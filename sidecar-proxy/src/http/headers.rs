@@ -98,6 +98,13 @@ pub fn add_request_headers(headers: &mut HeaderMap, client: IpAddr) -> String {
     if let Ok(value) = HeaderValue::from_str(&forwarded) {
         headers.insert(X_FORWARDED_FOR, value);
     }
+    for unique in [X_REQUEST_ID, TRACEPARENT] {
+        if let Some(value) = headers.get_mut(unique) {
+            // New with every request: HTTP/2's header compression would add each to its table
+            // and evict the repeated headers the table is for. HPACK's never-indexed literal.
+            value.set_sensitive(true);
+        }
+    }
     request_id
 }
 
@@ -273,5 +280,16 @@ mod tests {
         assert_eq!(again, id);
         assert_eq!(headers[TRACEPARENT], traceparent.as_str());
         assert_eq!(headers[X_FORWARDED_FOR], "10.0.0.1, 10.0.0.2");
+    }
+
+    #[test]
+    fn the_per_request_ids_are_kept_out_of_http2_header_compression() {
+        let mut headers = HeaderMap::new();
+        headers.insert(X_REQUEST_ID, HeaderValue::from_static("from-the-client"));
+        add_request_headers(&mut headers, IpAddr::from([10, 0, 0, 1]));
+        assert!(headers[X_REQUEST_ID].is_sensitive());
+        assert!(headers[TRACEPARENT].is_sensitive());
+        // The client's address repeats: compressed as before.
+        assert!(!headers[X_FORWARDED_FOR].is_sensitive());
     }
 }
