@@ -25,6 +25,7 @@ use tracing::debug;
 use super::{AppProtocol, MAX_HTTP2_HEADER_LIST_BYTES, body::ProxyBody};
 use crate::{
     Timeouts,
+    io::small_writes::SmallWritesJoined,
     io::upstream::{self, ConnectFailure, Source},
     telemetry::metrics::FailureReason,
 };
@@ -201,7 +202,7 @@ async fn open_http1(
     let (sender, connection) = http1::Builder::new()
         // The peer's header case reaches the app as written (some apps care).
         .preserve_header_case(true)
-        .handshake(TokioIo::new(stream))
+        .handshake(TokioIo::new(SmallWritesJoined(stream)))
         .await
         .map_err(handshake_failed)?;
     tokio::spawn(async move {

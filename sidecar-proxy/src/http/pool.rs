@@ -30,6 +30,7 @@ use super::{
 };
 use crate::{
     Timeouts,
+    io::small_writes::SmallWritesJoined,
     io::upstream::{self, ConnectFailure, Established, MeshOffer, MutualTls},
     mesh::{Mesh, MeshHandle, UpstreamSecurity},
     telemetry::metrics::FailureReason,
@@ -387,7 +388,7 @@ async fn open(
         protocol
     };
     let carrying_http1 = established.carrying_http1;
-    let io = TokioIo::new(established.io);
+    let io = TokioIo::new(SmallWritesJoined(established.io));
     let handshake_failed = |error: hyper::Error| {
         AcquireError::Connect(ConnectFailure {
             reason: FailureReason::ConnectError,

@@ -26,6 +26,7 @@ use crate::{
     io::deadlines::{self, Deadlines, RequestHeads},
     io::gathered_writes,
     io::relay::record_refusal,
+    io::small_writes::SmallWritesJoined,
     telemetry::access_log::AccessLog,
     telemetry::metrics::FailureReason,
 };
@@ -127,7 +128,7 @@ pub async fn serve<D, H, F>(
             let connection = http1::Builder::new()
                 // The client's header case goes upstream as written (linkerd2#2878).
                 .preserve_header_case(true)
-                .serve_connection(TokioIo::new(downstream), service)
+                .serve_connection(TokioIo::new(SmallWritesJoined(downstream)), service)
                 .with_upgrades();
             finish_when!(connection, finish_when_draining)
         }
