@@ -98,25 +98,29 @@ pub fn add_request_headers(headers: &mut HeaderMap, client: IpAddr) -> String {
     if let Ok(value) = HeaderValue::from_str(&forwarded) {
         headers.insert(X_FORWARDED_FOR, value);
     }
-    for unique in [X_REQUEST_ID, TRACEPARENT] {
-        if let Some(value) = headers.get_mut(unique) {
-            // New with every request: HTTP/2's header compression would add each to its table
-            // and evict the repeated headers the table is for. HPACK's never-indexed literal.
-            value.set_sensitive(true);
-        }
+    if let Some(traceparent) = headers.get_mut(TRACEPARENT) {
+        never_indexed(traceparent);
     }
     request_id
+}
+
+/// Marks a value new with every request (an id): HTTP/2's header compression would add each to
+/// its table and evict the repeated headers the table is for. HPACK's never-indexed literal.
+fn never_indexed(value: &mut HeaderValue) {
+    value.set_sensitive(true);
 }
 
 /// The request's `x-request-id`, set to a new one (a UUID v4) when absent, empty or not text.
 pub fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
     if let Some(id) = headers
-        .get(X_REQUEST_ID)
+        .get_mut(X_REQUEST_ID)
         .filter(|id| !id.is_empty() && id.to_str().is_ok())
     {
+        never_indexed(id);
         return id.clone();
     }
-    let id = HeaderValue::from_str(&new_request_id()).expect("hex digits and dashes");
+    let mut id = HeaderValue::from_str(&new_request_id()).expect("hex digits and dashes");
+    never_indexed(&mut id);
     headers.insert(X_REQUEST_ID, id.clone());
     id
 }
@@ -263,6 +267,7 @@ mod tests {
         let id = ensure_request_id(&mut headers);
         assert_eq!(id.len(), 36);
         assert_eq!(headers[X_REQUEST_ID], id);
+        assert!(headers[X_REQUEST_ID].is_sensitive(), "never indexed");
     }
 
     #[test]

@@ -14,16 +14,20 @@
 //!
 //! Nothing waits for a later poll: every poll ends with the buffer written, or with the socket
 //! full (the task is then woken when it has room). A write error is kept and surfaced to the
-//! connection by its next write or flush, so it ends as it would have.
+//! connection by its next write or flush, so it ends as it would have. A connection that ends
+//! without a shutdown (h2 closes at once when its client half-closes) still has its last
+//! frames written out, for a bounded time.
 use std::{
     future::{Future, poll_fn},
     io::{self, IoSlice},
     pin::{Pin, pin},
     sync::{Arc, Mutex, MutexGuard, PoisonError},
     task::{Context, Poll, ready},
+    time::Duration,
 };
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tracing::debug;
 
 /// Bytes gathered beyond this are written out at once, not at the end of the poll: a bound on
 /// the buffer, and backpressure when the socket is full.
@@ -31,9 +35,11 @@ const HIGH_WATER: usize = 64 * 1024;
 /// A write this large (a full DATA frame: bulk) is not copied: the gathered bytes are written
 /// out, then it is, as it comes.
 const PASS_THROUGH: usize = 16 * 1024;
-/// The buffer keeps up to this much room between polls (the few HTTP/2 connections of a pod
-/// need not each hold the largest burst they ever sent).
-const KEPT_CAPACITY: usize = 16 * 1024;
+/// The buffer keeps up to this much room between polls (a few responses' worth): an idle
+/// connection does not hold the largest burst it ever sent.
+const KEPT_CAPACITY: usize = 8 * 1024;
+/// How long the frames a connection queued before it ended may take to leave.
+const LAST_WRITE_OUT: Duration = Duration::from_secs(5);
 
 /// The connection's side of the buffer: what hyper reads from and writes to.
 pub struct GatheredWrites<IO>(Arc<Mutex<Gathered<IO>>>);
@@ -158,31 +164,39 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for GatheredWrites<IO> {
 
 impl<IO: AsyncWrite + Unpin> Flusher<IO> {
     /// Runs `serving` (the future driving the connection), writing out what it gathered after
-    /// each of its polls.
+    /// each of its polls, and once it has ended, what is left (for at most [`LAST_WRITE_OUT`]).
     pub async fn after_each_poll<F: Future>(&self, serving: F) -> F::Output {
         let mut serving = pin!(serving);
-        poll_fn(|cx| {
+        let served = poll_fn(|cx| {
             let polled = serving.as_mut().poll(cx);
-            self.write_out(cx);
+            let _ = self.write_out(cx);
             polled
         })
-        .await
+        .await;
+        let _ = tokio::time::timeout(LAST_WRITE_OUT, poll_fn(|cx| self.write_out(cx))).await;
+        served
     }
 
-    fn write_out(&self, cx: &mut Context<'_>) {
+    /// Ready once everything gathered is written and flushed, or writing failed.
+    fn write_out(&self, cx: &mut Context<'_>) -> Poll<()> {
         let mut gathered = lock(&self.0);
         if gathered.failed.is_some() {
-            return;
+            return Poll::Ready(());
         }
         let written = match gathered.poll_write_out(cx) {
             Poll::Ready(Ok(())) => Pin::new(&mut gathered.io).poll_flush(cx),
             other => other,
         };
-        if let Poll::Ready(Err(error)) = written {
+        let Poll::Ready(result) = written else {
+            return Poll::Pending;
+        };
+        if let Err(error) = result {
+            debug!(%error, "writing out an HTTP/2 connection's frames failed");
             gathered.failed = Some(error.kind());
             // The connection learns of it from its next write or flush: poll it again.
             cx.waker().wake_by_ref();
         }
+        Poll::Ready(())
     }
 }
 
@@ -203,18 +217,21 @@ mod tests {
         writes: Arc<AtomicUsize>,
         room: usize,
         broken: bool,
+        /// Woken when it has room again.
+        waiting: Option<Waker>,
     }
 
     impl AsyncWrite for Socket {
         fn poll_write(
             mut self: Pin<&mut Self>,
-            _cx: &mut Context<'_>,
+            cx: &mut Context<'_>,
             buf: &[u8],
         ) -> Poll<io::Result<usize>> {
             if self.broken {
                 return Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()));
             }
             if self.room == 0 {
+                self.waiting = Some(cx.waker().clone());
                 return Poll::Pending;
             }
             let n = buf.len().min(self.room);
@@ -240,6 +257,7 @@ mod tests {
             writes: writes.clone(),
             room,
             broken: false,
+            waiting: None,
         };
         (socket, writes)
     }
@@ -303,10 +321,10 @@ mod tests {
         let mut cx = Context::from_waker(Waker::noop());
         let wrote = Pin::new(&mut stream).poll_write(&mut cx, b"abcdef");
         assert!(matches!(wrote, Poll::Ready(Ok(6))));
-        flusher.write_out(&mut cx);
+        let _ = flusher.write_out(&mut cx);
         assert_eq!(received(&flusher), b"abc");
         lock(&flusher.0).io.room = 10;
-        flusher.write_out(&mut cx);
+        let _ = flusher.write_out(&mut cx);
         assert_eq!(received(&flusher), b"abcdef");
     }
 
@@ -317,13 +335,36 @@ mod tests {
         let (mut stream, flusher) = gather(socket);
         let mut cx = Context::from_waker(Waker::noop());
         let _ = Pin::new(&mut stream).poll_write(&mut cx, b"lost");
-        flusher.write_out(&mut cx);
+        let _ = flusher.write_out(&mut cx);
         let flushed = Pin::new(&mut stream).poll_flush(&mut cx);
         assert!(
             matches!(flushed, Poll::Ready(Err(ref e)) if e.kind() == io::ErrorKind::ConnectionReset)
         );
         let wrote = Pin::new(&mut stream).poll_write(&mut cx, b"more");
         assert!(matches!(wrote, Poll::Ready(Err(_))));
+    }
+
+    #[tokio::test]
+    async fn frames_left_when_the_connection_ends_are_written_once_the_socket_has_room() {
+        let (socket, _writes) = socket(0);
+        let (mut stream, flusher) = gather(socket);
+        let room_later = {
+            let shared = flusher.0.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                let mut gathered = lock(&shared);
+                gathered.io.room = usize::MAX;
+                if let Some(waker) = gathered.io.waiting.take() {
+                    waker.wake();
+                }
+            })
+        };
+        // The serving future ends at once (as h2 does when its client half-closes).
+        flusher
+            .after_each_poll(async { stream.write_all(b"last frames").await.unwrap() })
+            .await;
+        assert_eq!(received(&flusher), b"last frames");
+        room_later.await.unwrap();
     }
 
     #[tokio::test]

@@ -1,9 +1,10 @@
 //! Small vectored writes sent as one buffer. hyper writes an HTTP/1 message as its head and its
 //! body, two slices of one `writev`; the kernel's `writev` path (the VFS, importing the iovec
 //! array) costs more than `send`'s, once per request each way. Up to [`SMALL`] bytes are copied
-//! into one buffer on the stack and written with `poll_write` (a TCP stream's `send`); larger
-//! writes stay vectored, without a copy.
+//! into one buffer (the worker thread's) and written with `poll_write` (a TCP stream's `send`);
+//! larger writes stay vectored, without a copy.
 use std::{
+    cell::RefCell,
     io::{self, IoSlice},
     pin::Pin,
     task::{Context, Poll},
@@ -13,6 +14,11 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// A typical response's head and a few KiB of body.
 const SMALL: usize = 4 * 1024;
+
+thread_local! {
+    /// Where a small write is joined: one per worker thread, reused (not zeroed per write).
+    static JOINED: RefCell<Vec<u8>> = RefCell::new(Vec::with_capacity(SMALL));
+}
 
 /// `IO`, whose vectored writes of up to [`SMALL`] bytes leave as one plain write.
 pub struct SmallWritesJoined<IO>(pub IO);
@@ -48,13 +54,17 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for SmallWritesJoined<IO> {
         if total > SMALL {
             return Pin::new(&mut self.0).poll_write_vectored(cx, bufs);
         }
-        let mut joined = [0u8; SMALL];
-        let mut len = 0;
-        for buf in bufs {
-            joined[len..len + buf.len()].copy_from_slice(buf);
-            len += buf.len();
-        }
-        Pin::new(&mut self.0).poll_write(cx, &joined[..len])
+        JOINED.with(|joined| {
+            // Taken already: a joining stream under this one (none is), left vectored.
+            let Ok(mut joined) = joined.try_borrow_mut() else {
+                return Pin::new(&mut self.0).poll_write_vectored(cx, bufs);
+            };
+            joined.clear();
+            for buf in bufs {
+                joined.extend_from_slice(buf);
+            }
+            Pin::new(&mut self.0).poll_write(cx, &joined)
+        })
     }
 
     fn is_write_vectored(&self) -> bool {
