@@ -202,10 +202,7 @@ impl<IO: AsyncWrite + Unpin> Flusher<IO> {
 
 #[cfg(test)]
 mod tests {
-    use std::{
-        sync::atomic::{AtomicUsize, Ordering},
-        task::Waker,
-    };
+    use std::task::Waker;
 
     use tokio::io::AsyncWriteExt;
 
@@ -214,7 +211,7 @@ mod tests {
     /// A socket that counts its writes and takes at most `room` bytes at a time.
     struct Socket {
         received: Vec<u8>,
-        writes: Arc<AtomicUsize>,
+        writes: usize,
         room: usize,
         broken: bool,
         /// Woken when it has room again.
@@ -237,7 +234,7 @@ mod tests {
             let n = buf.len().min(self.room);
             self.room -= n;
             self.received.extend_from_slice(&buf[..n]);
-            self.writes.fetch_add(1, Ordering::Relaxed);
+            self.writes += 1;
             Poll::Ready(Ok(n))
         }
 
@@ -250,16 +247,18 @@ mod tests {
         }
     }
 
-    fn socket(room: usize) -> (Socket, Arc<AtomicUsize>) {
-        let writes = Arc::new(AtomicUsize::new(0));
-        let socket = Socket {
+    fn socket(room: usize) -> Socket {
+        Socket {
             received: Vec::new(),
-            writes: writes.clone(),
+            writes: 0,
             room,
             broken: false,
             waiting: None,
-        };
-        (socket, writes)
+        }
+    }
+
+    fn writes(flusher: &Flusher<Socket>) -> usize {
+        lock(&flusher.0).io.writes
     }
 
     fn received(flusher: &Flusher<Socket>) -> Vec<u8> {
@@ -268,7 +267,7 @@ mod tests {
 
     #[tokio::test]
     async fn four_writes_and_flushes_in_one_poll_leave_in_one_write() {
-        let (socket, writes) = socket(usize::MAX);
+        let socket = socket(usize::MAX);
         let (mut stream, flusher) = gather(socket);
         let serving = async {
             for response in [b"one ", b"two ", b"six ", b"ten "] {
@@ -278,37 +277,37 @@ mod tests {
         };
         flusher.after_each_poll(serving).await;
         assert_eq!(received(&flusher), b"one two six ten ");
-        assert_eq!(writes.load(Ordering::Relaxed), 1);
+        assert_eq!(writes(&flusher), 1);
     }
 
     #[tokio::test]
     async fn bytes_gathered_past_the_high_water_mark_are_written_at_once() {
-        let (socket, writes) = socket(usize::MAX);
+        let socket = socket(usize::MAX);
         let (mut stream, flusher) = gather(socket);
         let frame = vec![7u8; PASS_THROUGH - 1];
         for _ in 0..HIGH_WATER / frame.len() {
             stream.write_all(&frame).await.unwrap();
         }
-        assert_eq!(writes.load(Ordering::Relaxed), 0);
+        assert_eq!(writes(&flusher), 0);
         stream.write_all(&frame).await.unwrap();
         // Written before any end of poll: the frames gathered before this one.
-        assert_eq!(writes.load(Ordering::Relaxed), 1);
+        assert_eq!(writes(&flusher), 1);
         assert_eq!(
             received(&flusher).len(),
             HIGH_WATER / frame.len() * frame.len()
         );
         flusher.after_each_poll(async {}).await;
-        assert_eq!(writes.load(Ordering::Relaxed), 2);
+        assert_eq!(writes(&flusher), 2);
     }
 
     #[tokio::test]
     async fn a_full_frame_is_written_through_after_the_bytes_gathered_before_it() {
-        let (socket, writes) = socket(usize::MAX);
+        let socket = socket(usize::MAX);
         let (mut stream, flusher) = gather(socket);
         let frame = vec![7u8; PASS_THROUGH];
         stream.write_all(b"head").await.unwrap();
         stream.write_all(&frame).await.unwrap();
-        assert_eq!(writes.load(Ordering::Relaxed), 2);
+        assert_eq!(writes(&flusher), 2);
         let mut expected = b"head".to_vec();
         expected.extend_from_slice(&frame);
         assert_eq!(received(&flusher), expected);
@@ -316,7 +315,7 @@ mod tests {
 
     #[test]
     fn a_full_socket_holds_the_rest_until_it_has_room() {
-        let (socket, _writes) = socket(3);
+        let socket = socket(3);
         let (mut stream, flusher) = gather(socket);
         let mut cx = Context::from_waker(Waker::noop());
         let wrote = Pin::new(&mut stream).poll_write(&mut cx, b"abcdef");
@@ -330,7 +329,7 @@ mod tests {
 
     #[test]
     fn a_failed_write_out_fails_the_connection_s_next_write_and_flush() {
-        let (mut socket, _writes) = socket(usize::MAX);
+        let mut socket = socket(usize::MAX);
         socket.broken = true;
         let (mut stream, flusher) = gather(socket);
         let mut cx = Context::from_waker(Waker::noop());
@@ -346,7 +345,7 @@ mod tests {
 
     #[tokio::test]
     async fn frames_left_when_the_connection_ends_are_written_once_the_socket_has_room() {
-        let (socket, _writes) = socket(0);
+        let socket = socket(0);
         let (mut stream, flusher) = gather(socket);
         let room_later = {
             let shared = flusher.0.clone();
@@ -369,7 +368,7 @@ mod tests {
 
     #[tokio::test]
     async fn shutdown_writes_out_the_gathered_bytes_first() {
-        let (socket, _writes) = socket(usize::MAX);
+        let socket = socket(usize::MAX);
         let (mut stream, flusher) = gather(socket);
         stream.write_all(b"goaway").await.unwrap();
         stream.shutdown().await.unwrap();
